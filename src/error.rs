@@ -1,0 +1,146 @@
+//! The crate's error types, and the one place where an error becomes an HTTP answer.
+//!
+//! Library code returns these with `?`; the proxy turns them into responses through
+//! [`ProxyError::into_response`], so every failure has exactly one status code and one JSON
+//! shape (`{"error": "<code>", "message": "..."}`).
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::ProxyBody;
+
+/// A failure of a storage backend (embedded store or Redis).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The embedded database failed (I/O, corruption, full disk).
+    #[error("embedded store: {0}")]
+    Embedded(String),
+    /// Redis failed or is unreachable.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// A record could not be encoded or decoded.
+    #[error("codec: {0}")]
+    Codec(#[from] postcard::Error),
+    /// The store's writer is gone (shutting down).
+    #[error("store is shut down")]
+    Closed,
+    /// Redis did not confirm the write on enough replicas in time.
+    #[error("only {got} of {wanted} replicas confirmed the write")]
+    Replicas {
+        /// Replicas that confirmed.
+        got: i64,
+        /// Replicas required by `store.redis_min_replicas`.
+        wanted: i64,
+    },
+}
+
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> Self {
+        StoreError::Embedded(e.to_string())
+    }
+}
+
+macro_rules! redb_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Embedded(e.to_string()) }
+        }
+    )*};
+}
+redb_errors!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// Everything that can go wrong while answering one proxied request.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request body exceeded a configured limit.
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge {
+        /// The limit that was exceeded.
+        limit: u64,
+    },
+    /// The request cannot be proxied (foreign host, CONNECT, bad URI).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The client sent something malformed (bad idempotency key, unreadable body).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Same idempotency key with a different method, path or body.
+    #[error("idempotency key {0} was already used for a different request")]
+    KeyReused(String),
+    /// Same idempotency key while the first request is still being stored or forwarded.
+    #[error("a request with idempotency key {0} is still being processed")]
+    KeyInProgress(String),
+    /// The upstream is unreachable and nothing is cached.
+    #[error("upstream unreachable and nothing cached")]
+    UpstreamUnreachable,
+    /// The upstream failed in a way that is not an outage (e.g. invalid response).
+    #[error("upstream error: {0}")]
+    BadGateway(String),
+    /// The upstream did not answer in time and nothing is cached.
+    #[error("upstream timed out")]
+    GatewayTimeout,
+    /// A mutation could not be stored durably; it was not accepted.
+    #[error("mutation not stored: {0}")]
+    NotStored(#[from] StoreError),
+    /// The outbox is full (`queue.max_depth`).
+    #[error("queue is full ({0} items)")]
+    QueueFull(u64),
+    /// No such resource under the reserved prefix.
+    #[error("not found")]
+    NotFound,
+}
+
+impl ProxyError {
+    /// The HTTP status and machine-readable code for this error.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ProxyError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            ProxyError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ProxyError::KeyReused(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+            ),
+            ProxyError::KeyInProgress(_) => (StatusCode::CONFLICT, "idempotency_key_in_progress"),
+            ProxyError::UpstreamUnreachable => {
+                (StatusCode::GATEWAY_TIMEOUT, "upstream_unreachable")
+            }
+            ProxyError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
+            ProxyError::GatewayTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            ProxyError::NotStored(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_stored"),
+            ProxyError::QueueFull(_) => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
+            ProxyError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+        }
+    }
+
+    /// Render as the JSON error response the app sees.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let (status, code) = self.status_and_code();
+        let body = match &self {
+            ProxyError::UpstreamUnreachable => {
+                serde_json::json!({"error": code, "cached": false})
+            }
+            _ => serde_json::json!({"error": code, "message": self.to_string()}),
+        };
+        json_response(status, &body)
+    }
+}
+
+/// A JSON response with `Content-Type: application/json`.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
+    let bytes = Bytes::from(body.to_string());
+    let mut resp = Response::new(crate::body::full(bytes));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}

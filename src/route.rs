@@ -1,0 +1,157 @@
+//! Routes: `[[route]]` entries compiled once, matched in order by method and path.
+//!
+//! A request resolves to one [`Route`] (the first match, or the defaults), which carries every
+//! per-route decision the data path needs: read strategy, write mode, partitioning, cache
+//! lifetimes and classification rules.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use globset::{GlobBuilder, GlobMatcher};
+use http::Method;
+
+use crate::config::{ClassifyConfig, Config, PartitionBy, ReadStrategy, RouteConfig, WriteMode};
+
+/// How a route's `path` is matched.
+#[derive(Debug, Clone)]
+pub enum PathMatcher {
+    /// Matches every path.
+    Any,
+    /// Matches paths starting with this prefix.
+    Prefix(String),
+    /// Matches paths by glob (`*` within a segment, `**` across segments).
+    Glob(GlobMatcher),
+}
+
+impl PathMatcher {
+    /// Compile a route path: empty → any, with glob metacharacters → glob, else prefix.
+    pub fn new(path: &str) -> Result<Self, String> {
+        if path.is_empty() {
+            return Ok(PathMatcher::Any);
+        }
+        if path.contains(['*', '?', '[', '{']) {
+            let glob = GlobBuilder::new(path)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| e.to_string())?;
+            return Ok(PathMatcher::Glob(glob.compile_matcher()));
+        }
+        Ok(PathMatcher::Prefix(path.to_string()))
+    }
+
+    /// Whether `path` matches.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatcher::Any => true,
+            PathMatcher::Prefix(p) => path.starts_with(p.as_str()),
+            PathMatcher::Glob(g) => g.is_match(path),
+        }
+    }
+}
+
+/// One compiled route: everything the data path decides per route.
+#[derive(Debug)]
+pub struct Route {
+    /// Name for logs (the configured one, or `route[i]`, or `default`).
+    pub name: String,
+    methods: Vec<Method>,
+    path: PathMatcher,
+    /// Read strategy for GET/HEAD.
+    pub read: ReadStrategy,
+    /// Write mode for mutations.
+    pub write: WriteMode,
+    /// Cache without the caller's identity.
+    pub public: bool,
+    /// Ordering partition of queued mutations.
+    pub partition: PartitionBy,
+    /// Freshness lifetime when the upstream gives none.
+    pub cache_ttl: Duration,
+    /// How long a stale copy may be served offline.
+    pub max_stale: Duration,
+    /// Classification rules for replayed answers.
+    pub classify: ClassifyConfig,
+}
+
+impl Route {
+    fn compile(name: String, rc: &RouteConfig, config: &Config) -> Result<Self, String> {
+        Ok(Route {
+            name,
+            methods: rc
+                .methods
+                .iter()
+                .map(|m| Method::from_bytes(m.as_bytes()).map_err(|e| e.to_string()))
+                .collect::<Result<_, _>>()?,
+            path: PathMatcher::new(&rc.path)?,
+            read: rc.read,
+            write: rc.write,
+            public: rc.public,
+            partition: rc.partition,
+            cache_ttl: rc.cache_ttl.unwrap_or(config.cache.default_ttl),
+            max_stale: rc.max_stale.unwrap_or(config.cache.max_stale),
+            classify: rc
+                .classify
+                .clone()
+                .unwrap_or_else(|| config.replay.classify.clone()),
+        })
+    }
+
+    fn matches(&self, method: &Method, path: &str) -> bool {
+        (self.methods.is_empty() || self.methods.contains(method)) && self.path.matches(path)
+    }
+}
+
+/// All routes in match order, plus the default route for requests no entry matches.
+#[derive(Debug)]
+pub struct RouteTable {
+    routes: Vec<Arc<Route>>,
+    default: Arc<Route>,
+}
+
+impl RouteTable {
+    /// Compile the `[[route]]` entries of a (validated) config.
+    pub fn new(config: &Config) -> Result<Self, String> {
+        let routes = config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, rc)| {
+                let name = rc.name.clone().unwrap_or_else(|| format!("route[{i}]"));
+                Route::compile(name, rc, config).map(Arc::new)
+            })
+            .collect::<Result<_, _>>()?;
+        let default = Arc::new(Route::compile(
+            "default".into(),
+            &RouteConfig::default(),
+            config,
+        )?);
+        Ok(RouteTable { routes, default })
+    }
+
+    /// The first route matching `method` and `path`, else the default route.
+    pub fn resolve(&self, method: &Method, path: &str) -> Arc<Route> {
+        self.routes
+            .iter()
+            .find(|r| r.matches(method, path))
+            .unwrap_or(&self.default)
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_matching_route_wins() {
+        let config = Config::parse(
+            "[[route]]\nname=\"items\"\nmethods=[\"GET\"]\npath=\"/api/*/items\"\nread=\"cache-first\"\n\
+             [[route]]\nname=\"api\"\npath=\"/api/\"\nwrite=\"pass-through\"\n",
+        )
+        .expect("config");
+        let table = RouteTable::new(&config).expect("routes");
+        assert_eq!(table.resolve(&Method::GET, "/api/v1/items").name, "items");
+        assert_eq!(table.resolve(&Method::POST, "/api/v1/items").name, "api");
+        assert_eq!(table.resolve(&Method::GET, "/api/v1/x/items").name, "api");
+        assert_eq!(table.resolve(&Method::GET, "/other").name, "default");
+    }
+}

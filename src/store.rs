@@ -1,0 +1,250 @@
+//! The storage interface the rest of outpost sees, and the records it stores.
+//!
+//! Two backends implement [`Store`]: [`embedded::EmbeddedStore`] (one data directory, redb) and
+//! [`redis::RedisStore`] (shared by several instances). Both pass the same conformance suite
+//! (`store/conformance.rs`). The proxy, cache and replay code hold an `Arc<dyn Store>` and never
+//! know which one they run on.
+//!
+//! What is stored:
+//! - **Mutation records**, by idempotency key: the request (method, URI, headers, body), its
+//!   partition, a global acceptance sequence number, its status and, once answered, the
+//!   upstream's answer. A record is *pending* (queued, auth_required) until replay finishes it;
+//!   finished records are kept for `queue.idempotency_retention` (without the request body,
+//!   except dead letters, which keep it for a retry).
+//! - **Per-partition FIFO**: pending keys ordered by sequence number.
+//! - **Cache blobs**: the durable tier of the read cache (opaque bytes by opaque key).
+//!
+//! Invariants every backend keeps:
+//! - `enqueue` returns only after the record is durable (fsync, or acknowledged by Redis and
+//!   its replicas as configured); an error means nothing was acknowledged.
+//! - `enqueue` of an existing key changes nothing and returns the existing record.
+//! - Sequence numbers are strictly increasing in acceptance order across the whole store.
+//! - Only the holder of a partition's [`Lease`] finishes or updates its items.
+
+pub mod conformance;
+pub mod embedded;
+pub mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+pub use crate::error::StoreError;
+
+/// Where a mutation is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MutationStatus {
+    /// Waiting in its partition's FIFO.
+    Queued,
+    /// Being sent upstream now (reported from the replayer's memory, stored as `Queued`).
+    InFlight,
+    /// The upstream answered 401; waiting for fresh credentials of its principal.
+    AuthRequired,
+    /// Applied (2xx/3xx).
+    Succeeded,
+    /// Applied with errors (207, or `errors` beside `data`).
+    Partial,
+    /// Validation error; dead-lettered.
+    Rejected,
+    /// Conflict (409, 412); dead-lettered.
+    Conflict,
+    /// Folded into a later mutation of the same resource.
+    Coalesced,
+    /// Older than `queue.max_age`; no longer retried.
+    Expired,
+}
+
+impl MutationStatus {
+    /// Whether the item still waits in its partition.
+    pub fn is_pending(self) -> bool {
+        matches!(
+            self,
+            MutationStatus::Queued | MutationStatus::InFlight | MutationStatus::AuthRequired
+        )
+    }
+
+    /// Whether the item is on the dead-letter list.
+    pub fn is_dead_letter(self) -> bool {
+        matches!(self, MutationStatus::Rejected | MutationStatus::Conflict)
+    }
+
+    /// The contract's name for this status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MutationStatus::Queued => "queued",
+            MutationStatus::InFlight => "in_flight",
+            MutationStatus::AuthRequired => "auth_required",
+            MutationStatus::Succeeded => "succeeded",
+            MutationStatus::Partial => "partial",
+            MutationStatus::Rejected => "rejected",
+            MutationStatus::Conflict => "conflict",
+            MutationStatus::Coalesced => "coalesced",
+            MutationStatus::Expired => "expired",
+        }
+    }
+}
+
+/// A request as stored for replay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredRequest {
+    /// HTTP method.
+    pub method: String,
+    /// Path and query as the app sent them.
+    pub path_and_query: String,
+    /// End-to-end headers (hop-by-hop ones already removed), in order.
+    pub headers: Vec<(String, Bytes)>,
+    /// The whole body.
+    pub body: Bytes,
+}
+
+/// An upstream answer as stored for idempotent replies and dead letters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// End-to-end headers.
+    pub headers: Vec<(String, Bytes)>,
+    /// The whole body (bounded by `queue.max_body_bytes`).
+    pub body: Bytes,
+}
+
+/// One mutation, by idempotency key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MutationRecord {
+    /// The idempotency key (the app's, or a generated UUIDv7).
+    pub key: String,
+    /// SHA-256 of method, path and body: a reused key with another request is a 422.
+    pub fingerprint: [u8; 32],
+    /// Ordering partition.
+    pub partition: String,
+    /// Global acceptance order; assigned by [`Store::enqueue`].
+    pub seq: u64,
+    /// When outpost accepted it (Unix ms).
+    pub accepted_at_ms: u64,
+    /// Where it is in its life.
+    pub status: MutationStatus,
+    /// Replay attempts so far.
+    pub attempts: u32,
+    /// Earliest next replay attempt (Unix ms).
+    pub next_attempt_at_ms: u64,
+    /// Whose credentials it carries (for waiting after a 401).
+    pub principal: Option<String>,
+    /// Name of the route it matched (its classification rules are looked up again at replay).
+    pub route: String,
+    /// The request to replay (body emptied once finished, unless dead-lettered).
+    pub request: StoredRequest,
+    /// Classification of the last answer (`success`, `retryable: 503`, ...).
+    pub outcome: Option<String>,
+    /// The upstream's last answer.
+    pub response: Option<StoredResponse>,
+    /// When it was finished (Unix ms).
+    pub finished_at_ms: Option<u64>,
+}
+
+/// What [`Store::enqueue`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Enqueued {
+    /// Stored durably with this sequence number.
+    Accepted {
+        /// The assigned sequence number.
+        seq: u64,
+    },
+    /// The key already existed; nothing was changed.
+    Existing(Box<MutationRecord>),
+}
+
+/// The right to replay one partition, held by one instance at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The partition.
+    pub partition: String,
+    /// Fencing token: updates with a stale token are refused.
+    pub token: u64,
+}
+
+/// Counters for status pages and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct StoreStats {
+    /// Pending mutations across all partitions.
+    pub queue_depth: u64,
+    /// Acceptance time of the oldest pending mutation (Unix ms).
+    pub oldest_pending_ms: Option<u64>,
+    /// Items on the dead-letter list.
+    pub dead_letters: u64,
+    /// Cache entries in the durable tier.
+    pub cache_entries: u64,
+    /// Bytes of cache entries in the durable tier.
+    pub cache_bytes: u64,
+}
+
+/// The storage interface both backends implement.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Store a new pending mutation durably, assigning its sequence number; or, if the key
+    /// exists, return the existing record and change nothing.
+    async fn enqueue(&self, record: MutationRecord) -> Result<Enqueued, StoreError>;
+
+    /// Store the answered record of a mutation that was forwarded directly (not queued), for
+    /// idempotent replies. Does nothing when the key exists. Need not be fsynced: the upstream
+    /// already holds the key.
+    async fn record_forwarded(&self, record: MutationRecord) -> Result<(), StoreError>;
+
+    /// The record of `key`, pending or finished.
+    async fn mutation(&self, key: &str) -> Result<Option<MutationRecord>, StoreError>;
+
+    /// Partitions that hold pending items.
+    async fn pending_partitions(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Whether `partition` holds pending items (a new mutation must then queue behind them).
+    async fn partition_has_pending(&self, partition: &str) -> Result<bool, StoreError>;
+
+    /// Up to `limit` oldest pending items of `partition`, in order.
+    async fn peek(&self, partition: &str, limit: usize)
+    -> Result<Vec<MutationRecord>, StoreError>;
+
+    /// Take the right to replay `partition` (None when another instance holds it).
+    async fn acquire(&self, partition: &str) -> Result<Option<Lease>, StoreError>;
+
+    /// Extend a lease; false when it was lost (another instance took over).
+    async fn renew(&self, lease: &Lease) -> Result<bool, StoreError>;
+
+    /// Give a lease back.
+    async fn release(&self, lease: &Lease) -> Result<(), StoreError>;
+
+    /// Save a pending item's new state (attempts, next attempt, status, headers).
+    async fn update(&self, lease: &Lease, record: &MutationRecord) -> Result<(), StoreError>;
+
+    /// Take a finished item out of its partition and keep its record (on the dead-letter list
+    /// when its status is a dead-letter status).
+    async fn finish(&self, lease: &Lease, record: &MutationRecord) -> Result<(), StoreError>;
+
+    /// Dead letters, oldest first (at most `limit`).
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<MutationRecord>, StoreError>;
+
+    /// Put a dead letter back at the tail of its partition (a new sequence number).
+    async fn retry_dead_letter(&self, key: &str) -> Result<bool, StoreError>;
+
+    /// Forget finished records finished before `before_ms` (dead letters are kept).
+    async fn purge_finished(&self, before_ms: u64) -> Result<u64, StoreError>;
+
+    /// A cache blob.
+    async fn cache_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError>;
+
+    /// Store a cache blob for at most `ttl` (evicting least recently used ones over the size
+    /// budget). Not fsynced: a lost cache entry costs a refetch.
+    async fn cache_put(&self, key: &[u8], value: Bytes, ttl: Duration) -> Result<(), StoreError>;
+
+    /// Counters.
+    async fn stats(&self) -> Result<StoreStats, StoreError>;
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

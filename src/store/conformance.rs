@@ -1,0 +1,190 @@
+//! One test suite that every [`Store`] backend must pass (run from each backend's tests).
+//!
+//! It checks the invariants listed in `store.rs`: idempotent enqueue, strictly increasing
+//! sequence numbers, FIFO per partition, finish and dead-letter bookkeeping, and the cache tier.
+//! Public (not `cfg(test)`) so that integration tests with a live Redis can run it too.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{Enqueued, MutationRecord, MutationStatus, Store, StoredRequest, now_ms};
+
+/// A pending record for tests.
+pub fn record(key: &str, partition: &str) -> MutationRecord {
+    MutationRecord {
+        key: key.to_string(),
+        fingerprint: [7; 32],
+        partition: partition.to_string(),
+        seq: 0,
+        accepted_at_ms: now_ms(),
+        status: MutationStatus::Queued,
+        attempts: 0,
+        next_attempt_at_ms: 0,
+        principal: None,
+        route: "default".into(),
+        request: StoredRequest {
+            method: "POST".into(),
+            path_and_query: format!("/items/{key}"),
+            headers: vec![("content-type".into(), Bytes::from_static(b"text/plain"))],
+            body: Bytes::from(format!("body of {key}")),
+        },
+        outcome: None,
+        response: None,
+        finished_at_ms: None,
+    }
+}
+
+/// Run every conformance check against a fresh, empty store.
+pub async fn run_all(store: Arc<dyn Store>) {
+    enqueue_is_idempotent_and_ordered(&*store).await;
+    partitions_are_independent_fifos(&*store).await;
+    finish_and_dead_letters(&*store).await;
+    cache_roundtrip(&*store).await;
+}
+
+async fn enqueue_is_idempotent_and_ordered(store: &dyn Store) {
+    let a = store.enqueue(record("a1", "pa")).await.unwrap();
+    let Enqueued::Accepted { seq: s1 } = a else {
+        panic!("first enqueue accepted: {a:?}")
+    };
+    let b = store.enqueue(record("a2", "pa")).await.unwrap();
+    let Enqueued::Accepted { seq: s2 } = b else {
+        panic!("second enqueue accepted: {b:?}")
+    };
+    assert!(s2 > s1, "sequence numbers increase: {s1} then {s2}");
+    let mut again = record("a1", "pa");
+    again.request.body = Bytes::from_static(b"other");
+    match store.enqueue(again).await.unwrap() {
+        Enqueued::Existing(existing) => {
+            assert_eq!(existing.seq, s1);
+            assert_eq!(existing.request.body, Bytes::from("body of a1"));
+        }
+        other => panic!("re-enqueue must return the existing record, got {other:?}"),
+    }
+    let got = store.mutation("a1").await.unwrap().expect("stored");
+    assert_eq!(got.status, MutationStatus::Queued);
+    assert!(store.mutation("nope").await.unwrap().is_none());
+    assert!(store.partition_has_pending("pa").await.unwrap());
+    let head = store.peek("pa", 10).await.unwrap();
+    assert_eq!(
+        head.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+        ["a1", "a2"]
+    );
+    let lease = store.acquire("pa").await.unwrap().expect("lease");
+    for mut r in head {
+        r.status = MutationStatus::Succeeded;
+        r.finished_at_ms = Some(now_ms());
+        store.finish(&lease, &r).await.unwrap();
+    }
+    store.release(&lease).await.unwrap();
+    assert!(!store.partition_has_pending("pa").await.unwrap());
+    let done = store.mutation("a1").await.unwrap().expect("kept after finish");
+    assert_eq!(done.status, MutationStatus::Succeeded);
+}
+
+async fn partitions_are_independent_fifos(store: &dyn Store) {
+    for i in 0..5 {
+        store.enqueue(record(&format!("x{i}"), "px")).await.unwrap();
+        store.enqueue(record(&format!("y{i}"), "py")).await.unwrap();
+    }
+    let mut parts = store.pending_partitions().await.unwrap();
+    parts.sort();
+    assert_eq!(parts, ["px", "py"]);
+    let x = store.peek("px", 3).await.unwrap();
+    assert_eq!(
+        x.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+        ["x0", "x1", "x2"]
+    );
+    // An update keeps the item pending and in place.
+    let lease = store.acquire("px").await.unwrap().expect("lease");
+    let mut first = x[0].clone();
+    first.attempts = 3;
+    first.next_attempt_at_ms = 42;
+    store.update(&lease, &first).await.unwrap();
+    let x = store.peek("px", 1).await.unwrap();
+    assert_eq!((x[0].key.as_str(), x[0].attempts), ("x0", 3));
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.queue_depth, 10);
+    assert!(stats.oldest_pending_ms.is_some());
+    for p in ["px", "py"] {
+        let lease = store.acquire(p).await.unwrap().expect("lease");
+        for mut r in store.peek(p, 100).await.unwrap() {
+            r.status = MutationStatus::Succeeded;
+            store.finish(&lease, &r).await.unwrap();
+        }
+        store.release(&lease).await.unwrap();
+    }
+    assert_eq!(store.stats().await.unwrap().queue_depth, 0);
+}
+
+async fn finish_and_dead_letters(store: &dyn Store) {
+    store.enqueue(record("d1", "pd")).await.unwrap();
+    store.enqueue(record("d2", "pd")).await.unwrap();
+    let lease = store.acquire("pd").await.unwrap().expect("lease");
+    let mut head = store.peek("pd", 1).await.unwrap().remove(0);
+    head.status = MutationStatus::Conflict;
+    head.finished_at_ms = Some(now_ms());
+    store.finish(&lease, &head).await.unwrap();
+    // The partition goes on past a dead letter.
+    let next = store.peek("pd", 1).await.unwrap();
+    assert_eq!(next[0].key, "d2");
+    let dead = store.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].key, "d1");
+    assert!(!dead[0].request.body.is_empty(), "dead letters keep the body");
+    assert_eq!(store.stats().await.unwrap().dead_letters, 1);
+    // Retry puts it back at the tail.
+    assert!(store.retry_dead_letter("d1").await.unwrap());
+    assert!(!store.retry_dead_letter("d1").await.unwrap(), "only once");
+    let order = store.peek("pd", 10).await.unwrap();
+    assert_eq!(
+        order.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+        ["d2", "d1"]
+    );
+    assert_eq!(store.stats().await.unwrap().dead_letters, 0);
+    for mut r in order {
+        r.status = MutationStatus::Succeeded;
+        r.finished_at_ms = Some(1);
+        store.finish(&lease, &r).await.unwrap();
+    }
+    store.release(&lease).await.unwrap();
+    // Finished records are purged after retention; the forwarded record too.
+    let mut fwd = record("f1", "pf");
+    fwd.status = MutationStatus::Succeeded;
+    fwd.finished_at_ms = Some(1);
+    store.record_forwarded(fwd).await.unwrap();
+    assert!(store.mutation("f1").await.unwrap().is_some());
+    let purged = store.purge_finished(2).await.unwrap();
+    assert!(purged >= 3, "purged {purged}");
+    assert!(store.mutation("f1").await.unwrap().is_none());
+    assert!(store.mutation("d1").await.unwrap().is_none());
+}
+
+async fn cache_roundtrip(store: &dyn Store) {
+    let ttl = Duration::from_secs(60);
+    store
+        .cache_put(b"k1", Bytes::from_static(b"v1"), ttl)
+        .await
+        .unwrap();
+    // Cache writes may be asynchronous; poll briefly.
+    let mut got = None;
+    for _ in 0..100 {
+        got = store.cache_get(b"k1").await.unwrap();
+        if got.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(got, Some(Bytes::from_static(b"v1")));
+    assert!(store.cache_get(b"missing").await.unwrap().is_none());
+    store
+        .cache_put(b"short", Bytes::from_static(b"x"), Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(store.cache_get(b"short").await.unwrap().is_none(), "expired");
+}
