@@ -1,1 +1,221 @@
-//! app
+//! Wires the parts together and runs them until shutdown.
+//!
+//! [`App::start`] opens the store, builds the upstream client, health, cache, outbox, replayer
+//! and proxy, binds the listeners, and spawns the tasks (proxy server, admin server, probe,
+//! replayer, event log). [`App::wait`] returns when they have all stopped after the shutdown
+//! signal, with the store flushed. Tests start and stop the whole app in-process this way.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+
+use crate::admin::{self, AdminState};
+use crate::cache::Cache;
+use crate::config::{Backend, Config};
+use crate::events::{Event, Events};
+use crate::health::Health;
+use crate::outbox::Outbox;
+use crate::proxy::Proxy;
+use crate::proxy::forward::Upstream;
+use crate::replay::Replayer;
+use crate::route::RouteTable;
+use crate::server;
+use crate::shutdown::Shutdown;
+use crate::store::Store;
+use crate::store::embedded::EmbeddedStore;
+use crate::store::redis::RedisStore;
+
+/// Why outpost could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid (exit code 2).
+    #[error("config: {0}")]
+    Config(String),
+    /// The store could not be opened or reached.
+    #[error("store: {0}")]
+    Store(#[from] crate::error::StoreError),
+    /// A listener could not be bound.
+    #[error("{0}")]
+    Bind(#[from] std::io::Error),
+    /// The upstream client or TLS could not be set up.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// A running outpost.
+pub struct App {
+    proxy_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    events: Events,
+    shutdown: Shutdown,
+    tasks: JoinSet<()>,
+    embedded: Option<Arc<EmbeddedStore>>,
+}
+
+impl App {
+    /// Start everything; listeners are bound when this returns.
+    pub async fn start(config: Config, shutdown: Shutdown) -> Result<App, StartError> {
+        let config = Arc::new(config);
+        let routes = Arc::new(RouteTable::new(&config).map_err(StartError::Config)?);
+        let events = Events::new();
+        let (store, embedded): (Arc<dyn Store>, Option<Arc<EmbeddedStore>>) =
+            match config.store.backend {
+                Backend::Embedded => {
+                    let s = Arc::new(EmbeddedStore::open(
+                        &config.store.data_dir,
+                        config.cache.disk_bytes,
+                    )?);
+                    (s.clone(), Some(s))
+                }
+                Backend::Redis => (
+                    Arc::new(RedisStore::connect(&config.store, config.cache.disk_bytes).await?),
+                    None,
+                ),
+            };
+        let upstream =
+            Upstream::new(&config.upstream).map_err(|e| StartError::Setup(e.to_string()))?;
+        let tls =
+            server::tls_acceptor(&config.proxy).map_err(|e| StartError::Setup(e.to_string()))?;
+        let health = Arc::new(Health::new(events.clone()));
+        let cache = Arc::new(Cache::new(&config.cache, store.clone()));
+        let outbox = Arc::new(Outbox::new(
+            store.clone(),
+            upstream.clone(),
+            health.clone(),
+            events.clone(),
+            config.clone(),
+        ));
+        let replayer = Arc::new(Replayer::new(
+            store.clone(),
+            upstream.clone(),
+            health.clone(),
+            events.clone(),
+            config.clone(),
+            routes.clone(),
+            outbox.clone(),
+            shutdown.clone(),
+        ));
+        let proxy = Arc::new(Proxy::new(
+            config.clone(),
+            routes,
+            upstream.clone(),
+            health.clone(),
+            cache.clone(),
+            outbox.clone(),
+        ));
+
+        let proxy_listener = server::bind(config.proxy.listen).await?;
+        let admin_listener = server::bind(config.admin.listen).await?;
+        let proxy_addr = proxy_listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+
+        let mut tasks = JoinSet::new();
+        tasks.spawn(log_events(events.clone(), shutdown.clone()));
+        tasks.spawn(server::serve(
+            proxy_listener,
+            tls,
+            proxy,
+            config.proxy.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(admin::serve(
+            admin_listener,
+            AdminState {
+                store: store.clone(),
+                health: health.clone(),
+                cache,
+                replayer: replayer.clone(),
+                events: events.clone(),
+                token: config.admin.token.clone(),
+            },
+            shutdown.clone(),
+        ));
+        tasks.spawn(
+            health
+                .clone()
+                .run_probe(upstream, config.upstream.clone(), shutdown.clone()),
+        );
+        tasks.spawn(replayer.run());
+        tracing::info!(
+            proxy = %proxy_addr,
+            admin = %admin_addr,
+            upstream = %config.upstream.url,
+            backend = ?config.store.backend,
+            "outpost started"
+        );
+        Ok(App {
+            proxy_addr,
+            admin_addr,
+            events,
+            shutdown,
+            tasks,
+            embedded,
+        })
+    }
+
+    /// Where the proxy listens.
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_addr
+    }
+
+    /// Where the admin API listens.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The event stream.
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
+    /// Trigger shutdown.
+    pub fn shutdown(&self) {
+        self.shutdown.trigger();
+    }
+
+    /// Wait until every task has stopped (after shutdown), then flush the store.
+    pub async fn wait(mut self) {
+        while let Some(res) = self.tasks.join_next().await {
+            if let Err(e) = res
+                && e.is_panic()
+            {
+                tracing::error!("a task panicked: {e}");
+                self.shutdown.trigger();
+            }
+        }
+        if let Some(store) = self.embedded.take() {
+            // The writer thread joins here: its last commit is durable.
+            tokio::task::spawn_blocking(move || store.close())
+                .await
+                .ok();
+        }
+        tracing::info!("outpost stopped");
+    }
+}
+
+/// Log what happens, at a level that fits (the admin API and metrics subscribe separately).
+async fn log_events(events: Events, shutdown: Shutdown) {
+    let mut rx = events.subscribe();
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.wait() => return,
+            e = rx.recv() => match e {
+                Ok(e) => e,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::debug!(skipped = n, "event log lagged");
+                    continue;
+                }
+                Err(_) => return,
+            },
+        };
+        match &event {
+            Event::Queued { key, partition } => tracing::info!(key, partition, "queued"),
+            Event::Classified { key, class, status } => {
+                tracing::info!(key, class, status = ?status, "replayed")
+            }
+            Event::ReplayAttempt { .. } | Event::Online | Event::Offline { .. } => {}
+            other => tracing::info!(event = ?other, "event"),
+        }
+    }
+}

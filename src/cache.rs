@@ -1,1 +1,508 @@
-//! cache
+//! The read cache: keys, what may be stored (an RFC 9111 subset), and two tiers.
+//!
+//! - **Key**: method (HEAD shares GET's entries) + path and query + the caller's
+//!   [`Identity`] (unless the route is public), and then the request's values of the headers
+//!   named by the stored response's `Vary`. A first lookup by the primary key finds the Vary
+//!   header names; the second finds the entry.
+//! - **Policy**: only GET answers with a cacheable status are stored; `no-store` (request or
+//!   response) never is; `Vary: *` never is; `private` answers only under an identity key;
+//!   on public routes answers that set cookies are not stored, and stored copies never
+//!   replay `Set-Cookie`. Freshness: `s-maxage`/`max-age`/`Expires`, else the route's TTL;
+//!   `no-cache` makes a copy stale at once (it is still served while offline).
+//! - **Tiers**: a moka cache in memory, weighted by bytes, over the store's durable tier (redb
+//!   or Redis), so cached reads survive a restart during an outage. Writes go to memory at once
+//!   and to the durable tier in the background; a copy identical to the one stored moments ago is
+//!   not rewritten to disk, which keeps the online hot path off the disk.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::body::{self, ProxyBody};
+use crate::config::CacheConfig;
+use crate::context::Identity;
+use crate::store::{Store, now_ms};
+
+/// How often an unchanged entry is rewritten to the durable tier at most.
+const DISK_REFRESH_MS: u64 = 5_000;
+
+/// The primary key: method, URI, identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PrimaryKey([u8; 32]);
+
+/// The full key: primary key plus the request's values of the `Vary` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CacheKey([u8; 32]);
+
+impl PrimaryKey {
+    /// Key for `method path_and_query` as seen by `identity`.
+    pub fn new(method: &Method, path_and_query: &str, identity: &Identity) -> Self {
+        let method = if method == Method::HEAD {
+            &Method::GET
+        } else {
+            method
+        };
+        let mut h = Sha256::new();
+        h.update(method.as_str().as_bytes());
+        h.update(b"\0");
+        h.update(path_and_query.as_bytes());
+        h.update(b"\0");
+        h.update(identity.0);
+        PrimaryKey(h.finalize().into())
+    }
+
+    /// The full key given the Vary header names and the request's headers.
+    pub fn with_vary(&self, vary: &[String], request: &HeaderMap) -> CacheKey {
+        let mut h = Sha256::new();
+        h.update(self.0);
+        for name in vary {
+            h.update(name.as_bytes());
+            h.update(b":");
+            for v in request.get_all(name.as_str()) {
+                h.update(v.as_bytes());
+                h.update(b",");
+            }
+            h.update(b"\0");
+        }
+        CacheKey(h.finalize().into())
+    }
+}
+
+/// A stored response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CachedResponse {
+    /// Status code.
+    pub status: u16,
+    /// End-to-end headers, without `Set-Cookie`.
+    pub headers: Vec<(String, Bytes)>,
+    /// The whole body.
+    pub body: Bytes,
+    /// When it was stored (Unix ms).
+    pub stored_at_ms: u64,
+    /// Age the upstream reported when it was stored, in seconds.
+    pub initial_age_s: u64,
+    /// Fresh until (Unix ms); after that it is stale (still served offline).
+    pub fresh_until_ms: u64,
+    /// Header names from the response's `Vary`, lower-case.
+    pub vary: Vec<String>,
+    /// SHA-256 of status, headers and body, to skip rewriting identical copies.
+    pub digest: [u8; 32],
+    /// When this content was last written to the durable tier (memory only).
+    #[serde(skip)]
+    pub persisted_at_ms: u64,
+}
+
+impl CachedResponse {
+    /// Seconds since the upstream produced it (the `Age` header).
+    pub fn age_s(&self, now_ms: u64) -> u64 {
+        self.initial_age_s + now_ms.saturating_sub(self.stored_at_ms) / 1000
+    }
+
+    /// Whether it is still fresh.
+    pub fn is_fresh(&self, now_ms: u64) -> bool {
+        now_ms < self.fresh_until_ms
+    }
+
+    /// Build the response the app sees, with `Cache-Status` and `Age`.
+    pub fn to_response(&self, head_only: bool, cache_status: &'static str) -> Response<ProxyBody> {
+        let mut resp = Response::new(if head_only {
+            body::empty()
+        } else {
+            body::full(self.body.clone())
+        });
+        *resp.status_mut() = StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK);
+        let headers = resp.headers_mut();
+        for (name, value) in &self.headers {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_bytes(value),
+            ) {
+                headers.append(n, v);
+            }
+        }
+        headers.insert(header::AGE, HeaderValue::from(self.age_s(now_ms())));
+        headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static(cache_status));
+        resp
+    }
+}
+
+/// The `Cache-Status` header name (RFC 9211).
+pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// Cache-Status values outpost sends.
+pub mod status {
+    /// Fetched upstream and stored.
+    pub const STORED: &str = "outpost; fwd=uri-miss; stored";
+    /// Fetched upstream, not stored.
+    pub const MISS: &str = "outpost; fwd=uri-miss";
+    /// Served from cache, fresh.
+    pub const HIT: &str = "outpost; hit";
+    /// Served from cache because the upstream is unreachable.
+    pub const HIT_OFFLINE: &str = "outpost; hit; detail=offline";
+    /// Served stale while a background refresh runs.
+    pub const HIT_STALE: &str = "outpost; hit; detail=stale-while-revalidate";
+    /// The route or request bypasses the cache.
+    pub const BYPASS: &str = "outpost; fwd=bypass";
+    /// Not a cacheable method (mutations).
+    pub const METHOD: &str = "outpost; fwd=method";
+    /// A mutation stored in the outbox.
+    pub const QUEUED: &str = "outpost; fwd=method; detail=queued";
+    /// The stored answer of an earlier mutation with the same key.
+    pub const IDEMPOTENT: &str = "outpost; hit; detail=idempotent-replay";
+    /// Offline and nothing cached.
+    pub const OFFLINE_MISS: &str = "outpost; fwd=uri-miss; detail=offline";
+}
+
+/// Whether an answer may be stored, and under which terms.
+#[derive(Debug, Clone)]
+pub struct Storable {
+    /// Header names from `Vary`.
+    pub vary: Vec<String>,
+    /// Freshness lifetime from now.
+    pub fresh_for: Duration,
+    /// The upstream's `Age`.
+    pub initial_age_s: u64,
+}
+
+/// Decide whether a response to a GET may be stored (see the module docs).
+pub fn storable(
+    request: &HeaderMap,
+    resp: &Response<impl Sized>,
+    public_route: bool,
+    default_ttl: Duration,
+) -> Option<Storable> {
+    const CACHEABLE: [u16; 8] = [200, 203, 204, 300, 301, 308, 404, 410];
+    if !CACHEABLE.contains(&resp.status().as_u16()) {
+        return None;
+    }
+    let req_cc = cache_control(request);
+    let cc = cache_control(resp.headers());
+    if req_cc.iter().any(|d| d == "no-store") || cc.iter().any(|d| d == "no-store") {
+        return None;
+    }
+    if public_route
+        && (cc.iter().any(|d| d == "private") || resp.headers().contains_key(header::SET_COOKIE))
+    {
+        return None;
+    }
+    let vary: Vec<String> = resp
+        .headers()
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if vary.iter().any(|v| v == "*") {
+        return None;
+    }
+    let directive = |name: &str| {
+        cc.iter().find_map(|d| {
+            d.strip_prefix(name)?
+                .strip_prefix('=')?
+                .trim_matches('"')
+                .parse::<u64>()
+                .ok()
+        })
+    };
+    let fresh_for = if cc.iter().any(|d| d == "no-cache") {
+        Duration::ZERO
+    } else if let Some(s) = directive("s-maxage").filter(|_| public_route) {
+        Duration::from_secs(s)
+    } else if let Some(s) = directive("max-age") {
+        Duration::from_secs(s)
+    } else if let Some(expires) = resp
+        .headers()
+        .get(header::EXPIRES)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+    {
+        expires
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+    } else {
+        default_ttl
+    };
+    let initial_age_s = resp
+        .headers()
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok()?.trim().parse().ok())
+        .unwrap_or(0);
+    Some(Storable {
+        vary,
+        fresh_for,
+        initial_age_s,
+    })
+}
+
+fn cache_control(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|d| d.trim().to_ascii_lowercase())
+        .collect()
+}
+
+/// The two-tier cache.
+pub struct Cache {
+    memory: moka::future::Cache<CacheKey, Arc<CachedResponse>>,
+    vary: moka::future::Cache<PrimaryKey, Arc<Vec<String>>>,
+    store: Arc<dyn Store>,
+    config: CacheConfig,
+}
+
+impl Cache {
+    /// A cache holding `config.memory_bytes` in memory over `store`'s durable tier.
+    pub fn new(config: &CacheConfig, store: Arc<dyn Store>) -> Self {
+        let memory = moka::future::Cache::builder()
+            .max_capacity(config.memory_bytes)
+            .weigher(|_k, v: &Arc<CachedResponse>| {
+                let headers: usize = v.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+                u32::try_from(v.body.len() + headers + 128).unwrap_or(u32::MAX)
+            })
+            .build();
+        let vary = moka::future::Cache::builder().max_capacity(100_000).build();
+        Self {
+            memory,
+            vary,
+            store,
+            config: config.clone(),
+        }
+    }
+
+    /// Whether caching is on.
+    pub fn enabled(&self) -> bool {
+        self.config.enabled
+    }
+
+    /// Largest body that is cached.
+    pub fn max_entry_bytes(&self) -> u64 {
+        self.config.max_entry_bytes
+    }
+
+    /// Entries and weighted bytes in memory.
+    pub fn memory_usage(&self) -> (u64, u64) {
+        (self.memory.entry_count(), self.memory.weighted_size())
+    }
+
+    /// Look up the entry for a request (memory first, then the durable tier).
+    pub async fn get(
+        &self,
+        primary: &PrimaryKey,
+        request: &HeaderMap,
+    ) -> Option<Arc<CachedResponse>> {
+        if !self.config.enabled {
+            return None;
+        }
+        let vary = match self.vary.get(primary).await {
+            Some(v) => v,
+            None => {
+                let blob = self.durable_get(&durable_vary_key(primary)).await?;
+                let names: Vec<String> = postcard::from_bytes(&blob).ok()?;
+                let names = Arc::new(names);
+                self.vary.insert(*primary, names.clone()).await;
+                names
+            }
+        };
+        let key = primary.with_vary(&vary, request);
+        if let Some(hit) = self.memory.get(&key).await {
+            return Some(hit);
+        }
+        let blob = self.durable_get(&durable_entry_key(&key)).await?;
+        let entry: CachedResponse = postcard::from_bytes(&blob).ok()?;
+        let entry = Arc::new(entry);
+        self.memory.insert(key, entry.clone()).await;
+        Some(entry)
+    }
+
+    async fn durable_get(&self, key: &[u8]) -> Option<Bytes> {
+        match self.store.cache_get(key).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!("durable cache read failed: {e}");
+                None
+            }
+        }
+    }
+
+    /// Store a complete response (called when its body has streamed through).
+    pub async fn put(
+        &self,
+        primary: PrimaryKey,
+        request: &HeaderMap,
+        status: u16,
+        headers: &HeaderMap,
+        body_bytes: Bytes,
+        terms: Storable,
+        max_stale: Duration,
+    ) {
+        let now = now_ms();
+        let stored_headers: Vec<(String, Bytes)> = headers
+            .iter()
+            .filter(|(n, _)| *n != header::SET_COOKIE && *n != header::AGE && **n != CACHE_STATUS)
+            .map(|(n, v)| (n.as_str().to_string(), Bytes::copy_from_slice(v.as_bytes())))
+            .collect();
+        let mut h = Sha256::new();
+        h.update(status.to_be_bytes());
+        for (n, v) in &stored_headers {
+            if n != "date" {
+                h.update(n.as_bytes());
+                h.update(v);
+            }
+        }
+        h.update(&body_bytes);
+        let digest: [u8; 32] = h.finalize().into();
+        let key = primary.with_vary(&terms.vary, request);
+        let persisted_recently = self.memory.get(&key).await.and_then(|old| {
+            (old.digest == digest && now.saturating_sub(old.persisted_at_ms) < DISK_REFRESH_MS)
+                .then_some(old.persisted_at_ms)
+        });
+        let entry = Arc::new(CachedResponse {
+            status,
+            headers: stored_headers,
+            body: body_bytes,
+            stored_at_ms: now,
+            initial_age_s: terms.initial_age_s,
+            fresh_until_ms: now + terms.fresh_for.as_millis() as u64,
+            vary: terms.vary.clone(),
+            digest,
+            persisted_at_ms: persisted_recently.unwrap_or(now),
+        });
+        self.memory.insert(key, entry.clone()).await;
+        let vary_changed = self
+            .vary
+            .get(&primary)
+            .await
+            .is_none_or(|old| *old != terms.vary);
+        if vary_changed {
+            self.vary
+                .insert(primary, Arc::new(terms.vary.clone()))
+                .await;
+        }
+        if persisted_recently.is_some() {
+            // The same content reached the durable tier moments ago: spare the disk.
+            return;
+        }
+        let ttl = terms.fresh_for.max(Duration::ZERO) + max_stale;
+        if vary_changed
+            && let Ok(blob) = postcard::to_stdvec(&terms.vary)
+            && let Err(e) = self
+                .store
+                .cache_put(&durable_vary_key(&primary), Bytes::from(blob), ttl)
+                .await
+        {
+            tracing::warn!("durable cache write failed: {e}");
+        }
+        match postcard::to_stdvec(&*entry) {
+            Ok(blob) => {
+                if let Err(e) = self
+                    .store
+                    .cache_put(&durable_entry_key(&key), Bytes::from(blob), ttl)
+                    .await
+                {
+                    tracing::warn!("durable cache write failed: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("cache encode failed: {e}"),
+        }
+    }
+}
+
+fn durable_vary_key(primary: &PrimaryKey) -> Vec<u8> {
+    let mut k = b"v:".to_vec();
+    k.extend_from_slice(&primary.0);
+    k
+}
+
+fn durable_entry_key(key: &CacheKey) -> Vec<u8> {
+    let mut k = b"e:".to_vec();
+    k.extend_from_slice(&key.0);
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(headers: &[(&str, &str)]) -> Response<()> {
+        let mut r = Response::new(());
+        for (n, v) in headers {
+            r.headers_mut().append(
+                HeaderName::from_bytes(n.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        r
+    }
+
+    #[test]
+    fn no_store_is_never_stored() {
+        let req = HeaderMap::new();
+        assert!(
+            storable(
+                &req,
+                &resp(&[("cache-control", "no-store")]),
+                false,
+                Duration::ZERO
+            )
+            .is_none()
+        );
+        let mut req_ns = HeaderMap::new();
+        req_ns.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        assert!(storable(&req_ns, &resp(&[]), false, Duration::ZERO).is_none());
+    }
+
+    #[test]
+    fn private_is_stored_only_per_identity() {
+        let req = HeaderMap::new();
+        let r = resp(&[("cache-control", "private, max-age=60")]);
+        assert!(storable(&req, &r, true, Duration::ZERO).is_none());
+        let terms = storable(&req, &r, false, Duration::ZERO).expect("per identity");
+        assert_eq!(terms.fresh_for, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn vary_star_and_uncacheable_status_are_not_stored() {
+        let req = HeaderMap::new();
+        assert!(storable(&req, &resp(&[("vary", "*")]), false, Duration::ZERO).is_none());
+        let mut r = resp(&[]);
+        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        assert!(storable(&req, &r, false, Duration::ZERO).is_none());
+    }
+
+    #[test]
+    fn key_separates_identities_and_vary_values() {
+        let mut alice = HeaderMap::new();
+        alice.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer alice"),
+        );
+        let mut bob = HeaderMap::new();
+        bob.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer bob"),
+        );
+        let ka = PrimaryKey::new(&Method::GET, "/x", &Identity::of(&alice));
+        let kb = PrimaryKey::new(&Method::GET, "/x", &Identity::of(&bob));
+        assert_ne!(ka, kb);
+        assert_eq!(
+            ka,
+            PrimaryKey::new(&Method::HEAD, "/x", &Identity::of(&alice))
+        );
+        let mut en = HeaderMap::new();
+        en.insert(header::ACCEPT_LANGUAGE, HeaderValue::from_static("en"));
+        let mut de = HeaderMap::new();
+        de.insert(header::ACCEPT_LANGUAGE, HeaderValue::from_static("de"));
+        let vary = vec!["accept-language".to_string()];
+        assert_ne!(ka.with_vary(&vary, &en), ka.with_vary(&vary, &de));
+        assert_eq!(ka.with_vary(&[], &en), ka.with_vary(&[], &de));
+    }
+}

@@ -514,7 +514,8 @@ impl Config {
         if url.query().is_some() {
             return Err(ConfigError::key("upstream.url", "must not have a query"));
         }
-        if !self.proxy.reserved_prefix.starts_with('/') || !self.proxy.reserved_prefix.ends_with('/')
+        if !self.proxy.reserved_prefix.starts_with('/')
+            || !self.proxy.reserved_prefix.ends_with('/')
         {
             return Err(ConfigError::key(
                 "proxy.reserved_prefix",
@@ -530,7 +531,10 @@ impl Config {
         if let Some(p) = &self.upstream.probe_path
             && !p.starts_with('/')
         {
-            return Err(ConfigError::key("upstream.probe_path", "must start with '/'"));
+            return Err(ConfigError::key(
+                "upstream.probe_path",
+                "must start with '/'",
+            ));
         }
         if self.upstream.probe_interval.is_zero()
             || self.upstream.probe_interval > self.upstream.probe_interval_max
@@ -541,7 +545,10 @@ impl Config {
             ));
         }
         if self.replay.backoff_multiplier < 1.0 {
-            return Err(ConfigError::key("replay.backoff_multiplier", "must be >= 1.0"));
+            return Err(ConfigError::key(
+                "replay.backoff_multiplier",
+                "must be >= 1.0",
+            ));
         }
         if self.replay.concurrency == 0 {
             return Err(ConfigError::key("replay.concurrency", "must be at least 1"));
@@ -676,7 +683,8 @@ mod tests {
 
     #[test]
     fn bad_value_names_section_and_key() {
-        let err = Config::parse("[upstream]\nconnect_timeout = \"soon\"\n").expect_err("bad duration");
+        let err =
+            Config::parse("[upstream]\nconnect_timeout = \"soon\"\n").expect_err("bad duration");
         assert_eq!(err.line, Some(2));
         assert_eq!(err.key.as_deref(), Some("upstream.connect_timeout"));
     }

@@ -32,6 +32,13 @@ pub enum StoreError {
         /// Replicas required by `store.redis_min_replicas`.
         wanted: i64,
     },
+    /// The partition's lease was lost (expired and taken by another instance, or released):
+    /// the write was refused so as not to overwrite the new holder's work.
+    #[error("lease on partition {partition:?} was lost")]
+    LeaseLost {
+        /// The partition whose lease is no longer held.
+        partition: String,
+    },
 }
 
 impl From<redb::Error> for StoreError {
@@ -104,10 +111,9 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ProxyError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            ProxyError::KeyReused(_) => (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_key_reused",
-            ),
+            ProxyError::KeyReused(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+            }
             ProxyError::KeyInProgress(_) => (StatusCode::CONFLICT, "idempotency_key_in_progress"),
             ProxyError::UpstreamUnreachable => {
                 (StatusCode::GATEWAY_TIMEOUT, "upstream_unreachable")

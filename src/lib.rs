@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod body;
 pub mod cache;

@@ -1,1 +1,697 @@
-//! outbox
+//! Accepting a mutation: idempotency, durability, the 202.
+//!
+//! Guarantees:
+//! - Every mutation forwarded upstream carries an `Idempotency-Key`: the app's (1–255 visible
+//!   ASCII characters, else 400) or a generated UUIDv7.
+//! - A 202 is sent only after [`Store::enqueue`] returned, i.e. after the commit that holds the
+//!   mutation was fsynced (embedded) or acknowledged by Redis. A failure to store is a 503.
+//! - While a partition holds queued items, new mutations to it are queued behind them, so a
+//!   mutation never overtakes an earlier one of its partition.
+//! - A forwarded mutation whose answer was lost (timeout, connection dropped) is queued: its
+//!   key makes the later replay safe.
+//! - The same key again: the same 202 while pending; the stored upstream answer once finished
+//!   (kept `queue.idempotency_retention`); 422 with another method, path or body; 409 while
+//!   the first request with that key is still being stored or forwarded.
+//!
+//! It also answers the reserved prefix (`GET /_outpost/mutations/{key}`) and holds what the
+//! replayer shares with the proxy: which keys are in flight, and fresh credentials offered
+//! by the app for mutations waiting after a 401.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+
+use crate::body::{self, Collected, ProxyBody};
+use crate::cache::{CACHE_STATUS, status as cache};
+use crate::config::{Config, PartitionBy, WriteMode};
+use crate::context::{RequestContext, Source};
+use crate::error::{ProxyError, json_response};
+use crate::events::{Event, Events};
+use crate::health::Health;
+use crate::proxy::forward::{ForwardError, Upstream};
+use crate::proxy::with_cache_status;
+use crate::store::{
+    Enqueued, MutationRecord, MutationStatus, Store, StoredRequest, StoredResponse, now_ms,
+};
+
+/// `Idempotency-Key`.
+pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// `Idempotent-Replayed`.
+pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+const KEY_IN_PATH: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// The outbox.
+pub struct Outbox {
+    store: Arc<dyn Store>,
+    upstream: Upstream,
+    health: Arc<Health>,
+    events: Events,
+    config: Arc<Config>,
+    in_progress: Arc<Mutex<HashSet<String>>>,
+    /// Keys being replayed right now (reported as `in_flight`).
+    pub in_flight: Arc<Mutex<HashSet<String>>>,
+    /// Fresh credentials for mutations waiting after a 401.
+    pub credentials: Arc<Credentials>,
+    /// Woken when a mutation is queued, so replay starts at once.
+    pub queued: Arc<Notify>,
+}
+
+impl Outbox {
+    /// An outbox over `store`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        upstream: Upstream,
+        health: Arc<Health>,
+        events: Events,
+        config: Arc<Config>,
+    ) -> Self {
+        let credentials = Arc::new(Credentials::new(&config.replay.auth_principal));
+        Self {
+            store,
+            upstream,
+            health,
+            events,
+            config,
+            in_progress: Arc::default(),
+            in_flight: Arc::default(),
+            credentials,
+            queued: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Let the credentials vault see a request (cheap unless mutations wait for credentials).
+    pub fn offer_credentials(&self, headers: &HeaderMap) {
+        self.credentials.offer(headers);
+    }
+
+    /// The write path (POST, PUT, PATCH, DELETE).
+    pub async fn write(
+        &self,
+        ctx: &mut RequestContext,
+        req: Request<ProxyBody>,
+    ) -> Response<ProxyBody> {
+        match self.try_write(ctx, req).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                ctx.source = Source::Outpost;
+                with_cache_status(e.into_response(), cache::METHOD)
+            }
+        }
+    }
+
+    async fn try_write(
+        &self,
+        ctx: &mut RequestContext,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let (mut parts, incoming) = req.into_parts();
+        let key = match parts.headers.get(&IDEMPOTENCY_KEY) {
+            Some(v) => valid_key(v)?,
+            None => uuid::Uuid::now_v7().to_string(),
+        };
+        ctx.idempotency_key = Some(key.clone());
+        let mode = ctx.route.write;
+        let partition = partition_of(ctx.route.partition, &ctx.path_and_query);
+        self.upstream.prepare(&mut parts, &ctx.client, false);
+        parts.headers.insert(
+            IDEMPOTENCY_KEY.clone(),
+            HeaderValue::from_str(&key).map_err(|e| ProxyError::BadRequest(e.to_string()))?,
+        );
+
+        let limit = self.config.queue.max_body_bytes;
+        let body_bytes = match body::collect_limited(incoming, limit).await {
+            Ok(Collected::Whole(b)) => b,
+            Ok(Collected::TooLarge { prefix, rest }) => {
+                // Too large to queue: it can only be forwarded, and only while nothing queues.
+                let can_forward = match mode {
+                    WriteMode::PassThrough => true,
+                    WriteMode::WriteBehind => false,
+                    WriteMode::QueueWhenOffline => {
+                        self.health.is_online()
+                            && !self.store.partition_has_pending(&partition).await?
+                    }
+                };
+                if !can_forward {
+                    return Err(ProxyError::BodyTooLarge { limit });
+                }
+                let req = Request::from_parts(parts, body::chain(prefix, rest));
+                return self.forward_unrecorded(ctx, req, &key).await;
+            }
+            Err(e) => return Err(body_error(e)),
+        };
+        let fingerprint = fingerprint(&parts.method, &ctx.path_and_query, &body_bytes);
+
+        let Some(guard) = InProgress::take(&self.in_progress, &key) else {
+            return Err(ProxyError::KeyInProgress(key));
+        };
+        if let Some(existing) = self.store.mutation(&key).await? {
+            return self.answer_existing(ctx, &existing, &fingerprint);
+        }
+        let must_queue = match mode {
+            WriteMode::WriteBehind => true,
+            WriteMode::PassThrough => false,
+            WriteMode::QueueWhenOffline => {
+                !self.health.is_online() || self.store.partition_has_pending(&partition).await?
+            }
+        };
+        parts.headers.remove(header::HOST);
+        let record = MutationRecord {
+            key: key.clone(),
+            fingerprint,
+            partition,
+            seq: 0,
+            accepted_at_ms: now_ms(),
+            status: MutationStatus::Queued,
+            attempts: 0,
+            next_attempt_at_ms: 0,
+            principal: self.credentials.principal_of(&parts.headers),
+            route: ctx.route.name.clone(),
+            request: StoredRequest {
+                method: parts.method.to_string(),
+                path_and_query: ctx.path_and_query.clone(),
+                headers: parts
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str().to_string(), Bytes::copy_from_slice(v.as_bytes())))
+                    .collect(),
+                body: body_bytes.clone(),
+            },
+            outcome: None,
+            response: None,
+            finished_at_ms: None,
+        };
+        if must_queue {
+            return self.enqueue(ctx, record, &fingerprint).await;
+        }
+        let req = self.upstream.request_from_stored(&record.request, &[]);
+        match self.upstream.send(req).await {
+            Ok(resp) => {
+                self.health.report_success();
+                ctx.source = Source::Upstream;
+                Ok(self.record_while_streaming(record, resp, guard))
+            }
+            Err(e) => {
+                self.health.report_failure(&e.to_string());
+                if mode == WriteMode::PassThrough {
+                    ctx.source = Source::Outpost;
+                    return Err(match e {
+                        ForwardError::Timeout(_) => ProxyError::GatewayTimeout,
+                        _ => ProxyError::UpstreamUnreachable,
+                    });
+                }
+                // Not answered (maybe applied): queue it; the key makes the replay safe.
+                tracing::info!(key = %key, "forward failed ({e}); queued");
+                self.enqueue(ctx, record, &fingerprint).await
+            }
+        }
+    }
+
+    async fn enqueue(
+        &self,
+        ctx: &mut RequestContext,
+        record: MutationRecord,
+        fingerprint: &[u8; 32],
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let key = record.key.clone();
+        let partition = record.partition.clone();
+        match self.store.enqueue(record).await? {
+            Enqueued::Accepted { .. } => {
+                ctx.source = Source::Queued;
+                self.events.emit(Event::Queued {
+                    key: key.clone(),
+                    partition,
+                });
+                self.queued.notify_one();
+                Ok(self.accepted_response(&key))
+            }
+            // Another instance stored the same key first.
+            Enqueued::Existing(existing) => self.answer_existing(ctx, &existing, fingerprint),
+        }
+    }
+
+    /// The answer to a key that is already known.
+    fn answer_existing(
+        &self,
+        ctx: &mut RequestContext,
+        existing: &MutationRecord,
+        fingerprint: &[u8; 32],
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        if existing.fingerprint != *fingerprint {
+            return Err(ProxyError::KeyReused(existing.key.clone()));
+        }
+        if existing.status.is_pending() {
+            ctx.source = Source::Queued;
+            return Ok(self.accepted_response(&existing.key));
+        }
+        ctx.source = Source::IdempotentReplay;
+        let mut resp = match &existing.response {
+            Some(stored) => stored_response(stored),
+            None => json_response(StatusCode::OK, &self.status_document(existing)),
+        };
+        let headers = resp.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&existing.key) {
+            headers.insert(IDEMPOTENCY_KEY.clone(), v);
+        }
+        headers.insert(
+            IDEMPOTENT_REPLAYED.clone(),
+            HeaderValue::from_static("true"),
+        );
+        headers.insert(
+            CACHE_STATUS.clone(),
+            HeaderValue::from_static(cache::IDEMPOTENT),
+        );
+        Ok(resp)
+    }
+
+    fn location(&self, key: &str) -> String {
+        format!(
+            "{}mutations/{}",
+            self.config.proxy.reserved_prefix,
+            utf8_percent_encode(key, KEY_IN_PATH)
+        )
+    }
+
+    /// `202 Accepted` for a queued mutation.
+    fn accepted_response(&self, key: &str) -> Response<ProxyBody> {
+        let location = self.location(key);
+        let mut resp = json_response(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({
+                "status": "queued",
+                "idempotency_key": key,
+                "location": location,
+            }),
+        );
+        let headers = resp.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(key) {
+            headers.insert(IDEMPOTENCY_KEY.clone(), v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            headers.insert(header::LOCATION, v);
+        }
+        headers.insert(
+            CACHE_STATUS.clone(),
+            HeaderValue::from_static(cache::QUEUED),
+        );
+        resp
+    }
+
+    /// Stream the upstream's answer to the app and keep it for idempotent replies.
+    fn record_while_streaming(
+        &self,
+        mut record: MutationRecord,
+        resp: Response<Incoming>,
+        guard: InProgress,
+    ) -> Response<ProxyBody> {
+        let (mut parts, incoming) = resp.into_parts();
+        crate::proxy::forward::strip_hop_by_hop(&mut parts.headers);
+        let status = parts.status.as_u16();
+        let headers = header_pairs(&parts.headers);
+        let store = self.store.clone();
+        let key = record.key.clone();
+        let body = body::tee(incoming, self.config.queue.max_body_bytes, move |bytes| {
+            record.request.body = Bytes::new();
+            record.status = MutationStatus::Succeeded;
+            record.outcome = Some(format!("forwarded: {status}"));
+            record.attempts = 1;
+            record.finished_at_ms = Some(now_ms());
+            record.response = Some(StoredResponse {
+                status,
+                headers,
+                body: bytes,
+            });
+            tokio::spawn(async move {
+                if let Err(e) = store.record_forwarded(record).await {
+                    tracing::warn!("could not keep the answer for idempotent replies: {e}");
+                }
+                drop(guard);
+            });
+        });
+        if let Ok(v) = HeaderValue::from_str(&key) {
+            parts.headers.insert(IDEMPOTENCY_KEY.clone(), v);
+        }
+        parts.headers.insert(
+            CACHE_STATUS.clone(),
+            HeaderValue::from_static(cache::METHOD),
+        );
+        Response::from_parts(parts, body)
+    }
+
+    /// Forward a body too large to queue or record (streamed through).
+    async fn forward_unrecorded(
+        &self,
+        ctx: &mut RequestContext,
+        mut req: Request<ProxyBody>,
+        key: &str,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        *req.uri_mut() = self.upstream.uri_for(&ctx.path_and_query);
+        match self.upstream.send(req).await {
+            Ok(resp) => {
+                self.health.report_success();
+                ctx.source = Source::Upstream;
+                let (mut parts, incoming) = resp.into_parts();
+                crate::proxy::forward::strip_hop_by_hop(&mut parts.headers);
+                if let Ok(v) = HeaderValue::from_str(key) {
+                    parts.headers.insert(IDEMPOTENCY_KEY.clone(), v);
+                }
+                Ok(Response::from_parts(parts, body::boxed(incoming)))
+            }
+            Err(e) => {
+                self.health.report_failure(&e.to_string());
+                Err(match e {
+                    ForwardError::Timeout(_) => ProxyError::GatewayTimeout,
+                    _ => ProxyError::BadGateway(e.to_string()),
+                })
+            }
+        }
+    }
+
+    /// Answer a request under the reserved prefix.
+    pub async fn reserved(&self, method: &Method, path: &str) -> Response<ProxyBody> {
+        let rest = &path[self.config.proxy.reserved_prefix.len().min(path.len())..];
+        let Some(encoded) = rest.strip_prefix("mutations/") else {
+            return ProxyError::NotFound.into_response();
+        };
+        if method != Method::GET && method != Method::HEAD {
+            return json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &serde_json::json!({"error": "method_not_allowed"}),
+            );
+        }
+        let key = percent_decode_str(encoded).decode_utf8_lossy().to_string();
+        match self.store.mutation(&key).await {
+            Ok(Some(record)) => json_response(StatusCode::OK, &self.status_document(&record)),
+            Ok(None) => ProxyError::NotFound.into_response(),
+            Err(e) => ProxyError::NotStored(e).into_response(),
+        }
+    }
+
+    /// The JSON status document of a mutation.
+    pub fn status_document(&self, record: &MutationRecord) -> serde_json::Value {
+        let in_flight = self
+            .in_flight
+            .lock()
+            .map(|s| s.contains(&record.key))
+            .unwrap_or(false);
+        let status = if in_flight {
+            MutationStatus::InFlight
+        } else {
+            record.status
+        };
+        let upstream_body = record.response.as_ref().map(|r| {
+            serde_json::from_slice::<serde_json::Value>(&r.body).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&r.body).into())
+            })
+        });
+        serde_json::json!({
+            "idempotency_key": record.key,
+            "status": status.as_str(),
+            "attempts": record.attempts,
+            "next_attempt_at": (status.is_pending() && record.next_attempt_at_ms > 0)
+                .then(|| rfc3339_ms(record.next_attempt_at_ms)),
+            "outcome": record.outcome,
+            "upstream_status": record.response.as_ref().map(|r| r.status),
+            "upstream_body": upstream_body,
+            "partition": record.partition,
+            "accepted_at": rfc3339_ms(record.accepted_at_ms),
+        })
+    }
+}
+
+/// A key reserved while its first request is being stored or forwarded (409 for others).
+pub struct InProgress {
+    set: Arc<Mutex<HashSet<String>>>,
+    key: String,
+}
+
+impl InProgress {
+    fn take(set: &Arc<Mutex<HashSet<String>>>, key: &str) -> Option<Self> {
+        let mut guard = set.lock().ok()?;
+        guard.insert(key.to_string()).then(|| InProgress {
+            set: set.clone(),
+            key: key.to_string(),
+        })
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.set.lock() {
+            set.remove(&self.key);
+        }
+    }
+}
+
+/// Validate an app's `Idempotency-Key`: 1–255 visible ASCII characters.
+fn valid_key(v: &HeaderValue) -> Result<String, ProxyError> {
+    let bytes = v.as_bytes();
+    if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err(ProxyError::BadRequest(
+            "Idempotency-Key must be 1-255 visible ASCII characters".into(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(bytes).into_owned())
+}
+
+fn body_error(e: crate::body::BoxError) -> ProxyError {
+    if e.downcast_ref::<http_body_util::LengthLimitError>()
+        .is_some()
+    {
+        ProxyError::BodyTooLarge { limit: 0 }
+    } else {
+        ProxyError::BadRequest(format!("could not read the request body: {e}"))
+    }
+}
+
+/// The partition of a mutation.
+pub fn partition_of(by: PartitionBy, path_and_query: &str) -> String {
+    match by {
+        PartitionBy::Upstream => "upstream".into(),
+        PartitionBy::Path => {
+            let path = path_and_query.split('?').next().unwrap_or("/");
+            format!("path:{path}")
+        }
+    }
+}
+
+/// SHA-256 over method, path and body: a reused key must come with the same request.
+pub fn fingerprint(method: &Method, path_and_query: &str, body: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(method.as_str().as_bytes());
+    h.update(b"\0");
+    h.update(path_and_query.as_bytes());
+    h.update(b"\0");
+    h.update(body);
+    h.finalize().into()
+}
+
+/// Header pairs for storage.
+pub fn header_pairs(headers: &HeaderMap) -> Vec<(String, Bytes)> {
+    headers
+        .iter()
+        .map(|(n, v)| (n.as_str().to_string(), Bytes::copy_from_slice(v.as_bytes())))
+        .collect()
+}
+
+fn stored_response(stored: &StoredResponse) -> Response<ProxyBody> {
+    let mut resp = Response::new(body::full(stored.body.clone()));
+    *resp.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    for (n, v) in &stored.headers {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(n.as_bytes()),
+            HeaderValue::from_bytes(v),
+        ) {
+            resp.headers_mut().append(n, v);
+        }
+    }
+    resp.headers_mut().remove(header::CONTENT_LENGTH);
+    resp
+}
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn rfc3339_ms(ms: u64) -> String {
+    let t = time::OffsetDateTime::UNIX_EPOCH + time::Duration::milliseconds(ms as i64);
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&fmt).unwrap_or_default()
+}
+
+/// Fresh credentials offered by the app, for mutations that got a 401 on replay.
+///
+/// The principal of a mutation is read from its request when it is accepted
+/// (`replay.auth_principal`); while one of its mutations waits, the next request of the same
+/// principal through outpost that carries credentials leaves them here for the replayer.
+pub struct Credentials {
+    mode: PrincipalMode,
+    waiting: Mutex<HashSet<String>>,
+    any_waiting: AtomicUsize,
+    fresh: Mutex<HashMap<String, (Vec<(String, Bytes)>, u64)>>,
+    /// Woken when credentials are offered while mutations wait.
+    pub offered: Notify,
+}
+
+enum PrincipalMode {
+    JwtSub,
+    Header(HeaderName),
+    Any,
+}
+
+impl Credentials {
+    fn new(mode: &str) -> Self {
+        let mode = match mode.strip_prefix("header:") {
+            Some(name) => HeaderName::from_bytes(name.trim().as_bytes())
+                .map(PrincipalMode::Header)
+                .unwrap_or(PrincipalMode::Any),
+            None if mode == "jwt-sub" => PrincipalMode::JwtSub,
+            None => PrincipalMode::Any,
+        };
+        Self {
+            mode,
+            waiting: Mutex::default(),
+            any_waiting: AtomicUsize::new(0),
+            fresh: Mutex::default(),
+            offered: Notify::new(),
+        }
+    }
+
+    /// The principal a request belongs to (`*` when it cannot be told).
+    pub fn principal_of(&self, headers: &HeaderMap) -> Option<String> {
+        let p = match &self.mode {
+            PrincipalMode::Any => None,
+            PrincipalMode::Header(name) => headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            PrincipalMode::JwtSub => jwt_sub(headers),
+        };
+        Some(p.unwrap_or_else(|| "*".into()))
+    }
+
+    /// Note that the mutation `key` waits for credentials.
+    pub fn mark_waiting(&self, key: &str) {
+        if let Ok(mut w) = self.waiting.lock() {
+            w.insert(key.to_string());
+            self.any_waiting.store(w.len(), Ordering::Release);
+        }
+    }
+
+    /// Note that the mutation `key` no longer waits.
+    pub fn unmark_waiting(&self, key: &str) {
+        if let Ok(mut w) = self.waiting.lock() {
+            w.remove(key);
+            self.any_waiting.store(w.len(), Ordering::Release);
+        }
+    }
+
+    fn offer(&self, headers: &HeaderMap) {
+        if self.any_waiting.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let creds: Vec<(String, Bytes)> = [header::AUTHORIZATION, header::COOKIE]
+            .iter()
+            .flat_map(|n| {
+                headers
+                    .get_all(n)
+                    .iter()
+                    .map(move |v| (n.as_str().to_string(), Bytes::copy_from_slice(v.as_bytes())))
+            })
+            .collect();
+        if creds.is_empty() {
+            return;
+        }
+        let Some(principal) = self.principal_of(headers) else {
+            return;
+        };
+        if let Ok(mut fresh) = self.fresh.lock() {
+            fresh.insert(principal, (creds, now_ms()));
+        }
+        self.offered.notify_waiters();
+    }
+
+    /// Credentials of `principal` offered after `since_ms`, if any (`*` takes anyone's).
+    pub fn fresh_for(
+        &self,
+        principal: Option<&str>,
+        since_ms: u64,
+    ) -> Option<Vec<(String, Bytes)>> {
+        let fresh = self.fresh.lock().ok()?;
+        let principal = principal.unwrap_or("*");
+        fresh
+            .iter()
+            .filter(|(p, (_, at))| (principal == "*" || p.as_str() == principal) && *at > since_ms)
+            .max_by_key(|(_, (_, at))| *at)
+            .map(|(_, (c, _))| c.clone())
+    }
+}
+
+/// The `sub` claim of a bearer JWT, read without verifying (it only groups mutations).
+fn jwt_sub(headers: &HeaderMap) -> Option<String> {
+    let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let token = auth
+        .strip_prefix("Bearer ")
+        .or_else(|| auth.strip_prefix("bearer "))?;
+    let payload = token.split('.').nth(1)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    claims.get("sub")?.as_str().map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_validated() {
+        assert!(valid_key(&HeaderValue::from_static("abc-123")).is_ok());
+        assert!(valid_key(&HeaderValue::from_static("has space")).is_err());
+        let long = "a".repeat(256);
+        assert!(valid_key(&HeaderValue::from_str(&long).expect("value")).is_err());
+        let max = "a".repeat(255);
+        assert!(valid_key(&HeaderValue::from_str(&max).expect("value")).is_ok());
+    }
+
+    #[test]
+    fn jwt_sub_is_the_principal() {
+        let payload =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"sub":"alice"}"#);
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer x.{payload}.sig")).expect("value"),
+        );
+        let c = Credentials::new("jwt-sub");
+        assert_eq!(c.principal_of(&h).as_deref(), Some("alice"));
+        assert_eq!(c.principal_of(&HeaderMap::new()).as_deref(), Some("*"));
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_with_millis() {
+        assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+    }
+
+    #[test]
+    fn partitions() {
+        assert_eq!(partition_of(PartitionBy::Upstream, "/a?b"), "upstream");
+        assert_eq!(
+            partition_of(PartitionBy::Path, "/orders/1?x=1"),
+            "path:/orders/1"
+        );
+    }
+}

@@ -1,1 +1,422 @@
-//! proxy
+//! The data path: request → route → read path or write path.
+//!
+//! [`Proxy::handle`] is the one entry point the server calls. It refuses what must not be
+//! proxied (CONNECT, absolute-form requests for other hosts), answers the reserved prefix
+//! itself, builds the [`RequestContext`], and then:
+//! - GET/HEAD → [`Proxy::read`]: per the route's [`ReadStrategy`], from the cache or upstream,
+//!   storing what may be stored, and falling back to the cache when the upstream is unreachable;
+//! - POST/PUT/PATCH/DELETE → [`crate::outbox::Outbox::write`];
+//! - anything else (OPTIONS, upgrades) → forwarded as is.
+//!
+//! Every response leaves with a `Cache-Status` header.
+
+pub mod forward;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
+use hyper::body::Incoming;
+
+use crate::body::{self, ProxyBody};
+use crate::cache::{self, CACHE_STATUS, Cache, PrimaryKey, status};
+use crate::config::{Config, ReadStrategy};
+use crate::context::{Identity, RequestContext, Source};
+use crate::error::ProxyError;
+use crate::health::Health;
+use crate::outbox::Outbox;
+use crate::route::RouteTable;
+use crate::store::now_ms;
+use forward::{ClientInfo, ForwardError, Upstream};
+
+/// The proxy: everything a request needs, shared by all connections.
+pub struct Proxy {
+    config: Arc<Config>,
+    routes: Arc<RouteTable>,
+    upstream: Upstream,
+    health: Arc<Health>,
+    cache: Arc<Cache>,
+    outbox: Arc<Outbox>,
+}
+
+impl Proxy {
+    /// Assemble the proxy from its parts (see `app`).
+    pub fn new(
+        config: Arc<Config>,
+        routes: Arc<RouteTable>,
+        upstream: Upstream,
+        health: Arc<Health>,
+        cache: Arc<Cache>,
+        outbox: Arc<Outbox>,
+    ) -> Self {
+        Self {
+            config,
+            routes,
+            upstream,
+            health,
+            cache,
+            outbox,
+        }
+    }
+
+    /// Answer one request from the app.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<ProxyBody>,
+        client: ClientInfo,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        if let Err(e) = self.check_target(&req) {
+            return with_cache_status(e.into_response(), status::BYPASS);
+        }
+        let path_and_query = req
+            .uri()
+            .path_and_query()
+            .map(|pq| pq.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        if req
+            .uri()
+            .path()
+            .starts_with(&self.config.proxy.reserved_prefix)
+        {
+            let resp = self.outbox.reserved(req.method(), req.uri().path()).await;
+            return with_cache_status(resp, status::BYPASS);
+        }
+        let route = self.routes.resolve(req.method(), req.uri().path());
+        let identity = if route.public {
+            Identity::public()
+        } else {
+            Identity::of(req.headers())
+        };
+        self.outbox.offer_credentials(req.headers());
+        let mut ctx = RequestContext {
+            route,
+            method: req.method().clone(),
+            path_and_query,
+            identity,
+            client,
+            idempotency_key: None,
+            source: Source::Upstream,
+            started,
+        };
+        let resp = match *req.method() {
+            Method::GET | Method::HEAD => self.read(&mut ctx, req).await,
+            Method::POST | Method::PUT | Method::PATCH | Method::DELETE => {
+                self.outbox.write(&mut ctx, req).await
+            }
+            _ => self.pass_through(&mut ctx, req, status::BYPASS).await,
+        };
+        let resp = with_cache_status(resp, status::BYPASS);
+        tracing::debug!(
+            method = %ctx.method,
+            path = %ctx.path_and_query,
+            route = %ctx.route.name,
+            status = resp.status().as_u16(),
+            source = ctx.source.as_str(),
+            key = ctx.idempotency_key.as_deref().unwrap_or(""),
+            micros = ctx.started.elapsed().as_micros() as u64,
+            "request"
+        );
+        resp
+    }
+
+    /// Refuse CONNECT and absolute-form requests for hosts other than the upstream.
+    fn check_target(&self, req: &Request<ProxyBody>) -> Result<(), ProxyError> {
+        if req.method() == Method::CONNECT {
+            return Err(ProxyError::Forbidden(
+                "CONNECT is refused: outpost is not an open proxy".into(),
+            ));
+        }
+        // In HTTP/2 the URI always carries :authority; only HTTP/1 absolute-form is a proxy
+        // request.
+        if req.version() < Version::HTTP_2
+            && let Some(authority) = req.uri().authority()
+            && authority != self.upstream.authority()
+        {
+            return Err(ProxyError::Forbidden(format!(
+                "requests for {authority} are refused: outpost only proxies to its upstream"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The read path (GET, HEAD).
+    async fn read(&self, ctx: &mut RequestContext, req: Request<ProxyBody>) -> Response<ProxyBody> {
+        let cacheable = self.cache.enabled()
+            && ctx.route.read != ReadStrategy::NetworkOnly
+            && !req.headers().contains_key(header::RANGE);
+        if !cacheable {
+            return self.pass_through(ctx, req, status::BYPASS).await;
+        }
+        let head_only = ctx.method == Method::HEAD;
+        let primary = PrimaryKey::new(&ctx.method, &ctx.path_and_query, &ctx.identity);
+        let now = now_ms();
+        match ctx.route.read {
+            ReadStrategy::CacheFirst => {
+                if let Some(hit) = self.cache.get(&primary, req.headers()).await
+                    && hit.is_fresh(now)
+                {
+                    ctx.source = Source::Cache;
+                    return hit.to_response(head_only, status::HIT);
+                }
+            }
+            ReadStrategy::StaleWhileRevalidate => {
+                if let Some(hit) = self.cache.get(&primary, req.headers()).await {
+                    ctx.source = Source::Cache;
+                    if hit.is_fresh(now) {
+                        return hit.to_response(head_only, status::HIT);
+                    }
+                    if self.health.is_online() {
+                        self.revalidate_in_background(ctx, primary, req.headers().clone());
+                        return hit.to_response(head_only, status::HIT_STALE);
+                    }
+                    ctx.source = Source::Stale;
+                    return hit.to_response(head_only, status::HIT_OFFLINE);
+                }
+            }
+            ReadStrategy::NetworkFirst | ReadStrategy::NetworkOnly => {}
+        }
+        if !self.health.is_online() {
+            return self.serve_offline(ctx, &primary, req.headers()).await;
+        }
+        let request_headers = req.headers().clone();
+        match self.fetch(ctx, req).await {
+            Ok(resp) => self.store_while_streaming(ctx, primary, request_headers, resp),
+            Err(e) => {
+                tracing::debug!(path = %ctx.path_and_query, "upstream failed: {e}");
+                self.serve_offline(ctx, &primary, &request_headers).await
+            }
+        }
+    }
+
+    /// Upstream unreachable: the cached copy if there is one (within max_stale), else 504.
+    async fn serve_offline(
+        &self,
+        ctx: &mut RequestContext,
+        primary: &PrimaryKey,
+        request: &HeaderMap,
+    ) -> Response<ProxyBody> {
+        let head_only = ctx.method == Method::HEAD;
+        if let Some(hit) = self.cache.get(primary, request).await
+            && now_ms().saturating_sub(hit.fresh_until_ms) <= ctx.route.max_stale.as_millis() as u64
+        {
+            ctx.source = Source::Stale;
+            return hit.to_response(head_only, status::HIT_OFFLINE);
+        }
+        ctx.source = Source::Outpost;
+        with_cache_status(
+            ProxyError::UpstreamUnreachable.into_response(),
+            status::OFFLINE_MISS,
+        )
+    }
+
+    /// Forward a read upstream, reporting health either way.
+    async fn fetch(
+        &self,
+        ctx: &RequestContext,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let (mut parts, body) = req.into_parts();
+        self.upstream.prepare(&mut parts, &ctx.client, false);
+        let result = self.upstream.send(Request::from_parts(parts, body)).await;
+        match &result {
+            Ok(_) => self.health.report_success(),
+            Err(e) => self.health.report_failure(&e.to_string()),
+        }
+        result
+    }
+
+    /// Stream an upstream answer to the app, keeping a copy for the cache when it may be stored.
+    fn store_while_streaming(
+        &self,
+        ctx: &mut RequestContext,
+        primary: PrimaryKey,
+        request_headers: HeaderMap,
+        resp: Response<Incoming>,
+    ) -> Response<ProxyBody> {
+        ctx.source = Source::Upstream;
+        let (mut parts, incoming) = resp.into_parts();
+        forward::strip_hop_by_hop(&mut parts.headers);
+        let terms = if ctx.method == Method::GET {
+            let probe = Response::from_parts(parts.clone(), ());
+            cache::storable(
+                &request_headers,
+                &probe,
+                ctx.route.public,
+                ctx.route.cache_ttl,
+            )
+        } else {
+            None
+        };
+        let too_big = incoming
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n > self.cache.max_entry_bytes());
+        let Some(terms) = terms.filter(|_| !too_big) else {
+            parts
+                .headers
+                .insert(CACHE_STATUS.clone(), HeaderValue::from_static(status::MISS));
+            return Response::from_parts(parts, body::boxed(incoming));
+        };
+        let cache = self.cache.clone();
+        let status = parts.status.as_u16();
+        let headers = parts.headers.clone();
+        let max_stale = ctx.route.max_stale;
+        let body = body::tee(incoming, self.cache.max_entry_bytes(), move |bytes| {
+            tokio::spawn(async move {
+                cache
+                    .put(
+                        primary,
+                        &request_headers,
+                        status,
+                        &headers,
+                        bytes,
+                        terms,
+                        max_stale,
+                    )
+                    .await;
+            });
+        });
+        parts.headers.insert(
+            CACHE_STATUS.clone(),
+            HeaderValue::from_static(status::STORED),
+        );
+        Response::from_parts(parts, body)
+    }
+
+    /// Stale-while-revalidate: refresh the entry without making the app wait.
+    fn revalidate_in_background(
+        &self,
+        ctx: &RequestContext,
+        primary: PrimaryKey,
+        headers: HeaderMap,
+    ) {
+        let mut req = Request::new(body::empty());
+        *req.uri_mut() = self.upstream.uri_for(&ctx.path_and_query);
+        *req.headers_mut() = headers.clone();
+        let (mut parts, b) = req.into_parts();
+        self.upstream.prepare(&mut parts, &ctx.client, false);
+        let req = Request::from_parts(parts, b);
+        let upstream = self.upstream.clone();
+        let health = self.health.clone();
+        let cache = self.cache.clone();
+        let public = ctx.route.public;
+        let ttl = ctx.route.cache_ttl;
+        let max_stale = ctx.route.max_stale;
+        tokio::spawn(async move {
+            let resp = match upstream.send(req).await {
+                Ok(resp) => {
+                    health.report_success();
+                    resp
+                }
+                Err(e) => {
+                    health.report_failure(&e.to_string());
+                    return;
+                }
+            };
+            let Some(terms) = cache::storable(&headers, &resp, public, ttl) else {
+                return;
+            };
+            let (mut parts, incoming) = resp.into_parts();
+            forward::strip_hop_by_hop(&mut parts.headers);
+            let limit = cache.max_entry_bytes();
+            if let Ok(body::Collected::Whole(bytes)) = body::collect_limited(incoming, limit).await
+            {
+                cache
+                    .put(
+                        primary,
+                        &headers,
+                        parts.status.as_u16(),
+                        &parts.headers,
+                        bytes,
+                        terms,
+                        max_stale,
+                    )
+                    .await;
+            }
+        });
+    }
+
+    /// Forward without caching or queueing (OPTIONS, network-only, Range, upgrades).
+    async fn pass_through(
+        &self,
+        ctx: &mut RequestContext,
+        mut req: Request<ProxyBody>,
+        cache_status: &'static str,
+    ) -> Response<ProxyBody> {
+        let upgrade = forward::is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        self.upstream.prepare(&mut parts, &ctx.client, upgrade);
+        let resp = match self.upstream.send(Request::from_parts(parts, body)).await {
+            Ok(resp) => {
+                self.health.report_success();
+                resp
+            }
+            Err(e) => {
+                self.health.report_failure(&e.to_string());
+                ctx.source = Source::Outpost;
+                let err = match e {
+                    ForwardError::Timeout(_) => ProxyError::GatewayTimeout,
+                    _ => ProxyError::UpstreamUnreachable,
+                };
+                return with_cache_status(err.into_response(), status::OFFLINE_MISS);
+            }
+        };
+        ctx.source = Source::Upstream;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            return splice_upgrade(resp, client_upgrade);
+        }
+        let (mut parts, incoming) = resp.into_parts();
+        forward::strip_hop_by_hop(&mut parts.headers);
+        parts
+            .headers
+            .insert(CACHE_STATUS.clone(), HeaderValue::from_static(cache_status));
+        Response::from_parts(parts, body::boxed(incoming))
+    }
+}
+
+/// Answer 101 to the app and join the two upgraded connections.
+fn splice_upgrade(
+    mut upstream_resp: Response<Incoming>,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+) -> Response<ProxyBody> {
+    let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!("upgrade failed: {e}");
+                return;
+            }
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!("upgraded connection ended: {e}");
+        }
+    });
+    let (parts, _) = upstream_resp.into_parts();
+    let mut resp = Response::from_parts(parts, body::empty());
+    resp.headers_mut().insert(
+        CACHE_STATUS.clone(),
+        HeaderValue::from_static(status::BYPASS),
+    );
+    resp
+}
+
+/// Set `Cache-Status` unless the response already has one.
+pub fn with_cache_status(
+    mut resp: Response<ProxyBody>,
+    value: &'static str,
+) -> Response<ProxyBody> {
+    if !resp.headers().contains_key(&CACHE_STATUS) {
+        resp.headers_mut()
+            .insert(CACHE_STATUS.clone(), HeaderValue::from_static(value));
+    }
+    resp
+}

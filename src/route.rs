@@ -127,6 +127,15 @@ impl RouteTable {
         Ok(RouteTable { routes, default })
     }
 
+    /// The route named `name` (as recorded on a queued mutation), else the default route.
+    pub fn by_name(&self, name: &str) -> Arc<Route> {
+        self.routes
+            .iter()
+            .find(|r| r.name == name)
+            .unwrap_or(&self.default)
+            .clone()
+    }
+
     /// The first route matching `method` and `path`, else the default route.
     pub fn resolve(&self, method: &Method, path: &str) -> Arc<Route> {
         self.routes

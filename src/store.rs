@@ -202,8 +202,7 @@ pub trait Store: Send + Sync + 'static {
     async fn partition_has_pending(&self, partition: &str) -> Result<bool, StoreError>;
 
     /// Up to `limit` oldest pending items of `partition`, in order.
-    async fn peek(&self, partition: &str, limit: usize)
-    -> Result<Vec<MutationRecord>, StoreError>;
+    async fn peek(&self, partition: &str, limit: usize) -> Result<Vec<MutationRecord>, StoreError>;
 
     /// Take the right to replay `partition` (None when another instance holds it).
     async fn acquire(&self, partition: &str) -> Result<Option<Lease>, StoreError>;

@@ -82,7 +82,11 @@ async fn enqueue_is_idempotent_and_ordered(store: &dyn Store) {
     }
     store.release(&lease).await.unwrap();
     assert!(!store.partition_has_pending("pa").await.unwrap());
-    let done = store.mutation("a1").await.unwrap().expect("kept after finish");
+    let done = store
+        .mutation("a1")
+        .await
+        .unwrap()
+        .expect("kept after finish");
     assert_eq!(done.status, MutationStatus::Succeeded);
 }
 
@@ -135,7 +139,10 @@ async fn finish_and_dead_letters(store: &dyn Store) {
     let dead = store.dead_letters(10).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].key, "d1");
-    assert!(!dead[0].request.body.is_empty(), "dead letters keep the body");
+    assert!(
+        !dead[0].request.body.is_empty(),
+        "dead letters keep the body"
+    );
     assert_eq!(store.stats().await.unwrap().dead_letters, 1);
     // Retry puts it back at the tail.
     assert!(store.retry_dead_letter("d1").await.unwrap());
@@ -186,5 +193,8 @@ async fn cache_roundtrip(store: &dyn Store) {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(store.cache_get(b"short").await.unwrap().is_none(), "expired");
+    assert!(
+        store.cache_get(b"short").await.unwrap().is_none(),
+        "expired"
+    );
 }

@@ -79,7 +79,10 @@ enum Effect {
     /// Left its partition for the dead-letter list.
     DeadLettered(String),
     DeadRevived(String),
-    Cache { entries: i64, bytes: i64 },
+    Cache {
+        entries: i64,
+        bytes: i64,
+    },
 }
 
 #[derive(Default)]
@@ -215,7 +218,8 @@ impl Store for EmbeddedStore {
     }
 
     async fn record_forwarded(&self, record: MutationRecord) -> Result<(), StoreError> {
-        self.call(|r| Op::RecordForwarded(Box::new(record), r)).await
+        self.call(|r| Op::RecordForwarded(Box::new(record), r))
+            .await
     }
 
     async fn mutation(&self, key: &str) -> Result<Option<MutationRecord>, StoreError> {
@@ -238,11 +242,7 @@ impl Store for EmbeddedStore {
         Ok(counters.pending.get(partition).is_some_and(|n| *n > 0))
     }
 
-    async fn peek(
-        &self,
-        partition: &str,
-        limit: usize,
-    ) -> Result<Vec<MutationRecord>, StoreError> {
+    async fn peek(&self, partition: &str, limit: usize) -> Result<Vec<MutationRecord>, StoreError> {
         let partition = partition.to_string();
         self.read(move |db| {
             let read = db.begin_read()?;
@@ -432,7 +432,8 @@ impl Writer {
     }
 
     fn commit_batch(&self, batch: Vec<Op>, durable: bool) {
-        let mut replies: Vec<Box<dyn FnOnce(Option<&StoreError>)>> = Vec::with_capacity(batch.len());
+        let mut replies: Vec<Box<dyn FnOnce(Option<&StoreError>)>> =
+            Vec::with_capacity(batch.len());
         let mut effects = Vec::with_capacity(batch.len());
         let result = (|| -> Result<(), StoreError> {
             let mut txn = self.db.begin_write()?;
@@ -599,7 +600,10 @@ fn enqueue(
 }
 
 fn record_forwarded(txn: &WriteTransaction, record: &MutationRecord) -> Result<(), StoreError> {
-    let exists = txn.open_table(MUTATIONS)?.get(record.key.as_str())?.is_some();
+    let exists = txn
+        .open_table(MUTATIONS)?
+        .get(record.key.as_str())?
+        .is_some();
     if exists {
         return Ok(());
     }

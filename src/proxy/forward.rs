@@ -1,0 +1,338 @@
+//! Talking to the upstream: the pooled client, TLS, and turning an app's request into an
+//! upstream request (and the upstream's answer back into a response for the app).
+//!
+//! Only the configured upstream is ever contacted: the request URI is rebuilt from the
+//! upstream base URL and the request's path, whatever the app put in its request line.
+//! Hop-by-hop headers (RFC 9110 §7.6.1, and any named in `Connection`) are removed both ways;
+//! `X-Forwarded-For`, `-Proto` and `-Host` are added; `Host` becomes the upstream's.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::ProxyBody;
+use crate::config::UpstreamConfig;
+
+/// Why a request did not get an upstream answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// No connection could be made: the request was certainly not sent.
+    #[error("connect: {0}")]
+    Connect(String),
+    /// No answer within `upstream.request_timeout`: the request may have been applied.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The connection failed after the request was (maybe) sent.
+    #[error("transport: {0}")]
+    Transport(String),
+}
+
+impl ForwardError {
+    /// Whether the upstream may have received the request.
+    pub fn maybe_sent(&self) -> bool {
+        !matches!(self, ForwardError::Connect(_))
+    }
+}
+
+/// A failure to set up the upstream client.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream: {0}")]
+pub struct SetupError(String);
+
+/// The upstream: base URL, pooled keep-alive client, timeouts.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    base_path: String,
+    host: HeaderValue,
+    request_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl Upstream {
+    /// Build the client for `config` (TLS roots: webpki, the system's, and `ca_file`).
+    pub fn new(config: &UpstreamConfig) -> Result<Self, SetupError> {
+        let uri: Uri = config
+            .url
+            .parse()
+            .map_err(|e| SetupError(format!("bad url: {e}")))?;
+        let scheme = uri.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP);
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| SetupError("url has no host".into()))?;
+        let base_path = uri.path().trim_end_matches('/').to_string();
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|e| SetupError(format!("bad host: {e}")))?;
+
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let tls = tls_config(config)?;
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle)
+            .build(https);
+        Ok(Self {
+            client,
+            scheme,
+            authority,
+            base_path,
+            host,
+            request_timeout: config.request_timeout,
+            connect_timeout: config.connect_timeout,
+        })
+    }
+
+    /// The upstream's `host:port`, for TCP probes.
+    pub fn authority(&self) -> &http::uri::Authority {
+        &self.authority
+    }
+
+    /// Port of the upstream (explicit or the scheme's default).
+    pub fn port(&self) -> u16 {
+        self.authority
+            .port_u16()
+            .unwrap_or(if self.scheme == http::uri::Scheme::HTTPS {
+                443
+            } else {
+                80
+            })
+    }
+
+    /// The connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// The upstream URI for an app's `path_and_query`.
+    pub fn uri_for(&self, path_and_query: &str) -> Uri {
+        let pq = if path_and_query.starts_with('/') {
+            path_and_query
+        } else {
+            "/"
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(format!("{}{}", self.base_path, pq))
+            .build()
+            .unwrap_or_else(|_| Uri::from_static("/"))
+    }
+
+    /// Rebuild a stored mutation as an upstream request (headers as stored, `Host` set),
+    /// with `extra` headers replacing stored ones of the same name.
+    pub fn request_from_stored(
+        &self,
+        stored: &crate::store::StoredRequest,
+        extra: &[(HeaderName, HeaderValue)],
+    ) -> Request<ProxyBody> {
+        let mut req = Request::new(crate::body::full(stored.body.clone()));
+        *req.method_mut() =
+            http::Method::from_bytes(stored.method.as_bytes()).unwrap_or(http::Method::POST);
+        *req.uri_mut() = self.uri_for(&stored.path_and_query);
+        let headers = req.headers_mut();
+        for (name, value) in &stored.headers {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_bytes(value),
+            ) {
+                headers.append(n, v);
+            }
+        }
+        for (name, value) in extra {
+            headers.insert(name.clone(), value.clone());
+        }
+        headers.remove(header::CONTENT_LENGTH);
+        headers.insert(header::HOST, self.host.clone());
+        req
+    }
+
+    /// Send a prepared request; the response head must arrive within the request timeout.
+    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ForwardError> {
+        match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
+            Err(_) => Err(ForwardError::Timeout(self.request_timeout)),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) if e.is_connect() => Err(ForwardError::Connect(error_chain(&e))),
+            Ok(Err(e)) => Err(ForwardError::Transport(error_chain(&e))),
+        }
+    }
+
+    /// Turn the app's request head into the upstream's: URI, `Host`, hop-by-hop headers out,
+    /// `X-Forwarded-*` in. `keep_upgrade` keeps `Upgrade`/`Connection: upgrade` (WebSocket).
+    pub fn prepare(
+        &self,
+        parts: &mut http::request::Parts,
+        client: &ClientInfo,
+        keep_upgrade: bool,
+    ) {
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|pq| pq.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        parts.uri = self.uri_for(&pq);
+        // hyper picks HTTP/1.1 or h2 per connection (ALPN); an h2c request must not force h2.
+        parts.version = Version::HTTP_11;
+        let upgrade = keep_upgrade
+            .then(|| parts.headers.get(header::UPGRADE).cloned())
+            .flatten();
+        let original_host = parts
+            .headers
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| client.authority.clone());
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(upgrade) = upgrade {
+            parts.headers.insert(header::UPGRADE, upgrade);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        parts.headers.insert(header::HOST, self.host.clone());
+        add_forwarded(&mut parts.headers, client, original_host);
+    }
+}
+
+/// What the proxy knows about the app's connection.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    /// The app's address.
+    pub ip: IpAddr,
+    /// `http` or `https` (listener with TLS).
+    pub proto: &'static str,
+    /// `:authority` of an h2 request (h2 has no `Host` header).
+    pub authority: Option<HeaderValue>,
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+fn add_forwarded(headers: &mut HeaderMap, client: &ClientInfo, host: Option<HeaderValue>) {
+    let ip = client.ip.to_string();
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(client.proto),
+    );
+    if let Some(host) = host {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+/// Remove hop-by-hop headers, including those named in `Connection`, and `Upgrade`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Whether the request asks for a protocol upgrade (e.g. WebSocket).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+fn tls_config(config: &UpstreamConfig) -> Result<rustls::ClientConfig, SetupError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = &config.ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| SetupError(format!("upstream.ca_file {}: {e}", path.display())))?;
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| SetupError(format!("upstream.ca_file: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| SetupError(format!("upstream.ca_file: {e}")))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(SetupError(format!(
+                "upstream.ca_file {}: no PEM certificates found",
+                path.display()
+            )));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SetupError(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tls)
+}
+
+/// Remove hop-by-hop headers from an upstream response.
+pub fn clean_response<B>(resp: &mut Response<B>) {
+    strip_hop_by_hop(resp.headers_mut());
+}

@@ -1,0 +1,95 @@
+//! Shared end-to-end test harness for `outpost`.
+//!
+//! - [`Upstream`]: a scriptable hyper upstream (plain or TLS) that can be stopped and restarted
+//!   on the same port.
+//! - [`OutpostProcess`] / [`run_outpost`]: the real `outpost` binary as a child process.
+//! - [`RedisServer`]: a private `redis-server` on a free loopback port.
+//! - [`client`], [`free_port`], [`eventually`]: small helpers.
+//!
+//! Everything binds to `127.0.0.1` only.
+#![allow(dead_code, unused_imports)]
+
+pub mod process;
+pub mod redis_server;
+pub mod upstream;
+
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+pub use process::{OUTPOST_BIN, OutpostProcess, OutputExt, run_outpost, run_outpost_timeout};
+pub use redis_server::{RedisOptions, RedisServer};
+pub use upstream::{
+    Applied, BYTES_CHUNK, RecordedRequest, ScriptedResponse, TestPki, Upstream, pattern_byte,
+    pattern_bytes,
+};
+
+/// A currently free TCP port on `127.0.0.1` (bind to port 0, read it, release it).
+pub fn free_port() -> u16 {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
+    listener
+        .local_addr()
+        .expect("local_addr of the probe listener")
+        .port()
+}
+
+/// A fresh temporary directory (deleted on drop), e.g. for `--data-dir`.
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("outpost-test-")
+        .tempdir()
+        .expect("create a temp dir")
+}
+
+/// The test client's settings: no proxy from the environment, 2 s connect timeout, 30 s total
+/// timeout, no automatic redirects. Add to it (e.g. a CA) and `build()`.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+}
+
+/// An HTTP client for tests (see [`client_builder`] for its settings).
+pub fn client() -> reqwest::Client {
+    client_builder()
+        .build()
+        .expect("build the test HTTP client")
+}
+
+/// A client that trusts only the CA in the PEM file `ca_pem_path` (e.g.
+/// [`Upstream::ca_pem_path`]).
+pub fn client_with_ca(ca_pem_path: &Path) -> reqwest::Client {
+    let pem = std::fs::read(ca_pem_path)
+        .unwrap_or_else(|e| panic!("read CA file {}: {e}", ca_pem_path.display()));
+    let cert = reqwest::Certificate::from_pem(&pem).expect("parse the CA certificate PEM");
+    client_builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(cert)
+        .build()
+        .expect("build the test HTTPS client")
+}
+
+/// Polls `check` every 20 ms until it returns `true`; panics with `what` after `timeout`.
+///
+/// ```ignore
+/// eventually(Duration::from_secs(5), "queue drained", || async { depth().await == 0 }).await;
+/// ```
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,258 @@
+//! A private `redis-server` for tests, on a free loopback port with its own directory.
+
+use std::fs::OpenOptions;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::free_port;
+
+/// Options for [`RedisServer::start_with`].
+#[derive(Clone, Debug)]
+pub struct RedisOptions {
+    /// Value of `--appendfsync` (`always`, `everysec` or `no`). Default `always`.
+    pub appendfsync: String,
+    /// Further `redis-server` arguments, e.g. `["--maxmemory", "10mb"]`.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            appendfsync: "always".to_owned(),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// A `redis-server` child process bound to `127.0.0.1` on a free port (never 6379), with AOF
+/// persistence in a private temporary directory, so data survives [`RedisServer::restart`].
+/// Dropping it kills the server and deletes the directory.
+pub struct RedisServer {
+    child: Option<Child>,
+    bin: PathBuf,
+    port: u16,
+    dir: tempfile::TempDir,
+    opts: RedisOptions,
+}
+
+/// Finds `redis-server` (`REDIS_SERVER_BIN`, else `PATH`). If absent: panics when `CI` is set,
+/// otherwise prints a loud skip notice and returns `None`.
+fn find_redis_server() -> Option<PathBuf> {
+    if let Some(bin) = std::env::var_os("REDIS_SERVER_BIN") {
+        return Some(PathBuf::from(bin));
+    }
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("redis-server"))
+            .find(|candidate| candidate.is_file())
+    });
+    if found.is_none() {
+        if std::env::var_os("CI").is_some() {
+            panic!("redis-server not found but CI is set");
+        }
+        eprintln!(
+            "\n************************************************************\n\
+             SKIPPED: redis-server not found in PATH (set REDIS_SERVER_BIN\n\
+             or install redis-server to run the Redis tests)\n\
+             ************************************************************\n"
+        );
+    }
+    found
+}
+
+impl RedisServer {
+    /// Starts a server with default options (AOF, `appendfsync always`) and waits for PING.
+    /// `None` (after a loud notice) if `redis-server` is not installed and `CI` is not set.
+    pub fn start() -> Option<RedisServer> {
+        Self::start_with(RedisOptions::default())
+    }
+
+    /// Like [`RedisServer::start`] with custom options.
+    pub fn start_with(opts: RedisOptions) -> Option<RedisServer> {
+        let bin = find_redis_server()?;
+        let mut port = free_port();
+        while port == 6379 {
+            port = free_port();
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("outpost-test-redis-")
+            .tempdir()
+            .expect("create temp dir for redis-server");
+        let mut server = RedisServer {
+            child: None,
+            bin,
+            port,
+            dir,
+            opts,
+        };
+        server.spawn();
+        Some(server)
+    }
+
+    fn spawn(&mut self) {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("open the redis-server log file");
+        let stderr = log.try_clone().expect("clone the redis log file handle");
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["--bind", "127.0.0.1", "--port"])
+            .arg(self.port.to_string())
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--save", "", "--appendonly", "yes", "--appendfsync"])
+            .arg(&self.opts.appendfsync)
+            .args(["--daemonize", "no", "--logfile", ""])
+            .args(&self.opts.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(stderr));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bin.display()));
+        self.child = Some(child);
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.ping() {
+                return;
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    panic!(
+                        "redis-server exited with {status} before answering PING\n--- log ---\n{}",
+                        self.log()
+                    );
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "redis-server on port {} did not answer PING within 10 s\n--- log ---\n{}",
+                    self.port,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends one inline command and returns the first reply line (e.g. `+PONG`), if any.
+    fn inline_command(&self, command: &str) -> Option<String> {
+        let mut stream =
+            TcpStream::connect_timeout(&self.addr(), Duration::from_millis(500)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        stream.write_all(format!("{command}\r\n").as_bytes()).ok()?;
+        let mut buf = [0u8; 256];
+        let n = stream.read(&mut buf).ok()?;
+        let reply = String::from_utf8_lossy(&buf[..n]);
+        reply.lines().next().map(str::to_owned)
+    }
+
+    /// Whether the server answers `PING` with `+PONG` right now.
+    pub fn ping(&self) -> bool {
+        self.inline_command("PING").as_deref() == Some("+PONG")
+    }
+
+    /// `redis://127.0.0.1:P/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The port (stable across restarts).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:P`.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// The server's data directory (holds the AOF and the log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Path of the server's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read(self.log_path())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Whether the server process is running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Stops the server with `SHUTDOWN NOSAVE` (the AOF keeps the data), falling back to
+    /// SIGKILL after 5 s. No-op if it is not running.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = self.inline_command("SHUTDOWN NOSAVE");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => return,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => break,
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Kills the server with SIGKILL (a crash) and waits for it. No-op if it is not running.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and directory (stopping it first if running)
+    /// and waits for PING; the AOF brings the data back.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "===== redis-server log ({}) =====\n{}\n===== end of redis-server log =====",
+                self.log_path().display(),
+                self.log()
+            );
+        }
+        self.kill9();
+    }
+}
+
+impl std::fmt::Debug for RedisServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisServer")
+            .field("url", &self.url())
+            .field("dir", &self.dir())
+            .finish()
+    }
+}
