@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::RedisServer;
+use common::{RedisOptions, RedisServer};
 use outpost::config::{Backend, StoreConfig};
 use outpost::store::conformance::{self, record};
 use outpost::store::redis::RedisStore;
@@ -180,6 +180,48 @@ async fn unreachable_redis_fails_fast_and_the_same_store_recovers_after_restart(
         .map(|r| r.key)
         .collect();
     assert_eq!(keys, ["before", "after"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_redis_makes_calls_fail_within_seconds_not_hang() {
+    let Some(redis) = RedisServer::start_with(RedisOptions {
+        extra_args: vec!["--enable-debug-command".into(), "yes".into()],
+        ..RedisOptions::default()
+    }) else {
+        return;
+    };
+    let store = connect(&config(&redis)).await;
+    store.enqueue(record("before", "p")).await.expect("enqueue");
+    // Redis stops answering anyone for 6 s (like a stalled host), without closing sockets.
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut raw = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let sleeper = tokio::spawn(async move {
+        let _: redis::RedisResult<()> = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(6)
+            .query_async(&mut raw)
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let result = store.enqueue(record("during", "p")).await;
+    let took = started.elapsed();
+    assert!(result.is_err(), "{result:?}");
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    let _ = sleeper.await;
+    // Answers flow again on the same store.
+    let started = Instant::now();
+    while store.mutation("before").await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    store.enqueue(record("after", "p")).await.expect("enqueue");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -351,6 +393,37 @@ async fn cache_is_bounded_by_evicting_least_recently_used() {
         (3, 3000),
         "{stats:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_works_after_redis_forgets_its_scripts() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let store = connect(&config(&redis)).await;
+    let mut forwarded = record("f1", "p");
+    forwarded.status = MutationStatus::Succeeded;
+    forwarded.finished_at_ms = Some(1);
+    store.record_forwarded(forwarded).await.expect("record");
+    // A Redis restart without persistence of the script cache looks like this.
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut raw = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut raw)
+        .await
+        .expect("SCRIPT FLUSH");
+    assert_eq!(store.purge_finished(2).await.expect("purge"), 1);
+    assert!(store.mutation("f1").await.expect("lookup").is_none());
+    let index: Option<String> = redis::cmd("GET")
+        .arg("outpost-test:k:f1")
+        .query_async(&mut raw)
+        .await
+        .expect("GET");
+    assert_eq!(index, None, "the key index goes with the record");
 }
 
 async fn wait_for_entries(store: &RedisStore, n: u64) {

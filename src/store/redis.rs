@@ -81,9 +81,10 @@
 //!
 //! **Housekeeping.** `purge_finished` deletes finished records older than retention (index
 //! first, then record) and forgets partitions that have been empty (no pending, dead or
-//! finished items) and unregistered for ten minutes; the registration refresh at every enqueue
-//! and the compare-on-score removal keep a partition that is being written to from being
-//! forgotten.
+//! finished items) and unregistered for ten minutes. Every enqueue registers its partition
+//! (scored with Redis's clock) *before* writing, and removal is a compare-on-score script, so a
+//! partition being written to is not forgotten (only an enqueue stalled ten minutes between
+//! registering and writing could be; its call gave up long before).
 //!
 //! **Cache.** Blobs live in one hash with their expiry and recency in two zsets, all under the
 //! `{c}` tag, so one script keeps the byte budget exact: a put reaps a few expired entries,
@@ -91,8 +92,10 @@
 //! (the same policy as the embedded store). `cache_entries`/`cache_bytes` are exact counts,
 //! including expired entries not yet reaped. Puts are sent in the background (at most 256 at a
 //! time; more are dropped, which costs a refetch). The cache tier sits on one cluster shard; it
-//! is bounded by the budget. Redis's own `maxmemory` should leave room for it and use a
-//! `noeviction` or `volatile-*` policy: records carry no TTL and must never be evicted.
+//! is bounded by the budget, not by Redis's `maxmemory`. Redis must never evict outpost's keys
+//! (records, leases): run it with `maxmemory-policy noeviction` and a `maxmemory` above the cache
+//! budget plus the expected queue, so that a full Redis refuses writes (503) instead of dropping
+//! data.
 
 use std::future::Future;
 use std::sync::{Arc, LazyLock};
@@ -421,7 +424,7 @@ enum Claim {
     /// The key's index points to our partition: its script decides.
     Ours,
     /// Another partition holds a record under this key.
-    Existing(MutationRecord),
+    Existing(Box<MutationRecord>),
 }
 
 /// The Redis backend (see the module docs for its keys and guarantees).
@@ -575,7 +578,7 @@ impl RedisStore {
             let blob: Option<Vec<u8>> =
                 redis::cmd("GET").arg(&record_key).query_async(conn).await?;
             if let Some(blob) = blob {
-                return Ok(Claim::Existing(decode(&blob)?));
+                return Ok(Claim::Existing(Box::new(decode(&blob)?)));
             }
             looks += 1;
             if looks < CLAIM_ATTEMPTS {
@@ -659,7 +662,7 @@ impl RedisStore {
             .claim(&mut conn, &record.key, &record.partition)
             .await?
         {
-            return Ok(Enqueued::Existing(Box::new(existing)));
+            return Ok(Enqueued::Existing(existing));
         }
         self.register(&mut conn, &record.partition).await?;
         let pk = self.keys.partition(&record.partition);
