@@ -9,6 +9,11 @@ use outpost::app::{App, StartError};
 use outpost::config::{Backend, Config};
 use outpost::shutdown::Shutdown;
 
+// A proxy allocates and frees many small buffers per request; mimalloc does that with less
+// contention between worker threads than the system allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// An offline-first sync proxy: transparent while the upstream answers, serving reads from its
 /// cache and queueing writes durably while it does not, replaying them in order when it is back.
 #[derive(Parser)]

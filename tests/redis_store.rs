@@ -285,34 +285,44 @@ async fn too_few_replicas_fail_the_enqueue_with_a_replicas_error() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn concurrent_enqueues_from_two_instances_keep_one_ordered_queue() {
+async fn concurrent_enqueues_from_several_instances_keep_one_ordered_queue() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
     let cfg = config(&redis);
-    let stores: [Arc<dyn Store>; 2] =
-        [Arc::new(connect(&cfg).await), Arc::new(connect(&cfg).await)];
+    let mut stores: Vec<Arc<dyn Store>> = Vec::new();
+    for _ in 0..4 {
+        stores.push(Arc::new(connect(&cfg).await));
+    }
+    // 400 keys, each sent twice from different instances at once.
     let mut tasks = Vec::new();
-    for i in 0..100 {
-        let store = stores[i % 2].clone();
+    for i in 0..800 {
+        let store = stores[i % 4].clone();
         tasks.push(tokio::spawn(async move {
-            store.enqueue(record(&format!("c{i}"), "hot")).await
+            store.enqueue(record(&format!("c{}", i / 2), "hot")).await
         }));
     }
     let mut seqs = HashSet::new();
+    let mut existing = 0;
     for task in tasks {
         match task.await.expect("task") {
             Ok(Enqueued::Accepted { seq }) => assert!(seqs.insert(seq), "duplicate seq {seq}"),
-            other => panic!("expected acceptance, got {other:?}"),
+            Ok(Enqueued::Existing(_)) => existing += 1,
+            Err(e) => panic!("enqueue failed under contention: {e}"),
         }
     }
+    assert_eq!(
+        (seqs.len(), existing),
+        (400, 400),
+        "each key accepted exactly once"
+    );
     let items = stores[0].peek("hot", 1000).await.expect("peek");
-    assert_eq!(items.len(), 100);
+    assert_eq!(items.len(), 400);
     assert!(
         items.windows(2).all(|w| w[0].seq < w[1].seq),
         "queue order is sequence order"
     );
-    assert_eq!(stores[1].stats().await.expect("stats").queue_depth, 100);
+    assert_eq!(stores[1].stats().await.expect("stats").queue_depth, 400);
 }
 
 #[tokio::test(flavor = "multi_thread")]

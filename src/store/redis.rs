@@ -27,18 +27,24 @@
 //! needs a cluster-aware proxy in front or a cluster client here (a small change: the calls stay
 //! the same).
 //!
-//! **Enqueue.** (1) Claim the key: `SET P:k:<key> <partition> NX`. If another partition owns
-//! the key and holds its record, that record is returned (`Existing`); if it owns the key but
-//! no record appears within ~100 ms (an enqueue that died between its two steps), the index is
-//! taken over with a compare-and-set. (2) Register the partition in `P:partitions`. (3)
-//! `INCR P:seq`. (4) The enqueue script returns the existing record if `P:T:m:<key>` exists
-//! (nothing changed); refuses the number if the partition's queue already ends with a higher
-//! one (another enqueue got between our `INCR` and our script: we take a new number and try
-//! again); otherwise writes the record and adds the key to the queue. So within a partition
-//! FIFO order equals acknowledgement order and sequence numbers increase along it; across
-//! partitions numbers are unique and grow with time, but two concurrent enqueues into different
-//! partitions may be acknowledged in the opposite order of their numbers. (5) If
-//! `store.redis_min_replicas > 0`, `WAIT n store.redis_replica_timeout`.
+//! **Enqueue.** Enqueues are written in *groups*, like the embedded store's group commit:
+//! callers join a waiting list, and one task at a time (per store) writes everything waiting,
+//! so concurrent requests share round trips and Redis's fsync. For a group: (1) claim every key
+//! (`SET P:k:<key> <partition> NX`, one pipeline). A key another partition owns returns that
+//! partition's record (`Existing`); if no record appears there within ~100 ms (an enqueue that
+//! died between its steps), the index is taken over with a compare-and-set. (2) Register the
+//! group's partitions in `P:partitions`. (3) `INCRBY P:seq n` numbers the records in order.
+//! (4) One script per partition, all sent together, returns the existing record for a
+//! key whose `P:T:m:<key>` exists (nothing changed) and writes the others to record and queue;
+//! it refuses the whole partition's part if the queue already ends with a higher number
+//! (another instance numbered and wrote in between), which is then renumbered and sent again.
+//! So within a partition FIFO order equals acknowledgement order and sequence numbers increase
+//! along it; across partitions numbers are unique and grow with time, but two instances'
+//! concurrent enqueues into different partitions may be acknowledged in the opposite order of
+//! their numbers. (5) If `store.redis_min_replicas > 0`, one `WAIT n store.redis_replica_timeout`
+//! for the group. Callers are answered only then. The group write runs in its own task, so a
+//! caller that goes away cannot cut it short for the others; callers that went away before it
+//! started are left out.
 //!
 //! *Cluster caveat:* the key index (step 1) and the record (step 4) are in different slots, so
 //! they are not written atomically. Consequences, all narrow: the same idempotency key sent
@@ -77,7 +83,9 @@
 //! **Failures.** [`RedisStore::connect`] fails at once when Redis cannot be reached (outpost
 //! exits). Afterwards every command times out after 2 s and every call after 5 s (plus the
 //! replica timeout for an enqueue), so an unreachable Redis makes a mutation fail quickly (503)
-//! instead of hanging; the connection is re-established by itself when Redis is back.
+//! instead of hanging; the connection is re-established by itself when Redis is back. A call
+//! that timed out after its script was sent may still be applied when Redis wakes up: the
+//! app's retry with the same idempotency key then finds the record (at-least-once, as always).
 //!
 //! **Housekeeping.** `purge_finished` deletes finished records older than retention (index
 //! first, then record) and forgets partitions that have been empty (no pending, dead or
@@ -105,7 +113,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, FromRedisValue, RedisError, Script, Value};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, oneshot};
 
 use super::{Enqueued, Lease, MutationRecord, Store, StoreError, StoreStats, now_ms};
 use crate::config::StoreConfig;
@@ -129,18 +137,27 @@ const CACHE_REAP: usize = 32;
 /// Finished records purged per script call.
 const PURGE_BATCH: usize = 256;
 
-/// `ENQUEUE` KEYS: record, queue. ARGV: key, seq, blob.
-/// Returns the existing blob, 1 (stored) or 0 (seq not above the queue's tail: take another).
+/// `ENQUEUE` KEYS: queue, record 1..n. ARGV: key, seq, blob for each record (seqs increasing).
+/// Returns 0 when the first seq is not above the queue's tail (renumber all and try again),
+/// else one answer per record: its existing blob (nothing changed) or 1 (stored).
 static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local existing = redis.call('GET', KEYS[1])
-if existing then return existing end
-local tail = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+local tail = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 if tail[2] and tonumber(tail[2]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-return 1
+local out = {}
+for i = 2, #KEYS do
+  local a = (i - 2) * 3
+  local existing = redis.call('GET', KEYS[i])
+  if existing then
+    out[#out + 1] = existing
+  else
+    redis.call('SET', KEYS[i], ARGV[a + 3])
+    redis.call('ZADD', KEYS[1], ARGV[a + 2], ARGV[a + 1])
+    out[#out + 1] = 1
+  end
+end
+return out
 ",
     )
 });
@@ -429,6 +446,21 @@ enum Claim {
 
 /// The Redis backend (see the module docs for its keys and guarantees).
 pub struct RedisStore {
+    shared: Arc<Shared>,
+    /// Enqueues waiting for the next group write.
+    waiting: std::sync::Mutex<Vec<Waiting>>,
+    /// Held by the task writing a group: one group at a time per store.
+    writing: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// An enqueue waiting for its group write.
+struct Waiting {
+    record: MutationRecord,
+    reply: oneshot::Sender<Result<Enqueued, StoreError>>,
+}
+
+/// What every call needs: connections, key names, settings.
+struct Shared {
     /// Everything but enqueues: reads, replay progress, leases, cache.
     conn: ConnectionManager,
     /// Enqueues and dead-letter retries, followed by `WAIT` when replicas must confirm.
@@ -446,9 +478,9 @@ pub struct RedisStore {
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("prefix", &self.keys.prefix)
-            .field("min_replicas", &self.min_replicas)
-            .field("lease_ms", &self.lease_ms)
+            .field("prefix", &self.shared.keys.prefix)
+            .field("min_replicas", &self.shared.min_replicas)
+            .field("lease_ms", &self.shared.lease_ms)
             .finish_non_exhaustive()
     }
 }
@@ -477,8 +509,8 @@ impl RedisStore {
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(COMMAND_TIMEOUT))
             .set_response_timeout(Some(COMMAND_TIMEOUT))
-            // Reconnect attempts per failed call; the next call tries again, so a restarted
-            // Redis is picked up without the call that notices the outage waiting for it.
+            // One retry per reconnection: a call during an outage fails within seconds, and the
+            // next call starts a new reconnection, so a restarted Redis is picked up by itself.
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(100))
             .set_max_delay(Duration::from_millis(500));
@@ -512,7 +544,7 @@ impl RedisStore {
         let mut conn = open(manager_config).await?;
         let durable = open(durable_config).await?;
         warn_if_not_persistent(&mut conn, &addr).await;
-        Ok(RedisStore {
+        let shared = Shared {
             conn,
             durable,
             keys: Keys { prefix },
@@ -522,30 +554,42 @@ impl RedisStore {
             lease_ms: (config.redis_lease.as_millis() as u64).max(1),
             cache_budget,
             cache_puts: Arc::new(Semaphore::new(CACHE_PUTS_IN_FLIGHT)),
+        };
+        Ok(RedisStore {
+            shared: Arc::new(shared),
+            waiting: std::sync::Mutex::default(),
+            writing: Arc::default(),
         })
     }
 
+    /// Join the next group write and wait for its answer (module docs, "Enqueue").
+    async fn enqueue_grouped(&self, record: MutationRecord) -> Result<Enqueued, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.waiting
+            .lock()
+            .map_err(|_| StoreError::Closed)?
+            .push(Waiting { record, reply });
+        // Whoever gets the lock writes everything waiting by then, in a task of its own so that
+        // a caller going away (a client disconnect) cannot cut a group write short.
+        let writing = self.writing.clone().lock_owned().await;
+        let group = std::mem::take(&mut *self.waiting.lock().map_err(|_| StoreError::Closed)?);
+        if group.is_empty() {
+            drop(writing);
+        } else {
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                let _writing = writing;
+                shared.write_group(group).await;
+            });
+        }
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+impl Shared {
     /// What the lease key holds while `lease` is valid.
     fn lease_value(&self, lease: &Lease) -> String {
         format!("{}:{}", self.instance, lease.token)
-    }
-
-    /// Run one store call under [`CALL_DEADLINE`] (plus `extra`).
-    async fn within<T>(
-        &self,
-        what: &'static str,
-        extra: Duration,
-        call: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        let limit = CALL_DEADLINE + extra;
-        match tokio::time::timeout(limit, call).await {
-            Ok(result) => result,
-            Err(_) => Err(redis_error(
-                ErrorKind::Io,
-                "no answer in time",
-                format!("{what} took longer than {limit:?}"),
-            )),
-        }
     }
 
     /// Make sure `key` is enqueued (or recorded) under `partition` and no other (module docs).
@@ -656,49 +700,153 @@ impl RedisStore {
         Ok(())
     }
 
-    async fn enqueue_inner(&self, mut record: MutationRecord) -> Result<Enqueued, StoreError> {
-        let mut conn = self.durable.clone();
-        if let Claim::Existing(existing) = self
-            .claim(&mut conn, &record.key, &record.partition)
-            .await?
-        {
-            return Ok(Enqueued::Existing(existing));
-        }
-        self.register(&mut conn, &record.partition).await?;
-        let pk = self.keys.partition(&record.partition);
-        let record_key = pk.record(&record.key);
-        let queue = pk.queue();
-        for _ in 0..SEQ_ATTEMPTS {
-            let seq = self.next_seq(&mut conn).await?;
-            record.seq = seq;
-            let answer: Value = ENQUEUE
-                .key(&record_key)
-                .key(&queue)
-                .arg(&record.key)
-                .arg(seq)
-                .arg(encode(&record)?)
-                .invoke_async(&mut conn)
-                .await?;
-            match answer {
-                Value::BulkString(blob) => {
-                    return Ok(Enqueued::Existing(Box::new(decode(&blob)?)));
-                }
-                Value::Int(1) => {
-                    self.confirm_replicas(&mut conn).await?;
-                    return Ok(Enqueued::Accepted { seq });
-                }
-                Value::Int(0) => continue,
-                other => return Err(unexpected("enqueue", &other)),
+    /// Write one group of enqueues and answer each (module docs, "Enqueue").
+    async fn write_group(&self, group: Vec<Waiting>) {
+        // Callers that gave up (deadline, client gone) were never acknowledged: skip them.
+        let mut rest: Vec<Waiting> = group.into_iter().filter(|w| !w.reply.is_closed()).collect();
+        // Rounds of distinct keys, so that a key's claim never waits for its own group.
+        while !rest.is_empty() {
+            let mut seen = std::collections::HashSet::new();
+            let (round, later): (Vec<_>, Vec<_>) = rest
+                .into_iter()
+                .partition(|w| seen.insert(w.record.key.clone()));
+            rest = later;
+            let limit = CALL_DEADLINE + self.replica_timeout;
+            let (records, replies): (Vec<_>, Vec<_>) =
+                round.into_iter().map(|w| (w.record, w.reply)).unzip();
+            let n = records.len();
+            let answers = match tokio::time::timeout(limit, self.enqueue_round(records)).await {
+                Ok(Ok(answers)) => answers,
+                Ok(Err(e)) => (0..n).map(|_| Err(copy_error(&e))).collect(),
+                Err(_) => (0..n).map(|_| Err(timed_out("enqueue", limit))).collect(),
+            };
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(answer);
             }
         }
-        Err(redis_error(
-            ErrorKind::Client,
-            "enqueue kept being overtaken",
-            format!(
-                "partition {:?}: {SEQ_ATTEMPTS} sequence numbers refused",
-                record.partition
-            ),
-        ))
+    }
+
+    /// Enqueue records with distinct keys; one answer per record, in order.
+    async fn enqueue_round(
+        &self,
+        mut records: Vec<MutationRecord>,
+    ) -> Result<Vec<Result<Enqueued, StoreError>>, StoreError> {
+        let mut conn = self.durable.clone();
+        let mut answers: Vec<Option<Result<Enqueued, StoreError>>> =
+            records.iter().map(|_| None).collect();
+        // (1) Claim every key: one round trip when none is taken.
+        let mut pipe = redis::pipe();
+        for r in &records {
+            pipe.cmd("SET")
+                .arg(self.keys.index(&r.key))
+                .arg(&r.partition)
+                .arg("NX");
+        }
+        let claimed: Vec<Value> = pipe.query_async(&mut conn).await?;
+        for (i, set) in claimed.iter().enumerate() {
+            if matches!(set, Value::Okay) {
+                continue;
+            }
+            let r = &records[i];
+            if let Claim::Existing(existing) = self.claim(&mut conn, &r.key, &r.partition).await? {
+                answers[i] = Some(Ok(Enqueued::Existing(existing)));
+            }
+        }
+        // (2) Register the partitions before writing to them.
+        let mut partitions: Vec<&str> = records.iter().map(|r| r.partition.as_str()).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        for p in partitions {
+            self.register(&mut conn, p).await?;
+        }
+        // (3, 4) Number the rest in order and write them, one script per partition; a
+        // partition whose queue got a higher number meanwhile (another instance) is renumbered.
+        let mut todo: Vec<usize> = (0..records.len())
+            .filter(|&i| answers[i].is_none())
+            .collect();
+        let mut accepted = false;
+        for _ in 0..SEQ_ATTEMPTS {
+            if todo.is_empty() {
+                break;
+            }
+            let last: u64 = redis::cmd("INCRBY")
+                .arg(self.keys.seq())
+                .arg(todo.len())
+                .query_async(&mut conn)
+                .await?;
+            let first = last + 1 - todo.len() as u64;
+            let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+            for (n, &i) in todo.iter().enumerate() {
+                records[i].seq = first + n as u64;
+                match groups.iter_mut().find(|(p, _)| *p == records[i].partition) {
+                    Some((_, members)) => members.push(i),
+                    None => groups.push((records[i].partition.clone(), vec![i])),
+                }
+            }
+            let writes = groups.iter().map(|(partition, members)| {
+                let mut conn = conn.clone();
+                let records = &records;
+                async move {
+                    let pk = self.keys.partition(partition);
+                    let mut write = ENQUEUE.key(pk.queue());
+                    for &i in members {
+                        write
+                            .key(pk.record(&records[i].key))
+                            .arg(&records[i].key)
+                            .arg(records[i].seq)
+                            .arg(encode(&records[i])?);
+                    }
+                    let answer: Value = write.invoke_async(&mut conn).await?;
+                    Ok::<_, StoreError>(answer)
+                }
+            });
+            // Concurrent on the multiplexed connection: they travel as one pipeline.
+            let results = futures_util::future::join_all(writes).await;
+            todo.clear();
+            for ((partition, members), result) in groups.into_iter().zip(results) {
+                match result? {
+                    Value::Int(0) => {
+                        tracing::debug!(partition, "overtaken by another instance; renumbering");
+                        todo.extend(members);
+                    }
+                    Value::Array(items) if items.len() == members.len() => {
+                        for (i, item) in members.into_iter().zip(items) {
+                            answers[i] = Some(match item {
+                                Value::Int(1) => {
+                                    accepted = true;
+                                    Ok(Enqueued::Accepted {
+                                        seq: records[i].seq,
+                                    })
+                                }
+                                Value::BulkString(blob) => {
+                                    decode(&blob).map(|r| Enqueued::Existing(Box::new(r)))
+                                }
+                                other => Err(unexpected("enqueue", &other)),
+                            });
+                        }
+                    }
+                    other => return Err(unexpected("enqueue", &other)),
+                }
+            }
+        }
+        // (5) One WAIT for the whole group.
+        let replicas = if accepted {
+            self.confirm_replicas(&mut conn).await
+        } else {
+            Ok(())
+        };
+        Ok(answers
+            .into_iter()
+            .map(|answer| match (answer, &replicas) {
+                (None, _) => Err(redis_error(
+                    ErrorKind::Client,
+                    "enqueue kept being overtaken",
+                    format!("{SEQ_ATTEMPTS} sequence numbers refused"),
+                )),
+                (Some(Ok(Enqueued::Accepted { .. })), Err(e)) => Err(copy_error(e)),
+                (Some(answer), _) => answer,
+            })
+            .collect())
     }
 
     async fn record_forwarded_inner(&self, record: MutationRecord) -> Result<(), StoreError> {
@@ -1111,37 +1259,40 @@ impl RedisStore {
 #[async_trait]
 impl Store for RedisStore {
     async fn enqueue(&self, record: MutationRecord) -> Result<Enqueued, StoreError> {
-        self.within("enqueue", self.replica_timeout, self.enqueue_inner(record))
-            .await
+        within(
+            "enqueue",
+            self.shared.replica_timeout,
+            self.enqueue_grouped(record),
+        )
+        .await
     }
 
     async fn record_forwarded(&self, record: MutationRecord) -> Result<(), StoreError> {
-        self.within(
+        within(
             "record_forwarded",
             Duration::ZERO,
-            self.record_forwarded_inner(record),
+            self.shared.record_forwarded_inner(record),
         )
         .await
     }
 
     async fn mutation(&self, key: &str) -> Result<Option<MutationRecord>, StoreError> {
-        self.within("mutation", Duration::ZERO, self.mutation_inner(key))
-            .await
+        within("mutation", Duration::ZERO, self.shared.mutation_inner(key)).await
     }
 
     async fn pending_partitions(&self) -> Result<Vec<String>, StoreError> {
-        self.within(
+        within(
             "pending_partitions",
             Duration::ZERO,
-            self.pending_partitions_inner(),
+            self.shared.pending_partitions_inner(),
         )
         .await
     }
 
     async fn partition_has_pending(&self, partition: &str) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
-        let queue = self.keys.partition(partition).queue();
-        self.within("partition_has_pending", Duration::ZERO, async move {
+        let mut conn = self.shared.conn.clone();
+        let queue = self.shared.keys.partition(partition).queue();
+        within("partition_has_pending", Duration::ZERO, async move {
             let n: u64 = redis::cmd("ZCARD")
                 .arg(queue)
                 .query_async(&mut conn)
@@ -1152,79 +1303,97 @@ impl Store for RedisStore {
     }
 
     async fn peek(&self, partition: &str, limit: usize) -> Result<Vec<MutationRecord>, StoreError> {
-        self.within("peek", Duration::ZERO, self.peek_inner(partition, limit))
-            .await
+        within(
+            "peek",
+            Duration::ZERO,
+            self.shared.peek_inner(partition, limit),
+        )
+        .await
     }
 
     async fn acquire(&self, partition: &str) -> Result<Option<Lease>, StoreError> {
-        self.within("acquire", Duration::ZERO, self.acquire_inner(partition))
-            .await
+        within(
+            "acquire",
+            Duration::ZERO,
+            self.shared.acquire_inner(partition),
+        )
+        .await
     }
 
     async fn renew(&self, lease: &Lease) -> Result<bool, StoreError> {
-        self.within("renew", Duration::ZERO, self.renew_inner(lease))
-            .await
+        within("renew", Duration::ZERO, self.shared.renew_inner(lease)).await
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
-        self.within("release", Duration::ZERO, self.release_inner(lease))
-            .await
+        within("release", Duration::ZERO, self.shared.release_inner(lease)).await
     }
 
     async fn update(&self, lease: &Lease, record: &MutationRecord) -> Result<(), StoreError> {
-        self.within("update", Duration::ZERO, self.update_inner(lease, record))
-            .await
+        within(
+            "update",
+            Duration::ZERO,
+            self.shared.update_inner(lease, record),
+        )
+        .await
     }
 
     async fn finish(&self, lease: &Lease, record: &MutationRecord) -> Result<(), StoreError> {
-        self.within("finish", Duration::ZERO, self.finish_inner(lease, record))
-            .await
+        within(
+            "finish",
+            Duration::ZERO,
+            self.shared.finish_inner(lease, record),
+        )
+        .await
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<MutationRecord>, StoreError> {
-        self.within(
+        within(
             "dead_letters",
             Duration::ZERO,
-            self.dead_letters_inner(limit),
+            self.shared.dead_letters_inner(limit),
         )
         .await
     }
 
     async fn retry_dead_letter(&self, key: &str) -> Result<bool, StoreError> {
-        self.within(
+        within(
             "retry_dead_letter",
-            self.replica_timeout,
-            self.retry_dead_letter_inner(key),
+            self.shared.replica_timeout,
+            self.shared.retry_dead_letter_inner(key),
         )
         .await
     }
 
     async fn purge_finished(&self, before_ms: u64) -> Result<u64, StoreError> {
         // A sweep may touch many partitions; it is a background job, so give it more time.
-        self.within(
+        within(
             "purge_finished",
             CALL_DEADLINE * 5,
-            self.purge_finished_inner(before_ms),
+            self.shared.purge_finished_inner(before_ms),
         )
         .await
     }
 
     async fn cache_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
-        self.within("cache_get", Duration::ZERO, self.cache_get_inner(key))
-            .await
+        within(
+            "cache_get",
+            Duration::ZERO,
+            self.shared.cache_get_inner(key),
+        )
+        .await
     }
 
     async fn cache_put(&self, key: &[u8], value: Bytes, ttl: Duration) -> Result<(), StoreError> {
-        let Ok(permit) = self.cache_puts.clone().try_acquire_owned() else {
+        let Ok(permit) = self.shared.cache_puts.clone().try_acquire_owned() else {
             tracing::debug!("cache put dropped: too many in flight");
             return Ok(());
         };
-        let mut conn = self.conn.clone();
-        let [blob, exp, lru, meta] = self.keys.cache();
+        let mut conn = self.shared.conn.clone();
+        let [blob, exp, lru, meta] = self.shared.keys.cache();
         let key = key.to_vec();
         // Past a century an entry is as good as eternal; keeps the Lua arithmetic exact.
         let ttl_ms = ttl.as_millis().min(100 * 365 * 24 * 3600 * 1000) as u64;
-        let budget = self.cache_budget;
+        let budget = self.shared.cache_budget;
         tokio::spawn(async move {
             let _permit = permit;
             let mut put = CACHE_PUT.prepare_invoke();
@@ -1247,9 +1416,29 @@ impl Store for RedisStore {
     }
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
-        self.within("stats", Duration::ZERO, self.stats_inner())
-            .await
+        within("stats", Duration::ZERO, self.shared.stats_inner()).await
     }
+}
+
+/// Run one store call under [`CALL_DEADLINE`] (plus `extra`).
+async fn within<T>(
+    what: &'static str,
+    extra: Duration,
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let limit = CALL_DEADLINE + extra;
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result,
+        Err(_) => Err(timed_out(what, limit)),
+    }
+}
+
+fn timed_out(what: &'static str, limit: Duration) -> StoreError {
+    redis_error(
+        ErrorKind::Io,
+        "no answer in time",
+        format!("{what} took longer than {limit:?}"),
+    )
 }
 
 /// Log a warning when Redis would lose acknowledged mutations on a crash (best effort:
@@ -1289,6 +1478,23 @@ fn lease_answer(lease: &Lease, answer: i64) -> Result<(), StoreError> {
         }),
         0 | 1 => Ok(()),
         other => Err(unexpected("lease-checked write", &Value::Int(other))),
+    }
+}
+
+/// The same error again, for every enqueue of a group that failed together.
+fn copy_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Embedded(m) => StoreError::Embedded(m.clone()),
+        StoreError::Redis(e) => StoreError::Redis(e.clone()),
+        StoreError::Codec(e) => StoreError::Codec(e.clone()),
+        StoreError::Closed => StoreError::Closed,
+        StoreError::Replicas { got, wanted } => StoreError::Replicas {
+            got: *got,
+            wanted: *wanted,
+        },
+        StoreError::LeaseLost { partition } => StoreError::LeaseLost {
+            partition: partition.clone(),
+        },
     }
 }
 
