@@ -334,6 +334,8 @@ impl Cache {
     }
 
     /// Store a complete response (called when its body has streamed through).
+    // The parts of one response and its storage terms; a struct for them would only be unpacked.
+    #[allow(clippy::too_many_arguments)]
     pub async fn put(
         &self,
         primary: PrimaryKey,

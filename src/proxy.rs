@@ -102,6 +102,11 @@ impl Proxy {
             started,
         };
         let resp = match *req.method() {
+            // A WebSocket handshake is a GET, but neither a read to cache nor one to answer
+            // from the cache: it only works end to end.
+            _ if forward::is_upgrade(req.headers()) => {
+                self.pass_through(&mut ctx, req, status::BYPASS).await
+            }
             Method::GET | Method::HEAD => self.read(&mut ctx, req).await,
             Method::POST | Method::PUT | Method::PATCH | Method::DELETE => {
                 self.outbox.write(&mut ctx, req).await
@@ -184,6 +189,10 @@ impl Proxy {
         let request_headers = req.headers().clone();
         match self.fetch(ctx, req).await {
             Ok(resp) => self.store_while_streaming(ctx, primary, request_headers, resp),
+            Err(e) if e.request_body_failed() => {
+                ctx.source = Source::Outpost;
+                self.request_body_error(&e).into_response()
+            }
             Err(e) => {
                 tracing::debug!(path = %ctx.path_and_query, "upstream failed: {e}");
                 self.serve_offline(ctx, &primary, &request_headers).await
@@ -223,9 +232,21 @@ impl Proxy {
         let result = self.upstream.send(Request::from_parts(parts, body)).await;
         match &result {
             Ok(_) => self.health.report_success(),
+            Err(e) if e.request_body_failed() => {}
             Err(e) => self.health.report_failure(&e.to_string()),
         }
         result
+    }
+
+    /// The app's own request body failed on the way upstream: its fault, not an outage.
+    fn request_body_error(&self, e: &ForwardError) -> ProxyError {
+        if e.request_body_too_large() {
+            ProxyError::BodyTooLarge {
+                limit: self.config.proxy.max_body_bytes,
+            }
+        } else {
+            ProxyError::BadRequest(format!("the request body failed: {e}"))
+        }
     }
 
     /// Stream an upstream answer to the app, keeping a copy for the cache when it may be stored.
@@ -354,6 +375,10 @@ impl Proxy {
             Ok(resp) => {
                 self.health.report_success();
                 resp
+            }
+            Err(e) if e.request_body_failed() => {
+                ctx.source = Source::Outpost;
+                return self.request_body_error(&e).into_response();
             }
             Err(e) => {
                 self.health.report_failure(&e.to_string());

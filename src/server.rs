@@ -90,6 +90,7 @@ pub async fn serve(
         let builder = builder.clone();
         let tls = tls.clone();
         let shutdown = shutdown.clone();
+        let max_head = config.max_header_bytes;
         let max_body = config.max_body_bytes;
         tracker.spawn(async move {
             let client = ClientInfo {
@@ -97,7 +98,8 @@ pub async fn serve(
                 proto: if tls.is_some() { "https" } else { "http" },
                 authority: None,
             };
-            let service = TowerToHyperService::new(stack::proxy_service(proxy, client, max_body));
+            let service =
+                TowerToHyperService::new(stack::proxy_service(proxy, client, max_head, max_body));
             match tls {
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(tls_stream) => {

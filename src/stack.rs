@@ -1,12 +1,15 @@
 //! The one place where the layers around the proxy handler are ordered.
 //!
 //! Outermost first:
-//! 1. [`BodyLimitLayer`]: a declared body over `proxy.max_body_bytes` is a 413 before any work;
+//! 1. [`HeadLimitLayer`]: a request head (request line and headers) over
+//!    `proxy.max_header_bytes` is a 431 before any work.
+//! 2. [`BodyLimitLayer`]: a declared body over `proxy.max_body_bytes` is a 413 before any work;
 //!    an undeclared (chunked) one is cut off at the limit while it streams.
-//! 2. The handler, [`Proxy::handle`] (routing, cache, outbox).
+//! 3. The handler, [`Proxy::handle`] (routing, cache, outbox).
 //!
-//! Header limits (431) and the header read timeout are enforced by hyper in `server.rs`;
-//! upstream timeouts by `proxy/forward.rs`.
+//! hyper bounds what it buffers of a head in `server.rs` too (its HTTP/1 floor is 8 KiB, so
+//! smaller limits are only exact here); the header read timeout is hyper's as well, and
+//! upstream timeouts are `proxy/forward.rs`'s.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,20 +17,22 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Request, Response, header};
+use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tower::{Layer, Service, ServiceBuilder};
 
 use crate::body::ProxyBody;
-use crate::error::ProxyError;
-use crate::proxy::Proxy;
+use crate::cache::status;
+use crate::error::{ProxyError, json_response};
 use crate::proxy::forward::ClientInfo;
+use crate::proxy::{Proxy, with_cache_status};
 
 /// The service for one connection: the layers above, around the proxy.
 pub fn proxy_service(
     proxy: Arc<Proxy>,
     client: ClientInfo,
+    max_header_bytes: usize,
     max_body_bytes: u64,
 ) -> impl Service<
     Request<Incoming>,
@@ -37,6 +42,9 @@ pub fn proxy_service(
 > + Clone
 + Send {
     ServiceBuilder::new()
+        .layer(HeadLimitLayer {
+            max: max_header_bytes,
+        })
         .layer(BodyLimitLayer {
             max: max_body_bytes,
         })
@@ -45,6 +53,70 @@ pub fn proxy_service(
             let client = client.clone();
             async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
         })
+}
+
+/// Refuse request heads over `max` bytes (431).
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLimitLayer {
+    /// The limit in bytes, counted as on the wire in HTTP/1.1.
+    pub max: usize,
+}
+
+impl<S> Layer<S> for HeadLimitLayer {
+    type Service = HeadLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        HeadLimit {
+            inner,
+            max: self.max,
+        }
+    }
+}
+
+/// The service made by [`HeadLimitLayer`].
+#[derive(Debug, Clone)]
+pub struct HeadLimit<S> {
+    inner: S,
+    max: usize,
+}
+
+impl<S, B> Service<Request<B>> for HeadLimit<S>
+where
+    S: Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let size = head_size(&req);
+        if size > self.max {
+            let resp = json_response(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                &serde_json::json!({
+                    "error": "headers_too_large",
+                    "message": format!("request head larger than {} bytes", self.max),
+                }),
+            );
+            let resp = with_cache_status(resp, status::BYPASS);
+            return Box::pin(async move { Ok(resp) });
+        }
+        Box::pin(self.inner.call(req))
+    }
+}
+
+/// Size of a request head as HTTP/1.1 would carry it: `METHOD URI HTTP/1.1\r\n` and
+/// `name: value\r\n` per header.
+fn head_size<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 11;
+    req.headers().iter().fold(line, |n, (name, value)| {
+        n + name.as_str().len() + value.len() + 4
+    })
 }
 
 /// Refuse bodies over `max` bytes (413), and cap streaming ones.
@@ -92,6 +164,7 @@ where
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.max) {
             let resp = ProxyError::BodyTooLarge { limit: self.max }.into_response();
+            let resp = with_cache_status(resp, status::BYPASS);
             return Box::pin(async move { Ok(resp) });
         }
         let max = usize::try_from(self.max).unwrap_or(usize::MAX);

@@ -32,13 +32,68 @@ pub enum ForwardError {
     Timeout(Duration),
     /// The connection failed after the request was (maybe) sent.
     #[error("transport: {0}")]
-    Transport(String),
+    Transport(TransportError),
 }
 
 impl ForwardError {
     /// Whether the upstream may have received the request.
     pub fn maybe_sent(&self) -> bool {
         !matches!(self, ForwardError::Connect(_))
+    }
+
+    /// Whether the app's own request body failed while it was being sent (cut off at
+    /// `proxy.max_body_bytes`, or the app went away): no sign of an upstream outage.
+    pub fn request_body_failed(&self) -> bool {
+        matches!(self, ForwardError::Transport(t) if t.request_body.is_some())
+    }
+
+    /// Whether the app's request body was cut off at `proxy.max_body_bytes` (a 413).
+    pub fn request_body_too_large(&self) -> bool {
+        matches!(
+            self,
+            ForwardError::Transport(TransportError {
+                request_body: Some(RequestBodyFault::TooLarge),
+                ..
+            })
+        )
+    }
+}
+
+/// A failure on an established upstream connection, and whether the app's body caused it.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct TransportError {
+    message: String,
+    request_body: Option<RequestBodyFault>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestBodyFault {
+    TooLarge,
+    Failed,
+}
+
+impl TransportError {
+    fn of(e: &hyper_util::client::legacy::Error) -> Self {
+        let mut request_body = None;
+        let mut source = std::error::Error::source(e);
+        while let Some(inner) = source {
+            if inner.is::<http_body_util::LengthLimitError>() {
+                request_body = Some(RequestBodyFault::TooLarge);
+                break;
+            }
+            // hyper's "user" errors are the request side's (its body stream), not the peer's.
+            if let Some(h) = inner.downcast_ref::<hyper::Error>()
+                && h.is_user()
+            {
+                request_body = Some(RequestBodyFault::Failed);
+            }
+            source = inner.source();
+        }
+        Self {
+            message: error_chain(e),
+            request_body,
+        }
     }
 }
 
@@ -172,7 +227,7 @@ impl Upstream {
             Err(_) => Err(ForwardError::Timeout(self.request_timeout)),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) if e.is_connect() => Err(ForwardError::Connect(error_chain(&e))),
-            Ok(Err(e)) => Err(ForwardError::Transport(error_chain(&e))),
+            Ok(Err(e)) => Err(ForwardError::Transport(TransportError::of(&e))),
         }
     }
 
@@ -189,17 +244,22 @@ impl Upstream {
             .path_and_query()
             .map(|pq| pq.as_str().to_string())
             .unwrap_or_else(|| "/".into());
+        // h2 requests have no `Host`: what the app asked for is the URI's `:authority`.
+        let original_host = parts
+            .headers
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| {
+                let authority = parts.uri.authority()?;
+                HeaderValue::from_str(authority.as_str()).ok()
+            })
+            .or_else(|| client.authority.clone());
         parts.uri = self.uri_for(&pq);
         // hyper picks HTTP/1.1 or h2 per connection (ALPN); an h2c request must not force h2.
         parts.version = Version::HTTP_11;
         let upgrade = keep_upgrade
             .then(|| parts.headers.get(header::UPGRADE).cloned())
             .flatten();
-        let original_host = parts
-            .headers
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| client.authority.clone());
         strip_hop_by_hop(&mut parts.headers);
         if let Some(upgrade) = upgrade {
             parts.headers.insert(header::UPGRADE, upgrade);
