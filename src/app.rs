@@ -50,6 +50,7 @@ pub struct App {
     events: Events,
     shutdown: Shutdown,
     tasks: JoinSet<()>,
+    proxy_threads: Vec<std::thread::JoinHandle<()>>,
     embedded: Option<Arc<EmbeddedStore>>,
 }
 
@@ -96,29 +97,38 @@ impl App {
             outbox.clone(),
             shutdown.clone(),
         ));
-        let proxy = Arc::new(Proxy::new(
-            config.clone(),
-            routes,
-            upstream.clone(),
-            health.clone(),
-            cache.clone(),
-            outbox.clone(),
-        ));
-
-        let proxy_listener = server::bind(config.proxy.listen).await?;
+        let workers = match config.proxy.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let proxy_listeners = server::bind_shards(config.proxy.listen, workers)?;
         let admin_listener = server::bind(config.admin.listen).await?;
-        let proxy_addr = proxy_listener.local_addr()?;
+        let proxy_addr = proxy_listeners
+            .first()
+            .ok_or_else(|| StartError::Setup("no proxy listener".into()))?
+            .local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
+        // One proxy (and upstream pool) per proxy thread.
+        let proxy_threads = server::spawn_shards(
+            proxy_listeners,
+            tls,
+            || {
+                let upstream = Upstream::new(&config.upstream).map_err(|e| e.to_string())?;
+                Ok(Arc::new(Proxy::new(
+                    config.clone(),
+                    routes.clone(),
+                    upstream,
+                    health.clone(),
+                    cache.clone(),
+                    outbox.clone(),
+                )))
+            },
+            &config.proxy,
+            &shutdown,
+        )?;
 
         let mut tasks = JoinSet::new();
         tasks.spawn(log_events(events.clone(), shutdown.clone()));
-        tasks.spawn(server::serve(
-            proxy_listener,
-            tls,
-            proxy,
-            config.proxy.clone(),
-            shutdown.clone(),
-        ));
         tasks.spawn(admin::serve(
             admin_listener,
             AdminState {
@@ -150,6 +160,7 @@ impl App {
             events,
             shutdown,
             tasks,
+            proxy_threads,
             embedded,
         })
     }
@@ -183,6 +194,14 @@ impl App {
                 tracing::error!("a task panicked: {e}");
                 self.shutdown.trigger();
             }
+        }
+        let threads = std::mem::take(&mut self.proxy_threads);
+        let joined = tokio::task::spawn_blocking(move || {
+            threads.into_iter().all(|t| t.join().is_ok())
+        })
+        .await;
+        if !matches!(joined, Ok(true)) {
+            tracing::error!("a proxy thread panicked");
         }
         if let Some(store) = self.embedded.take() {
             // The writer thread joins here: its last commit is durable.

@@ -253,8 +253,8 @@ fn cache_control(headers: &HeaderMap) -> Vec<String> {
 
 /// The two-tier cache.
 pub struct Cache {
-    memory: moka::future::Cache<CacheKey, Arc<CachedResponse>>,
-    vary: moka::future::Cache<PrimaryKey, Arc<Vec<String>>>,
+    memory: moka::sync::Cache<CacheKey, Arc<CachedResponse>>,
+    vary: moka::sync::Cache<PrimaryKey, Arc<Vec<String>>>,
     store: Arc<dyn Store>,
     config: CacheConfig,
 }
@@ -262,14 +262,14 @@ pub struct Cache {
 impl Cache {
     /// A cache holding `config.memory_bytes` in memory over `store`'s durable tier.
     pub fn new(config: &CacheConfig, store: Arc<dyn Store>) -> Self {
-        let memory = moka::future::Cache::builder()
+        let memory = moka::sync::Cache::builder()
             .max_capacity(config.memory_bytes)
             .weigher(|_k, v: &Arc<CachedResponse>| {
                 let headers: usize = v.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
                 u32::try_from(v.body.len() + headers + 128).unwrap_or(u32::MAX)
             })
             .build();
-        let vary = moka::future::Cache::builder().max_capacity(100_000).build();
+        let vary = moka::sync::Cache::builder().max_capacity(100_000).build();
         Self {
             memory,
             vary,
@@ -302,24 +302,24 @@ impl Cache {
         if !self.config.enabled {
             return None;
         }
-        let vary = match self.vary.get(primary).await {
+        let vary = match self.vary.get(primary) {
             Some(v) => v,
             None => {
                 let blob = self.durable_get(&durable_vary_key(primary)).await?;
                 let names: Vec<String> = postcard::from_bytes(&blob).ok()?;
                 let names = Arc::new(names);
-                self.vary.insert(*primary, names.clone()).await;
+                self.vary.insert(*primary, names.clone());
                 names
             }
         };
         let key = primary.with_vary(&vary, request);
-        if let Some(hit) = self.memory.get(&key).await {
+        if let Some(hit) = self.memory.get(&key) {
             return Some(hit);
         }
         let blob = self.durable_get(&durable_entry_key(&key)).await?;
         let entry: CachedResponse = postcard::from_bytes(&blob).ok()?;
         let entry = Arc::new(entry);
-        self.memory.insert(key, entry.clone()).await;
+        self.memory.insert(key, entry.clone());
         Some(entry)
     }
 
@@ -333,11 +333,13 @@ impl Cache {
         }
     }
 
-    /// Store a complete response (called when its body has streamed through).
+    /// Store a complete response (called when its body has streamed through). Memory is
+    /// updated at once; the durable tier in the background, and only when the content changed
+    /// or was last written more than a few seconds ago.
     // The parts of one response and its storage terms; a struct for them would only be unpacked.
     #[allow(clippy::too_many_arguments)]
-    pub async fn put(
-        &self,
+    pub fn put(
+        self: &Arc<Self>,
         primary: PrimaryKey,
         request: &HeaderMap,
         status: u16,
@@ -363,7 +365,7 @@ impl Cache {
         h.update(&body_bytes);
         let digest: [u8; 32] = h.finalize().into();
         let key = primary.with_vary(&terms.vary, request);
-        let persisted_recently = self.memory.get(&key).await.and_then(|old| {
+        let persisted_recently = self.memory.get(&key).and_then(|old| {
             (old.digest == digest && now.saturating_sub(old.persisted_at_ms) < DISK_REFRESH_MS)
                 .then_some(old.persisted_at_ms)
         });
@@ -378,43 +380,43 @@ impl Cache {
             digest,
             persisted_at_ms: persisted_recently.unwrap_or(now),
         });
-        self.memory.insert(key, entry.clone()).await;
+        self.memory.insert(key, entry.clone());
         let vary_changed = self
             .vary
             .get(&primary)
-            .await
             .is_none_or(|old| *old != terms.vary);
         if vary_changed {
-            self.vary
-                .insert(primary, Arc::new(terms.vary.clone()))
-                .await;
+            self.vary.insert(primary, Arc::new(terms.vary.clone()));
         }
         if persisted_recently.is_some() {
             // The same content reached the durable tier moments ago: spare the disk.
             return;
         }
-        let ttl = terms.fresh_for.max(Duration::ZERO) + max_stale;
-        if vary_changed
-            && let Ok(blob) = postcard::to_stdvec(&terms.vary)
-            && let Err(e) = self
-                .store
-                .cache_put(&durable_vary_key(&primary), Bytes::from(blob), ttl)
-                .await
-        {
-            tracing::warn!("durable cache write failed: {e}");
-        }
-        match postcard::to_stdvec(&*entry) {
-            Ok(blob) => {
-                if let Err(e) = self
+        let ttl = terms.fresh_for + max_stale;
+        let this = self.clone();
+        tokio::spawn(async move {
+            if vary_changed
+                && let Ok(blob) = postcard::to_stdvec(&terms.vary)
+                && let Err(e) = this
                     .store
-                    .cache_put(&durable_entry_key(&key), Bytes::from(blob), ttl)
+                    .cache_put(&durable_vary_key(&primary), Bytes::from(blob), ttl)
                     .await
-                {
-                    tracing::warn!("durable cache write failed: {e}");
-                }
+            {
+                tracing::warn!("durable cache write failed: {e}");
             }
-            Err(e) => tracing::warn!("cache encode failed: {e}"),
-        }
+            match postcard::to_stdvec(&*entry) {
+                Ok(blob) => {
+                    if let Err(e) = this
+                        .store
+                        .cache_put(&durable_entry_key(&key), Bytes::from(blob), ttl)
+                        .await
+                    {
+                        tracing::warn!("durable cache write failed: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!("cache encode failed: {e}"),
+            }
+        });
     }
 }
 

@@ -56,6 +56,9 @@ pub struct ProxyConfig {
     /// How long graceful shutdown waits for open requests before closing them.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Proxy threads, each with its own listener socket (SO_REUSEPORT), event loop and
+    /// upstream connection pool; 0 = one per CPU core.
+    pub workers: usize,
 }
 
 impl Default for ProxyConfig {
@@ -69,6 +72,7 @@ impl Default for ProxyConfig {
             tls_cert: None,
             tls_key: None,
             shutdown_grace: Duration::from_secs(10),
+            workers: 0,
         }
     }
 }

@@ -69,7 +69,9 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo narrates on stdout; its logs stay quiet unless RUST_LOG asks.
+    let default_level = if matches!(cli.command, Command::Demo) { "warn" } else { "info" };
+    init_logging(cli.log_format, default_level);
     match cli.command {
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(_) => {
@@ -167,9 +169,9 @@ fn build_config(args: ServeArgs) -> Result<Config, outpost::config::ConfigError>
     Ok(config)
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

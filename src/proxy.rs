@@ -286,19 +286,15 @@ impl Proxy {
         let headers = parts.headers.clone();
         let max_stale = ctx.route.max_stale;
         let body = body::tee(incoming, self.cache.max_entry_bytes(), move |bytes| {
-            tokio::spawn(async move {
-                cache
-                    .put(
-                        primary,
-                        &request_headers,
-                        status,
-                        &headers,
-                        bytes,
-                        terms,
-                        max_stale,
-                    )
-                    .await;
-            });
+            cache.put(
+                primary,
+                &request_headers,
+                status,
+                &headers,
+                bytes,
+                terms,
+                max_stale,
+            );
         });
         parts.headers.insert(
             CACHE_STATUS.clone(),
@@ -345,17 +341,15 @@ impl Proxy {
             let limit = cache.max_entry_bytes();
             if let Ok(body::Collected::Whole(bytes)) = body::collect_limited(incoming, limit).await
             {
-                cache
-                    .put(
-                        primary,
-                        &headers,
-                        parts.status.as_u16(),
-                        &parts.headers,
-                        bytes,
-                        terms,
-                        max_stale,
-                    )
-                    .await;
+                cache.put(
+                    primary,
+                    &headers,
+                    parts.status.as_u16(),
+                    &parts.headers,
+                    bytes,
+                    terms,
+                    max_stale,
+                );
             }
         });
     }

@@ -1,5 +1,12 @@
 //! Listeners and connection handling.
 //!
+//! The proxy runs thread-per-core: `proxy.workers` threads (default: one per core), each with a
+//! single-threaded tokio runtime, its own listener socket on the shared address
+//! (`SO_REUSEPORT`: the kernel spreads connections) and its own upstream connection pool. A
+//! request is read, forwarded and answered on one thread, with no hand-off between threads;
+//! shared state (cache, store, health, events) is thread-safe. Background work (probe,
+//! replay, admin) runs on the main runtime.
+//!
 //! One accept loop per listener; each connection is served by hyper-util's auto builder
 //! (HTTP/1.1 with upgrades, and h2c by preface; with TLS, h2 or http/1.1 by ALPN). The request
 //! head is bounded (`proxy.max_header_bytes` → 431) and must arrive within
@@ -52,6 +59,61 @@ pub fn tls_acceptor(config: &ProxyConfig) -> Result<Option<TlsAcceptor>, TlsErro
     Ok(Some(TlsAcceptor::from(Arc::new(tls))))
 }
 
+/// Bind `n` listener sockets on one address with `SO_REUSEPORT` (port 0: the first one's port).
+pub fn bind_shards(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpListener>, std::io::Error> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(n.max(1));
+    let mut bound = addr;
+    for _ in 0..n.max(1) {
+        let socket = Socket::new(Domain::for_address(bound), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket
+            .bind(&bound.into())
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        socket.listen(4096)?;
+        let listener: std::net::TcpListener = socket.into();
+        bound = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Serve the proxy on each listener from its own thread and single-threaded runtime, with the
+/// proxy `make_proxy` builds for it (its own upstream pool). Threads end after shutdown.
+pub fn spawn_shards(
+    listeners: Vec<std::net::TcpListener>,
+    tls: Option<TlsAcceptor>,
+    mut make_proxy: impl FnMut() -> Result<Arc<Proxy>, String>,
+    config: &ProxyConfig,
+    shutdown: &Shutdown,
+) -> Result<Vec<std::thread::JoinHandle<()>>, std::io::Error> {
+    let mut threads = Vec::with_capacity(listeners.len());
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let proxy = make_proxy().map_err(std::io::Error::other)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (tls, config, shutdown) = (tls.clone(), config.clone(), shutdown.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("outpost-proxy-{i}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => serve(listener, tls, proxy, config, shutdown).await,
+                        Err(e) => {
+                            tracing::error!("proxy listener {i}: {e}");
+                            shutdown.trigger();
+                        }
+                    }
+                });
+            })?;
+        threads.push(handle);
+    }
+    Ok(threads)
+}
+
 /// Serve the proxy on `listener` until shutdown.
 pub async fn serve(
     listener: TcpListener,
@@ -93,11 +155,7 @@ pub async fn serve(
         let max_head = config.max_header_bytes;
         let max_body = config.max_body_bytes;
         tracker.spawn(async move {
-            let client = ClientInfo {
-                ip: peer.ip(),
-                proto: if tls.is_some() { "https" } else { "http" },
-                authority: None,
-            };
+            let client = ClientInfo::new(peer.ip(), if tls.is_some() { "https" } else { "http" });
             let service =
                 TowerToHyperService::new(stack::proxy_service(proxy, client, max_head, max_body));
             match tls {

@@ -239,11 +239,6 @@ impl Upstream {
         client: &ClientInfo,
         keep_upgrade: bool,
     ) {
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|pq| pq.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
         // h2 requests have no `Host`: what the app asked for is the URI's `:authority`.
         let original_host = parts
             .headers
@@ -253,8 +248,19 @@ impl Upstream {
                 let authority = parts.uri.authority()?;
                 HeaderValue::from_str(authority.as_str()).ok()
             })
-            .or_else(|| client.authority.clone());
-        parts.uri = self.uri_for(&pq);
+            ;
+        parts.uri = match parts.uri.path_and_query() {
+            // The common case reuses the request's path bytes instead of re-parsing them.
+            Some(pq) if self.base_path.is_empty() => {
+                let mut uri = http::uri::Parts::default();
+                uri.scheme = Some(self.scheme.clone());
+                uri.authority = Some(self.authority.clone());
+                uri.path_and_query = Some(pq.clone());
+                Uri::from_parts(uri).unwrap_or_else(|_| self.uri_for(pq.as_str()))
+            }
+            Some(pq) => self.uri_for(pq.as_str()),
+            None => self.uri_for("/"),
+        };
         // hyper picks HTTP/1.1 or h2 per connection (ALPN); an h2c request must not force h2.
         parts.version = Version::HTTP_11;
         let upgrade = keep_upgrade
@@ -279,8 +285,21 @@ pub struct ClientInfo {
     pub ip: IpAddr,
     /// `http` or `https` (listener with TLS).
     pub proto: &'static str,
-    /// `:authority` of an h2 request (h2 has no `Host` header).
-    pub authority: Option<HeaderValue>,
+    /// The app's address as a header value (made once per connection).
+    pub ip_header: HeaderValue,
+}
+
+impl ClientInfo {
+    /// Information about a connection from `ip`.
+    pub fn new(ip: IpAddr, proto: &'static str) -> Self {
+        let ip_header = HeaderValue::from_str(&ip.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self {
+            ip,
+            proto,
+            ip_header,
+        }
+    }
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -288,12 +307,11 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 fn add_forwarded(headers: &mut HeaderMap, client: &ClientInfo, host: Option<HeaderValue>) {
-    let ip = client.ip.to_string();
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", client.ip)).ok(),
+        None => Some(client.ip_header.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     headers.insert(
