@@ -196,10 +196,9 @@ impl App {
             }
         }
         let threads = std::mem::take(&mut self.proxy_threads);
-        let joined = tokio::task::spawn_blocking(move || {
-            threads.into_iter().all(|t| t.join().is_ok())
-        })
-        .await;
+        let joined =
+            tokio::task::spawn_blocking(move || threads.into_iter().all(|t| t.join().is_ok()))
+                .await;
         if !matches!(joined, Ok(true)) {
             tracing::error!("a proxy thread panicked");
         }

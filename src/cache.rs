@@ -381,10 +381,7 @@ impl Cache {
             persisted_at_ms: persisted_recently.unwrap_or(now),
         });
         self.memory.insert(key, entry.clone());
-        let vary_changed = self
-            .vary
-            .get(&primary)
-            .is_none_or(|old| *old != terms.vary);
+        let vary_changed = self.vary.get(&primary).is_none_or(|old| *old != terms.vary);
         if vary_changed {
             self.vary.insert(primary, Arc::new(terms.vary.clone()));
         }

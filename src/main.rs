@@ -70,7 +70,11 @@ struct ServeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo narrates on stdout; its logs stay quiet unless RUST_LOG asks.
-    let default_level = if matches!(cli.command, Command::Demo) { "warn" } else { "info" };
+    let default_level = if matches!(cli.command, Command::Demo) {
+        "warn"
+    } else {
+        "info"
+    };
     init_logging(cli.log_format, default_level);
     match cli.command {
         Command::CheckConfig { file } => match Config::load(&file) {

@@ -11,7 +11,9 @@
 //!   key makes the later replay safe.
 //! - The same key again: the same 202 while pending; the stored upstream answer once finished
 //!   (kept `queue.idempotency_retention`); 422 with another method, path or body; 409 while
-//!   the first request with that key is still being stored or forwarded.
+//!   the first request with that key is still being stored or forwarded. A forwarded
+//!   mutation's transient answer (retryable, or 401) is passed on but not kept, so the app's
+//!   retry with the same key goes upstream again.
 //!
 //! It also answers the reserved prefix (`GET /_outpost/mutations/{key}`) and holds what the
 //! replayer shares with the proxy: which keys are in flight, and fresh credentials offered
@@ -39,6 +41,7 @@ use crate::events::{Event, Events};
 use crate::health::Health;
 use crate::proxy::forward::{ForwardError, Upstream};
 use crate::proxy::with_cache_status;
+use crate::replay::classify;
 use crate::store::{
     Enqueued, MutationRecord, MutationStatus, Store, StoredRequest, StoredResponse, now_ms,
 };
@@ -149,7 +152,18 @@ impl Outbox {
                     return Err(ProxyError::BodyTooLarge { limit });
                 }
                 let req = Request::from_parts(parts, body::chain(prefix, rest));
-                return self.forward_unrecorded(ctx, req, &key).await;
+                return match self.forward_unrecorded(ctx, req, &key).await {
+                    Ok(resp) => Ok(resp),
+                    // Not sent, the upstream is unreachable: it would have to be queued.
+                    Err(ForwardError::Connect(_)) if mode == WriteMode::QueueWhenOffline => {
+                        Err(ProxyError::BodyTooLarge { limit })
+                    }
+                    Err(ForwardError::Connect(_)) => Err(ProxyError::UpstreamUnreachable),
+                    Err(ForwardError::Timeout(_)) => Err(ProxyError::GatewayTimeout),
+                    Err(e @ ForwardError::Transport(_)) => {
+                        Err(ProxyError::BadGateway(e.to_string()))
+                    }
+                };
             }
             Err(e) => return Err(body_error(e)),
         };
@@ -202,7 +216,10 @@ impl Outbox {
             Ok(resp) => {
                 self.health.report_success();
                 ctx.source = Source::Upstream;
-                Ok(self.record_while_streaming(record, resp, guard))
+                // A transient refusal (retryable, or credentials refused) is not the key's
+                // final answer: keep nothing, so that the app's retry goes upstream again.
+                let keep = !classify::is_transient(&ctx.route.classify, resp.status());
+                Ok(self.record_while_streaming(record, resp, guard, keep))
             }
             Err(e) => {
                 self.health.report_failure(&e.to_string());
@@ -310,19 +327,31 @@ impl Outbox {
         resp
     }
 
-    /// Stream the upstream's answer to the app and keep it for idempotent replies.
+    /// Stream the upstream's answer to the app and, when `keep`, keep it for idempotent
+    /// replies.
     fn record_while_streaming(
         &self,
         mut record: MutationRecord,
         resp: Response<Incoming>,
         guard: InProgress,
+        keep: bool,
     ) -> Response<ProxyBody> {
         let (mut parts, incoming) = resp.into_parts();
         crate::proxy::forward::strip_hop_by_hop(&mut parts.headers);
         let status = parts.status.as_u16();
         let headers = header_pairs(&parts.headers);
+        if let Ok(v) = HeaderValue::from_str(&record.key) {
+            parts.headers.insert(IDEMPOTENCY_KEY.clone(), v);
+        }
+        parts.headers.insert(
+            CACHE_STATUS.clone(),
+            HeaderValue::from_static(cache::METHOD),
+        );
+        if !keep {
+            drop(guard);
+            return Response::from_parts(parts, body::boxed(incoming));
+        }
         let store = self.store.clone();
-        let key = record.key.clone();
         let body = body::tee(incoming, self.config.queue.max_body_bytes, move |bytes| {
             record.request.body = Bytes::new();
             record.status = MutationStatus::Succeeded;
@@ -341,13 +370,6 @@ impl Outbox {
                 drop(guard);
             });
         });
-        if let Ok(v) = HeaderValue::from_str(&key) {
-            parts.headers.insert(IDEMPOTENCY_KEY.clone(), v);
-        }
-        parts.headers.insert(
-            CACHE_STATUS.clone(),
-            HeaderValue::from_static(cache::METHOD),
-        );
         Response::from_parts(parts, body)
     }
 
@@ -357,7 +379,7 @@ impl Outbox {
         ctx: &mut RequestContext,
         mut req: Request<ProxyBody>,
         key: &str,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> Result<Response<ProxyBody>, ForwardError> {
         *req.uri_mut() = self.upstream.uri_for(&ctx.path_and_query);
         match self.upstream.send(req).await {
             Ok(resp) => {
@@ -372,10 +394,7 @@ impl Outbox {
             }
             Err(e) => {
                 self.health.report_failure(&e.to_string());
-                Err(match e {
-                    ForwardError::Timeout(_) => ProxyError::GatewayTimeout,
-                    _ => ProxyError::BadGateway(e.to_string()),
-                })
+                Err(e)
             }
         }
     }
@@ -540,10 +559,13 @@ pub struct Credentials {
     mode: PrincipalMode,
     waiting: Mutex<HashSet<String>>,
     any_waiting: AtomicUsize,
-    fresh: Mutex<HashMap<String, (Vec<(String, Bytes)>, u64)>>,
+    fresh: Mutex<HashMap<String, Offered>>,
     /// Woken when credentials are offered while mutations wait.
     pub offered: Notify,
 }
+
+/// Credential headers offered by a principal, and when (Unix ms).
+type Offered = (Vec<(String, Bytes)>, u64);
 
 enum PrincipalMode {
     JwtSub,

@@ -292,7 +292,7 @@ impl Replayer {
             key: item.key.clone(),
             attempt: item.attempts,
         });
-        let (outcome, response, transport_error) = self.send(item).await;
+        let (outcome, response, transport_error) = self.send_holding(lease, item).await;
         self.mark_in_flight(&item.key, false);
         self.events.emit(Event::Classified {
             key: item.key.clone(),
@@ -361,6 +361,32 @@ impl Replayer {
                 self.health
                     .report_failure(item.outcome.as_deref().unwrap_or("retryable"));
                 Ok(Step::Wait(item.next_attempt_at_ms))
+            }
+        }
+    }
+
+    /// [`Self::send`], renewing the lease while the answer is awaited: an upstream slower than
+    /// the lease must not let another instance take the partition and send this item again, or
+    /// the ones behind it, while it is still in flight.
+    async fn send_holding(
+        &self,
+        lease: &Lease,
+        item: &MutationRecord,
+    ) -> (Outcome, Option<StoredResponse>, Option<String>) {
+        let every = (self.config.store.redis_lease / 3).max(Duration::from_millis(10));
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let send = self.send(item);
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                answer = &mut send => return answer,
+                _ = renew.tick() => match self.store.renew(lease).await {
+                    Ok(true) => {}
+                    // Keep waiting for the answer; saving it will fail with `LeaseLost`.
+                    Ok(false) => tracing::warn!(partition = %lease.partition, key = %item.key, "lease lost while in flight"),
+                    Err(e) => tracing::debug!("lease renewal failed: {e}"),
+                },
             }
         }
     }

@@ -60,12 +60,19 @@ pub fn tls_acceptor(config: &ProxyConfig) -> Result<Option<TlsAcceptor>, TlsErro
 }
 
 /// Bind `n` listener sockets on one address with `SO_REUSEPORT` (port 0: the first one's port).
-pub fn bind_shards(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpListener>, std::io::Error> {
+pub fn bind_shards(
+    addr: SocketAddr,
+    n: usize,
+) -> Result<Vec<std::net::TcpListener>, std::io::Error> {
     use socket2::{Domain, Protocol, Socket, Type};
     let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(n.max(1));
     let mut bound = addr;
     for _ in 0..n.max(1) {
-        let socket = Socket::new(Domain::for_address(bound), Type::STREAM, Some(Protocol::TCP))?;
+        let socket = Socket::new(
+            Domain::for_address(bound),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )?;
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         socket.set_nonblocking(true)?;

@@ -240,15 +240,10 @@ impl Upstream {
         keep_upgrade: bool,
     ) {
         // h2 requests have no `Host`: what the app asked for is the URI's `:authority`.
-        let original_host = parts
-            .headers
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| {
-                let authority = parts.uri.authority()?;
-                HeaderValue::from_str(authority.as_str()).ok()
-            })
-            ;
+        let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            let authority = parts.uri.authority()?;
+            HeaderValue::from_str(authority.as_str()).ok()
+        });
         parts.uri = match parts.uri.path_and_query() {
             // The common case reuses the request's path bytes instead of re-parsing them.
             Some(pq) if self.base_path.is_empty() => {

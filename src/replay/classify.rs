@@ -84,6 +84,16 @@ pub fn classify(
     }
 }
 
+/// Whether an answer with `status` leaves a mutation to be tried again (retryable, or waiting
+/// for fresh credentials), whatever its body says: such an answer is not the idempotency
+/// key's final one.
+pub fn is_transient(rules: &ClassifyConfig, status: StatusCode) -> bool {
+    matches!(
+        classify(rules, status, &HeaderMap::new(), b""),
+        Outcome::Retryable { .. } | Outcome::AuthRequired
+    )
+}
+
 /// 2xx: the route's body rules first, then the GraphQL-style `errors` convention.
 fn classify_body(rules: &ClassifyConfig, body: &[u8]) -> Outcome {
     let Ok(json) = serde_json::from_slice::<serde_json::Value>(body) else {
@@ -181,6 +191,19 @@ mod tests {
         assert_eq!(c(412, ""), Outcome::Conflict);
         for s in [400, 403, 404, 422, 501, 505] {
             assert_eq!(c(s, ""), Outcome::Validation, "{s}");
+        }
+    }
+
+    #[test]
+    fn transient_answers_are_retryable_or_auth_required() {
+        let rules = ClassifyConfig::default();
+        for s in [401, 408, 429, 503, 599] {
+            let status = StatusCode::from_u16(s).expect("status");
+            assert!(is_transient(&rules, status), "{s}");
+        }
+        for s in [200, 201, 207, 303, 400, 409, 422, 501] {
+            let status = StatusCode::from_u16(s).expect("status");
+            assert!(!is_transient(&rules, status), "{s}");
         }
     }
 

@@ -52,6 +52,8 @@ const MAX_BATCH: usize = 4096;
 const IDLE_FLUSH: Duration = Duration::from_secs(1);
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+/// Answers one caller once the fate of the commit holding its op is known.
+type Answer = Box<dyn FnOnce(Option<&StoreError>)>;
 
 /// One write, as the writer thread receives it.
 enum Op {
@@ -68,6 +70,28 @@ enum Op {
 impl Op {
     fn needs_fsync(&self) -> bool {
         matches!(self, Op::Enqueue(..) | Op::RetryDeadLetter(..))
+    }
+
+    /// Answer the caller with `e` without applying the op (no transaction could begin).
+    fn refuse(self, e: &StoreError) {
+        fn refused<T>(e: &StoreError) -> Result<T, StoreError> {
+            Err(StoreError::Embedded(format!("commit failed: {e}")))
+        }
+        match self {
+            Op::Enqueue(_, reply) => {
+                let _ = reply.send(refused(e));
+            }
+            Op::RecordForwarded(_, reply) | Op::Update(_, reply) | Op::Finish(_, reply) => {
+                let _ = reply.send(refused(e));
+            }
+            Op::RetryDeadLetter(_, reply) => {
+                let _ = reply.send(refused(e));
+            }
+            Op::Purge(_, reply) => {
+                let _ = reply.send(refused(e));
+            }
+            Op::CachePut(..) | Op::CacheTouch(..) => {}
+        }
     }
 }
 
@@ -431,23 +455,34 @@ impl Writer {
         Ok(())
     }
 
+    fn begin(&self, durable: bool) -> Result<WriteTransaction, StoreError> {
+        let mut txn = self.db.begin_write()?;
+        if !durable {
+            txn.set_durability(Durability::None)?;
+        }
+        Ok(txn)
+    }
+
     fn commit_batch(&self, batch: Vec<Op>, durable: bool) {
-        let mut replies: Vec<Box<dyn FnOnce(Option<&StoreError>)>> =
-            Vec::with_capacity(batch.len());
+        let txn = match self.begin(durable) {
+            Ok(txn) => txn,
+            Err(e) => {
+                // E.g. redb refusing writes after an earlier I/O error: every caller hears why.
+                tracing::error!("store commit failed: {e}");
+                for op in batch {
+                    op.refuse(&e);
+                }
+                return;
+            }
+        };
+        let mut replies: Vec<Answer> = Vec::with_capacity(batch.len());
         let mut effects = Vec::with_capacity(batch.len());
-        let result = (|| -> Result<(), StoreError> {
-            let mut txn = self.db.begin_write()?;
-            if !durable {
-                txn.set_durability(Durability::None)?;
-            }
-            for op in batch {
-                let (effect, reply) = self.apply(&txn, op);
-                effects.push(effect);
-                replies.push(reply);
-            }
-            txn.commit()?;
-            Ok(())
-        })();
+        for op in batch {
+            let (effect, reply) = self.apply(&txn, op);
+            effects.push(effect);
+            replies.push(reply);
+        }
+        let result = txn.commit().map_err(StoreError::from);
         match &result {
             Ok(()) => {
                 if let Ok(mut c) = self.counters.lock() {
@@ -470,16 +505,8 @@ impl Writer {
 
     /// Apply one op inside the open transaction. The returned closure answers the caller once
     /// the commit's fate is known (an error then overrides the op's own result).
-    #[allow(clippy::type_complexity)]
-    fn apply(
-        &self,
-        txn: &WriteTransaction,
-        op: Op,
-    ) -> (Effect, Box<dyn FnOnce(Option<&StoreError>)>) {
-        fn answer<T: 'static>(
-            reply: Reply<T>,
-            result: Result<T, StoreError>,
-        ) -> Box<dyn FnOnce(Option<&StoreError>)> {
+    fn apply(&self, txn: &WriteTransaction, op: Op) -> (Effect, Answer) {
+        fn answer<T: 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Answer {
             Box::new(move |commit_err| {
                 let out = match commit_err {
                     Some(e) => Err(StoreError::Embedded(format!("commit failed: {e}"))),
@@ -488,7 +515,7 @@ impl Writer {
                 let _ = reply.send(out);
             })
         }
-        let noop = || -> Box<dyn FnOnce(Option<&StoreError>)> { Box::new(|_| {}) };
+        let noop = || -> Answer { Box::new(|_| {}) };
         match op {
             Op::Enqueue(record, reply) => match enqueue(txn, *record) {
                 Ok((effect, result)) => (effect, answer(reply, Ok(result))),
@@ -786,8 +813,13 @@ mod tests {
                 .await
                 .expect("put");
         }
+        // Writes are asynchronous: wait for the writer (a durable op) before reading.
+        store
+            .enqueue(super::super::conformance::record("sync-puts", "p"))
+            .await
+            .expect("sync");
         // Touch 0 so that 1 is the least recently used.
-        let _ = store.cache_get(&[0]).await.expect("get");
+        assert!(store.cache_get(&[0]).await.expect("get").is_some());
         store
             .cache_put(&[9], Bytes::from(vec![9; 1000]), ttl)
             .await
