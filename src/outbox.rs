@@ -160,12 +160,19 @@ impl Outbox {
                     }
                     Err(ForwardError::Connect(_)) => Err(ProxyError::UpstreamUnreachable),
                     Err(ForwardError::Timeout(_)) => Err(ProxyError::GatewayTimeout),
+                    // The app's own body broke off (over proxy.max_body_bytes, or cut).
+                    Err(e) if e.request_body_too_large() => Err(ProxyError::BodyTooLarge {
+                        limit: self.config.proxy.max_body_bytes,
+                    }),
+                    Err(e) if e.request_body_failed() => Err(ProxyError::BadRequest(format!(
+                        "could not read the request body: {e}"
+                    ))),
                     Err(e @ ForwardError::Transport(_)) => {
                         Err(ProxyError::BadGateway(e.to_string()))
                     }
                 };
             }
-            Err(e) => return Err(body_error(e)),
+            Err(e) => return Err(body_error(e, self.config.proxy.max_body_bytes)),
         };
         let fingerprint = fingerprint(&parts.method, &ctx.path_and_query, &body_bytes);
 
@@ -393,7 +400,10 @@ impl Outbox {
                 Ok(Response::from_parts(parts, body::boxed(incoming)))
             }
             Err(e) => {
-                self.health.report_failure(&e.to_string());
+                // A broken request body is the app's doing, not an upstream outage.
+                if !e.request_body_failed() {
+                    self.health.report_failure(&e.to_string());
+                }
                 Err(e)
             }
         }
@@ -486,11 +496,12 @@ fn valid_key(v: &HeaderValue) -> Result<String, ProxyError> {
     Ok(String::from_utf8_lossy(bytes).into_owned())
 }
 
-fn body_error(e: crate::body::BoxError) -> ProxyError {
+/// A request body that could not be read: over `limit` (413), or broken (400).
+fn body_error(e: crate::body::BoxError, limit: u64) -> ProxyError {
     if e.downcast_ref::<http_body_util::LengthLimitError>()
         .is_some()
     {
-        ProxyError::BodyTooLarge { limit: 0 }
+        ProxyError::BodyTooLarge { limit }
     } else {
         ProxyError::BadRequest(format!("could not read the request body: {e}"))
     }

@@ -1327,7 +1327,7 @@ async fn a_chunked_body_over_the_limit_is_413_and_not_held_against_the_upstream(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "outbox.rs forward_unrecorded reports the app's body error as an upstream failure (502, marked offline)"]
+
 async fn a_chunked_mutation_over_the_limit_is_413_and_not_held_against_the_upstream() {
     let upstream = Upstream::start().await;
     let dirs = Dirs::new();
