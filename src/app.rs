@@ -63,9 +63,10 @@ impl App {
         let (store, embedded): (Arc<dyn Store>, Option<Arc<EmbeddedStore>>) =
             match config.store.backend {
                 Backend::Embedded => {
-                    let s = Arc::new(EmbeddedStore::open(
+                    let s = Arc::new(EmbeddedStore::open_with_page_cache(
                         &config.store.data_dir,
                         config.cache.disk_bytes,
+                        config.store.page_cache_bytes,
                     )?);
                     (s.clone(), Some(s))
                 }

@@ -141,6 +141,8 @@ pub struct StoreConfig {
     pub backend: Backend,
     /// Data directory of the embedded store.
     pub data_dir: PathBuf,
+    /// Page cache of the embedded store (memory does not grow with the queue beyond it).
+    pub page_cache_bytes: usize,
     /// Redis URL for the `redis` backend.
     pub redis_url: String,
     /// Prefix of every Redis key outpost writes.
@@ -160,6 +162,7 @@ impl Default for StoreConfig {
         Self {
             backend: Backend::Embedded,
             data_dir: PathBuf::from("./outpost-data"),
+            page_cache_bytes: 32 * 1024 * 1024,
             redis_url: "redis://127.0.0.1:6379/".into(),
             redis_key_prefix: "outpost".into(),
             redis_min_replicas: 0,
@@ -214,8 +217,6 @@ pub struct QueueConfig {
     /// How long a completed mutation's answer is kept for idempotent replays.
     #[serde(with = "humantime_serde")]
     pub idempotency_retention: Duration,
-    /// Most items queued at once; beyond it mutations get 503 `queue_full`.
-    pub max_depth: u64,
 }
 
 impl Default for QueueConfig {
@@ -224,7 +225,6 @@ impl Default for QueueConfig {
             max_body_bytes: 10 * 1024 * 1024,
             max_age: Duration::from_secs(7 * 24 * 3600),
             idempotency_retention: Duration::from_secs(24 * 3600),
-            max_depth: 10_000_000,
         }
     }
 }

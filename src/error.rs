@@ -96,9 +96,6 @@ pub enum ProxyError {
     /// A mutation could not be stored durably; it was not accepted.
     #[error("mutation not stored: {0}")]
     NotStored(#[from] StoreError),
-    /// The outbox is full (`queue.max_depth`).
-    #[error("queue is full ({0} items)")]
-    QueueFull(u64),
     /// No such resource under the reserved prefix.
     #[error("not found")]
     NotFound,
@@ -121,7 +118,6 @@ impl ProxyError {
             ProxyError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
             ProxyError::GatewayTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             ProxyError::NotStored(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_stored"),
-            ProxyError::QueueFull(_) => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
             ProxyError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
         }
     }

@@ -201,6 +201,20 @@ impl Replayer {
 
     /// Replay one partition head-first until it is empty or must wait.
     async fn drain(&self, lease: &Lease) -> Result<(), StoreError> {
+        let mut finishing = JoinSet::new();
+        let result = self.drain_batches(lease, &mut finishing).await;
+        // Finished items must be recorded before the lease is given back.
+        let settled = settle(&mut finishing).await;
+        result.and(settled)
+    }
+
+    /// The drain loop: a batch of items head-first, their bookkeeping written in the
+    /// background (and settled before the next batch is read), then the next batch.
+    async fn drain_batches(
+        &self,
+        lease: &Lease,
+        finishing: &mut JoinSet<Result<(), StoreError>>,
+    ) -> Result<(), StoreError> {
         let renew_every = self.config.store.redis_lease / 3;
         let mut renewed = Instant::now();
         loop {
@@ -223,7 +237,7 @@ impl Replayer {
                 if !self.may_run() {
                     return Ok(());
                 }
-                match self.replay_one(lease, &mut item).await? {
+                match self.replay_one(lease, &mut item, finishing).await? {
                     Step::Next => {}
                     Step::Wait(until) => {
                         wait_until = Some(until);
@@ -231,6 +245,8 @@ impl Replayer {
                     }
                 }
             }
+            // The next peek must not see items whose answers are still being recorded.
+            settle(finishing).await?;
             if let Some(until) = wait_until {
                 // Give the lease back while waiting long, so another instance can pick it up
                 // later; short waits keep it.
@@ -254,13 +270,14 @@ impl Replayer {
         &self,
         lease: &Lease,
         item: &mut MutationRecord,
+        finishing: &mut JoinSet<Result<(), StoreError>>,
     ) -> Result<Step, StoreError> {
         let now = now_ms();
         if now.saturating_sub(item.accepted_at_ms) > self.config.queue.max_age.as_millis() as u64 {
             item.status = MutationStatus::Expired;
             item.outcome = Some("expired".into());
             item.finished_at_ms = Some(now);
-            self.store.finish(lease, item).await?;
+            self.finish_later(finishing, lease, item);
             self.outbox.credentials.unmark_waiting(&item.key);
             self.events.emit(Event::Expired {
                 key: item.key.clone(),
@@ -311,7 +328,7 @@ impl Replayer {
                 item.outcome = Some(outcome.class().into());
                 item.response = response;
                 item.finished_at_ms = Some(now);
-                self.store.finish(lease, item).await?;
+                self.finish_later(finishing, lease, item);
                 Ok(Step::Next)
             }
             Outcome::Validation | Outcome::Conflict => {
@@ -323,7 +340,7 @@ impl Replayer {
                 item.outcome = Some(outcome.class().into());
                 item.response = response;
                 item.finished_at_ms = Some(now);
-                self.store.finish(lease, item).await?;
+                self.finish_later(finishing, lease, item);
                 self.events.emit(Event::DeadLettered {
                     key: item.key.clone(),
                     status: item.status.as_str().into(),
@@ -447,6 +464,20 @@ impl Replayer {
         (outcome, Some(stored), None)
     }
 
+    /// Record a finished item without holding up the next send: replaying in order needs the
+    /// answer classified, not its bookkeeping committed, and a crash before the commit only
+    /// means a second delivery under the same idempotency key. Concurrent finishes share
+    /// commits (group commit) instead of costing one each.
+    fn finish_later(
+        &self,
+        finishing: &mut JoinSet<Result<(), StoreError>>,
+        lease: &Lease,
+        item: &MutationRecord,
+    ) {
+        let (store, lease, item) = (self.store.clone(), lease.clone(), item.clone());
+        finishing.spawn(async move { store.finish(&lease, &item).await });
+    }
+
     fn mark_in_flight(&self, key: &str, on: bool) {
         if let Ok(mut set) = self.outbox.in_flight.lock() {
             if on {
@@ -466,6 +497,18 @@ impl Replayer {
             Err(e) => tracing::warn!("purge failed: {e}"),
         }
     }
+}
+
+/// Wait for every background finish; the first error wins.
+async fn settle(finishing: &mut JoinSet<Result<(), StoreError>>) -> Result<(), StoreError> {
+    let mut result = Ok(());
+    while let Some(done) = finishing.join_next().await {
+        let outcome = done.map_err(|e| StoreError::Embedded(format!("finish task: {e}")))?;
+        if result.is_ok() {
+            result = outcome;
+        }
+    }
+    result
 }
 
 /// A transport failure waits for the upstream, not for the backoff: once it is seen online

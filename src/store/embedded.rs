@@ -46,6 +46,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const CACHE: TableDefinition<&[u8], (u64, u64, &[u8])> = TableDefinition::new("cache");
 const CACHE_LRU: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("cache_lru");
 
+/// redb page cache when not configured (`store.page_cache_bytes`).
+pub const DEFAULT_PAGE_CACHE: usize = 32 * 1024 * 1024;
 /// Most operations applied in one commit.
 const MAX_BATCH: usize = 4096;
 /// After this long without writes, non-durable commits are made durable.
@@ -128,9 +130,21 @@ pub struct EmbeddedStore {
 impl EmbeddedStore {
     /// Open (or create) the store in `dir`, with `cache_budget` bytes for cache blobs on disk.
     pub fn open(dir: &Path, cache_budget: u64) -> Result<Self, StoreError> {
+        Self::open_with_page_cache(dir, cache_budget, DEFAULT_PAGE_CACHE)
+    }
+
+    /// Open with `page_cache` bytes of redb page cache. The cache is what the process's memory
+    /// grows with as the database grows, so it is bounded here, not left at redb's 1 GiB.
+    pub fn open_with_page_cache(
+        dir: &Path,
+        cache_budget: u64,
+        page_cache: usize,
+    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Embedded(format!("create {}: {e}", dir.display())))?;
-        let db = Database::create(dir.join("outpost.redb"))?;
+        let db = Database::builder()
+            .set_cache_size(page_cache)
+            .create(dir.join("outpost.redb"))?;
         let counters = Arc::new(Mutex::new(Self::load_counters(&db)?));
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();

@@ -447,10 +447,33 @@ enum Claim {
 /// The Redis backend (see the module docs for its keys and guarantees).
 pub struct RedisStore {
     shared: Arc<Shared>,
-    /// Enqueues waiting for the next group write.
-    waiting: std::sync::Mutex<Vec<Waiting>>,
-    /// Held by the task writing a group: one group at a time per store.
-    writing: Arc<tokio::sync::Mutex<()>>,
+    /// Enqueues waiting for the next group write, and whether a writer task is running.
+    queue: Arc<std::sync::Mutex<EnqueueQueue>>,
+}
+
+/// The waiting list of enqueues and its writer flag, under one lock.
+#[derive(Default)]
+struct EnqueueQueue {
+    waiting: Vec<Waiting>,
+    writer_running: bool,
+}
+
+/// Clears the writer flag when the writer task ends, even by a panic, so that the next
+/// enqueue starts a new writer instead of waiting forever.
+struct WriterRunning {
+    queue: Arc<std::sync::Mutex<EnqueueQueue>>,
+    /// False once the writer cleared the flag itself.
+    armed: bool,
+}
+
+impl Drop for WriterRunning {
+    fn drop(&mut self) {
+        if self.armed
+            && let Ok(mut q) = self.queue.lock()
+        {
+            q.writer_running = false;
+        }
+    }
 }
 
 /// An enqueue waiting for its group write.
@@ -557,29 +580,47 @@ impl RedisStore {
         };
         Ok(RedisStore {
             shared: Arc::new(shared),
-            waiting: std::sync::Mutex::default(),
-            writing: Arc::default(),
+            queue: Arc::default(),
         })
     }
 
     /// Join the next group write and wait for its answer (module docs, "Enqueue").
+    ///
+    /// One writer task at a time takes everything waiting, writes it as one group, and goes
+    /// on while more is waiting; callers only queue and wait. (A lock that every caller took
+    /// in turn made groups of one under load: each caller whose record an earlier group had
+    /// already written still held the lock for a round of its own.)
     async fn enqueue_grouped(&self, record: MutationRecord) -> Result<Enqueued, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.waiting
-            .lock()
-            .map_err(|_| StoreError::Closed)?
-            .push(Waiting { record, reply });
-        // Whoever gets the lock writes everything waiting by then, in a task of its own so that
-        // a caller going away (a client disconnect) cannot cut a group write short.
-        let writing = self.writing.clone().lock_owned().await;
-        let group = std::mem::take(&mut *self.waiting.lock().map_err(|_| StoreError::Closed)?);
-        if group.is_empty() {
-            drop(writing);
-        } else {
+        let start_writer = {
+            let mut q = self.queue.lock().map_err(|_| StoreError::Closed)?;
+            q.waiting.push(Waiting { record, reply });
+            !std::mem::replace(&mut q.writer_running, true)
+        };
+        if start_writer {
+            // A task of its own, so that a caller going away (a client disconnect) cannot cut
+            // a group write short.
             let shared = self.shared.clone();
+            let queue = self.queue.clone();
             tokio::spawn(async move {
-                let _writing = writing;
-                shared.write_group(group).await;
+                let mut running = WriterRunning {
+                    queue: queue.clone(),
+                    armed: true,
+                };
+                loop {
+                    let group = match queue.lock() {
+                        Ok(mut q) if q.waiting.is_empty() => {
+                            // Under the same lock as the callers' check: an enqueue arriving
+                            // now sees no writer and starts one.
+                            q.writer_running = false;
+                            running.armed = false;
+                            return;
+                        }
+                        Ok(mut q) => std::mem::take(&mut q.waiting),
+                        Err(_) => return,
+                    };
+                    shared.write_group(group).await;
+                }
             });
         }
         answer.await.map_err(|_| StoreError::Closed)?
