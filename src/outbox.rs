@@ -41,7 +41,7 @@ use crate::events::{Event, Events};
 use crate::health::Health;
 use crate::proxy::forward::{ForwardError, Upstream};
 use crate::proxy::with_cache_status;
-use crate::replay::classify;
+use crate::replay::classify::{self, Outcome};
 use crate::store::{
     Enqueued, MutationRecord, MutationStatus, Store, StoredRequest, StoredResponse, now_ms,
 };
@@ -226,7 +226,8 @@ impl Outbox {
                 // A transient refusal (retryable, or credentials refused) is not the key's
                 // final answer: keep nothing, so that the app's retry goes upstream again.
                 let keep = !classify::is_transient(&ctx.route.classify, resp.status());
-                Ok(self.record_while_streaming(record, resp, guard, keep))
+                let rules = keep.then(|| ctx.route.classify.clone());
+                Ok(self.record_while_streaming(record, resp, guard, rules))
             }
             Err(e) => {
                 self.health.report_failure(&e.to_string());
@@ -336,12 +337,14 @@ impl Outbox {
 
     /// Stream the upstream's answer to the app and, when `keep`, keep it for idempotent
     /// replies.
+    /// `rules` (the route's classification) is `None` for a transient answer, which is passed
+    /// on but not kept: the app's retry with the same key must reach the upstream again.
     fn record_while_streaming(
         &self,
         mut record: MutationRecord,
         resp: Response<Incoming>,
         guard: InProgress,
-        keep: bool,
+        rules: Option<crate::config::ClassifyConfig>,
     ) -> Response<ProxyBody> {
         let (mut parts, incoming) = resp.into_parts();
         crate::proxy::forward::strip_hop_by_hop(&mut parts.headers);
@@ -354,15 +357,27 @@ impl Outbox {
             CACHE_STATUS.clone(),
             HeaderValue::from_static(cache::METHOD),
         );
-        if !keep {
+        let Some(rules) = rules else {
             drop(guard);
             return Response::from_parts(parts, body::boxed(incoming));
-        }
+        };
         let store = self.store.clone();
+        let status_code = parts.status;
+        let answer_headers = parts.headers.clone();
         let body = body::tee(incoming, self.config.queue.max_body_bytes, move |bytes| {
+            // The app already has the answer; what is kept is its classification, for the
+            // status document and idempotent replies (not a dead letter: nothing to retry).
+            let outcome = classify::classify(&rules, status_code, &answer_headers, &bytes);
+            record.status = match outcome {
+                Outcome::Partial => MutationStatus::Partial,
+                Outcome::Validation => MutationStatus::Rejected,
+                Outcome::Conflict => MutationStatus::Conflict,
+                _ => MutationStatus::Succeeded,
+            };
+            // No credentials or body at rest for a finished mutation.
             record.request.body = Bytes::new();
-            record.status = MutationStatus::Succeeded;
-            record.outcome = Some(format!("forwarded: {status}"));
+            record.request.headers.clear();
+            record.outcome = Some(format!("forwarded: {}", outcome.class()));
             record.attempts = 1;
             record.finished_at_ms = Some(now_ms());
             record.response = Some(StoredResponse {
