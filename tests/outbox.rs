@@ -9,8 +9,9 @@
 //! order, so "applied exactly once, in order" is read straight from [`Upstream::applied`].
 //!
 //! A few tests are harsher and say so in their names: two SIGKILL outpost (in the middle of a
-//! burst of concurrent writes; while a replay awaits its answer), and one fills a small tmpfs
-//! under the data directory (needs `mount`, i.e. root; skipped with a message otherwise).
+//! burst of concurrent writes; while a replay awaits its answer), and two fill a small tmpfs
+//! under the data directory, then free space with and without a restart (need `mount`, i.e.
+//! root; skipped with a message otherwise).
 
 mod common;
 
@@ -1454,21 +1455,23 @@ impl Drop for Tmpfs {
     }
 }
 
-#[tokio::test]
-async fn full_disk_answers_503_never_202_and_every_earlier_202_is_applied_later() {
-    let tmpfs = match Tmpfs::mount("2m") {
-        Ok(t) => t,
+/// A 2 MiB tmpfs for the data directory, or None (said loudly) when `mount` is not permitted.
+fn small_tmpfs_or_skip(test: &str) -> Option<Tmpfs> {
+    match Tmpfs::mount("2m") {
+        Ok(t) => Some(t),
         Err(e) => {
             eprintln!(
-                "SKIPPED full_disk_answers_503_never_202_and_every_earlier_202_is_applied_later: \
-                 cannot mount a tmpfs ({e}); run as root to exercise a full disk"
+                "SKIPPED {test}: cannot mount a tmpfs ({e}); run as root to exercise a full disk"
             );
-            return;
+            None
         }
-    };
-    let mut s = Setup::start("", false, Some(tmpfs.path().join("data"))).await;
-    let body = "f".repeat(64 * 1024);
+    }
+}
 
+/// Writes 64 KiB mutations (`full-NNN`, upstream down) until one gets 503, then checks that a
+/// few more are refused too, with a reason. Returns the keys that got a 202, in order.
+async fn fill_the_disk(s: &Setup) -> Vec<String> {
+    let body = "f".repeat(64 * 1024);
     let mut acked = Vec::new();
     let mut refused = None;
     for i in 0..200 {
@@ -1503,6 +1506,18 @@ async fn full_disk_answers_503_never_202_and_every_earlier_202_is_applied_later(
             "a broken store is not a store shutting down: {message}"
         );
     }
+    acked
+}
+
+#[tokio::test]
+async fn full_disk_answers_503_never_202_and_every_earlier_202_is_applied_later() {
+    let Some(tmpfs) = small_tmpfs_or_skip(
+        "full_disk_answers_503_never_202_and_every_earlier_202_is_applied_later",
+    ) else {
+        return;
+    };
+    let mut s = Setup::start("", false, Some(tmpfs.path().join("data"))).await;
+    let acked = fill_the_disk(&s).await;
 
     // The operator frees space and restarts outpost; the upstream comes back.
     s.outpost.kill9().await;
@@ -1518,6 +1533,82 @@ async fn full_disk_answers_503_never_202_and_every_earlier_202_is_applied_later(
         "every acknowledged write applied once, in order, and nothing else"
     );
     drop(s);
+}
+
+#[tokio::test]
+async fn store_recovers_after_the_disk_has_room_again_without_a_restart() {
+    let Some(tmpfs) =
+        small_tmpfs_or_skip("store_recovers_after_the_disk_has_room_again_without_a_restart")
+    else {
+        return;
+    };
+    let mut s = Setup::start("", false, Some(tmpfs.path().join("data"))).await;
+    let pid = s.outpost.pid();
+    let mut acked = fill_the_disk(&s).await;
+    // While the disk stays full, the store reopens and fails again, backing off; meanwhile
+    // every write is refused, never acknowledged.
+    let body = "x".repeat(64 * 1024);
+    let full_until = Instant::now() + Duration::from_secs(2);
+    let mut tries = 0;
+    while Instant::now() < full_until {
+        let key = format!("still-full-{tries}");
+        let resp = s.post("/apply/full/still", Some(&key), &body).await;
+        let refused = expect_error(resp, 503, "not_stored").await;
+        let message = refused["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("I/O error"),
+            "the answer says why: {message}"
+        );
+        tries += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The operator frees space; outpost is not restarted. The client retries with its key.
+    tmpfs.resize("64m");
+    let freed = Instant::now();
+    let deadline = freed + Duration::from_secs(15);
+    loop {
+        let resp = s
+            .post("/apply/full/recovered", Some("recovered-1"), "r1")
+            .await;
+        if resp.status() == 202 {
+            expect_queued(resp).await;
+            break;
+        }
+        let refused = expect_error(resp, 503, "not_stored").await;
+        assert!(
+            Instant::now() < deadline,
+            "no 202 within 15 s of freeing space; last: {refused}\n{}",
+            s.outpost.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "writes accepted again {:?} after space was freed",
+        freed.elapsed()
+    );
+    acked.push("recovered-1".to_owned());
+    // It keeps accepting, and reads see the reopened database.
+    for i in 2..=3 {
+        let key = format!("recovered-{i}");
+        s.post_queued(&format!("/apply/full/recovered-{i}"), &key, "r")
+            .await;
+        acked.push(key);
+    }
+    let (code, doc) = s.mutation(&acked[0]).await;
+    assert_eq!((code, &doc["status"]), (200, &json!("queued")), "{doc}");
+    assert!(s.outpost.is_running(), "outpost is still running");
+    assert_eq!(s.outpost.pid(), pid, "the same process, not a restart");
+
+    s.upstream_up().await;
+    s.wait_drained(REPLAY_TIMEOUT).await;
+    let applied = s.upstream.applied();
+    let applied_keys: Vec<&str> = applied.iter().map(|a| a.key.as_str()).collect();
+    let expected: Vec<&str> = acked.iter().map(String::as_str).collect();
+    assert_eq!(
+        applied_keys, expected,
+        "every acknowledged write applied once, in order, and nothing else"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

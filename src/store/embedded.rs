@@ -16,15 +16,27 @@
 //! `kill -9` or power loss the database opens at the last durable commit. On open, the pending
 //! counters are rebuilt from the `queue` table and the sequence counter from `meta`.
 //!
+//! After an I/O error (a full disk, say) redb refuses every later write transaction until the
+//! database is closed and opened again, so the writer does that itself. The group whose begin or
+//! commit failed is answered with the error (a 503, never a 202); then the writer takes the
+//! shared handle away from readers and tries to reopen, 100 ms later, the wait doubling up to
+//! 5 s while the database keeps failing (a successful commit resets it). An attempt closes the
+//! old `Database` once no reader holds it (redb will not open one file twice in a process),
+//! opens the file again at its last durable commit and rebuilds the counters, since the effects
+//! of the failed commit and of non-durable ones before it may be gone. Meanwhile every write and
+//! every database read fails at once with "reopening after an I/O error"; once space is freed,
+//! the next attempt succeeds and writes are accepted again without a restart. An I/O error that
+//! only poisons a transaction shows up at the next `begin_write` and is handled there.
+//!
 //! Tables: `mutations` (key → record), `queue` ((partition, seq) → key: pending items in
 //! order), `dead` (seq → key), `finished` ((finished_at, key) → (): retention sweep), `meta`
 //! (name → u64), `cache` (key → (expires, tick, blob)) and `cache_lru` ((tick, key) → ()).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -52,10 +64,35 @@ pub const DEFAULT_PAGE_CACHE: usize = 32 * 1024 * 1024;
 const MAX_BATCH: usize = 4096;
 /// After this long without writes, non-durable commits are made durable.
 const IDLE_FLUSH: Duration = Duration::from_secs(1);
+/// First wait before reopening the database after an I/O error; doubles up to the maximum.
+const REOPEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
-/// Answers one caller once the fate of the commit holding its op is known.
-type Answer = Box<dyn FnOnce(Option<&StoreError>)>;
+/// Answers one caller once the fate of the commit holding its op is known (`Some(why)` when the
+/// op was not written).
+type Answer = Box<dyn FnOnce(Option<&str>)>;
+
+/// The database handle shared by the writer and the readers. The writer swaps it when it reopens
+/// the database after an I/O error; readers clone the `Arc` and never read under the lock.
+type SharedDb = Arc<RwLock<DbHandle>>;
+
+enum DbHandle {
+    Open(Arc<Database>),
+    /// Closed after an I/O error (its message); the writer is reopening it.
+    Reopening(String),
+}
+
+/// The current database, or why there is none right now.
+fn current(db: &RwLock<DbHandle>) -> Result<Arc<Database>, String> {
+    match &*db
+        .read()
+        .map_err(|_| "database handle poisoned".to_owned())?
+    {
+        DbHandle::Open(db) => Ok(db.clone()),
+        DbHandle::Reopening(cause) => Err(format!("reopening after an I/O error ({cause})")),
+    }
+}
 
 /// One write, as the writer thread receives it.
 enum Op {
@@ -74,23 +111,23 @@ impl Op {
         matches!(self, Op::Enqueue(..) | Op::RetryDeadLetter(..))
     }
 
-    /// Answer the caller with `e` without applying the op (no transaction could begin).
-    fn refuse(self, e: &StoreError) {
-        fn refused<T>(e: &StoreError) -> Result<T, StoreError> {
-            Err(StoreError::Embedded(format!("commit failed: {e}")))
+    /// Answer the caller with `why` without applying the op (no transaction could begin).
+    fn refuse(self, why: &str) {
+        fn refused<T>(why: &str) -> Result<T, StoreError> {
+            Err(StoreError::Embedded(why.to_owned()))
         }
         match self {
             Op::Enqueue(_, reply) => {
-                let _ = reply.send(refused(e));
+                let _ = reply.send(refused(why));
             }
             Op::RecordForwarded(_, reply) | Op::Update(_, reply) | Op::Finish(_, reply) => {
-                let _ = reply.send(refused(e));
+                let _ = reply.send(refused(why));
             }
             Op::RetryDeadLetter(_, reply) => {
-                let _ = reply.send(refused(e));
+                let _ = reply.send(refused(why));
             }
             Op::Purge(_, reply) => {
-                let _ = reply.send(refused(e));
+                let _ = reply.send(refused(why));
             }
             Op::CachePut(..) | Op::CacheTouch(..) => {}
         }
@@ -121,7 +158,7 @@ struct Counters {
 
 /// The embedded backend (see the module docs for its guarantees).
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    db: SharedDb,
     tx: Mutex<Option<mpsc::Sender<Op>>>,
     counters: Arc<Mutex<Counters>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -142,16 +179,19 @@ impl EmbeddedStore {
     ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Embedded(format!("create {}: {e}", dir.display())))?;
-        let db = Database::builder()
-            .set_cache_size(page_cache)
-            .create(dir.join("outpost.redb"))?;
-        let counters = Arc::new(Mutex::new(Self::load_counters(&db)?));
-        let db = Arc::new(db);
+        let path = dir.join("outpost.redb");
+        let (db, counters) = open_database(&path, page_cache)?;
+        let db = Arc::new(RwLock::new(DbHandle::Open(Arc::new(db))));
+        let counters = Arc::new(Mutex::new(counters));
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             db: db.clone(),
+            path,
+            page_cache,
             counters: counters.clone(),
             cache_budget,
+            reopening: None,
+            backoff: REOPEN_BACKOFF_MIN,
         };
         let handle = std::thread::Builder::new()
             .name("outpost-store-writer".into())
@@ -163,36 +203,6 @@ impl EmbeddedStore {
             counters,
             writer: Mutex::new(Some(handle)),
         })
-    }
-
-    /// Rebuild in-memory counters from the tables (on open).
-    fn load_counters(db: &Database) -> Result<Counters, StoreError> {
-        let txn = db.begin_write()?;
-        // Create every table so readers never meet a missing one.
-        {
-            txn.open_table(MUTATIONS)?;
-            txn.open_table(QUEUE)?;
-            txn.open_table(DEAD)?;
-            txn.open_table(FINISHED)?;
-            txn.open_table(META)?;
-            txn.open_table(CACHE)?;
-            txn.open_table(CACHE_LRU)?;
-        }
-        txn.commit()?;
-        let read = db.begin_read()?;
-        let mut counters = Counters::default();
-        for item in read.open_table(QUEUE)?.iter()? {
-            let (k, _) = item?;
-            *counters.pending.entry(k.value().0.to_string()).or_default() += 1;
-        }
-        counters.dead_letters = read.open_table(DEAD)?.len()?;
-        counters.cache_bytes = read
-            .open_table(META)?
-            .get("cache_bytes")?
-            .map(|v| v.value())
-            .unwrap_or(0);
-        counters.cache_entries = read.open_table(CACHE)?.len()?;
-        Ok(counters)
     }
 
     /// Flush pending non-durable work and stop the writer thread.
@@ -221,7 +231,7 @@ impl EmbeddedStore {
         &self,
         f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = self.db.clone();
+        let db = current(&self.db).map_err(StoreError::Embedded)?;
         tokio::task::spawn_blocking(move || f(&db))
             .await
             .map_err(|e| StoreError::Embedded(format!("reader task: {e}")))?
@@ -232,6 +242,45 @@ impl Drop for EmbeddedStore {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// Open (or create) the database file and rebuild the in-memory counters from it.
+fn open_database(path: &Path, page_cache: usize) -> Result<(Database, Counters), StoreError> {
+    let db = Database::builder()
+        .set_cache_size(page_cache)
+        .create(path)?;
+    let counters = load_counters(&db)?;
+    Ok((db, counters))
+}
+
+/// Rebuild in-memory counters from the tables (on every open).
+fn load_counters(db: &Database) -> Result<Counters, StoreError> {
+    let txn = db.begin_write()?;
+    // Create every table so readers never meet a missing one.
+    {
+        txn.open_table(MUTATIONS)?;
+        txn.open_table(QUEUE)?;
+        txn.open_table(DEAD)?;
+        txn.open_table(FINISHED)?;
+        txn.open_table(META)?;
+        txn.open_table(CACHE)?;
+        txn.open_table(CACHE_LRU)?;
+    }
+    txn.commit()?;
+    let read = db.begin_read()?;
+    let mut counters = Counters::default();
+    for item in read.open_table(QUEUE)?.iter()? {
+        let (k, _) = item?;
+        *counters.pending.entry(k.value().0.to_string()).or_default() += 1;
+    }
+    counters.dead_letters = read.open_table(DEAD)?.len()?;
+    counters.cache_bytes = read
+        .open_table(META)?
+        .get("cache_bytes")?
+        .map(|v| v.value())
+        .unwrap_or(0);
+    counters.cache_entries = read.open_table(CACHE)?.len()?;
+    Ok(counters)
 }
 
 fn decode(bytes: &[u8]) -> Result<MutationRecord, StoreError> {
@@ -425,18 +474,34 @@ impl Store for EmbeddedStore {
     }
 }
 
-/// The single writer: group commit (see the module docs).
+/// The single writer: group commit, and reopening after an I/O error (see the module docs).
 struct Writer {
-    db: Arc<Database>,
+    db: SharedDb,
+    path: PathBuf,
+    page_cache: usize,
     counters: Arc<Mutex<Counters>>,
     cache_budget: u64,
+    /// Set from an I/O error until the database is open again.
+    reopening: Option<Reopening>,
+    /// Wait before the next reopening attempt: grows while the database keeps failing, and is
+    /// reset by a successful commit.
+    backoff: Duration,
+}
+
+/// The database failed with an I/O error and is closed until the writer reopens it.
+struct Reopening {
+    /// The failed handle, closed once no reader holds it any more.
+    old: Option<Arc<Database>>,
+    next_attempt: Instant,
 }
 
 impl Writer {
-    fn run(self, rx: mpsc::Receiver<Op>) {
+    fn run(mut self, rx: mpsc::Receiver<Op>) {
         let mut dirty = false;
         loop {
-            let first = match rx.recv_timeout(IDLE_FLUSH) {
+            let received = rx.recv_timeout(self.wait());
+            self.reopen_if_due();
+            let first = match received {
                 Ok(op) => op,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if dirty {
@@ -462,29 +527,47 @@ impl Writer {
         }
     }
 
-    /// An empty durable commit: makes earlier non-durable commits durable.
-    fn flush(&self) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        txn.commit()?;
-        Ok(())
-    }
-
-    fn begin(&self, durable: bool) -> Result<WriteTransaction, StoreError> {
-        let mut txn = self.db.begin_write()?;
-        if !durable {
-            txn.set_durability(Durability::None)?;
+    /// How long to wait for the next op: until the idle flush, or the next reopening attempt.
+    fn wait(&self) -> Duration {
+        match &self.reopening {
+            None => IDLE_FLUSH,
+            Some(r) => r.next_attempt.saturating_duration_since(Instant::now()),
         }
-        Ok(txn)
     }
 
-    fn commit_batch(&self, batch: Vec<Op>, durable: bool) {
-        let txn = match self.begin(durable) {
+    /// An empty durable commit: makes earlier non-durable commits durable.
+    fn flush(&mut self) -> Result<(), String> {
+        // Nothing to flush while reopening: whatever was not durable is gone with the old handle.
+        let Ok(db) = current(&self.db) else {
+            return Ok(());
+        };
+        let result = db
+            .begin_write()
+            .map_err(redb::Error::from)
+            .and_then(|txn| txn.commit().map_err(redb::Error::from));
+        drop(db);
+        result.map_err(|e| self.failed(e))
+    }
+
+    fn commit_batch(&mut self, batch: Vec<Op>, durable: bool) {
+        let db = match current(&self.db) {
+            Ok(db) => db,
+            Err(why) => {
+                // Fail fast while the database is being reopened.
+                for op in batch {
+                    op.refuse(&why);
+                }
+                return;
+            }
+        };
+        let txn = match begin(&db, durable) {
             Ok(txn) => txn,
             Err(e) => {
                 // E.g. redb refusing writes after an earlier I/O error: every caller hears why.
-                tracing::error!("store commit failed: {e}");
+                drop(db);
+                let why = self.failed(e);
                 for op in batch {
-                    op.refuse(&e);
+                    op.refuse(&why);
                 }
                 return;
             }
@@ -496,9 +579,11 @@ impl Writer {
             effects.push(effect);
             replies.push(reply);
         }
-        let result = txn.commit().map_err(StoreError::from);
-        match &result {
+        let result = txn.commit();
+        drop(db);
+        match result {
             Ok(()) => {
+                self.backoff = REOPEN_BACKOFF_MIN;
                 if let Ok(mut c) = self.counters.lock() {
                     for e in effects {
                         apply_effect(&mut c, e);
@@ -509,10 +594,70 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!("store commit failed: {e}");
+                let why = self.failed(e.into());
                 for reply in replies {
-                    reply(Some(e));
+                    reply(Some(&why));
                 }
+            }
+        }
+    }
+
+    /// Log a failed begin or commit and say why for the callers. After an I/O error, take the
+    /// database away from readers and plan to reopen it (redb refuses writes until then).
+    fn failed(&mut self, e: redb::Error) -> String {
+        let why = format!("commit failed: {e}");
+        if !matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) {
+            tracing::error!("store {why}");
+            return why;
+        }
+        tracing::error!(
+            "store {why}; closing the database and reopening it in {:?}",
+            self.backoff
+        );
+        let old = match self.db.write() {
+            Ok(mut handle) => {
+                match std::mem::replace(&mut *handle, DbHandle::Reopening(e.to_string())) {
+                    DbHandle::Open(db) => Some(db),
+                    DbHandle::Reopening(_) => None,
+                }
+            }
+            Err(_) => None,
+        };
+        self.reopening = Some(Reopening {
+            old,
+            next_attempt: Instant::now() + self.backoff,
+        });
+        self.backoff = (self.backoff * 2).min(REOPEN_BACKOFF_MAX);
+        why
+    }
+
+    /// One attempt to reopen the database, when one is due.
+    fn reopen_if_due(&mut self) {
+        let Some(reopening) = &mut self.reopening else {
+            return;
+        };
+        if Instant::now() < reopening.next_attempt {
+            return;
+        }
+        match reopen(reopening, &self.path, self.page_cache) {
+            Ok((db, counters)) => {
+                // Effects of lost commits were counted: count again from what is stored.
+                if let Ok(mut c) = self.counters.lock() {
+                    *c = counters;
+                }
+                if let Ok(mut handle) = self.db.write() {
+                    *handle = DbHandle::Open(Arc::new(db));
+                }
+                self.reopening = None;
+                tracing::info!("store database reopened after an I/O error");
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "store database not reopened yet ({e}); next attempt in {:?}",
+                    self.backoff
+                );
+                reopening.next_attempt = Instant::now() + self.backoff;
+                self.backoff = (self.backoff * 2).min(REOPEN_BACKOFF_MAX);
             }
         }
     }
@@ -521,9 +666,9 @@ impl Writer {
     /// the commit's fate is known (an error then overrides the op's own result).
     fn apply(&self, txn: &WriteTransaction, op: Op) -> (Effect, Answer) {
         fn answer<T: 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Answer {
-            Box::new(move |commit_err| {
-                let out = match commit_err {
-                    Some(e) => Err(StoreError::Embedded(format!("commit failed: {e}"))),
+            Box::new(move |not_written| {
+                let out = match not_written {
+                    Some(why) => Err(StoreError::Embedded(why.to_owned())),
                     None => result,
                 };
                 let _ = reply.send(out);
@@ -573,6 +718,40 @@ impl Writer {
             }
         }
     }
+}
+
+fn begin(db: &Database, durable: bool) -> Result<WriteTransaction, redb::Error> {
+    let mut txn = db.begin_write()?;
+    if !durable {
+        txn.set_durability(Durability::None)?;
+    }
+    Ok(txn)
+}
+
+/// Close the failed handle once no reader holds it (redb will not open a file twice in one
+/// process), then open the file again.
+fn reopen(
+    reopening: &mut Reopening,
+    path: &Path,
+    page_cache: usize,
+) -> Result<(Database, Counters), StoreError> {
+    if let Some(old) = reopening.old.take() {
+        match Arc::try_unwrap(old) {
+            // After an I/O error redb writes nothing on close, and says so with an error.
+            Ok(db) => {
+                if let Err(e) = db.close() {
+                    tracing::debug!("closing the failed store database: {e}");
+                }
+            }
+            Err(old) => {
+                reopening.old = Some(old);
+                return Err(StoreError::Embedded(
+                    "readers still hold the failed database".into(),
+                ));
+            }
+        }
+    }
+    open_database(path, page_cache)
 }
 
 fn apply_effect(c: &mut Counters, effect: Effect) {
