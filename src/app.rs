@@ -137,6 +137,7 @@ impl App {
                 health: health.clone(),
                 cache,
                 replayer: replayer.clone(),
+                outbox: outbox.clone(),
                 events: events.clone(),
                 token: config.admin.token.clone(),
             },

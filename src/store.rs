@@ -226,6 +226,17 @@ pub trait Store: Send + Sync + 'static {
     /// Put a dead letter back at the tail of its partition (a new sequence number).
     async fn retry_dead_letter(&self, key: &str) -> Result<bool, StoreError>;
 
+    /// An operator's "try it now" for a pending item (queued or waiting for credentials): it
+    /// becomes `queued` with no backoff, keeping its place, and is sent with the credentials
+    /// it carries. False when the key is not pending.
+    async fn retry_pending(&self, key: &str) -> Result<bool, StoreError>;
+
+    /// An operator's drop of a pending item or a dead letter: it leaves its partition or the
+    /// dead-letter list and is kept as a finished record (`rejected`, outcome "dropped by
+    /// operator") for the retention period, so its key still answers. False when the key is
+    /// neither pending nor a dead letter.
+    async fn drop_mutation(&self, key: &str) -> Result<bool, StoreError>;
+
     /// Forget finished records finished before `before_ms` (dead letters are kept).
     async fn purge_finished(&self, before_ms: u64) -> Result<u64, StoreError>;
 

@@ -1693,3 +1693,231 @@ async fn queued_mutation_older_than_queue_max_age_expires_and_is_never_applied()
     let applied: Vec<String> = s.upstream.applied().into_iter().map(|a| a.key).collect();
     assert_eq!(applied, ["exp-2"]);
 }
+
+// --- Operator actions through the admin API -------------------------------------------------
+
+impl Setup {
+    /// An admin API call; returns status and JSON body.
+    async fn admin(&self, method: reqwest::Method, path: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .request(method, format!("{}{path}", self.outpost.admin_url()))
+            .send()
+            .await
+            .expect("admin call");
+        let status = resp.status().as_u16();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    /// POST a mutation with `key` to `path` while the upstream is down; expect a 202.
+    async fn queue(&self, path: &str, key: &str, auth: &str) {
+        let resp = self
+            .http
+            .post(self.url(path))
+            .header("Idempotency-Key", key)
+            .header("Authorization", auth)
+            .body(format!(r#"{{"key":"{key}"}}"#))
+            .send()
+            .await
+            .expect("POST");
+        expect_queued(resp).await;
+    }
+}
+
+#[tokio::test]
+async fn operator_retry_sends_an_item_waiting_for_credentials_with_the_ones_it_carries() {
+    let s = Setup::offline("").await;
+    s.upstream.script(
+        "/apply/op-retry/",
+        vec![
+            ScriptedResponse::json(401, json!({"error": "token expired"})),
+            ScriptedResponse::passthrough(),
+        ],
+    );
+    s.queue("/apply/op-retry/x", "op-retry-1", "Bearer the-token")
+        .await;
+    s.upstream_up().await;
+    s.wait_mutation("op-retry-1", "auth_required", REPLAY_TIMEOUT)
+        .await;
+    let (status, body) = s
+        .admin(reqwest::Method::POST, "/queue/op-retry-1/retry")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let doc = s
+        .wait_mutation("op-retry-1", "succeeded", REPLAY_TIMEOUT)
+        .await;
+    assert_eq!(doc["upstream_status"], 201, "{doc}");
+    let applied = s.upstream.applied();
+    assert_eq!(applied.len(), 1);
+    assert_eq!(
+        applied[0].authorization.as_deref(),
+        Some("Bearer the-token")
+    );
+    // Nothing pending any more: a second retry finds nothing.
+    let (status, _) = s
+        .admin(reqwest::Method::POST, "/queue/op-retry-1/retry")
+        .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn operator_drop_removes_a_waiting_item_and_its_partition_goes_on() {
+    let s = Setup::offline("").await;
+    s.upstream.script(
+        "/apply/op-drop/a",
+        vec![ScriptedResponse::json(
+            401,
+            json!({"error": "token expired"}),
+        )],
+    );
+    s.queue("/apply/op-drop/a", "op-drop-a", "Bearer old").await;
+    s.queue("/apply/op-drop/b", "op-drop-b", "Bearer old").await;
+    s.upstream_up().await;
+    s.wait_mutation("op-drop-a", "auth_required", REPLAY_TIMEOUT)
+        .await;
+    // b waits behind a: nothing overtakes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(s.upstream.applied().is_empty());
+    let (_, queue) = s.admin(reqwest::Method::GET, "/queue").await;
+    let keys: Vec<&str> = queue["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|d| d["idempotency_key"].as_str())
+        .collect();
+    assert_eq!(keys, ["op-drop-a", "op-drop-b"], "{queue}");
+
+    let (status, body) = s.admin(reqwest::Method::DELETE, "/queue/op-drop-a").await;
+    assert_eq!(status, 200, "{body}");
+    s.wait_mutation("op-drop-b", "succeeded", REPLAY_TIMEOUT)
+        .await;
+    let (_, doc) = s.mutation("op-drop-a").await;
+    assert_eq!(doc["status"], "rejected", "{doc}");
+    assert_eq!(doc["outcome"], "dropped by operator", "{doc}");
+    let applied: Vec<String> = s.upstream.applied().into_iter().map(|a| a.key).collect();
+    assert_eq!(applied, ["op-drop-b"]);
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_retried_and_dropped_by_the_operator() {
+    let s = Setup::offline("").await;
+    s.upstream.script(
+        "/apply/dl/a",
+        vec![
+            ScriptedResponse::json(422, json!({"errors": [{"message": "bad"}]})),
+            ScriptedResponse::passthrough(),
+        ],
+    );
+    s.upstream.script(
+        "/apply/dl/b",
+        vec![ScriptedResponse::json(409, json!({"error": "conflict"}))],
+    );
+    s.queue("/apply/dl/a", "dl-a", "Bearer t").await;
+    s.queue("/apply/dl/b", "dl-b", "Bearer t").await;
+    s.upstream_up().await;
+    s.wait_mutation("dl-a", "rejected", REPLAY_TIMEOUT).await;
+    s.wait_mutation("dl-b", "conflict", REPLAY_TIMEOUT).await;
+    let (_, listed) = s.admin(reqwest::Method::GET, "/dead-letters").await;
+    let items = listed["items"].as_array().expect("items");
+    assert_eq!(items.len(), 2, "{listed}");
+    assert_eq!(items[0]["upstream_status"], 422, "{listed}");
+
+    let (status, body) = s
+        .admin(reqwest::Method::POST, "/dead-letters/dl-a/retry")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    s.wait_mutation("dl-a", "succeeded", REPLAY_TIMEOUT).await;
+    let (status, body) = s.admin(reqwest::Method::DELETE, "/dead-letters/dl-b").await;
+    assert_eq!(status, 200, "{body}");
+    let (_, listed) = s.admin(reqwest::Method::GET, "/dead-letters").await;
+    assert_eq!(
+        listed["items"].as_array().map(Vec::len),
+        Some(0),
+        "{listed}"
+    );
+    assert_eq!(s.admin_status().await["dead_letters"], 0);
+    let (_, doc) = s.mutation("dl-b").await;
+    assert_eq!(doc["outcome"], "dropped by operator", "{doc}");
+    let applied: Vec<String> = s.upstream.applied().into_iter().map(|a| a.key).collect();
+    assert_eq!(applied, ["dl-a"]);
+}
+
+#[tokio::test]
+async fn pause_holds_replay_until_resume_and_the_admin_token_is_enforced() {
+    let s = Setup::offline("[admin]\ntoken = \"s3cret\"\n").await;
+    let anonymous = s
+        .http
+        .get(format!("{}/status", s.outpost.admin_url()))
+        .send()
+        .await
+        .expect("status");
+    assert_eq!(anonymous.status(), 401);
+    let admin = |method: reqwest::Method, path: &str| {
+        s.http
+            .request(method, format!("{}{path}", s.outpost.admin_url()))
+            .bearer_auth("s3cret")
+            .send()
+    };
+    let resp = admin(reqwest::Method::POST, "/sync/pause")
+        .await
+        .expect("pause");
+    assert_eq!(resp.status(), 200);
+    s.queue("/apply/paused/x", "paused-1", "Bearer t").await;
+    s.upstream_up().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        s.upstream.applied().is_empty(),
+        "nothing replays while paused"
+    );
+    let resp = admin(reqwest::Method::POST, "/sync/resume")
+        .await
+        .expect("resume");
+    assert_eq!(resp.status(), 200);
+    s.upstream.wait_applied(1, REPLAY_TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn a_forwarded_mutation_the_upstream_rejects_is_reported_rejected_and_replayed_not_dead_lettered()
+ {
+    let s = Setup::online("").await;
+    s.upstream.script(
+        "/apply/online-422/",
+        vec![ScriptedResponse::json(
+            422,
+            json!({"errors": [{"message": "bad"}]}),
+        )],
+    );
+    let first = s.post("/apply/online-422/x", Some("fwd-422"), "{}").await;
+    assert_eq!(first.status(), 422);
+    let _ = first.text().await;
+    let doc = eventually_doc(&s, "fwd-422").await;
+    assert_eq!(doc["status"], "rejected", "{doc}");
+    assert_eq!(doc["upstream_status"], 422, "{doc}");
+    // The app already has the answer: nothing to retry, so not a dead letter.
+    assert_eq!(s.admin_status().await["dead_letters"], 0);
+    let again = s.post("/apply/online-422/x", Some("fwd-422"), "{}").await;
+    assert_eq!(again.status(), 422);
+    assert_eq!(
+        again
+            .headers()
+            .get("idempotent-replayed")
+            .and_then(|v| v.to_str().ok()),
+        Some("true")
+    );
+    assert_eq!(s.upstream.requests_to("/apply/online-422/").len(), 1);
+}
+
+/// The status document of `key` once it exists (forwarded answers are recorded in the
+/// background, right after the body has streamed to the app).
+async fn eventually_doc(s: &Setup, key: &str) -> Value {
+    let deadline = Instant::now() + REPLAY_TIMEOUT;
+    loop {
+        let (status, doc) = s.mutation(key).await;
+        if status == 200 {
+            return doc;
+        }
+        assert!(Instant::now() < deadline, "{key} never recorded");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -43,6 +43,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     enqueue_is_idempotent_and_ordered(&*store).await;
     partitions_are_independent_fifos(&*store).await;
     finish_and_dead_letters(&*store).await;
+    operator_retry_and_drop(&*store).await;
     cache_roundtrip(&*store).await;
 }
 
@@ -169,6 +170,136 @@ async fn finish_and_dead_letters(store: &dyn Store) {
     assert!(purged >= 3, "purged {purged}");
     assert!(store.mutation("f1").await.unwrap().is_none());
     assert!(store.mutation("d1").await.unwrap().is_none());
+}
+
+async fn operator_retry_and_drop(store: &dyn Store) {
+    let keys = |records: &[MutationRecord]| {
+        records
+            .iter()
+            .map(|r| r.key.clone())
+            .collect::<Vec<String>>()
+    };
+    let before = store.stats().await.unwrap();
+    store.enqueue(record("o1", "po")).await.unwrap();
+    store.enqueue(record("o2", "po")).await.unwrap();
+    let lease = store.acquire("po").await.unwrap().expect("lease");
+    // The first one waits for fresh credentials, with a backoff far in the future.
+    let mut first = store.peek("po", 1).await.unwrap().remove(0);
+    assert_eq!(first.key, "o1");
+    first.status = MutationStatus::AuthRequired;
+    first.attempts = 1;
+    first.next_attempt_at_ms = now_ms() + 3_600_000;
+    store.update(&lease, &first).await.unwrap();
+    let held = store.peek("po", 1).await.unwrap().remove(0);
+    assert_eq!(held.status, MutationStatus::AuthRequired);
+
+    // "Try it now": queued, no backoff, same place, same request (and credentials).
+    assert!(store.retry_pending("o1").await.unwrap());
+    let order = store.peek("po", 10).await.unwrap();
+    assert_eq!(keys(&order), ["o1", "o2"], "retry keeps the item's place");
+    assert_eq!(order[0].status, MutationStatus::Queued);
+    assert_eq!(order[0].next_attempt_at_ms, 0);
+    assert_eq!(order[0].seq, first.seq);
+    assert_eq!(order[0].request, first.request);
+    assert!(!store.retry_pending("unknown-key").await.unwrap());
+
+    // Drop a pending item: it leaves its partition, and its key still answers.
+    let dropped_after = now_ms();
+    assert!(store.drop_mutation("o1").await.unwrap());
+    let order = store.peek("po", 10).await.unwrap();
+    assert_eq!(keys(&order), ["o2"]);
+    let o1 = store
+        .mutation("o1")
+        .await
+        .unwrap()
+        .expect("kept after drop");
+    assert_eq!(o1.status, MutationStatus::Rejected);
+    assert_eq!(o1.outcome.as_deref(), Some("dropped by operator"));
+    assert!(o1.request.body.is_empty(), "finished records keep no body");
+    assert!(o1.finished_at_ms.is_some(), "kept as a finished record");
+    assert!(
+        !store.retry_pending("o1").await.unwrap(),
+        "no longer pending"
+    );
+    assert!(!store.drop_mutation("o1").await.unwrap(), "dropped once");
+    assert!(
+        !store.retry_dead_letter("o1").await.unwrap(),
+        "a dropped item is not a dead letter"
+    );
+    assert!(
+        store
+            .dead_letters(100)
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.key != "o1")
+    );
+    assert_eq!(
+        store.stats().await.unwrap().queue_depth,
+        before.queue_depth + 1
+    );
+
+    // Drop a dead letter: it leaves the dead-letter list.
+    let mut second = order[0].clone();
+    second.status = MutationStatus::Conflict;
+    second.finished_at_ms = Some(now_ms());
+    store.finish(&lease, &second).await.unwrap();
+    assert!(!store.partition_has_pending("po").await.unwrap());
+    assert!(
+        !store.retry_pending("o2").await.unwrap(),
+        "a dead letter is not pending"
+    );
+    assert!(
+        keys(&store.dead_letters(100).await.unwrap()).contains(&"o2".to_string()),
+        "dead-lettered"
+    );
+    assert_eq!(
+        store.stats().await.unwrap().dead_letters,
+        before.dead_letters + 1
+    );
+    assert!(store.drop_mutation("o2").await.unwrap());
+    assert!(
+        !keys(&store.dead_letters(100).await.unwrap()).contains(&"o2".to_string()),
+        "no longer a dead letter"
+    );
+    assert_eq!(
+        store.stats().await.unwrap().dead_letters,
+        before.dead_letters
+    );
+    assert!(!store.retry_dead_letter("o2").await.unwrap());
+    let o2 = store
+        .mutation("o2")
+        .await
+        .unwrap()
+        .expect("kept after drop");
+    assert_eq!(o2.status, MutationStatus::Rejected);
+    assert_eq!(o2.outcome.as_deref(), Some("dropped by operator"));
+    assert!(o2.request.body.is_empty(), "finished records keep no body");
+
+    // A finished (succeeded) item is neither pending nor a dead letter.
+    store.enqueue(record("o3", "po")).await.unwrap();
+    let mut third = store.peek("po", 1).await.unwrap().remove(0);
+    third.status = MutationStatus::Succeeded;
+    third.finished_at_ms = Some(now_ms());
+    store.finish(&lease, &third).await.unwrap();
+    assert!(!store.drop_mutation("o3").await.unwrap());
+    assert!(!store.retry_pending("o3").await.unwrap());
+    let o3 = store.mutation("o3").await.unwrap().expect("kept");
+    assert_eq!(o3.status, MutationStatus::Succeeded);
+    store.release(&lease).await.unwrap();
+
+    // Dropped records are kept for the retention period, then purged like finished ones.
+    store.purge_finished(dropped_after).await.unwrap();
+    assert!(store.mutation("o1").await.unwrap().is_some());
+    assert!(store.mutation("o2").await.unwrap().is_some());
+    store.purge_finished(now_ms() + 60_000).await.unwrap();
+    assert!(store.mutation("o1").await.unwrap().is_none());
+    assert!(store.mutation("o2").await.unwrap().is_none());
+    let after = store.stats().await.unwrap();
+    assert_eq!(
+        (after.queue_depth, after.dead_letters),
+        (before.queue_depth, before.dead_letters)
+    );
 }
 
 async fn cache_roundtrip(store: &dyn Store) {

@@ -101,6 +101,8 @@ enum Op {
     Update(Box<MutationRecord>, Reply<()>),
     Finish(Box<MutationRecord>, Reply<()>),
     RetryDeadLetter(String, Reply<bool>),
+    RetryPending(String, Reply<bool>),
+    Drop(String, Reply<bool>),
     Purge(u64, Reply<u64>),
     CachePut(Vec<u8>, Bytes, u64),
     CacheTouch(Vec<u8>),
@@ -108,7 +110,10 @@ enum Op {
 
 impl Op {
     fn needs_fsync(&self) -> bool {
-        matches!(self, Op::Enqueue(..) | Op::RetryDeadLetter(..))
+        matches!(
+            self,
+            Op::Enqueue(..) | Op::RetryDeadLetter(..) | Op::RetryPending(..) | Op::Drop(..)
+        )
     }
 
     /// Answer the caller with `why` without applying the op (no transaction could begin).
@@ -123,7 +128,7 @@ impl Op {
             Op::RecordForwarded(_, reply) | Op::Update(_, reply) | Op::Finish(_, reply) => {
                 let _ = reply.send(refused(why));
             }
-            Op::RetryDeadLetter(_, reply) => {
+            Op::RetryDeadLetter(_, reply) | Op::RetryPending(_, reply) | Op::Drop(_, reply) => {
                 let _ = reply.send(refused(why));
             }
             Op::Purge(_, reply) => {
@@ -142,6 +147,8 @@ enum Effect {
     /// Left its partition for the dead-letter list.
     DeadLettered(String),
     DeadRevived(String),
+    /// Dropped from the dead-letter list by an operator.
+    DeadDropped,
     Cache {
         entries: i64,
         bytes: i64,
@@ -394,6 +401,16 @@ impl Store for EmbeddedStore {
     async fn retry_dead_letter(&self, key: &str) -> Result<bool, StoreError> {
         let key = key.to_string();
         self.call(|r| Op::RetryDeadLetter(key, r)).await
+    }
+
+    async fn retry_pending(&self, key: &str) -> Result<bool, StoreError> {
+        let key = key.to_string();
+        self.call(|r| Op::RetryPending(key, r)).await
+    }
+
+    async fn drop_mutation(&self, key: &str) -> Result<bool, StoreError> {
+        let key = key.to_string();
+        self.call(|r| Op::Drop(key, r)).await
     }
 
     async fn purge_finished(&self, before_ms: u64) -> Result<u64, StoreError> {
@@ -697,6 +714,15 @@ impl Writer {
                 Ok(None) => (Effect::None, answer(reply, Ok(false))),
                 Err(e) => (Effect::None, answer(reply, Err(e))),
             },
+            Op::RetryPending(key, reply) => {
+                let r = retry_pending(txn, &key);
+                (Effect::None, answer(reply, r))
+            }
+            Op::Drop(key, reply) => match drop_mutation(txn, &key) {
+                Ok(Some(effect)) => (effect, answer(reply, Ok(true))),
+                Ok(None) => (Effect::None, answer(reply, Ok(false))),
+                Err(e) => (Effect::None, answer(reply, Err(e))),
+            },
             Op::Purge(before, reply) => {
                 let r = purge(txn, before);
                 (Effect::None, answer(reply, r))
@@ -770,6 +796,7 @@ fn apply_effect(c: &mut Counters, effect: Effect) {
             apply_effect(c, Effect::Unqueued(p));
             c.dead_letters += 1;
         }
+        Effect::DeadDropped => c.dead_letters = c.dead_letters.saturating_sub(1),
         Effect::DeadRevived(p) => {
             c.dead_letters = c.dead_letters.saturating_sub(1);
             *c.pending.entry(p).or_default() += 1;
@@ -867,7 +894,9 @@ fn retry_dead_letter(txn: &WriteTransaction, key: &str) -> Result<Option<Effect>
     else {
         return Ok(None);
     };
-    if !record.status.is_dead_letter() {
+    // Only what is on the dead-letter list (a forwarded mutation the upstream rejected has a
+    // dead-letter status but was answered to the app directly: nothing to retry).
+    if !is_dead_letter(txn, &record)? {
         return Ok(None);
     }
     txn.open_table(DEAD)?.remove(record.seq)?;
@@ -881,6 +910,65 @@ fn retry_dead_letter(txn: &WriteTransaction, key: &str) -> Result<Option<Effect>
     txn.open_table(QUEUE)?
         .insert((record.partition.as_str(), seq), key)?;
     Ok(Some(Effect::DeadRevived(record.partition)))
+}
+
+fn is_dead_letter(txn: &WriteTransaction, record: &MutationRecord) -> Result<bool, StoreError> {
+    Ok(txn
+        .open_table(DEAD)?
+        .get(record.seq)?
+        .is_some_and(|k| k.value() == record.key))
+}
+
+fn is_queued(txn: &WriteTransaction, record: &MutationRecord) -> Result<bool, StoreError> {
+    Ok(txn
+        .open_table(QUEUE)?
+        .get((record.partition.as_str(), record.seq))?
+        .is_some_and(|k| k.value() == record.key))
+}
+
+fn get_for_update(txn: &WriteTransaction, key: &str) -> Result<Option<MutationRecord>, StoreError> {
+    txn.open_table(MUTATIONS)?
+        .get(key)?
+        .map(|v| decode(v.value()))
+        .transpose()
+}
+
+fn retry_pending(txn: &WriteTransaction, key: &str) -> Result<bool, StoreError> {
+    let Some(mut record) = get_for_update(txn, key)? else {
+        return Ok(false);
+    };
+    if !record.status.is_pending() || !is_queued(txn, &record)? {
+        return Ok(false);
+    }
+    record.status = MutationStatus::Queued;
+    record.next_attempt_at_ms = 0;
+    put_record(txn, &record)?;
+    Ok(true)
+}
+
+fn drop_mutation(txn: &WriteTransaction, key: &str) -> Result<Option<Effect>, StoreError> {
+    let Some(mut record) = get_for_update(txn, key)? else {
+        return Ok(None);
+    };
+    let effect = if is_queued(txn, &record)? {
+        txn.open_table(QUEUE)?
+            .remove((record.partition.as_str(), record.seq))?;
+        Effect::Unqueued(record.partition.clone())
+    } else if is_dead_letter(txn, &record)? {
+        txn.open_table(DEAD)?.remove(record.seq)?;
+        Effect::DeadDropped
+    } else {
+        return Ok(None);
+    };
+    let now = now_ms();
+    record.status = MutationStatus::Rejected;
+    record.outcome = Some("dropped by operator".into());
+    record.finished_at_ms = Some(now);
+    record.request.body = Bytes::new();
+    record.request.headers.clear();
+    put_record(txn, &record)?;
+    txn.open_table(FINISHED)?.insert((now, key), ())?;
+    Ok(Some(effect))
 }
 
 fn purge(txn: &WriteTransaction, before_ms: u64) -> Result<u64, StoreError> {
@@ -897,7 +985,7 @@ fn purge(txn: &WriteTransaction, before_ms: u64) -> Result<u64, StoreError> {
             .get(key.as_str())?
             .map(|v| decode(v.value()))
             .transpose()?
-            .is_some_and(|r| !r.status.is_pending() && !r.status.is_dead_letter());
+            .is_some_and(|r| !r.status.is_pending());
         if finished_record {
             mutations.remove(key.as_str())?;
             purged += 1;

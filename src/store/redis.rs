@@ -20,12 +20,12 @@
 //!
 //! **Slots.** Every multi-key operation is one Lua script over keys of one slot: enqueue
 //! (existence check, FIFO guard, record, queue), update and finish (lease check, record, queue,
-//! dead/done list), dead-letter retry, purge of one partition batch, and cache get/put (all
-//! cache keys share the `{c}` tag). `P:seq`, `P:fence`, `P:partitions` and `P:k:<key>` are only
-//! touched by single-key commands or single-key scripts. The layout is therefore valid on Redis
-//! Cluster; this module connects with a standalone client (`ConnectionManager`), so a cluster
-//! needs a cluster-aware proxy in front or a cluster client here (a small change: the calls stay
-//! the same).
+//! dead/done list), dead-letter retry, an operator's retry or drop (below), purge of one
+//! partition batch, and cache get/put (all cache keys share the `{c}` tag). `P:seq`,
+//! `P:fence`, `P:partitions` and `P:k:<key>` are only touched by single-key commands or
+//! single-key scripts. The layout is therefore valid on Redis Cluster; this module connects
+//! with a standalone client (`ConnectionManager`), so a cluster needs a cluster-aware proxy in
+//! front or a cluster client here (a small change: the calls stay the same).
 //!
 //! **Enqueue.** Enqueues are written in *groups*, like the embedded store's group commit:
 //! callers join a waiting list, and one task at a time (per store) writes everything waiting,
@@ -66,6 +66,17 @@
 //! [`StoreError::LeaseLost`] instead of overwriting its successor's work. A killed instance's
 //! lease simply expires after `store.redis_lease` and another instance acquires it. Expiry uses
 //! Redis's clock only; instance clocks do not matter.
+//!
+//! **Operator actions.** `retry_pending` and `drop_mutation` take no lease (the operator is not
+//! the replayer). Records are postcard blobs that Lua cannot read, so each is a
+//! read-modify-write: `GET` the record, change it in Rust, and write it with a script that
+//! applies only if the stored blob is still the one read and the key is still on its queue (or,
+//! for a drop, its dead list) with the same sequence number; a changed blob means read again (a
+//! few times). A drop moves the key from queue or dead list to `done` (scored by its drop time,
+//! so the retention sweep forgets it), with status `rejected` and no request body or headers.
+//! The replayer's later `update` or `finish` of a dropped item finds it gone from the queue and
+//! changes nothing; after a retry they overwrite the record as usual. Both are confirmed by
+//! replicas like an enqueue.
 //!
 //! **Durability.** An enqueue is acknowledged only after Redis executed its script. What
 //! survives a *Redis* crash depends on Redis's persistence: with `appendonly yes` and
@@ -115,7 +126,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, FromRedisValue, RedisError, Script, Value};
 use tokio::sync::{Semaphore, oneshot};
 
-use super::{Enqueued, Lease, MutationRecord, Store, StoreError, StoreStats, now_ms};
+use super::{
+    Enqueued, Lease, MutationRecord, MutationStatus, Store, StoreError, StoreStats, now_ms,
+};
 use crate::config::StoreConfig;
 
 /// Time allowed for one command's answer, and for establishing a connection.
@@ -136,6 +149,9 @@ const CACHE_PUTS_IN_FLIGHT: usize = 256;
 const CACHE_REAP: usize = 32;
 /// Finished records purged per script call.
 const PURGE_BATCH: usize = 256;
+/// Reads of a record for an operator's compare-and-set write, when it keeps changing between
+/// the read and the write (the replayer saving its progress).
+const CAS_ATTEMPTS: usize = 8;
 
 /// `ENQUEUE` KEYS: queue, record 1..n. ARGV: key, seq, blob for each record (seqs increasing).
 /// Returns 0 when the first seq is not above the queue's tail (renumber all and try again),
@@ -217,6 +233,46 @@ if tail[2] and tonumber(tail[2]) >= tonumber(ARGV[3]) then return -2 end
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('SET', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+",
+    )
+});
+
+/// `RETRY_PENDING` KEYS: record, queue. ARGV: key, seq, blob read, new blob.
+/// Returns 1 (written), 0 (not pending with that seq: unchanged) or -1 (the record is no longer
+/// the blob read: read it again).
+static RETRY_PENDING: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[3] then return -1 end
+local s = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if (not s) or tonumber(s) ~= tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[4])
+return 1
+",
+    )
+});
+
+/// `DROP` KEYS: record, queue, dead, done. ARGV: key, seq, blob read, new blob, finished_at.
+/// Takes the key out of the queue or the dead list (whichever holds it with that seq), writes
+/// the new blob and lists the key as finished. Returns 1 (dropped), 0 (neither pending nor a
+/// dead letter: unchanged) or -1 (the record is no longer the blob read: read it again).
+static DROP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[3] then return -1 end
+local from = nil
+for i = 2, 3 do
+  local s = redis.call('ZSCORE', KEYS[i], ARGV[1])
+  if s and tonumber(s) == tonumber(ARGV[2]) then
+    from = KEYS[i]
+    break
+  end
+end
+if not from then return 0 end
+redis.call('ZREM', from, ARGV[1])
+redis.call('SET', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
 return 1
 ",
     )
@@ -1112,7 +1168,7 @@ impl Shared {
         self.register(&mut conn, &record.partition).await?;
         let pk = self.keys.partition(&record.partition);
         let old_seq = record.seq;
-        record.status = super::MutationStatus::Queued;
+        record.status = MutationStatus::Queued;
         record.attempts = 0;
         record.next_attempt_at_ms = 0;
         record.finished_at_ms = None;
@@ -1144,6 +1200,111 @@ impl Shared {
             "dead-letter retry kept being overtaken",
             format!("partition {:?}", record.partition),
         ))
+    }
+
+    /// The partition and stored blob of `key` (for a compare-and-set write).
+    async fn raw_record(
+        &self,
+        conn: &mut ConnectionManager,
+        key: &str,
+    ) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+        let partition: Option<String> = redis::cmd("GET")
+            .arg(self.keys.index(key))
+            .query_async(conn)
+            .await?;
+        let Some(partition) = partition else {
+            return Ok(None);
+        };
+        let blob: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(self.keys.partition(&partition).record(key))
+            .query_async(conn)
+            .await?;
+        Ok(blob.map(|b| (partition, b)))
+    }
+
+    /// Operator's "try it now": no lease is taken (the replayer's own writes under its lease
+    /// simply overwrite the record later). Read, change in Rust (records are postcard blobs),
+    /// and write back only if the record is unchanged and still queued; else read again.
+    async fn retry_pending_inner(&self, key: &str) -> Result<bool, StoreError> {
+        let mut conn = self.durable.clone();
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((partition, blob)) = self.raw_record(&mut conn, key).await? else {
+                return Ok(false);
+            };
+            let mut record = decode(&blob)?;
+            if !record.status.is_pending() {
+                return Ok(false);
+            }
+            record.status = MutationStatus::Queued;
+            record.next_attempt_at_ms = 0;
+            let pk = self.keys.partition(&partition);
+            let answer: i64 = RETRY_PENDING
+                .key(pk.record(key))
+                .key(pk.queue())
+                .arg(key)
+                .arg(record.seq)
+                .arg(&blob)
+                .arg(encode(&record)?)
+                .invoke_async(&mut conn)
+                .await?;
+            match answer {
+                1 => {
+                    self.confirm_replicas(&mut conn).await?;
+                    return Ok(true);
+                }
+                0 => return Ok(false),
+                -1 => continue,
+                other => return Err(unexpected("retry_pending", &Value::Int(other))),
+            }
+        }
+        Err(kept_changing("retry_pending", key))
+    }
+
+    /// Operator's drop of a pending item or a dead letter (no lease, as for
+    /// [`Self::retry_pending_inner`]). The replayer's later `update`/`finish` of a dropped item
+    /// find it gone from the queue and change nothing.
+    async fn drop_mutation_inner(&self, key: &str) -> Result<bool, StoreError> {
+        let mut conn = self.durable.clone();
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((partition, blob)) = self.raw_record(&mut conn, key).await? else {
+                return Ok(false);
+            };
+            let mut record = decode(&blob)?;
+            // Cheap pre-filter; the script decides by the queue and dead-letter lists (a
+            // forwarded record may carry a dead-letter status without being on the list).
+            if !record.status.is_pending() && !record.status.is_dead_letter() {
+                return Ok(false);
+            }
+            let now = now_ms();
+            record.status = MutationStatus::Rejected;
+            record.outcome = Some("dropped by operator".into());
+            record.finished_at_ms = Some(now);
+            record.request.body = Bytes::new();
+            record.request.headers.clear();
+            let pk = self.keys.partition(&partition);
+            let answer: i64 = DROP
+                .key(pk.record(key))
+                .key(pk.queue())
+                .key(pk.dead())
+                .key(pk.done())
+                .arg(key)
+                .arg(record.seq)
+                .arg(&blob)
+                .arg(encode(&record)?)
+                .arg(now)
+                .invoke_async(&mut conn)
+                .await?;
+            match answer {
+                1 => {
+                    self.confirm_replicas(&mut conn).await?;
+                    return Ok(true);
+                }
+                0 => return Ok(false),
+                -1 => continue,
+                other => return Err(unexpected("drop_mutation", &Value::Int(other))),
+            }
+        }
+        Err(kept_changing("drop_mutation", key))
     }
 
     async fn purge_finished_inner(&self, before_ms: u64) -> Result<u64, StoreError> {
@@ -1405,6 +1566,24 @@ impl Store for RedisStore {
         .await
     }
 
+    async fn retry_pending(&self, key: &str) -> Result<bool, StoreError> {
+        within(
+            "retry_pending",
+            self.shared.replica_timeout,
+            self.shared.retry_pending_inner(key),
+        )
+        .await
+    }
+
+    async fn drop_mutation(&self, key: &str) -> Result<bool, StoreError> {
+        within(
+            "drop_mutation",
+            self.shared.replica_timeout,
+            self.shared.drop_mutation_inner(key),
+        )
+        .await
+    }
+
     async fn purge_finished(&self, before_ms: u64) -> Result<u64, StoreError> {
         // A sweep may touch many partitions; it is a background job, so give it more time.
         within(
@@ -1537,6 +1716,15 @@ fn copy_error(e: &StoreError) -> StoreError {
             partition: partition.clone(),
         },
     }
+}
+
+/// A compare-and-set write that lost [`CAS_ATTEMPTS`] times in a row.
+fn kept_changing(what: &'static str, key: &str) -> StoreError {
+    redis_error(
+        ErrorKind::Client,
+        "record kept changing",
+        format!("{what} of {key:?} lost {CAS_ATTEMPTS} compare-and-set attempts"),
+    )
 }
 
 fn decode(bytes: &[u8]) -> Result<MutationRecord, StoreError> {
