@@ -41,7 +41,7 @@ use crate::events::{Event, Events};
 use crate::health::Health;
 use crate::proxy::forward::{ForwardError, Upstream};
 use crate::proxy::with_cache_status;
-use crate::replay::classify::{self, Outcome};
+use crate::replay::classify;
 use crate::store::{
     Enqueued, MutationRecord, MutationStatus, Store, StoredRequest, StoredResponse, now_ms,
 };
@@ -368,12 +368,7 @@ impl Outbox {
             // The app already has the answer; what is kept is its classification, for the
             // status document and idempotent replies (not a dead letter: nothing to retry).
             let outcome = classify::classify(&rules, status_code, &answer_headers, &bytes);
-            record.status = match outcome {
-                Outcome::Partial => MutationStatus::Partial,
-                Outcome::Validation => MutationStatus::Rejected,
-                Outcome::Conflict => MutationStatus::Conflict,
-                _ => MutationStatus::Succeeded,
-            };
+            record.status = outcome.final_status().unwrap_or(MutationStatus::Succeeded);
             // No credentials or body at rest for a finished mutation.
             record.request.body = Bytes::new();
             record.request.headers.clear();

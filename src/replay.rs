@@ -320,11 +320,7 @@ impl Replayer {
         let now = now_ms();
         match outcome {
             Outcome::Success | Outcome::Partial => {
-                item.status = if outcome == Outcome::Success {
-                    MutationStatus::Succeeded
-                } else {
-                    MutationStatus::Partial
-                };
+                item.status = outcome.final_status().unwrap_or(MutationStatus::Succeeded);
                 item.outcome = Some(outcome.class().into());
                 item.response = response;
                 item.finished_at_ms = Some(now);
@@ -336,11 +332,7 @@ impl Replayer {
                 Ok(Step::Next)
             }
             Outcome::Validation | Outcome::Conflict => {
-                item.status = if outcome == Outcome::Conflict {
-                    MutationStatus::Conflict
-                } else {
-                    MutationStatus::Rejected
-                };
+                item.status = outcome.final_status().unwrap_or(MutationStatus::Rejected);
                 item.outcome = Some(outcome.class().into());
                 item.response = response;
                 item.finished_at_ms = Some(now);

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, StatusCode, header};
 
 use crate::config::{ClassifyConfig, RuleClass};
+use crate::store::MutationStatus;
 
 /// What to do with a replayed mutation after the upstream's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +32,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The status a mutation ends in with this outcome; `None` while it must wait or retry.
+    pub fn final_status(&self) -> Option<MutationStatus> {
+        match self {
+            Outcome::Success => Some(MutationStatus::Succeeded),
+            Outcome::Partial => Some(MutationStatus::Partial),
+            Outcome::Validation => Some(MutationStatus::Rejected),
+            Outcome::Conflict => Some(MutationStatus::Conflict),
+            Outcome::AuthRequired | Outcome::Retryable { .. } => None,
+        }
+    }
+
     /// The class name used in events, logs and the status document.
     pub fn class(&self) -> &'static str {
         match self {
