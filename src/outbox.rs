@@ -20,7 +20,7 @@
 //! by the app for mutations waiting after a 401.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
@@ -98,7 +98,15 @@ impl Outbox {
 
     /// Let the credentials vault see a request (cheap unless mutations wait for credentials).
     pub fn offer_credentials(&self, headers: &HeaderMap) {
-        self.credentials.offer(headers);
+        if let Some((principal, creds, at)) = self.credentials.offer(headers) {
+            // Another instance may be the one replaying the waiting mutation.
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.share_credentials(&principal, &creds, at).await {
+                    tracing::warn!("could not share fresh credentials: {e}");
+                }
+            });
+        }
     }
 
     /// The write path (POST, PUT, PATCH, DELETE).
@@ -580,6 +588,8 @@ pub struct Credentials {
     mode: PrincipalMode,
     waiting: Mutex<HashSet<String>>,
     any_waiting: AtomicUsize,
+    /// Another instance (shared store) has a mutation waiting for credentials.
+    elsewhere_waiting: AtomicBool,
     fresh: Mutex<HashMap<String, Offered>>,
     /// Woken when credentials are offered while mutations wait.
     pub offered: Notify,
@@ -587,6 +597,9 @@ pub struct Credentials {
 
 /// Credential headers offered by a principal, and when (Unix ms).
 type Offered = (Vec<(String, Bytes)>, u64);
+
+/// What [`Credentials::offer`] kept: principal, credential headers, when.
+type Kept = (String, Vec<(String, Bytes)>, u64);
 
 enum PrincipalMode {
     JwtSub,
@@ -607,6 +620,7 @@ impl Credentials {
             mode,
             waiting: Mutex::default(),
             any_waiting: AtomicUsize::new(0),
+            elsewhere_waiting: AtomicBool::new(false),
             fresh: Mutex::default(),
             offered: Notify::new(),
         }
@@ -641,9 +655,13 @@ impl Credentials {
         }
     }
 
-    fn offer(&self, headers: &HeaderMap) {
-        if self.any_waiting.load(Ordering::Acquire) == 0 {
-            return;
+    /// Keep the credentials of a request while mutations wait for some (here or, as the
+    /// store says, on another instance); returns what was kept, to be shared.
+    fn offer(&self, headers: &HeaderMap) -> Option<Kept> {
+        if self.any_waiting.load(Ordering::Acquire) == 0
+            && !self.elsewhere_waiting.load(Ordering::Acquire)
+        {
+            return None;
         }
         let creds: Vec<(String, Bytes)> = [header::AUTHORIZATION, header::COOKIE]
             .iter()
@@ -655,15 +673,20 @@ impl Credentials {
             })
             .collect();
         if creds.is_empty() {
-            return;
+            return None;
         }
-        let Some(principal) = self.principal_of(headers) else {
-            return;
-        };
+        let principal = self.principal_of(headers)?;
+        let at = now_ms();
         if let Ok(mut fresh) = self.fresh.lock() {
-            fresh.insert(principal, (creds, now_ms()));
+            fresh.insert(principal.clone(), (creds.clone(), at));
         }
         self.offered.notify_waiters();
+        Some((principal, creds, at))
+    }
+
+    /// Note whether another instance has a mutation waiting for credentials.
+    pub fn set_elsewhere_waiting(&self, waiting: bool) {
+        self.elsewhere_waiting.store(waiting, Ordering::Release);
     }
 
     /// Credentials of `principal` offered after `since_ms`, if any (`*` takes anyone's).

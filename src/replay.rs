@@ -49,6 +49,9 @@ pub static OUTPOST_ACCEPTED_AT: HeaderName = HeaderName::from_static("outpost-ac
 const PEEK_BATCH: usize = 64;
 /// How often the supervisor looks for partitions without being woken.
 const TICK: Duration = Duration::from_millis(500);
+/// How long an announced wait for credentials lasts unless renewed (the drain renews it
+/// about every second while the item waits).
+const AUTH_ANNOUNCE: Duration = Duration::from_secs(5);
 /// How often finished records past retention are purged.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 
@@ -136,6 +139,10 @@ impl Replayer {
         loop {
             if self.may_run() {
                 self.start_drains(&mut drains, &mut running).await;
+            }
+            match self.store.anyone_waiting().await {
+                Ok(waiting) => self.outbox.credentials.set_elsewhere_waiting(waiting),
+                Err(e) => tracing::debug!("cannot tell whether credentials are wanted: {e}"),
             }
             if last_purge.elapsed() >= PURGE_EVERY {
                 last_purge = Instant::now();
@@ -286,12 +293,12 @@ impl Replayer {
             return Ok(Step::Next);
         }
         if item.status == MutationStatus::AuthRequired {
-            let Some(creds) = self
-                .outbox
-                .credentials
-                .fresh_for(item.principal.as_deref(), item.next_attempt_at_ms)
-            else {
+            let Some(creds) = self.fresh_credentials(item).await else {
                 self.outbox.credentials.mark_waiting(&item.key);
+                // Tell the other instances (shared store) to pass on what the app offers them.
+                if let Err(e) = self.store.announce_waiting(AUTH_ANNOUNCE).await {
+                    tracing::debug!("could not announce a wait for credentials: {e}");
+                }
                 return Ok(Step::Wait(now + 1000));
             };
             replace_credentials(item, creds);
@@ -472,6 +479,26 @@ impl Replayer {
     ) {
         let (store, lease, item) = (self.store.clone(), lease.clone(), item.clone());
         finishing.spawn(async move { store.finish(&lease, &item).await });
+    }
+
+    /// Credentials offered after the item's 401: to this instance, or shared by another.
+    async fn fresh_credentials(&self, item: &MutationRecord) -> Option<Vec<(String, Bytes)>> {
+        let since = item.next_attempt_at_ms;
+        if let Some(creds) = self
+            .outbox
+            .credentials
+            .fresh_for(item.principal.as_deref(), since)
+        {
+            return Some(creds);
+        }
+        let principal = item.principal.as_deref().unwrap_or("*");
+        match self.store.shared_credentials(principal, since).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::debug!("cannot read shared credentials: {e}");
+                None
+            }
+        }
     }
 
     fn mark_in_flight(&self, key: &str, on: bool) {

@@ -240,6 +240,38 @@ pub trait Store: Send + Sync + 'static {
     /// Forget finished records finished before `before_ms` (dead letters are kept).
     async fn purge_finished(&self, before_ms: u64) -> Result<u64, StoreError>;
 
+    /// Share credentials the app offered for `principal` at `at_ms` with the other instances,
+    /// for mutations waiting after a 401 that another instance replays. A store that is not
+    /// shared keeps nothing: the offering instance's own memory is enough.
+    async fn share_credentials(
+        &self,
+        _principal: &str,
+        _credentials: &[(String, Bytes)],
+        _at_ms: u64,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Credentials another instance shared for `principal` after `since_ms` (`*`: anyone's).
+    async fn shared_credentials(
+        &self,
+        _principal: &str,
+        _since_ms: u64,
+    ) -> Result<Option<Vec<(String, Bytes)>>, StoreError> {
+        Ok(None)
+    }
+
+    /// Announce for `ttl` that a mutation waits for fresh credentials, so that the other
+    /// instances share what the app offers them.
+    async fn announce_waiting(&self, _ttl: Duration) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Whether another instance announced a mutation waiting for credentials.
+    async fn anyone_waiting(&self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
     /// A cache blob.
     async fn cache_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError>;
 

@@ -681,3 +681,82 @@ async fn a_replay_slower_than_the_lease_keeps_its_partition_and_no_other_instanc
         assert_eq!(sends, 1, "{key} was sent {sends} times");
     }
 }
+
+/// After a 401 on replay, the item waits for fresh credentials; the app's next request may reach
+/// any instance, not only the one replaying the partition.
+#[tokio::test]
+async fn fresh_credentials_offered_to_another_instance_release_a_mutation_waiting_after_a_401() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    upstream.script(
+        "/apply/orders",
+        vec![
+            ScriptedResponse::json(401, json!({"error": "token expired"})),
+            ScriptedResponse::passthrough(),
+        ],
+    );
+    upstream.stop().await;
+    // Only A runs while the item is queued and replayed, so A holds the partition.
+    let a = Instance::start("a", &redis, &upstream, "").await;
+    let http = client();
+    let resp = http
+        .post(a.url("/apply/orders"))
+        .header("idempotency-key", "auth-elsewhere")
+        .header("authorization", "Bearer old-token")
+        .json(&json!({"cart": 1}))
+        .send()
+        .await
+        .expect("POST via A");
+    let (status, headers, text) = read(resp).await;
+    assert_queued("queued via A", status, &headers, &text, "auth-elsewhere");
+    upstream.restart().await;
+    let doc_url = a.url("/_outpost/mutations/auth-elsewhere");
+    eventually(REPLAY_TIMEOUT, "auth_required after the 401", || async {
+        let doc: Value = http
+            .get(&doc_url)
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("json");
+        doc["status"] == "auth_required"
+    })
+    .await;
+
+    // B starts now; the app's next request, with fresh credentials, reaches B.
+    let b = Instance::start("b", &redis, &upstream, "").await;
+    eventually(REPLAY_TIMEOUT, "released via B", || async {
+        let resp = http
+            .get(b.url("/echo/profile"))
+            .header("authorization", "Bearer new-token")
+            .send()
+            .await
+            .expect("GET via B");
+        assert_eq!(resp.status(), 200);
+        !upstream.applied().is_empty()
+    })
+    .await;
+    let applied = upstream.applied();
+    assert_eq!(applied.len(), 1, "applied once");
+    assert_eq!(applied[0].key, "auth-elsewhere");
+    assert_eq!(
+        applied[0].authorization.as_deref(),
+        Some("Bearer new-token")
+    );
+    let sent: Vec<Option<String>> = upstream
+        .requests_to("/apply/orders")
+        .iter()
+        .map(|r| r.header("authorization").map(str::to_string))
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            Some("Bearer old-token".to_string()),
+            Some("Bearer new-token".to_string())
+        ],
+        "refused once with the old token, then replayed once with the new one"
+    );
+}

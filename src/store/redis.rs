@@ -16,6 +16,8 @@
 //! | `P:seq`            | string | global acceptance counter (`INCR`)                             |
 //! | `P:fence`          | string | lease token counter (`INCR`)                                   |
 //! | `P:partitions`     | zset   | partitions holding any state, scored by last registration (ms) |
+//! | `P:auth:cred:<principal>` | string | credentials the app offered after a 401 (`*`: anyone's newest), 1 h TTL |
+//! | `P:auth:waiting`   | string | present (5 s TTL, renewed) while an instance holds a mutation waiting for them |
 //! | `P:{c}:blob` `:exp` `:lru` `:meta` | hash, zset, zset, hash | the durable cache tier    |
 //!
 //! **Slots.** Every multi-key operation is one Lua script over keys of one slot: enqueue
@@ -278,6 +280,9 @@ return 1
     )
 });
 
+/// How long shared credentials are kept for a waiting mutation (they are tokens: not longer).
+const CREDENTIALS_TTL: Duration = Duration::from_secs(3600);
+
 /// `PURGE` KEYS: done, record 1..n. ARGV: before, key 1..n. Returns how many were deleted.
 static PURGE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -443,6 +448,16 @@ impl Keys {
         PartitionKeys {
             base: format!("{}:{{p:{}}}", self.prefix, escape_tag(partition)),
         }
+    }
+
+    /// Fresh credentials shared for a principal (`*`: the newest of anyone's).
+    fn credentials(&self, principal: &str) -> String {
+        format!("{}:auth:cred:{principal}", self.prefix)
+    }
+
+    /// Present while some instance has a mutation waiting for credentials.
+    fn auth_waiting(&self) -> String {
+        format!("{}:auth:waiting", self.prefix)
     }
 
     fn cache(&self) -> [String; 4] {
@@ -1591,6 +1606,74 @@ impl Store for RedisStore {
             CALL_DEADLINE * 5,
             self.shared.purge_finished_inner(before_ms),
         )
+        .await
+    }
+
+    async fn share_credentials(
+        &self,
+        principal: &str,
+        credentials: &[(String, Bytes)],
+        at_ms: u64,
+    ) -> Result<(), StoreError> {
+        let blob = postcard::to_stdvec(&(at_ms, credentials))?;
+        let mut conn = self.shared.conn.clone();
+        let mut pipe = redis::pipe();
+        // Under the principal, and as the newest of anyone's for mutations of no principal.
+        for name in [principal, "*"] {
+            pipe.cmd("SET")
+                .arg(self.shared.keys.credentials(name))
+                .arg(blob.as_slice())
+                .arg("PX")
+                .arg(CREDENTIALS_TTL.as_millis() as u64)
+                .ignore();
+        }
+        within("share_credentials", Duration::ZERO, async {
+            pipe.query_async::<()>(&mut conn).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn shared_credentials(
+        &self,
+        principal: &str,
+        since_ms: u64,
+    ) -> Result<Option<Vec<(String, Bytes)>>, StoreError> {
+        let mut conn = self.shared.conn.clone();
+        let key = self.shared.keys.credentials(principal);
+        let blob: Option<Vec<u8>> = within("shared_credentials", Duration::ZERO, async {
+            Ok(redis::cmd("GET").arg(key).query_async(&mut conn).await?)
+        })
+        .await?;
+        let Some(blob) = blob else {
+            return Ok(None);
+        };
+        let (at, credentials): (u64, Vec<(String, Bytes)>) = postcard::from_bytes(&blob)?;
+        Ok((at > since_ms).then_some(credentials))
+    }
+
+    async fn announce_waiting(&self, ttl: Duration) -> Result<(), StoreError> {
+        let mut conn = self.shared.conn.clone();
+        let key = self.shared.keys.auth_waiting();
+        within("announce_waiting", Duration::ZERO, async {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(1)
+                .arg("PX")
+                .arg(ttl.as_millis() as u64)
+                .query_async::<()>(&mut conn)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn anyone_waiting(&self) -> Result<bool, StoreError> {
+        let mut conn = self.shared.conn.clone();
+        let key = self.shared.keys.auth_waiting();
+        within("anyone_waiting", Duration::ZERO, async {
+            Ok(redis::cmd("EXISTS").arg(key).query_async(&mut conn).await?)
+        })
         .await
     }
 
