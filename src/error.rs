@@ -24,6 +24,9 @@ pub enum StoreError {
     /// The store's writer is gone (shutting down).
     #[error("store is shut down")]
     Closed,
+    /// A background store task failed (panicked or was cancelled).
+    #[error("store task failed: {0}")]
+    Task(String),
     /// Redis did not confirm the write on enough replicas in time.
     #[error("only {got} of {wanted} replicas confirmed the write")]
     Replicas {

@@ -526,7 +526,7 @@ impl Replayer {
 async fn settle(finishing: &mut JoinSet<Result<(), StoreError>>) -> Result<(), StoreError> {
     let mut result = Ok(());
     while let Some(done) = finishing.join_next().await {
-        let outcome = done.map_err(|e| StoreError::Embedded(format!("finish task: {e}")))?;
+        let outcome = done.map_err(|e| StoreError::Task(e.to_string()))?;
         if result.is_ok() {
             result = outcome;
         }

@@ -1791,6 +1791,7 @@ fn copy_error(e: &StoreError) -> StoreError {
         StoreError::Redis(e) => StoreError::Redis(e.clone()),
         StoreError::Codec(e) => StoreError::Codec(e.clone()),
         StoreError::Closed => StoreError::Closed,
+        StoreError::Task(m) => StoreError::Task(m.clone()),
         StoreError::Replicas { got, wanted } => StoreError::Replicas {
             got: *got,
             wanted: *wanted,
