@@ -228,7 +228,7 @@ pub async fn run() -> Result<(), DemoError> {
         (ledger.applied.len(), ledger.duplicates_refused)
     };
     say(&format!(
-        "  queued {}: {succeeded} applied, {rejected} rejected, {conflict} conflict; upstream applied {applied} orders in all, {duplicates} duplicate deliveries",
+        "  queued {}: {succeeded} applied, {rejected} rejected, {conflict} conflict; the upstream applied {applied} orders in all (1 online + {succeeded} replayed), {duplicates} duplicate deliveries",
         keys.len()
     ));
     say(&format!(
