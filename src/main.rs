@@ -71,7 +71,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo narrates on stdout; its logs stay quiet unless RUST_LOG asks.
     let default_level = if matches!(cli.command, Command::Demo) {
-        "warn"
+        "error"
     } else {
         "info"
     };
