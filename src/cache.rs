@@ -15,6 +15,7 @@
 //!   not rewritten to disk, which keeps the online hot path off the disk.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -74,7 +75,7 @@ impl PrimaryKey {
 }
 
 /// A stored response.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct CachedResponse {
     /// Status code.
     pub status: u16,
@@ -82,30 +83,57 @@ pub struct CachedResponse {
     pub headers: Vec<(String, Bytes)>,
     /// The whole body.
     pub body: Bytes,
-    /// When it was stored (Unix ms).
-    pub stored_at_ms: u64,
+    /// When it was stored or last confirmed unchanged by the upstream (Unix ms).
+    pub stored_at_ms: AtomicU64,
     /// Age the upstream reported when it was stored, in seconds.
     pub initial_age_s: u64,
     /// Fresh until (Unix ms); after that it is stale (still served offline).
-    pub fresh_until_ms: u64,
+    pub fresh_until_ms: AtomicU64,
     /// Header names from the response's `Vary`, lower-case.
     pub vary: Vec<String>,
-    /// SHA-256 of status, headers and body, to skip rewriting identical copies.
-    pub digest: [u8; 32],
     /// When this content was last written to the durable tier (memory only).
     #[serde(skip)]
-    pub persisted_at_ms: u64,
+    pub persisted_at_ms: AtomicU64,
 }
 
 impl CachedResponse {
     /// Seconds since the upstream produced it (the `Age` header).
     pub fn age_s(&self, now_ms: u64) -> u64 {
-        self.initial_age_s + now_ms.saturating_sub(self.stored_at_ms) / 1000
+        let stored = self.stored_at_ms.load(Ordering::Relaxed);
+        self.initial_age_s + now_ms.saturating_sub(stored) / 1000
     }
 
     /// Whether it is still fresh.
     pub fn is_fresh(&self, now_ms: u64) -> bool {
-        now_ms < self.fresh_until_ms
+        now_ms < self.fresh_until()
+    }
+
+    /// Fresh until (Unix ms).
+    pub fn fresh_until(&self) -> u64 {
+        self.fresh_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Whether an upstream answer has exactly this content (status, end-to-end headers but
+    /// `Date`, body), compared without allocating.
+    fn same_content(&self, status: u16, headers: &HeaderMap, body: &[u8]) -> bool {
+        if self.status != status || self.body.as_ref() != body {
+            return false;
+        }
+        let mut stored = self.headers.iter().filter(|(n, _)| n != "date");
+        let mut fresh = headers
+            .iter()
+            .filter(|(n, _)| keep_header(n) && *n != header::DATE);
+        loop {
+            match (stored.next(), fresh.next()) {
+                (None, None) => return true,
+                (Some((sn, sv)), Some((fname, fv))) => {
+                    if sn.as_str() != fname.as_str() || sv.as_ref() != fv.as_bytes() {
+                        return false;
+                    }
+                }
+                _ => return false,
+            }
+        }
     }
 
     /// Build the response the app sees, with `Cache-Status` and `Age`.
@@ -169,56 +197,47 @@ pub struct Storable {
     pub initial_age_s: u64,
 }
 
-/// Decide whether a response to a GET may be stored (see the module docs).
+/// Decide whether an answer to a GET may be stored (see the module docs).
 pub fn storable(
     request: &HeaderMap,
-    resp: &Response<impl Sized>,
+    status: StatusCode,
+    headers: &HeaderMap,
     public_route: bool,
     default_ttl: Duration,
 ) -> Option<Storable> {
     const CACHEABLE: [u16; 8] = [200, 203, 204, 300, 301, 308, 404, 410];
-    if !CACHEABLE.contains(&resp.status().as_u16()) {
+    if !CACHEABLE.contains(&status.as_u16()) {
         return None;
     }
-    let req_cc = cache_control(request);
-    let cc = cache_control(resp.headers());
-    if req_cc.iter().any(|d| d == "no-store") || cc.iter().any(|d| d == "no-store") {
+    let req_cc = CacheControl::of(request);
+    let cc = CacheControl::of(headers);
+    if req_cc.no_store || cc.no_store {
         return None;
     }
-    if public_route
-        && (cc.iter().any(|d| d == "private") || resp.headers().contains_key(header::SET_COOKIE))
-    {
+    if public_route && (cc.private || headers.contains_key(header::SET_COOKIE)) {
         return None;
     }
-    let vary: Vec<String> = resp
-        .headers()
+    let mut vary = Vec::new();
+    for name in headers
         .get_all(header::VARY)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
+        .map(str::trim)
         .filter(|s| !s.is_empty())
-        .collect();
-    if vary.iter().any(|v| v == "*") {
-        return None;
+    {
+        if name == "*" {
+            return None;
+        }
+        vary.push(name.to_ascii_lowercase());
     }
-    let directive = |name: &str| {
-        cc.iter().find_map(|d| {
-            d.strip_prefix(name)?
-                .strip_prefix('=')?
-                .trim_matches('"')
-                .parse::<u64>()
-                .ok()
-        })
-    };
-    let fresh_for = if cc.iter().any(|d| d == "no-cache") {
+    let fresh_for = if cc.no_cache {
         Duration::ZERO
-    } else if let Some(s) = directive("s-maxage").filter(|_| public_route) {
+    } else if let Some(s) = cc.s_maxage.filter(|_| public_route) {
         Duration::from_secs(s)
-    } else if let Some(s) = directive("max-age") {
+    } else if let Some(s) = cc.max_age {
         Duration::from_secs(s)
-    } else if let Some(expires) = resp
-        .headers()
+    } else if let Some(expires) = headers
         .get(header::EXPIRES)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| httpdate::parse_http_date(v).ok())
@@ -229,8 +248,7 @@ pub fn storable(
     } else {
         default_ttl
     };
-    let initial_age_s = resp
-        .headers()
+    let initial_age_s = headers
         .get(header::AGE)
         .and_then(|v| v.to_str().ok()?.trim().parse().ok())
         .unwrap_or(0);
@@ -241,14 +259,49 @@ pub fn storable(
     })
 }
 
-fn cache_control(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(header::CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|d| d.trim().to_ascii_lowercase())
-        .collect()
+/// The `Cache-Control` directives the cache acts on, parsed without allocating.
+#[derive(Debug, Default)]
+struct CacheControl {
+    no_store: bool,
+    no_cache: bool,
+    private: bool,
+    max_age: Option<u64>,
+    s_maxage: Option<u64>,
+}
+
+impl CacheControl {
+    fn of(headers: &HeaderMap) -> Self {
+        let mut cc = CacheControl::default();
+        for directive in headers
+            .get_all(header::CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+        {
+            let (name, value) = match directive.split_once('=') {
+                Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+                None => (directive.trim(), None),
+            };
+            let seconds = || value.and_then(|v| v.parse::<u64>().ok());
+            if name.eq_ignore_ascii_case("no-store") {
+                cc.no_store = true;
+            } else if name.eq_ignore_ascii_case("no-cache") {
+                cc.no_cache = true;
+            } else if name.eq_ignore_ascii_case("private") {
+                cc.private = true;
+            } else if name.eq_ignore_ascii_case("max-age") {
+                cc.max_age = seconds();
+            } else if name.eq_ignore_ascii_case("s-maxage") {
+                cc.s_maxage = seconds();
+            }
+        }
+        cc
+    }
+}
+
+/// Headers a stored copy keeps (not `Set-Cookie`, `Age`, or our own `Cache-Status`).
+fn keep_header(name: &HeaderName) -> bool {
+    *name != header::SET_COOKIE && *name != header::AGE && *name != CACHE_STATUS
 }
 
 /// The two-tier cache.
@@ -349,46 +402,57 @@ impl Cache {
         max_stale: Duration,
     ) {
         let now = now_ms();
+        let key = primary.with_vary(&terms.vary, request);
+        let fresh_until = now + terms.fresh_for.as_millis() as u64;
+        if let Some(old) = self.memory.get(&key)
+            && old.same_content(status, headers, &body_bytes)
+        {
+            // The upstream confirmed the copy: refresh its times in place (no new entry).
+            old.stored_at_ms.store(now, Ordering::Relaxed);
+            old.fresh_until_ms.store(fresh_until, Ordering::Relaxed);
+            let persisted = old.persisted_at_ms.load(Ordering::Relaxed);
+            if now.saturating_sub(persisted) < DISK_REFRESH_MS {
+                // The same content reached the durable tier moments ago: spare the disk.
+                return;
+            }
+            old.persisted_at_ms.store(now, Ordering::Relaxed);
+            self.persist(primary, key, old, terms, max_stale, false);
+            return;
+        }
         let stored_headers: Vec<(String, Bytes)> = headers
             .iter()
-            .filter(|(n, _)| *n != header::SET_COOKIE && *n != header::AGE && **n != CACHE_STATUS)
+            .filter(|(n, _)| keep_header(n))
             .map(|(n, v)| (n.as_str().to_string(), Bytes::copy_from_slice(v.as_bytes())))
             .collect();
-        let mut h = Sha256::new();
-        h.update(status.to_be_bytes());
-        for (n, v) in &stored_headers {
-            if n != "date" {
-                h.update(n.as_bytes());
-                h.update(v);
-            }
-        }
-        h.update(&body_bytes);
-        let digest: [u8; 32] = h.finalize().into();
-        let key = primary.with_vary(&terms.vary, request);
-        let persisted_recently = self.memory.get(&key).and_then(|old| {
-            (old.digest == digest && now.saturating_sub(old.persisted_at_ms) < DISK_REFRESH_MS)
-                .then_some(old.persisted_at_ms)
-        });
         let entry = Arc::new(CachedResponse {
             status,
             headers: stored_headers,
             body: body_bytes,
-            stored_at_ms: now,
+            stored_at_ms: AtomicU64::new(now),
             initial_age_s: terms.initial_age_s,
-            fresh_until_ms: now + terms.fresh_for.as_millis() as u64,
+            fresh_until_ms: AtomicU64::new(fresh_until),
             vary: terms.vary.clone(),
-            digest,
-            persisted_at_ms: persisted_recently.unwrap_or(now),
+            persisted_at_ms: AtomicU64::new(now),
         });
         self.memory.insert(key, entry.clone());
         let vary_changed = self.vary.get(&primary).is_none_or(|old| *old != terms.vary);
         if vary_changed {
             self.vary.insert(primary, Arc::new(terms.vary.clone()));
         }
-        if persisted_recently.is_some() {
-            // The same content reached the durable tier moments ago: spare the disk.
-            return;
-        }
+        self.persist(primary, key, entry, terms, max_stale, vary_changed);
+    }
+
+    /// Write an entry (and its Vary names when they changed) to the durable tier in the
+    /// background.
+    fn persist(
+        self: &Arc<Self>,
+        primary: PrimaryKey,
+        key: CacheKey,
+        entry: Arc<CachedResponse>,
+        terms: Storable,
+        max_stale: Duration,
+        vary_changed: bool,
+    ) {
         let ttl = terms.fresh_for + max_stale;
         let this = self.clone();
         tokio::spawn(async move {
@@ -433,6 +497,15 @@ fn durable_entry_key(key: &CacheKey) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    fn check(
+        request: &HeaderMap,
+        r: &Response<()>,
+        public: bool,
+        ttl: Duration,
+    ) -> Option<Storable> {
+        storable(request, r.status(), r.headers(), public, ttl)
+    }
+
     fn resp(headers: &[(&str, &str)]) -> Response<()> {
         let mut r = Response::new(());
         for (n, v) in headers {
@@ -448,7 +521,7 @@ mod tests {
     fn no_store_is_never_stored() {
         let req = HeaderMap::new();
         assert!(
-            storable(
+            check(
                 &req,
                 &resp(&[("cache-control", "no-store")]),
                 false,
@@ -458,25 +531,25 @@ mod tests {
         );
         let mut req_ns = HeaderMap::new();
         req_ns.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        assert!(storable(&req_ns, &resp(&[]), false, Duration::ZERO).is_none());
+        assert!(check(&req_ns, &resp(&[]), false, Duration::ZERO).is_none());
     }
 
     #[test]
     fn private_is_stored_only_per_identity() {
         let req = HeaderMap::new();
         let r = resp(&[("cache-control", "private, max-age=60")]);
-        assert!(storable(&req, &r, true, Duration::ZERO).is_none());
-        let terms = storable(&req, &r, false, Duration::ZERO).expect("per identity");
+        assert!(check(&req, &r, true, Duration::ZERO).is_none());
+        let terms = check(&req, &r, false, Duration::ZERO).expect("per identity");
         assert_eq!(terms.fresh_for, Duration::from_secs(60));
     }
 
     #[test]
     fn vary_star_and_uncacheable_status_are_not_stored() {
         let req = HeaderMap::new();
-        assert!(storable(&req, &resp(&[("vary", "*")]), false, Duration::ZERO).is_none());
+        assert!(check(&req, &resp(&[("vary", "*")]), false, Duration::ZERO).is_none());
         let mut r = resp(&[]);
         *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-        assert!(storable(&req, &r, false, Duration::ZERO).is_none());
+        assert!(check(&req, &r, false, Duration::ZERO).is_none());
     }
 
     #[test]
@@ -505,5 +578,53 @@ mod tests {
         let vary = vec!["accept-language".to_string()];
         assert_ne!(ka.with_vary(&vary, &en), ka.with_vary(&vary, &de));
         assert_eq!(ka.with_vary(&[], &en), ka.with_vary(&[], &de));
+    }
+
+    #[test]
+    fn cache_control_is_parsed_case_insensitively_with_values() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("Public, MAX-AGE=\"60\", s-maxage=5, No-Cache"),
+        );
+        let cc = CacheControl::of(&h);
+        assert_eq!((cc.max_age, cc.s_maxage), (Some(60), Some(5)));
+        assert!(cc.no_cache && !cc.no_store && !cc.private);
+    }
+
+    #[test]
+    fn same_content_ignores_date_but_not_other_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            header::DATE,
+            HeaderValue::from_static("Mon, 23 Nov 2026 10:00:00 GMT"),
+        );
+        let entry = CachedResponse {
+            status: 200,
+            headers: h
+                .iter()
+                .map(|(n, v)| (n.as_str().to_string(), Bytes::copy_from_slice(v.as_bytes())))
+                .collect(),
+            body: Bytes::from_static(b"{}"),
+            stored_at_ms: AtomicU64::new(0),
+            initial_age_s: 0,
+            fresh_until_ms: AtomicU64::new(0),
+            vary: Vec::new(),
+            persisted_at_ms: AtomicU64::new(0),
+        };
+        let mut later = h.clone();
+        later.insert(
+            header::DATE,
+            HeaderValue::from_static("Mon, 23 Nov 2026 10:00:09 GMT"),
+        );
+        assert!(entry.same_content(200, &later, b"{}"));
+        assert!(!entry.same_content(200, &later, b"{ }"));
+        assert!(!entry.same_content(201, &later, b"{}"));
+        later.insert(header::ETAG, HeaderValue::from_static("\"v2\""));
+        assert!(!entry.same_content(200, &later, b"{}"));
     }
 }

@@ -209,7 +209,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let head_only = ctx.method == Method::HEAD;
         if let Some(hit) = self.cache.get(primary, request).await
-            && now_ms().saturating_sub(hit.fresh_until_ms) <= ctx.route.max_stale.as_millis() as u64
+            && now_ms().saturating_sub(hit.fresh_until()) <= ctx.route.max_stale.as_millis() as u64
         {
             ctx.source = Source::Stale;
             return hit.to_response(head_only, status::HIT_OFFLINE);
@@ -261,10 +261,10 @@ impl Proxy {
         let (mut parts, incoming) = resp.into_parts();
         forward::strip_hop_by_hop(&mut parts.headers);
         let terms = if ctx.method == Method::GET {
-            let probe = Response::from_parts(parts.clone(), ());
             cache::storable(
                 &request_headers,
-                &probe,
+                parts.status,
+                &parts.headers,
                 ctx.route.public,
                 ctx.route.cache_ttl,
             )
@@ -333,7 +333,8 @@ impl Proxy {
                     return;
                 }
             };
-            let Some(terms) = cache::storable(&headers, &resp, public, ttl) else {
+            let Some(terms) = cache::storable(&headers, resp.status(), resp.headers(), public, ttl)
+            else {
                 return;
             };
             let (mut parts, incoming) = resp.into_parts();
