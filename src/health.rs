@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use crate::body;
 use crate::config::UpstreamConfig;
 use crate::events::{Event, Events};
-use crate::proxy::forward::Upstream;
+use crate::proxy::forward::{ForwardError, Upstream};
 use crate::shutdown::Shutdown;
 
 /// The upstream's reachability.
@@ -69,6 +69,17 @@ impl Health {
             tracing::info!("upstream online");
             self.state.send_replace(true);
             self.events.emit(Event::Online);
+        }
+    }
+
+    /// Judge the upstream by what one forwarded request got: an answer is online, a transport
+    /// failure or timeout is offline, and a failure of the app's own request body says
+    /// nothing about the upstream.
+    pub fn observe<T>(&self, result: &Result<T, ForwardError>) {
+        match result {
+            Ok(_) => self.report_success(),
+            Err(e) if e.request_body_failed() => {}
+            Err(e) => self.report_failure(&e.to_string()),
         }
     }
 

@@ -227,9 +227,10 @@ impl Outbox {
             return self.enqueue(ctx, record, &fingerprint).await;
         }
         let req = self.upstream.request_from_stored(&record.request, &[]);
-        match self.upstream.send(req).await {
+        let result = self.upstream.send(req).await;
+        self.health.observe(&result);
+        match result {
             Ok(resp) => {
-                self.health.report_success();
                 ctx.source = Source::Upstream;
                 // A transient refusal (retryable, or credentials refused) is not the key's
                 // final answer: keep nothing, so that the app's retry goes upstream again.
@@ -238,7 +239,6 @@ impl Outbox {
                 Ok(self.record_while_streaming(record, resp, guard, rules))
             }
             Err(e) => {
-                self.health.report_failure(&e.to_string());
                 if mode == WriteMode::PassThrough {
                     ctx.source = Source::Outpost;
                     return Err(match e {
@@ -406,25 +406,15 @@ impl Outbox {
         key: &str,
     ) -> Result<Response<ProxyBody>, ForwardError> {
         *req.uri_mut() = self.upstream.uri_for(&ctx.path_and_query);
-        match self.upstream.send(req).await {
-            Ok(resp) => {
-                self.health.report_success();
-                ctx.source = Source::Upstream;
-                let (mut parts, incoming) = resp.into_parts();
-                crate::proxy::forward::strip_hop_by_hop(&mut parts.headers);
-                if let Ok(v) = HeaderValue::from_str(key) {
-                    parts.headers.insert(IDEMPOTENCY_KEY.clone(), v);
-                }
-                Ok(Response::from_parts(parts, body::boxed(incoming)))
-            }
-            Err(e) => {
-                // A broken request body is the app's doing, not an upstream outage.
-                if !e.request_body_failed() {
-                    self.health.report_failure(&e.to_string());
-                }
-                Err(e)
-            }
+        let result = self.upstream.send(req).await;
+        self.health.observe(&result);
+        let (mut parts, incoming) = result?.into_parts();
+        ctx.source = Source::Upstream;
+        crate::proxy::forward::strip_hop_by_hop(&mut parts.headers);
+        if let Ok(v) = HeaderValue::from_str(key) {
+            parts.headers.insert(IDEMPOTENCY_KEY.clone(), v);
         }
+        Ok(Response::from_parts(parts, body::boxed(incoming)))
     }
 
     /// Answer a request under the reserved prefix.

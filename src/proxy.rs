@@ -230,11 +230,7 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         self.upstream.prepare(&mut parts, &ctx.client, false);
         let result = self.upstream.send(Request::from_parts(parts, body)).await;
-        match &result {
-            Ok(_) => self.health.report_success(),
-            Err(e) if e.request_body_failed() => {}
-            Err(e) => self.health.report_failure(&e.to_string()),
-        }
+        self.health.observe(&result);
         result
     }
 
@@ -323,15 +319,10 @@ impl Proxy {
         let ttl = ctx.route.cache_ttl;
         let max_stale = ctx.route.max_stale;
         tokio::spawn(async move {
-            let resp = match upstream.send(req).await {
-                Ok(resp) => {
-                    health.report_success();
-                    resp
-                }
-                Err(e) => {
-                    health.report_failure(&e.to_string());
-                    return;
-                }
+            let result = upstream.send(req).await;
+            health.observe(&result);
+            let Ok(resp) = result else {
+                return;
             };
             let Some(terms) = cache::storable(&headers, resp.status(), resp.headers(), public, ttl)
             else {
@@ -366,17 +357,15 @@ impl Proxy {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         self.upstream.prepare(&mut parts, &ctx.client, upgrade);
-        let resp = match self.upstream.send(Request::from_parts(parts, body)).await {
-            Ok(resp) => {
-                self.health.report_success();
-                resp
-            }
+        let result = self.upstream.send(Request::from_parts(parts, body)).await;
+        self.health.observe(&result);
+        let resp = match result {
+            Ok(resp) => resp,
             Err(e) if e.request_body_failed() => {
                 ctx.source = Source::Outpost;
                 return self.request_body_error(&e).into_response();
             }
             Err(e) => {
-                self.health.report_failure(&e.to_string());
                 ctx.source = Source::Outpost;
                 let err = match e {
                     ForwardError::Timeout(_) => ProxyError::GatewayTimeout,
