@@ -377,9 +377,7 @@ impl Outbox {
             // status document and idempotent replies (not a dead letter: nothing to retry).
             let outcome = classify::classify(&rules, status_code, &answer_headers, &bytes);
             record.status = outcome.final_status().unwrap_or(MutationStatus::Succeeded);
-            // No credentials or body at rest for a finished mutation.
-            record.request.body = Bytes::new();
-            record.request.headers.clear();
+            record.forget_request();
             record.outcome = Some(format!("forwarded: {}", outcome.class()));
             record.attempts = 1;
             record.finished_at_ms = Some(now_ms());

@@ -331,10 +331,6 @@ impl Replayer {
                 item.outcome = Some(outcome.class().into());
                 item.response = response;
                 item.finished_at_ms = Some(now);
-                // Applied: no credentials or body kept at rest (dead letters keep them for a
-                // retry).
-                item.request.headers.clear();
-                item.request.body = Bytes::new();
                 self.finish_later(finishing, lease, item);
                 Ok(Step::Next)
             }

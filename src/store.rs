@@ -9,8 +9,8 @@
 //! - **Mutation records**, by idempotency key: the request (method, URI, headers, body), its
 //!   partition, a global acceptance sequence number, its status and, once answered, the
 //!   upstream's answer. A record is *pending* (queued, auth_required) until replay finishes it;
-//!   finished records are kept for `queue.idempotency_retention` (without the request body,
-//!   except dead letters, which keep it for a retry).
+//!   finished records are kept for `queue.idempotency_retention` (without the request body
+//!   and credentials, except dead letters, which keep them for a retry).
 //! - **Per-partition FIFO**: pending keys ordered by sequence number.
 //! - **Cache blobs**: the durable tier of the read cache (opaque bytes by opaque key).
 //!
@@ -134,7 +134,7 @@ pub struct MutationRecord {
     pub principal: Option<String>,
     /// Name of the route it matched (its classification rules are looked up again at replay).
     pub route: String,
-    /// The request to replay (body emptied once finished, unless dead-lettered).
+    /// The request to replay (body and headers emptied once finished, unless dead-lettered).
     pub request: StoredRequest,
     /// Classification of the last answer (`success`, `retryable: 503`, ...).
     pub outcome: Option<String>,
@@ -142,6 +142,24 @@ pub struct MutationRecord {
     pub response: Option<StoredResponse>,
     /// When it was finished (Unix ms).
     pub finished_at_ms: Option<u64>,
+}
+
+impl MutationRecord {
+    /// Forget what a finished mutation no longer needs: its body and its credentials (no
+    /// tokens at rest). Dead letters keep both, for a retry.
+    pub fn forget_request(&mut self) {
+        self.request.body = Bytes::new();
+        self.request.headers.clear();
+    }
+
+    /// Turn the record into an operator's drop at `now_ms`: finished as `rejected`, kept for
+    /// the retention period so that its key still answers.
+    pub fn mark_dropped(&mut self, now_ms: u64) {
+        self.status = MutationStatus::Rejected;
+        self.outcome = Some("dropped by operator".into());
+        self.finished_at_ms = Some(now_ms);
+        self.forget_request();
+    }
 }
 
 /// What [`Store::enqueue`] did.

@@ -877,7 +877,7 @@ fn finish(txn: &WriteTransaction, record: &MutationRecord) -> Result<Effect, Sto
             .insert(record.seq, record.key.as_str())?;
         return Ok(Effect::DeadLettered(record.partition.clone()));
     }
-    stored.request.body = Bytes::new();
+    stored.forget_request();
     put_record(txn, &stored)?;
     let at = record.finished_at_ms.unwrap_or_else(now_ms);
     txn.open_table(FINISHED)?
@@ -961,11 +961,7 @@ fn drop_mutation(txn: &WriteTransaction, key: &str) -> Result<Option<Effect>, St
         return Ok(None);
     };
     let now = now_ms();
-    record.status = MutationStatus::Rejected;
-    record.outcome = Some("dropped by operator".into());
-    record.finished_at_ms = Some(now);
-    record.request.body = Bytes::new();
-    record.request.headers.clear();
+    record.mark_dropped(now);
     put_record(txn, &record)?;
     txn.open_table(FINISHED)?.insert((now, key), ())?;
     Ok(Some(effect))

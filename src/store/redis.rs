@@ -1113,7 +1113,7 @@ impl Shared {
             (pk.dead(), record.seq, encode(record)?)
         } else {
             let mut stored = record.clone();
-            stored.request.body = Bytes::new();
+            stored.forget_request();
             let at = record.finished_at_ms.unwrap_or_else(now_ms);
             (pk.done(), at, encode(&stored)?)
         };
@@ -1291,11 +1291,7 @@ impl Shared {
                 return Ok(false);
             }
             let now = now_ms();
-            record.status = MutationStatus::Rejected;
-            record.outcome = Some("dropped by operator".into());
-            record.finished_at_ms = Some(now);
-            record.request.body = Bytes::new();
-            record.request.headers.clear();
+            record.mark_dropped(now);
             let pk = self.keys.partition(&partition);
             let answer: i64 = DROP
                 .key(pk.record(key))
