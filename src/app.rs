@@ -114,15 +114,14 @@ impl App {
             proxy_listeners,
             tls,
             || {
-                let upstream = Upstream::new(&config.upstream).map_err(|e| e.to_string())?;
-                Ok(Arc::new(Proxy::new(
+                Arc::new(Proxy::new(
                     config.clone(),
                     routes.clone(),
-                    upstream,
+                    upstream.with_own_pool(),
                     health.clone(),
                     cache.clone(),
                     outbox.clone(),
-                )))
+                ))
             },
             &config.proxy,
             &shutdown,

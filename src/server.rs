@@ -92,13 +92,13 @@ pub fn bind_shards(
 pub fn spawn_shards(
     listeners: Vec<std::net::TcpListener>,
     tls: Option<TlsAcceptor>,
-    mut make_proxy: impl FnMut() -> Result<Arc<Proxy>, String>,
+    mut make_proxy: impl FnMut() -> Arc<Proxy>,
     config: &ProxyConfig,
     shutdown: &Shutdown,
 ) -> Result<Vec<std::thread::JoinHandle<()>>, std::io::Error> {
     let mut threads = Vec::with_capacity(listeners.len());
     for (i, listener) in listeners.into_iter().enumerate() {
-        let proxy = make_proxy().map_err(std::io::Error::other)?;
+        let proxy = make_proxy();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;

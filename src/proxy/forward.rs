@@ -106,6 +106,10 @@ pub struct SetupError(String);
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    /// The connector (TLS config loaded once), for more pools of the same upstream.
+    connector: HttpsConnector<HttpConnector>,
+    pool_idle_timeout: Duration,
+    pool_max_idle: usize,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     base_path: String,
@@ -141,13 +145,12 @@ impl Upstream {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle)
-            .build(https);
+        let client = pool(&https, config.pool_idle_timeout, config.pool_max_idle);
         Ok(Self {
             client,
+            connector: https,
+            pool_idle_timeout: config.pool_idle_timeout,
+            pool_max_idle: config.pool_max_idle,
             scheme,
             authority,
             base_path,
@@ -155,6 +158,15 @@ impl Upstream {
             request_timeout: config.request_timeout,
             connect_timeout: config.connect_timeout,
         })
+    }
+
+    /// The same upstream with a connection pool of its own (one per proxy thread), sharing
+    /// the TLS configuration instead of loading the roots again.
+    pub fn with_own_pool(&self) -> Self {
+        Self {
+            client: pool(&self.connector, self.pool_idle_timeout, self.pool_max_idle),
+            ..self.clone()
+        }
     }
 
     /// The upstream's `host:port`, for TCP probes.
@@ -271,6 +283,19 @@ impl Upstream {
         parts.headers.insert(header::HOST, self.host.clone());
         add_forwarded(&mut parts.headers, client, original_host);
     }
+}
+
+/// A keep-alive connection pool over `connector`.
+fn pool(
+    connector: &HttpsConnector<HttpConnector>,
+    idle_timeout: Duration,
+    max_idle: usize,
+) -> Client<HttpsConnector<HttpConnector>, ProxyBody> {
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(idle_timeout)
+        .pool_max_idle_per_host(max_idle)
+        .build(connector.clone())
 }
 
 /// What the proxy knows about the app's connection.
