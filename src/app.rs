@@ -89,13 +89,8 @@ impl App {
             config.clone(),
         ));
         let replayer = Arc::new(Replayer::new(
-            store.clone(),
-            upstream.clone(),
-            health.clone(),
-            events.clone(),
-            config.clone(),
-            routes.clone(),
             outbox.clone(),
+            routes.clone(),
             shutdown.clone(),
         ));
         let workers = match config.proxy.workers {

@@ -59,11 +59,11 @@ const KEY_IN_PATH: &AsciiSet = &NON_ALPHANUMERIC
 
 /// The outbox.
 pub struct Outbox {
-    store: Arc<dyn Store>,
-    upstream: Upstream,
-    health: Arc<Health>,
-    events: Events,
-    config: Arc<Config>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) upstream: Upstream,
+    pub(crate) health: Arc<Health>,
+    pub(crate) events: Events,
+    pub(crate) config: Arc<Config>,
     in_progress: Arc<Mutex<HashSet<String>>>,
     /// Keys being replayed right now (reported as `in_flight`).
     pub in_flight: Arc<Mutex<HashSet<String>>>,

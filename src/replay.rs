@@ -78,27 +78,19 @@ pub struct Replayer {
 }
 
 impl Replayer {
-    /// A replayer draining `outbox`'s store.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        store: Arc<dyn Store>,
-        upstream: Upstream,
-        health: Arc<Health>,
-        events: Events,
-        config: Arc<Config>,
-        routes: Arc<RouteTable>,
-        outbox: Arc<Outbox>,
-        shutdown: Shutdown,
-    ) -> Self {
+    /// A replayer draining `outbox`'s store, through the outbox's upstream client, health and
+    /// event stream.
+    pub fn new(outbox: Arc<Outbox>, routes: Arc<RouteTable>, shutdown: Shutdown) -> Self {
+        let config = outbox.config.clone();
         let limiter = NonZeroU32::new(config.replay.rate_limit).map(|rate| {
             let burst = NonZeroU32::new(config.replay.rate_burst).unwrap_or(rate);
             RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
         });
         Self {
-            store,
-            upstream,
-            health,
-            events,
+            store: outbox.store.clone(),
+            upstream: outbox.upstream.clone(),
+            health: outbox.health.clone(),
+            events: outbox.events.clone(),
             config,
             routes,
             outbox,
