@@ -36,11 +36,6 @@ pub enum ForwardError {
 }
 
 impl ForwardError {
-    /// Whether the upstream may have received the request.
-    pub fn maybe_sent(&self) -> bool {
-        !matches!(self, ForwardError::Connect(_))
-    }
-
     /// Whether the app's own request body failed while it was being sent (cut off at
     /// `proxy.max_body_bytes`, or the app went away): no sign of an upstream outage.
     pub fn request_body_failed(&self) -> bool {
@@ -428,9 +423,4 @@ fn tls_config(config: &UpstreamConfig) -> Result<rustls::ClientConfig, SetupErro
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(tls)
-}
-
-/// Remove hop-by-hop headers from an upstream response.
-pub fn clean_response<B>(resp: &mut Response<B>) {
-    strip_hop_by_hop(resp.headers_mut());
 }
