@@ -67,6 +67,7 @@ impl App {
                         &config.store.data_dir,
                         config.cache.disk_bytes,
                         config.store.page_cache_bytes,
+                        config.replay.progress_sync,
                     )?);
                     (s.clone(), Some(s))
                 }
@@ -79,7 +80,7 @@ impl App {
             Upstream::new(&config.upstream).map_err(|e| StartError::Setup(e.to_string()))?;
         let tls =
             server::tls_acceptor(&config.proxy).map_err(|e| StartError::Setup(e.to_string()))?;
-        let health = Arc::new(Health::new(events.clone()));
+        let health = Arc::new(Health::new(events.clone(), &config.upstream));
         let cache = Arc::new(Cache::new(&config.cache, store.clone()));
         let outbox = Arc::new(Outbox::new(
             store.clone(),

@@ -100,7 +100,8 @@ impl CachedResponse {
     /// Seconds since the upstream produced it (the `Age` header).
     pub fn age_s(&self, now_ms: u64) -> u64 {
         let stored = self.stored_at_ms.load(Ordering::Relaxed);
-        self.initial_age_s + now_ms.saturating_sub(stored) / 1000
+        self.initial_age_s
+            .saturating_add(now_ms.saturating_sub(stored) / 1000)
     }
 
     /// Whether it is still fresh.
@@ -250,13 +251,30 @@ pub fn storable(
     };
     let initial_age_s = headers
         .get(header::AGE)
-        .and_then(|v| v.to_str().ok()?.trim().parse().ok())
+        .and_then(|v| delta_seconds(v.to_str().ok()?))
         .unwrap_or(0);
+    let fresh_for = fresh_for.min(Duration::from_secs(DELTA_SECONDS_MAX));
     Some(Storable {
         vary,
         fresh_for,
         initial_age_s,
     })
+}
+
+/// The largest delta-seconds value (RFC 9111 §1.2.2: larger ones count as 2^31), so that
+/// upstream-controlled lifetimes never overflow time arithmetic.
+const DELTA_SECONDS_MAX: u64 = 1 << 31;
+
+/// A delta-seconds value (`max-age`, `s-maxage`, `Age`): digits only, capped at 2^31.
+fn delta_seconds(v: &str) -> Option<u64> {
+    let v = v.trim();
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(
+        v.parse::<u64>()
+            .map_or(DELTA_SECONDS_MAX, |n| n.min(DELTA_SECONDS_MAX)),
+    )
 }
 
 /// The `Cache-Control` directives the cache acts on, parsed without allocating.
@@ -282,7 +300,7 @@ impl CacheControl {
                 Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
                 None => (directive.trim(), None),
             };
-            let seconds = || value.and_then(|v| v.parse::<u64>().ok());
+            let seconds = || value.and_then(delta_seconds);
             if name.eq_ignore_ascii_case("no-store") {
                 cc.no_store = true;
             } else if name.eq_ignore_ascii_case("no-cache") {
@@ -403,7 +421,7 @@ impl Cache {
     ) {
         let now = now_ms();
         let key = primary.with_vary(&terms.vary, request);
-        let fresh_until = now + terms.fresh_for.as_millis() as u64;
+        let fresh_until = now.saturating_add(terms.fresh_for.as_millis() as u64);
         if let Some(old) = self.memory.get(&key)
             && old.same_content(status, headers, &body_bytes)
         {
@@ -453,7 +471,7 @@ impl Cache {
         max_stale: Duration,
         vary_changed: bool,
     ) {
-        let ttl = terms.fresh_for + max_stale;
+        let ttl = terms.fresh_for.saturating_add(max_stale);
         let this = self.clone();
         tokio::spawn(async move {
             if vary_changed
@@ -496,6 +514,36 @@ fn durable_entry_key(key: &CacheKey) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_lifetimes_saturate_instead_of_overflowing() {
+        for v in [
+            "max-age=18446744073709551615",
+            "max-age=18446744073709551616",
+            "max-age=99999999999999999999999999",
+            "s-maxage=18446744073709551615, max-age=1",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_str(v).expect("value"),
+            );
+            h.insert(
+                header::AGE,
+                HeaderValue::from_static("18446744073709551615"),
+            );
+            let terms = storable(&HeaderMap::new(), StatusCode::OK, &h, true, Duration::ZERO)
+                .expect("storable");
+            assert!(
+                terms.fresh_for <= Duration::from_secs(DELTA_SECONDS_MAX),
+                "{v}"
+            );
+            assert_eq!(terms.initial_age_s, DELTA_SECONDS_MAX);
+        }
+        assert_eq!(delta_seconds("12"), Some(12));
+        assert_eq!(delta_seconds("-1"), None);
+        assert_eq!(delta_seconds("1e3"), None);
+    }
 
     fn check(
         request: &HeaderMap,

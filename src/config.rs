@@ -104,6 +104,13 @@ pub struct UpstreamConfig {
     /// How long an idle upstream connection is kept.
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
+    /// Resets (a connection closed or reset during one exchange) within `reset_window` that
+    /// mark the upstream offline; fewer are one request's failure, not an outage. Refused
+    /// connections and timeouts mark it offline at once.
+    pub reset_threshold: u32,
+    /// The window `reset_threshold` counts resets in.
+    #[serde(with = "humantime_serde")]
+    pub reset_window: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -118,6 +125,8 @@ impl Default for UpstreamConfig {
             probe_interval_max: Duration::from_secs(10),
             pool_max_idle: 512,
             pool_idle_timeout: Duration::from_secs(90),
+            reset_threshold: 3,
+            reset_window: Duration::from_secs(10),
         }
     }
 }
@@ -253,6 +262,16 @@ pub struct ReplayConfig {
     pub auth_principal: String,
     /// Default classification rules (routes may override).
     pub classify: ClassifyConfig,
+    /// How soon a replayed item's answer is durable. `0s` (default): before the partition's
+    /// next item is sent, so a crash re-sends at most the item in flight of each partition.
+    /// A window (`"10ms"`) lets the drain run ahead of the fsync: a crash may re-send the
+    /// answers of the last window.
+    #[serde(with = "humantime_serde")]
+    pub progress_sync: Duration,
+    /// Attempts after which an item whose own sends keep failing (ambiguous transport failures,
+    /// retryable statuses other than 429 and 503) is dead-lettered with its last reason
+    /// instead of blocking its partition; 0 = never.
+    pub max_attempts: u32,
 }
 
 impl Default for ReplayConfig {
@@ -266,6 +285,8 @@ impl Default for ReplayConfig {
             concurrency: 16,
             auth_principal: "jwt-sub".into(),
             classify: ClassifyConfig::default(),
+            progress_sync: Duration::ZERO,
+            max_attempts: 25,
         }
     }
 }
@@ -552,6 +573,18 @@ impl Config {
             return Err(ConfigError::key(
                 "replay.backoff_multiplier",
                 "must be >= 1.0",
+            ));
+        }
+        if self.upstream.reset_threshold == 0 {
+            return Err(ConfigError::key(
+                "upstream.reset_threshold",
+                "must be at least 1",
+            ));
+        }
+        if self.replay.progress_sync > Duration::from_secs(10) {
+            return Err(ConfigError::key(
+                "replay.progress_sync",
+                "must be at most 10s (it bounds what a crash re-sends)",
             ));
         }
         if self.replay.concurrency == 0 {

@@ -35,6 +35,13 @@ pub enum StoreError {
         /// Replicas required by `store.redis_min_replicas`.
         wanted: i64,
     },
+    /// The item is no longer on its partition's queue (an operator dropped it, or it was
+    /// finished): the update was refused so as not to bring it back.
+    #[error("mutation {key:?} is no longer queued")]
+    NotQueued {
+        /// The idempotency key of the item.
+        key: String,
+    },
     /// The partition's lease was lost (expired and taken by another instance, or released):
     /// the write was refused so as not to overwrite the new holder's work.
     #[error("lease on partition {partition:?} was lost")]

@@ -1,7 +1,11 @@
 //! Upstream health: online or offline, judged passively and by an active probe.
 //!
-//! - Passive: the proxy and the replayer report every transport failure or timeout
-//!   ([`Health::report_failure`]) and every answer ([`Health::report_success`]).
+//! - Passive: the proxy and the replayer report every answer ([`Health::report_success`]),
+//!   every refused connection or timeout ([`Health::report_failure`]: offline at once), and
+//!   every exchange that broke after the request may have been sent ([`Health::report_reset`]):
+//!   one such reset is that request's failure (an upstream handler dropping its socket, a
+//!   keep-alive connection closed under it), so only `upstream.reset_threshold` of them within
+//!   `upstream.reset_window` mark the upstream offline.
 //! - Active: while offline, [`Health::run_probe`] checks the upstream (a GET of
 //!   `upstream.probe_path`, any answer below 500 counting, or else a TCP connect) with
 //!   exponential backoff from `probe_interval` up to `probe_interval_max`.
@@ -10,9 +14,10 @@
 //! Every state change is logged and published as an [`Event`]; the replayer watches
 //! [`Health::watch`] to resume within moments of the upstream coming back.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
 use http::Request;
@@ -29,16 +34,54 @@ pub struct Health {
     online: AtomicBool,
     state: watch::Sender<bool>,
     events: Events,
+    /// Recent resets, oldest first (at most `reset_threshold` kept).
+    resets: Mutex<VecDeque<Instant>>,
+    reset_threshold: usize,
+    reset_window: Duration,
 }
 
 impl Health {
-    /// Starts online: the first request finds out.
-    pub fn new(events: Events) -> Self {
+    /// Starts online: the first request finds out. Resets count as an outage per `config`
+    /// (`reset_threshold` within `reset_window`).
+    pub fn new(events: Events, config: &UpstreamConfig) -> Self {
         let (state, _) = watch::channel(true);
         Self {
             online: AtomicBool::new(true),
             state,
             events,
+            resets: Mutex::new(VecDeque::new()),
+            reset_threshold: config.reset_threshold.max(1) as usize,
+            reset_window: config.reset_window,
+        }
+    }
+
+    /// One exchange broke after its request may have been sent (connection reset or closed
+    /// without an answer). Marks the upstream offline only when it is the
+    /// `reset_threshold`-th within `reset_window`.
+    pub fn report_reset(&self, reason: &str) {
+        let now = Instant::now();
+        let outage = match self.resets.lock() {
+            Ok(mut resets) => {
+                while resets
+                    .front()
+                    .is_some_and(|t| now.saturating_duration_since(*t) > self.reset_window)
+                {
+                    resets.pop_front();
+                }
+                resets.push_back(now);
+                if resets.len() >= self.reset_threshold {
+                    resets.clear();
+                    true
+                } else {
+                    false
+                }
+            }
+            Err(_) => true,
+        };
+        if outage {
+            self.report_failure(reason);
+        } else {
+            tracing::info!(reason, "upstream reset one exchange (not an outage)");
         }
     }
 
@@ -72,13 +115,14 @@ impl Health {
         }
     }
 
-    /// Judge the upstream by what one forwarded request got: an answer is online, a transport
-    /// failure or timeout is offline, and a failure of the app's own request body says
-    /// nothing about the upstream.
+    /// Judge the upstream by what one forwarded request got: an answer is online, a refused
+    /// connection or a timeout is offline, a reset counts towards an outage, and a failure of
+    /// the app's own request body says nothing about the upstream.
     pub fn observe<T>(&self, result: &Result<T, ForwardError>) {
         match result {
             Ok(_) => self.report_success(),
             Err(e) if e.request_body_failed() => {}
+            Err(e @ ForwardError::Transport(_)) => self.report_reset(&e.to_string()),
             Err(e) => self.report_failure(&e.to_string()),
         }
     }
@@ -157,5 +201,52 @@ async fn probe(upstream: &Upstream, config: &UpstreamConfig) -> Result<(), Strin
                 Err(_) => Err("connect timed out".into()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(threshold: u32, window: Duration) -> Health {
+        let config = UpstreamConfig {
+            reset_threshold: threshold,
+            reset_window: window,
+            ..UpstreamConfig::default()
+        };
+        Health::new(Events::new(), &config)
+    }
+
+    #[test]
+    fn one_reset_is_not_an_outage_but_several_within_the_window_are() {
+        let h = health(3, Duration::from_secs(60));
+        h.report_reset("reset");
+        h.report_reset("reset");
+        assert!(h.is_online(), "two resets stay online");
+        h.report_reset("reset");
+        assert!(!h.is_online(), "the third within the window is an outage");
+        h.report_success();
+        assert!(h.is_online());
+        h.report_reset("reset");
+        assert!(h.is_online(), "the count starts again after an outage");
+    }
+
+    #[test]
+    fn resets_older_than_the_window_do_not_count() {
+        let h = health(2, Duration::from_millis(1));
+        h.report_reset("reset");
+        std::thread::sleep(Duration::from_millis(5));
+        h.report_reset("reset");
+        assert!(h.is_online());
+    }
+
+    #[test]
+    fn refused_connections_and_timeouts_are_an_outage_at_once() {
+        let h = health(3, Duration::from_secs(60));
+        h.observe::<()>(&Err(ForwardError::Connect("refused".into())));
+        assert!(!h.is_online());
+        h.report_success();
+        h.observe::<()>(&Err(ForwardError::Timeout(Duration::from_secs(1))));
+        assert!(!h.is_online());
     }
 }

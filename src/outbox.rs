@@ -111,7 +111,7 @@ impl Outbox {
 
     /// The write path (POST, PUT, PATCH, DELETE).
     pub async fn write(
-        &self,
+        self: &Arc<Self>,
         ctx: &mut RequestContext,
         req: Request<ProxyBody>,
     ) -> Response<ProxyBody> {
@@ -125,7 +125,7 @@ impl Outbox {
     }
 
     async fn try_write(
-        &self,
+        self: &Arc<Self>,
         ctx: &mut RequestContext,
         req: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -188,7 +188,7 @@ impl Outbox {
             return Err(ProxyError::KeyInProgress(key));
         };
         if let Some(existing) = self.store.mutation(&key).await? {
-            return self.answer_existing(ctx, &existing, &fingerprint);
+            return self.answer_existing(&mut ctx.source, &existing, &fingerprint);
         }
         let must_queue = match mode {
             WriteMode::WriteBehind => true,
@@ -226,31 +226,134 @@ impl Outbox {
         if must_queue {
             return self.enqueue(ctx, record, &fingerprint).await;
         }
+        // From here on the mutation is on its way upstream: finish it (answer recorded under
+        // its key, or queued when the answer is lost) even if the app goes away meanwhile, so
+        // that its retry with the same key gets the answer instead of a second send.
+        let this = self.clone();
+        let rules = ctx.route.classify.clone();
+        let forward = tokio::spawn(async move {
+            this.forward_and_record(record, fingerprint, mode, rules, guard)
+                .await
+        });
+        let (result, source) = forward
+            .await
+            .map_err(|e| ProxyError::BadGateway(format!("forward task failed: {e}")))?;
+        ctx.source = source;
+        result
+    }
+
+    /// Forward a buffered mutation and settle it: keep the upstream's final answer for
+    /// idempotent replies, pass a transient one on, or queue the mutation when no answer came.
+    async fn forward_and_record(
+        self: Arc<Self>,
+        record: MutationRecord,
+        fingerprint: [u8; 32],
+        mode: WriteMode,
+        rules: crate::config::ClassifyConfig,
+        guard: InProgress,
+    ) -> (Result<Response<ProxyBody>, ProxyError>, Source) {
         let req = self.upstream.request_from_stored(&record.request, &[]);
         let result = self.upstream.send(req).await;
         self.health.observe(&result);
-        match result {
+        let e = match result {
             Ok(resp) => {
-                ctx.source = Source::Upstream;
-                // A transient refusal (retryable, or credentials refused) is not the key's
-                // final answer: keep nothing, so that the app's retry goes upstream again.
-                let keep = !classify::is_transient(&ctx.route.classify, resp.status());
-                let rules = keep.then(|| ctx.route.classify.clone());
-                Ok(self.record_while_streaming(record, resp, guard, rules))
+                return (
+                    Ok(self.answer_forwarded(record, resp, rules, guard).await),
+                    Source::Upstream,
+                );
             }
-            Err(e) => {
-                if mode == WriteMode::PassThrough {
-                    ctx.source = Source::Outpost;
-                    return Err(match e {
-                        ForwardError::Timeout(_) => ProxyError::GatewayTimeout,
-                        _ => ProxyError::UpstreamUnreachable,
-                    });
-                }
-                // Not answered (maybe applied): queue it; the key makes the replay safe.
-                tracing::info!(key = %key, "forward failed ({e}); queued");
-                self.enqueue(ctx, record, &fingerprint).await
+            Err(e) => e,
+        };
+        if mode == WriteMode::PassThrough {
+            let err = match e {
+                ForwardError::Timeout(_) => ProxyError::GatewayTimeout,
+                _ => ProxyError::UpstreamUnreachable,
+            };
+            return (Err(err), Source::Outpost);
+        }
+        let mut record = record;
+        match &e {
+            // Not sent: it goes as soon as the upstream is seen online.
+            ForwardError::Connect(_) => {
+                record.outcome = Some(format!("retryable: not sent: {e}"));
+            }
+            // Maybe applied: never sent again at once (an upstream that ignores the key would
+            // apply it twice); the replay tries again after a backoff.
+            ForwardError::Timeout(_) | ForwardError::Transport(_) => {
+                let delay = crate::replay::backoff::delay(&self.config.replay, 1, None);
+                record.attempts = 1;
+                record.next_attempt_at_ms =
+                    now_ms().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+                record.outcome = Some(format!("retryable: maybe applied: {e}"));
             }
         }
+        tracing::info!(key = %record.key, "forward failed ({e}); queued");
+        let mut ctx_source = Source::Queued;
+        let result = self
+            .enqueue_record(record, &fingerprint, &mut ctx_source)
+            .await;
+        drop(guard);
+        (result, ctx_source)
+    }
+
+    /// The upstream answered a forwarded mutation. A final answer is collected (up to
+    /// `queue.max_body_bytes`), kept under the key and passed on; a transient one (retryable,
+    /// or credentials refused) is passed on and not kept, so that the app's retry with the same
+    /// key reaches the upstream again.
+    async fn answer_forwarded(
+        &self,
+        mut record: MutationRecord,
+        resp: Response<Incoming>,
+        rules: crate::config::ClassifyConfig,
+        guard: InProgress,
+    ) -> Response<ProxyBody> {
+        let (mut parts, incoming) = resp.into_parts();
+        crate::proxy::forward::strip_hop_by_hop(&mut parts.headers);
+        let stored_headers = header_pairs(&parts.headers);
+        if let Ok(v) = HeaderValue::from_str(&record.key) {
+            parts.headers.insert(IDEMPOTENCY_KEY.clone(), v);
+        }
+        parts.headers.insert(
+            CACHE_STATUS.clone(),
+            HeaderValue::from_static(cache::METHOD),
+        );
+        if classify::is_transient(&rules, parts.status) {
+            drop(guard);
+            return Response::from_parts(parts, body::boxed(incoming));
+        }
+        let (kept, body) = match body::collect_limited(incoming, self.config.queue.max_body_bytes)
+            .await
+        {
+            Ok(Collected::Whole(b)) => (b.clone(), body::full(b)),
+            Ok(Collected::TooLarge { prefix, rest }) => (prefix.clone(), body::chain(prefix, rest)),
+            // The upstream handled it (its head came) but the body broke: keep the status.
+            Err(e) => {
+                tracing::warn!(key = %record.key, "the answer's body broke off: {e}");
+                (Bytes::new(), body::empty())
+            }
+        };
+        // The app gets the answer; what is kept is its classification, for the status document
+        // and idempotent replies (not a dead letter: nothing to retry).
+        let outcome = classify::classify(&rules, parts.status, &parts.headers, &kept);
+        record.status = outcome.final_status().unwrap_or(MutationStatus::Succeeded);
+        record.forget_request();
+        record.outcome = Some(format!("forwarded: {}", outcome.class()));
+        record.attempts = 1;
+        record.finished_at_ms = Some(now_ms());
+        record.response = Some(StoredResponse {
+            status: parts.status.as_u16(),
+            headers: stored_headers,
+            body: kept,
+        });
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.record_forwarded(record).await {
+                tracing::warn!("could not keep the answer for idempotent replies: {e}");
+            }
+            drop(guard);
+        });
+        parts.headers.remove(header::CONTENT_LENGTH);
+        Response::from_parts(parts, body)
     }
 
     async fn enqueue(
@@ -259,11 +362,22 @@ impl Outbox {
         record: MutationRecord,
         fingerprint: &[u8; 32],
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        self.enqueue_record(record, fingerprint, &mut ctx.source)
+            .await
+    }
+
+    /// Store a mutation durably and answer 202 (or answer the key that already exists).
+    async fn enqueue_record(
+        &self,
+        record: MutationRecord,
+        fingerprint: &[u8; 32],
+        source: &mut Source,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let key = record.key.clone();
         let partition = record.partition.clone();
         match self.store.enqueue(record).await? {
             Enqueued::Accepted { .. } => {
-                ctx.source = Source::Queued;
+                *source = Source::Queued;
                 self.events.emit(Event::Queued {
                     key: key.clone(),
                     partition,
@@ -272,14 +386,16 @@ impl Outbox {
                 Ok(self.accepted_response(&key))
             }
             // Another instance stored the same key first.
-            Enqueued::Existing(existing) => self.answer_existing(ctx, &existing, fingerprint),
+            Enqueued::Existing(existing) => {
+                Ok(self.answer_existing(source, &existing, fingerprint)?)
+            }
         }
     }
 
     /// The answer to a key that is already known.
     fn answer_existing(
         &self,
-        ctx: &mut RequestContext,
+        source: &mut Source,
         existing: &MutationRecord,
         fingerprint: &[u8; 32],
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -287,10 +403,10 @@ impl Outbox {
             return Err(ProxyError::KeyReused(existing.key.clone()));
         }
         if existing.status.is_pending() {
-            ctx.source = Source::Queued;
+            *source = Source::Queued;
             return Ok(self.accepted_response(&existing.key));
         }
-        ctx.source = Source::IdempotentReplay;
+        *source = Source::IdempotentReplay;
         let mut resp = match &existing.response {
             Some(stored) => stored_response(stored),
             None => json_response(StatusCode::OK, &self.status_document(existing)),
@@ -341,59 +457,6 @@ impl Outbox {
             HeaderValue::from_static(cache::QUEUED),
         );
         resp
-    }
-
-    /// Stream the upstream's answer to the app and, when `keep`, keep it for idempotent
-    /// replies.
-    /// `rules` (the route's classification) is `None` for a transient answer, which is passed
-    /// on but not kept: the app's retry with the same key must reach the upstream again.
-    fn record_while_streaming(
-        &self,
-        mut record: MutationRecord,
-        resp: Response<Incoming>,
-        guard: InProgress,
-        rules: Option<crate::config::ClassifyConfig>,
-    ) -> Response<ProxyBody> {
-        let (mut parts, incoming) = resp.into_parts();
-        crate::proxy::forward::strip_hop_by_hop(&mut parts.headers);
-        let status = parts.status.as_u16();
-        let headers = header_pairs(&parts.headers);
-        if let Ok(v) = HeaderValue::from_str(&record.key) {
-            parts.headers.insert(IDEMPOTENCY_KEY.clone(), v);
-        }
-        parts.headers.insert(
-            CACHE_STATUS.clone(),
-            HeaderValue::from_static(cache::METHOD),
-        );
-        let Some(rules) = rules else {
-            drop(guard);
-            return Response::from_parts(parts, body::boxed(incoming));
-        };
-        let store = self.store.clone();
-        let status_code = parts.status;
-        let answer_headers = parts.headers.clone();
-        let body = body::tee(incoming, self.config.queue.max_body_bytes, move |bytes| {
-            // The app already has the answer; what is kept is its classification, for the
-            // status document and idempotent replies (not a dead letter: nothing to retry).
-            let outcome = classify::classify(&rules, status_code, &answer_headers, &bytes);
-            record.status = outcome.final_status().unwrap_or(MutationStatus::Succeeded);
-            record.forget_request();
-            record.outcome = Some(format!("forwarded: {}", outcome.class()));
-            record.attempts = 1;
-            record.finished_at_ms = Some(now_ms());
-            record.response = Some(StoredResponse {
-                status,
-                headers,
-                body: bytes,
-            });
-            tokio::spawn(async move {
-                if let Err(e) = store.record_forwarded(record).await {
-                    tracing::warn!("could not keep the answer for idempotent replies: {e}");
-                }
-                drop(guard);
-            });
-        });
-        Response::from_parts(parts, body)
     }
 
     /// Forward a body too large to queue or record (streamed through).
@@ -560,7 +623,12 @@ fn stored_response(stored: &StoredResponse) -> Response<ProxyBody> {
 
 /// RFC 3339 with milliseconds, UTC.
 pub fn rfc3339_ms(ms: u64) -> String {
-    let t = time::OffsetDateTime::UNIX_EPOCH + time::Duration::milliseconds(ms as i64);
+    // Saturate: a far-future time (an upstream's huge Retry-After) must not overflow.
+    let ms = i64::try_from(ms).unwrap_or(i64::MAX);
+    let t = time::OffsetDateTime::UNIX_EPOCH
+        .checked_add(time::Duration::milliseconds(ms))
+        .filter(|t| t.year() <= 9999)
+        .unwrap_or(time::macros::datetime!(9999-12-31 23:59:59.999 UTC));
     let fmt = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
@@ -738,6 +806,7 @@ mod tests {
     #[test]
     fn timestamps_are_rfc3339_with_millis() {
         assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(rfc3339_ms(u64::MAX), "9999-12-31T23:59:59.999Z");
     }
 
     #[test]

@@ -221,7 +221,9 @@ impl Proxy {
         )
     }
 
-    /// Forward a read upstream, reporting health either way.
+    /// Forward a read upstream, reporting health either way. A read without a body is safe
+    /// to repeat: after a reset (say, a keep-alive connection the upstream closed under it) it
+    /// gets one more try on another connection before anything is concluded.
     async fn fetch(
         &self,
         ctx: &RequestContext,
@@ -229,7 +231,20 @@ impl Proxy {
     ) -> Result<Response<Incoming>, ForwardError> {
         let (mut parts, body) = req.into_parts();
         self.upstream.prepare(&mut parts, &ctx.client, false);
-        let result = self.upstream.send(Request::from_parts(parts, body)).await;
+        let again = body.is_end_stream().then(|| {
+            let mut again = Request::new(body::empty());
+            *again.method_mut() = parts.method.clone();
+            *again.uri_mut() = parts.uri.clone();
+            *again.headers_mut() = parts.headers.clone();
+            again
+        });
+        let mut result = self.upstream.send(Request::from_parts(parts, body)).await;
+        if let (Err(e @ ForwardError::Transport(_)), Some(again)) = (&result, again)
+            && !e.request_body_failed()
+        {
+            tracing::debug!(path = %ctx.path_and_query, "read reset ({e}); trying once more");
+            result = self.upstream.send(again).await;
+        }
         self.health.observe(&result);
         result
     }

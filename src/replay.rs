@@ -18,7 +18,7 @@
 pub mod backoff;
 pub mod classify;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,7 +34,7 @@ use crate::config::Config;
 use crate::events::{Event, Events};
 use crate::health::Health;
 use crate::outbox::{IDEMPOTENCY_KEY, Outbox, header_pairs, rfc3339_ms};
-use crate::proxy::forward::Upstream;
+use crate::proxy::forward::{ForwardError, Upstream};
 use crate::route::RouteTable;
 use crate::shutdown::Shutdown;
 use crate::store::{
@@ -54,6 +54,10 @@ const TICK: Duration = Duration::from_millis(500);
 const AUTH_ANNOUNCE: Duration = Duration::from_secs(5);
 /// How often finished records past retention are purged.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// First wait before recording an answer again after the store refused it; doubles up to
+/// [`STORE_RETRY_MAX`].
+const STORE_RETRY: Duration = Duration::from_millis(100);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// What a drain does after one item.
 enum Step {
@@ -62,6 +66,33 @@ enum Step {
     /// The partition waits (until the given time at the latest).
     Wait(u64),
 }
+
+/// How one send went, before classification.
+enum Sent {
+    /// The upstream answered (the body may be cut at `queue.max_body_bytes`).
+    Answered {
+        outcome: Outcome,
+        response: StoredResponse,
+    },
+    /// No connection could be made: the request certainly did not leave.
+    Refused(String),
+    /// The exchange broke after the request may have been sent, or no answer came in time:
+    /// the upstream may have applied it.
+    Ambiguous { reason: String, timeout: bool },
+}
+
+/// Which write records an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// The item stays pending with a new state (`Store::update`).
+    Update,
+    /// The item is done (`Store::finish`).
+    Finish,
+}
+
+/// Background finishes (progress window): each hands back its record if it must be recorded
+/// again.
+type Finishing = JoinSet<Result<(), (Box<MutationRecord>, StoreError)>>;
 
 /// The replay engine.
 pub struct Replayer {
@@ -122,15 +153,14 @@ impl Replayer {
 
     /// Supervise drains until shutdown.
     pub async fn run(self: Arc<Self>) {
-        let mut drains: JoinSet<String> = JoinSet::new();
-        let mut running: HashSet<String> = HashSet::new();
+        let mut drains = Drains::default();
         let mut health = self.health.watch();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_purge = Instant::now();
         loop {
             if self.may_run() {
-                self.start_drains(&mut drains, &mut running).await;
+                self.start_drains(&mut drains).await;
             }
             match self.store.anyone_waiting().await {
                 Ok(waiting) => self.outbox.credentials.set_elsewhere_waiting(waiting),
@@ -144,23 +174,46 @@ impl Replayer {
                 _ = self.shutdown.wait() => break,
                 _ = self.outbox.queued.notified() => {}
                 _ = health.changed() => {}
-                Some(done) = drains.join_next() => {
-                    if let Ok(partition) = done {
-                        running.remove(&partition);
-                    }
-                }
+                Some(done) = drains.tasks.join_next_with_id() => self.drain_ended(&mut drains, done).await,
                 _ = tick.tick() => {}
             }
         }
         // Drains see the shutdown too; let them finish the item in hand.
-        while drains.join_next().await.is_some() {}
+        while let Some(done) = drains.tasks.join_next_with_id().await {
+            self.drain_ended(&mut drains, done).await;
+        }
     }
 
-    async fn start_drains(
-        self: &Arc<Self>,
-        drains: &mut JoinSet<String>,
-        running: &mut HashSet<String>,
+    /// A drain task ended; one that panicked is logged, its lease released, and its partition
+    /// left alone for a while instead of staying "running" for ever.
+    async fn drain_ended(
+        &self,
+        drains: &mut Drains,
+        done: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
     ) {
+        let id = match &done {
+            Ok((id, ())) => *id,
+            Err(e) => e.id(),
+        };
+        let Some(lease) = drains.running.remove(&id) else {
+            return;
+        };
+        if done.is_ok() {
+            drains.resting.remove(&lease.partition);
+        }
+        if let Err(e) = done {
+            let pause = drains.pause_after_failure(&lease.partition);
+            tracing::error!(
+                partition = %lease.partition,
+                "replay of the partition failed ({e}); starting it again in {pause:?}"
+            );
+            if let Err(e) = self.store.release(&lease).await {
+                tracing::debug!("lease release failed: {e}");
+            }
+        }
+    }
+
+    async fn start_drains(self: &Arc<Self>, drains: &mut Drains) {
         let partitions = match self.store.pending_partitions().await {
             Ok(p) => p,
             Err(e) => {
@@ -169,10 +222,10 @@ impl Replayer {
             }
         };
         for partition in partitions {
-            if running.len() >= self.config.replay.concurrency {
+            if drains.running.len() >= self.config.replay.concurrency {
                 break;
             }
-            if running.contains(&partition) {
+            if drains.is_running(&partition) || drains.is_resting(&partition) {
                 continue;
             }
             let lease = match self.store.acquire(&partition).await {
@@ -183,9 +236,10 @@ impl Replayer {
                     continue;
                 }
             };
-            running.insert(partition.clone());
             let this = self.clone();
-            drains.spawn(async move {
+            let task_lease = lease.clone();
+            let handle = drains.tasks.spawn(async move {
+                let lease = task_lease;
                 if let Err(e) = this.drain(&lease).await {
                     tracing::warn!(partition = %lease.partition, "replay stopped: {e}");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -193,8 +247,8 @@ impl Replayer {
                 if let Err(e) = this.store.release(&lease).await {
                     tracing::debug!("lease release failed: {e}");
                 }
-                lease.partition
             });
+            drains.running.insert(handle.id(), lease);
         }
     }
 
@@ -203,16 +257,16 @@ impl Replayer {
         let mut finishing = JoinSet::new();
         let result = self.drain_batches(lease, &mut finishing).await;
         // Finished items must be recorded before the lease is given back.
-        let settled = settle(&mut finishing).await;
+        let settled = self.settle(lease, &mut finishing).await;
         result.and(settled)
     }
 
-    /// The drain loop: a batch of items head-first, their bookkeeping written in the
-    /// background (and settled before the next batch is read), then the next batch.
+    /// The drain loop: a batch of items head-first (their answers recorded as the progress
+    /// setting says), then the next batch.
     async fn drain_batches(
         &self,
         lease: &Lease,
-        finishing: &mut JoinSet<Result<(), StoreError>>,
+        finishing: &mut Finishing,
     ) -> Result<(), StoreError> {
         let renew_every = self.config.store.redis_lease / 3;
         let mut renewed = Instant::now();
@@ -245,10 +299,9 @@ impl Replayer {
                 }
             }
             // The next peek must not see items whose answers are still being recorded.
-            settle(finishing).await?;
+            self.settle(lease, finishing).await?;
             if let Some(until) = wait_until {
-                // Give the lease back while waiting long, so another instance can pick it up
-                // later; short waits keep it.
+                // Short waits keep the lease; it is renewed on the next round.
                 let ms = until.saturating_sub(now_ms());
                 if ms > 0 {
                     let renew_cap = renew_every.max(Duration::from_millis(100));
@@ -269,14 +322,15 @@ impl Replayer {
         &self,
         lease: &Lease,
         item: &mut MutationRecord,
-        finishing: &mut JoinSet<Result<(), StoreError>>,
+        finishing: &mut Finishing,
     ) -> Result<Step, StoreError> {
         let now = now_ms();
-        if now.saturating_sub(item.accepted_at_ms) > self.config.queue.max_age.as_millis() as u64 {
+        if now.saturating_sub(item.accepted_at_ms) > millis(self.config.queue.max_age) {
             item.status = MutationStatus::Expired;
             item.outcome = Some("expired".into());
             item.finished_at_ms = Some(now);
-            self.finish_later(finishing, lease, item);
+            self.record(lease, item, Progress::Finish, finishing)
+                .await?;
             self.outbox.credentials.unmark_waiting(&item.key);
             self.events.emit(Event::Expired {
                 key: item.key.clone(),
@@ -291,96 +345,299 @@ impl Replayer {
                 if let Err(e) = self.store.announce_waiting(AUTH_ANNOUNCE).await {
                     tracing::debug!("could not announce a wait for credentials: {e}");
                 }
-                return Ok(Step::Wait(now + 1000));
+                return Ok(Step::Wait(now.saturating_add(1000)));
             };
             replace_credentials(item, creds);
             self.outbox.credentials.unmark_waiting(&item.key);
             item.status = MutationStatus::Queued;
-        } else if item.next_attempt_at_ms > now && !retry_when_online(item) {
+        } else if item.next_attempt_at_ms > now {
             return Ok(Step::Wait(item.next_attempt_at_ms));
         }
+        // Send nothing whose answer could not be recorded (store reopening after an I/O
+        // error, or a background finish that just failed).
+        if !self.store.writable() {
+            return Ok(Step::Wait(
+                now.saturating_add(STORE_RETRY.as_millis() as u64),
+            ));
+        }
+        self.re_record_failed(lease, finishing).await?;
         if let Some(limiter) = &self.limiter {
             limiter.until_ready().await;
         }
-        item.attempts += 1;
+        item.attempts = item.attempts.saturating_add(1);
         self.mark_in_flight(&item.key, true);
         self.events.emit(Event::ReplayAttempt {
             key: item.key.clone(),
             attempt: item.attempts,
         });
-        let (outcome, response, transport_error) = self.send_holding(lease, item).await;
+        let sent = self.send_holding(lease, item).await;
         self.mark_in_flight(&item.key, false);
+        let now = now_ms();
+        let (outcome, response) = match sent {
+            Sent::Refused(reason) => {
+                // It never left: not an attempt. The upstream is offline, and the item goes
+                // again as soon as it is seen online.
+                item.attempts = item.attempts.saturating_sub(1);
+                self.health.report_failure(&reason);
+                self.events.emit(Event::Classified {
+                    key: item.key.clone(),
+                    class: "retryable".into(),
+                    status: None,
+                });
+                item.outcome = Some(format!("retryable: not sent: {reason}"));
+                item.next_attempt_at_ms = now;
+                self.record(lease, item, Progress::Update, finishing)
+                    .await?;
+                return Ok(Step::Wait(now.saturating_add(1000)));
+            }
+            Sent::Ambiguous { reason, timeout } => {
+                if timeout {
+                    self.health.report_failure(&reason);
+                } else {
+                    self.health.report_reset(&reason);
+                }
+                self.events.emit(Event::Classified {
+                    key: item.key.clone(),
+                    class: "retryable".into(),
+                    status: None,
+                });
+                let reason = format!("retryable: maybe applied: {reason}");
+                return self
+                    .retry_later(lease, item, reason, None, None, true, finishing)
+                    .await;
+            }
+            Sent::Answered { outcome, response } => (outcome, response),
+        };
         self.events.emit(Event::Classified {
             key: item.key.clone(),
             class: outcome.class().into(),
-            status: response.as_ref().map(|r| r.status),
+            status: Some(response.status),
         });
         tracing::debug!(key = %item.key, class = outcome.class(), attempt = item.attempts, "replayed");
-        let now = now_ms();
         match outcome {
             Outcome::Success | Outcome::Partial => {
+                self.health.report_success();
                 item.status = outcome.final_status().unwrap_or(MutationStatus::Succeeded);
                 item.outcome = Some(outcome.class().into());
-                item.response = response;
+                item.response = Some(response);
                 item.finished_at_ms = Some(now);
-                self.finish_later(finishing, lease, item);
+                self.record(lease, item, Progress::Finish, finishing)
+                    .await?;
                 Ok(Step::Next)
             }
             Outcome::Validation | Outcome::Conflict => {
+                self.health.report_success();
                 item.status = outcome.final_status().unwrap_or(MutationStatus::Rejected);
                 item.outcome = Some(outcome.class().into());
-                item.response = response;
+                item.response = Some(response);
                 item.finished_at_ms = Some(now);
-                self.finish_later(finishing, lease, item);
-                self.events.emit(Event::DeadLettered {
-                    key: item.key.clone(),
-                    status: item.status.as_str().into(),
-                });
-                tracing::warn!(key = %item.key, status = item.status.as_str(), "dead-lettered");
+                self.dead_letter(lease, item, finishing).await?;
                 Ok(Step::Next)
             }
             Outcome::AuthRequired => {
+                self.health.report_success();
                 item.status = MutationStatus::AuthRequired;
                 item.outcome = Some("auth_required".into());
-                item.response = response;
+                item.response = Some(response);
                 // Credentials offered after this moment count as fresh.
                 item.next_attempt_at_ms = now;
-                self.store.update(lease, item).await?;
+                if !self
+                    .record(lease, item, Progress::Update, finishing)
+                    .await?
+                {
+                    return Ok(Step::Next);
+                }
                 self.outbox.credentials.mark_waiting(&item.key);
                 self.events.emit(Event::AuthRequired {
                     key: item.key.clone(),
                     principal: item.principal.clone().unwrap_or_else(|| "*".into()),
                 });
-                Ok(Step::Wait(now + 1000))
+                Ok(Step::Wait(now.saturating_add(1000)))
             }
             Outcome::Retryable { after } => {
-                let delay = backoff::delay(&self.config.replay, item.attempts, after);
-                item.status = MutationStatus::Queued;
-                item.outcome = Some(match (&transport_error, &response) {
-                    (Some(e), _) => format!("retryable: transport: {e}"),
-                    (None, Some(r)) => format!("retryable: status {}", r.status),
-                    (None, None) => "retryable".into(),
-                });
-                item.response = response;
-                item.next_attempt_at_ms = now + delay.as_millis() as u64;
-                self.store.update(lease, item).await?;
+                let status = response.status;
                 // The contract: a retryable answer marks the upstream offline until a probe or
                 // a replay succeeds.
                 self.health
-                    .report_failure(item.outcome.as_deref().unwrap_or("retryable"));
-                Ok(Step::Wait(item.next_attempt_at_ms))
+                    .report_failure(&format!("replayed mutation answered {status}"));
+                // 429 and 503 ask everybody to come back later: not this item's fault.
+                let counts = status != 429 && status != 503;
+                let reason = format!("retryable: status {status}");
+                self.retry_later(
+                    lease,
+                    item,
+                    reason,
+                    Some(response),
+                    after,
+                    counts,
+                    finishing,
+                )
+                .await
             }
+        }
+    }
+
+    /// Try the item again after its backoff (at least `after`), or dead-letter it when its
+    /// own attempts are used up (`counts`: this failure is one of its own).
+    #[allow(clippy::too_many_arguments)]
+    async fn retry_later(
+        &self,
+        lease: &Lease,
+        item: &mut MutationRecord,
+        reason: String,
+        response: Option<StoredResponse>,
+        after: Option<Duration>,
+        counts: bool,
+        finishing: &mut Finishing,
+    ) -> Result<Step, StoreError> {
+        let now = now_ms();
+        let max = self.config.replay.max_attempts;
+        item.response = response;
+        if counts && max > 0 && item.attempts >= max {
+            item.status = MutationStatus::Rejected;
+            item.outcome = Some(format!(
+                "gave up after {} attempts (replay.max_attempts); last: {reason}",
+                item.attempts
+            ));
+            item.finished_at_ms = Some(now);
+            self.dead_letter(lease, item, finishing).await?;
+            return Ok(Step::Next);
+        }
+        let delay = backoff::delay(&self.config.replay, item.attempts, after);
+        item.status = MutationStatus::Queued;
+        item.outcome = Some(reason);
+        item.next_attempt_at_ms = now.saturating_add(millis(delay));
+        if !self
+            .record(lease, item, Progress::Update, finishing)
+            .await?
+        {
+            return Ok(Step::Next);
+        }
+        Ok(Step::Wait(item.next_attempt_at_ms))
+    }
+
+    /// Finish an item as a dead letter, and say so.
+    async fn dead_letter(
+        &self,
+        lease: &Lease,
+        item: &mut MutationRecord,
+        finishing: &mut Finishing,
+    ) -> Result<(), StoreError> {
+        self.record(lease, item, Progress::Finish, finishing)
+            .await?;
+        self.events.emit(Event::DeadLettered {
+            key: item.key.clone(),
+            status: item.status.as_str().into(),
+        });
+        tracing::warn!(
+            key = %item.key,
+            status = item.status.as_str(),
+            outcome = item.outcome.as_deref().unwrap_or(""),
+            "dead-lettered"
+        );
+        Ok(())
+    }
+
+    /// Record an answer. Finishes under a progress window go to the background (they are
+    /// answered once durable, and settled before the next peek); everything else is recorded
+    /// before the drain goes on. Returns whether the item is still on its queue.
+    async fn record(
+        &self,
+        lease: &Lease,
+        item: &MutationRecord,
+        progress: Progress,
+        finishing: &mut Finishing,
+    ) -> Result<bool, StoreError> {
+        if progress == Progress::Finish && !self.config.replay.progress_sync.is_zero() {
+            let (store, lease, item) = (self.store.clone(), lease.clone(), item.clone());
+            finishing.spawn(async move {
+                store
+                    .finish(&lease, &item)
+                    .await
+                    .map_err(|e| (Box::new(item), e))
+            });
+            return Ok(true);
+        }
+        self.record_now(lease, item, progress).await
+    }
+
+    /// Record an answer now, holding it (and sending nothing else) until the store takes it:
+    /// an answer that is not recorded would make the item go again. Gives up only when the
+    /// lease is lost or outpost shuts down (the item then counts as in flight).
+    async fn record_now(
+        &self,
+        lease: &Lease,
+        item: &MutationRecord,
+        progress: Progress,
+    ) -> Result<bool, StoreError> {
+        let mut wait = STORE_RETRY;
+        loop {
+            let result = match progress {
+                Progress::Update => self.store.update(lease, item).await,
+                Progress::Finish => self.store.finish(lease, item).await,
+            };
+            let e = match result {
+                Ok(()) => return Ok(true),
+                // Dropped by an operator (or finished elsewhere) meanwhile: nothing to keep.
+                Err(StoreError::NotQueued { .. }) => return Ok(false),
+                Err(e @ StoreError::LeaseLost { .. }) => return Err(e),
+                Err(e) => e,
+            };
+            tracing::warn!(
+                key = %item.key,
+                "cannot record the answer ({e}); holding it and sending nothing else of the \
+                 partition until the store takes it (next try in {wait:?})"
+            );
+            tokio::select! {
+                _ = self.shutdown.wait() => return Err(e),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(STORE_RETRY_MAX);
+        }
+    }
+
+    /// Background finishes that failed are recorded again, in place, before the next send.
+    async fn re_record_failed(
+        &self,
+        lease: &Lease,
+        finishing: &mut Finishing,
+    ) -> Result<(), StoreError> {
+        while let Some(done) = finishing.try_join_next() {
+            self.re_record(lease, done).await?;
+        }
+        Ok(())
+    }
+
+    /// Wait for every background finish, recording again those that failed.
+    async fn settle(&self, lease: &Lease, finishing: &mut Finishing) -> Result<(), StoreError> {
+        while let Some(done) = finishing.join_next().await {
+            self.re_record(lease, done).await?;
+        }
+        Ok(())
+    }
+
+    async fn re_record(
+        &self,
+        lease: &Lease,
+        done: Result<Result<(), (Box<MutationRecord>, StoreError)>, tokio::task::JoinError>,
+    ) -> Result<(), StoreError> {
+        match done {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err((_, e @ StoreError::LeaseLost { .. }))) => Err(e),
+            Ok(Err((item, e))) => {
+                tracing::warn!(key = %item.key, "recording the answer failed ({e}); again");
+                self.record_now(lease, &item, Progress::Finish)
+                    .await
+                    .map(|_| ())
+            }
+            Err(e) => Err(StoreError::Task(e.to_string())),
         }
     }
 
     /// [`Self::send`], renewing the lease while the answer is awaited: an upstream slower than
     /// the lease must not let another instance take the partition and send this item again, or
     /// the ones behind it, while it is still in flight.
-    async fn send_holding(
-        &self,
-        lease: &Lease,
-        item: &MutationRecord,
-    ) -> (Outcome, Option<StoredResponse>, Option<String>) {
+    async fn send_holding(&self, lease: &Lease, item: &MutationRecord) -> Sent {
         let every = (self.config.store.redis_lease / 3).max(Duration::from_millis(10));
         let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -399,11 +656,8 @@ impl Replayer {
         }
     }
 
-    /// Send a stored mutation; classify the answer (or the transport error).
-    async fn send(
-        &self,
-        item: &MutationRecord,
-    ) -> (Outcome, Option<StoredResponse>, Option<String>) {
+    /// Send a stored mutation; classify the answer.
+    async fn send(&self, item: &MutationRecord) -> Sent {
         let mut extra = vec![(
             OUTPOST_ACCEPTED_AT.clone(),
             HeaderValue::from_str(&rfc3339_ms(item.accepted_at_ms))
@@ -415,13 +669,18 @@ impl Replayer {
         let req = self.upstream.request_from_stored(&item.request, &extra);
         let resp = match self.upstream.send(req).await {
             Ok(resp) => resp,
-            Err(e) => {
-                self.health.report_failure(&e.to_string());
-                return (
-                    Outcome::Retryable { after: None },
-                    None,
-                    Some(e.to_string()),
-                );
+            Err(e @ ForwardError::Connect(_)) => return Sent::Refused(e.to_string()),
+            Err(e @ ForwardError::Timeout(_)) => {
+                return Sent::Ambiguous {
+                    reason: e.to_string(),
+                    timeout: true,
+                };
+            }
+            Err(e @ ForwardError::Transport(_)) => {
+                return Sent::Ambiguous {
+                    reason: e.to_string(),
+                    timeout: false,
+                };
             }
         };
         let (parts, incoming) = resp.into_parts();
@@ -430,43 +689,23 @@ impl Replayer {
             Ok(Collected::Whole(b)) => b,
             Ok(Collected::TooLarge { prefix, .. }) => prefix,
             Err(e) => {
-                // The head arrived but the body broke: the answer is unknown, try again.
-                self.health.report_failure(&e.to_string());
-                return (
-                    Outcome::Retryable { after: None },
-                    None,
-                    Some(e.to_string()),
-                );
+                // The head arrived, so the upstream handled the request: its status decides,
+                // the body is lost. Sending it again could apply it twice.
+                tracing::warn!(key = %item.key, status = parts.status.as_u16(), "the answer's body broke off ({e}); classified by its status");
+                Bytes::new()
             }
         };
         let route = self.routes.by_name(&item.route);
         let outcome = classify::classify(&route.classify, parts.status, &parts.headers, &body);
-        if !matches!(outcome, Outcome::Retryable { .. }) {
-            self.health.report_success();
-        }
         let mut headers = parts.headers;
         crate::proxy::forward::strip_hop_by_hop(&mut headers);
         headers.remove(header::CONTENT_LENGTH);
-        let stored = StoredResponse {
+        let response = StoredResponse {
             status: parts.status.as_u16(),
             headers: header_pairs(&headers),
             body,
         };
-        (outcome, Some(stored), None)
-    }
-
-    /// Record a finished item without holding up the next send: replaying in order needs the
-    /// answer classified, not its bookkeeping committed, and a crash before the commit only
-    /// means a second delivery under the same idempotency key. Concurrent finishes share
-    /// commits (group commit) instead of costing one each.
-    fn finish_later(
-        &self,
-        finishing: &mut JoinSet<Result<(), StoreError>>,
-        lease: &Lease,
-        item: &MutationRecord,
-    ) {
-        let (store, lease, item) = (self.store.clone(), lease.clone(), item.clone());
-        finishing.spawn(async move { store.finish(&lease, &item).await });
+        Sent::Answered { outcome, response }
     }
 
     /// Credentials offered after the item's 401: to this instance, or shared by another.
@@ -510,24 +749,41 @@ impl Replayer {
     }
 }
 
-/// Wait for every background finish; the first error wins.
-async fn settle(finishing: &mut JoinSet<Result<(), StoreError>>) -> Result<(), StoreError> {
-    let mut result = Ok(());
-    while let Some(done) = finishing.join_next().await {
-        let outcome = done.map_err(|e| StoreError::Task(e.to_string()))?;
-        if result.is_ok() {
-            result = outcome;
-        }
-    }
-    result
+/// Milliseconds of `d`, saturating (upstream-controlled delays can be huge).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A transport failure waits for the upstream, not for the backoff: once it is seen online
-/// again, the item goes at once.
-fn retry_when_online(item: &MutationRecord) -> bool {
-    item.outcome
-        .as_deref()
-        .is_some_and(|o| o.starts_with("retryable: transport"))
+/// Partitions being drained, and those resting after a failed drain.
+#[derive(Default)]
+struct Drains {
+    tasks: JoinSet<()>,
+    running: HashMap<tokio::task::Id, Lease>,
+    /// Partition → (failures in a row, not before).
+    resting: HashMap<String, (u32, Instant)>,
+}
+
+impl Drains {
+    fn is_running(&self, partition: &str) -> bool {
+        self.running.values().any(|l| l.partition == partition)
+    }
+
+    fn is_resting(&mut self, partition: &str) -> bool {
+        match self.resting.get(partition) {
+            Some((_, until)) if Instant::now() < *until => true,
+            Some(_) => false,
+            None => false,
+        }
+    }
+
+    /// Note a failed drain; returns how long the partition rests (doubling, at most a minute).
+    fn pause_after_failure(&mut self, partition: &str) -> Duration {
+        let failures = self.resting.get(partition).map_or(0, |(n, _)| *n) + 1;
+        let pause = Duration::from_secs(1 << failures.min(6)).min(Duration::from_secs(60));
+        self.resting
+            .insert(partition.to_string(), (failures, Instant::now() + pause));
+        pause
+    }
 }
 
 /// Swap the stored `Authorization`/`Cookie` for fresh ones.

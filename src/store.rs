@@ -231,11 +231,20 @@ pub trait Store: Send + Sync + 'static {
     /// Give a lease back.
     async fn release(&self, lease: &Lease) -> Result<(), StoreError>;
 
+    /// Whether writes can be recorded right now (false while the embedded store reopens after
+    /// an I/O error). Replay sends nothing it could not record the answer of.
+    fn writable(&self) -> bool {
+        true
+    }
+
     /// Save a pending item's new state (attempts, next attempt, status, headers).
+    /// [`StoreError::NotQueued`] when the item is no longer on its queue with that sequence
+    /// number (dropped by an operator, or finished): nothing is written.
     async fn update(&self, lease: &Lease, record: &MutationRecord) -> Result<(), StoreError>;
 
     /// Take a finished item out of its partition and keep its record (on the dead-letter list
-    /// when its status is a dead-letter status).
+    /// when its status is a dead-letter status). Finishing an item that is no longer queued
+    /// changes nothing and succeeds, so that an answer can be recorded again after an error.
     async fn finish(&self, lease: &Lease, record: &MutationRecord) -> Result<(), StoreError>;
 
     /// Dead letters, oldest first (at most `limit`).

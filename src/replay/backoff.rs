@@ -28,7 +28,8 @@ pub fn ceiling(config: &ReplayConfig, attempt: u32) -> Duration {
 /// The delay before retry number `attempt`: full jitter under the ceiling, at least `floor`.
 pub fn delay(config: &ReplayConfig, attempt: u32, floor: Option<Duration>) -> Duration {
     let ceiling = ceiling(config, attempt);
-    let jittered = Duration::from_millis(rand::rng().random_range(0..=ceiling.as_millis() as u64));
+    let ceiling_ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+    let jittered = Duration::from_millis(rand::rng().random_range(0..=ceiling_ms));
     match floor {
         Some(f) => jittered.max(f),
         None => jittered,
@@ -57,5 +58,26 @@ mod tests {
             assert!(d <= ceiling(&c, attempt));
         }
         assert!(delay(&c, 1, Some(Duration::from_secs(9))) >= Duration::from_secs(9));
+        assert_eq!(delay(&c, 1, Some(Duration::MAX)), Duration::MAX);
+    }
+
+    #[test]
+    fn any_retry_after_and_config_values_saturate() {
+        // A property check over random values: nothing panics, the floor holds, the ceiling
+        // caps the jitter.
+        let mut rng = rand::rng();
+        for _ in 0..10_000 {
+            let c = ReplayConfig {
+                initial_backoff: Duration::from_millis(rng.random_range(0..u64::MAX)),
+                max_backoff: Duration::from_millis(rng.random_range(0..u64::MAX)),
+                backoff_multiplier: rng.random_range(1.0..1e6),
+                ..ReplayConfig::default()
+            };
+            let floor = Duration::from_secs(rng.random::<u64>());
+            let attempt = rng.random::<u32>();
+            let d = delay(&c, attempt, Some(floor));
+            assert!(d >= floor);
+            assert!(delay(&c, attempt, None) <= c.max_backoff.max(ceiling(&c, attempt)));
+        }
     }
 }

@@ -222,6 +222,28 @@ async fn operator_retry_and_drop(store: &dyn Store) {
         "no longer pending"
     );
     assert!(!store.drop_mutation("o1").await.unwrap(), "dropped once");
+    // A replay that was in flight while the operator dropped it must not bring it back.
+    let mut late = first.clone();
+    late.status = MutationStatus::Queued;
+    late.attempts = 2;
+    late.next_attempt_at_ms = now_ms() + 1000;
+    assert!(
+        matches!(
+            store.update(&lease, &late).await,
+            Err(crate::store::StoreError::NotQueued { .. })
+        ),
+        "an update of a dropped item is refused"
+    );
+    let o1_again = store.mutation("o1").await.unwrap().expect("kept");
+    assert_eq!(o1_again.status, MutationStatus::Rejected, "still dropped");
+    assert_eq!(keys(&store.peek("po", 10).await.unwrap()), ["o2"]);
+    // Finishing it (an answer recorded late, or again after an error) changes nothing either.
+    let mut finished_late = late.clone();
+    finished_late.status = MutationStatus::Succeeded;
+    finished_late.finished_at_ms = Some(now_ms());
+    store.finish(&lease, &finished_late).await.unwrap();
+    let o1_again = store.mutation("o1").await.unwrap().expect("kept");
+    assert_eq!(o1_again.outcome.as_deref(), Some("dropped by operator"));
     assert!(
         !store.retry_dead_letter("o1").await.unwrap(),
         "a dropped item is not a dead letter"

@@ -2,15 +2,24 @@
 //!
 //! **Durability.** All writes go through one writer thread that commits in *groups*: it takes
 //! every operation waiting in its channel (up to [`MAX_BATCH`]), applies them in one write
-//! transaction and commits once. A group that holds an `enqueue` (or a dead-letter retry) commits
-//! with `Durability::Immediate` (redb fsyncs before `commit` returns); only then are the callers
-//! answered, so a 202 is sent only after the commit that holds its mutation returned. Many
-//! concurrent writers share one fsync, which is what makes durable acknowledgement cheap.
+//! transaction and commits once. Each op has a durability class:
+//! - *now*: enqueues and operator actions (retry, drop). A group holding one commits with
+//!   `Durability::Immediate` (redb fsyncs before `commit` returns); only then are its callers
+//!   answered, so a 202 is sent only after the commit that holds its mutation returned. Many
+//!   concurrent writers share one fsync, which is what makes durable acknowledgement cheap.
+//! - *progress*: replay progress (`update`, `finish`) and answers of forwarded mutations. With
+//!   `replay.progress_sync = 0` (the default) these are *now* too: the replayer waits for the
+//!   fsync before it sends the partition's next item, so after a crash at most the item in
+//!   flight of each partition is sent again; concurrent partitions share fsyncs. With a window
+//!   (`"10ms"`), they commit without fsync and their callers are answered only once a durable
+//!   commit covers them, which the writer makes at the latest one window after the first such
+//!   commit (whatever else keeps arriving): a crash re-delivers at most one window's answers.
+//! - *lazy*: cache blobs and LRU touches, not answered; made durable by the next durable commit
+//!   or at the latest [`LAZY_FLUSH`] after the first of them. Losing one costs a refetch.
 //!
-//! Groups holding only cheap-to-lose work (cache blobs, replay progress, finished records,
-//! answers of forwarded mutations) commit with `Durability::None`; the next durable commit, or
-//! the idle flush one second later, makes them durable. Losing one costs at most a refetch or a
-//! second replay with the same idempotency key, which the upstream deduplicates.
+//! A caller is told "done" only once its op is durable (or, for lazy ops, never), and told the
+//! error otherwise: a replayer whose answer could not be recorded keeps it and records it again
+//! before sending anything else, instead of re-sending the item.
 //!
 //! **Recovery.** redb is crash-safe (copy-on-write B-trees, checksummed commit slots): after
 //! `kill -9` or power loss the database opens at the last durable commit. On open, the pending
@@ -62,8 +71,9 @@ const CACHE_LRU: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("cache
 pub const DEFAULT_PAGE_CACHE: usize = 32 * 1024 * 1024;
 /// Most operations applied in one commit.
 const MAX_BATCH: usize = 4096;
-/// After this long without writes, non-durable commits are made durable.
-const IDLE_FLUSH: Duration = Duration::from_secs(1);
+/// Non-durable commits of lazy ops (cache) are made durable at the latest this long after the
+/// first of them.
+const LAZY_FLUSH: Duration = Duration::from_secs(1);
 /// First wait before reopening the database after an I/O error; doubles up to the maximum.
 const REOPEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -71,7 +81,7 @@ const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 /// Answers one caller once the fate of the commit holding its op is known (`Some(why)` when the
 /// op was not written).
-type Answer = Box<dyn FnOnce(Option<&str>)>;
+type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
 
 /// The database handle shared by the writer and the readers. The writer swaps it when it reopens
 /// the database after an I/O error; readers clone the `Arc` and never read under the lock.
@@ -108,12 +118,33 @@ enum Op {
     CacheTouch(Vec<u8>),
 }
 
+/// When an op's effect must be on disk (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// Fsynced before the caller is answered.
+    Now,
+    /// Committed at once, answered once a durable commit covers it, which happens within the
+    /// window.
+    Within(Duration),
+    /// Not answered, or answered at once; durable within [`LAZY_FLUSH`].
+    Lazy,
+}
+
 impl Op {
-    fn needs_fsync(&self) -> bool {
-        matches!(
-            self,
-            Op::Enqueue(..) | Op::RetryDeadLetter(..) | Op::RetryPending(..) | Op::Drop(..)
-        )
+    fn class(&self, progress_sync: Duration) -> Class {
+        match self {
+            Op::Enqueue(..) | Op::RetryDeadLetter(..) | Op::RetryPending(..) | Op::Drop(..) => {
+                Class::Now
+            }
+            Op::RecordForwarded(..) | Op::Update(..) | Op::Finish(..) => {
+                if progress_sync.is_zero() {
+                    Class::Now
+                } else {
+                    Class::Within(progress_sync)
+                }
+            }
+            Op::Purge(..) | Op::CachePut(..) | Op::CacheTouch(..) => Class::Lazy,
+        }
     }
 
     /// Answer the caller with `why` without applying the op (no transaction could begin).
@@ -174,15 +205,18 @@ pub struct EmbeddedStore {
 impl EmbeddedStore {
     /// Open (or create) the store in `dir`, with `cache_budget` bytes for cache blobs on disk.
     pub fn open(dir: &Path, cache_budget: u64) -> Result<Self, StoreError> {
-        Self::open_with_page_cache(dir, cache_budget, DEFAULT_PAGE_CACHE)
+        Self::open_with_page_cache(dir, cache_budget, DEFAULT_PAGE_CACHE, Duration::ZERO)
     }
 
-    /// Open with `page_cache` bytes of redb page cache. The cache is what the process's memory
-    /// grows with as the database grows, so it is bounded here, not left at redb's 1 GiB.
+    /// Open with `page_cache` bytes of redb page cache (the cache is what the process's memory
+    /// grows with as the database grows, so it is bounded here, not left at redb's 1 GiB), and
+    /// replay progress made durable per `progress_sync` (`replay.progress_sync`; zero: before
+    /// each `update`/`finish` returns).
     pub fn open_with_page_cache(
         dir: &Path,
         cache_budget: u64,
         page_cache: usize,
+        progress_sync: Duration,
     ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Embedded(format!("create {}: {e}", dir.display())))?;
@@ -197,6 +231,9 @@ impl EmbeddedStore {
             page_cache,
             counters: counters.clone(),
             cache_budget,
+            progress_sync,
+            awaiting: Vec::new(),
+            flush_by: None,
             reopening: None,
             backoff: REOPEN_BACKOFF_MIN,
         };
@@ -357,6 +394,10 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    fn writable(&self) -> bool {
+        current(&self.db).is_ok()
+    }
+
     async fn acquire(&self, partition: &str) -> Result<Option<Lease>, StoreError> {
         // One process owns the data directory, and the replayer runs one worker per partition.
         Ok(Some(Lease {
@@ -498,6 +539,12 @@ struct Writer {
     page_cache: usize,
     counters: Arc<Mutex<Counters>>,
     cache_budget: u64,
+    /// `replay.progress_sync`: zero makes progress ops durable before they are answered.
+    progress_sync: Duration,
+    /// Answers of committed but not yet durable ops, given once a durable commit covers them.
+    awaiting: Vec<Answer>,
+    /// When the non-durable commits made so far must be made durable at the latest.
+    flush_by: Option<Instant>,
     /// Set from an I/O error until the database is open again.
     reopening: Option<Reopening>,
     /// Wait before the next reopening attempt: grows while the database keeps failing, and is
@@ -514,59 +561,86 @@ struct Reopening {
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
-        let mut dirty = false;
         loop {
-            let received = rx.recv_timeout(self.wait());
-            self.reopen_if_due();
-            let first = match received {
-                Ok(op) => op,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if dirty {
-                        dirty = self.flush().is_err();
-                    }
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            let received = match self.wait() {
+                Some(wait) => rx.recv_timeout(wait),
+                None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
             };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
+            self.reopen_if_due();
+            match received {
+                Ok(first) => {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(op) => batch.push(op),
+                            Err(_) => break,
+                        }
+                    }
+                    self.commit_batch(batch);
                 }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
-            let durable = batch.iter().any(Op::needs_fsync);
-            self.commit_batch(batch, durable);
-            dirty = !durable;
+            if self.flush_by.is_some_and(|by| Instant::now() >= by) {
+                self.flush();
+            }
         }
-        if dirty {
-            let _ = self.flush();
-        }
-    }
-
-    /// How long to wait for the next op: until the idle flush, or the next reopening attempt.
-    fn wait(&self) -> Duration {
-        match &self.reopening {
-            None => IDLE_FLUSH,
-            Some(r) => r.next_attempt.saturating_duration_since(Instant::now()),
+        if self.flush_by.is_some() {
+            self.flush();
         }
     }
 
-    /// An empty durable commit: makes earlier non-durable commits durable.
-    fn flush(&mut self) -> Result<(), String> {
-        // Nothing to flush while reopening: whatever was not durable is gone with the old handle.
+    /// How long to wait for the next op: until a flush is due or the next reopening attempt
+    /// (`None`: nothing is due, wait for an op).
+    fn wait(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let flush = self.flush_by.map(|by| by.saturating_duration_since(now));
+        let reopen = self
+            .reopening
+            .as_ref()
+            .map(|r| r.next_attempt.saturating_duration_since(now));
+        match (flush, reopen) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// An empty durable commit: makes earlier non-durable commits durable, and answers the ops
+    /// that waited for it.
+    fn flush(&mut self) {
+        self.flush_by = None;
+        // Nothing to flush while reopening: whatever was not durable is gone with the old
+        // handle, and its callers were told when the database failed.
         let Ok(db) = current(&self.db) else {
-            return Ok(());
+            return;
         };
         let result = db
             .begin_write()
             .map_err(redb::Error::from)
             .and_then(|txn| txn.commit().map_err(redb::Error::from));
         drop(db);
-        result.map_err(|e| self.failed(e))
+        match result {
+            Ok(()) => self.durable(None),
+            Err(e) => {
+                let why = self.failed(e);
+                self.durable(Some(&why));
+            }
+        }
     }
 
-    fn commit_batch(&mut self, batch: Vec<Op>, durable: bool) {
+    /// Answer every op that waited for a durable commit: done, or not written (`why`).
+    fn durable(&mut self, not_written: Option<&str>) {
+        for answer in self.awaiting.drain(..) {
+            answer(not_written);
+        }
+    }
+
+    fn commit_batch(&mut self, batch: Vec<Op>) {
+        let classes: Vec<Class> = batch
+            .iter()
+            .map(|op| op.class(self.progress_sync))
+            .collect();
+        let durable = classes.contains(&Class::Now);
         let db = match current(&self.db) {
             Ok(db) => db,
             Err(why) => {
@@ -583,6 +657,7 @@ impl Writer {
                 // E.g. redb refusing writes after an earlier I/O error: every caller hears why.
                 drop(db);
                 let why = self.failed(e);
+                self.durable(Some(&why));
                 for op in batch {
                     op.refuse(&why);
                 }
@@ -598,30 +673,50 @@ impl Writer {
         }
         let result = txn.commit();
         drop(db);
-        match result {
-            Ok(()) => {
-                self.backoff = REOPEN_BACKOFF_MIN;
-                if let Ok(mut c) = self.counters.lock() {
-                    for e in effects {
-                        apply_effect(&mut c, e);
-                    }
+        if let Err(e) = result {
+            let why = self.failed(e.into());
+            // Earlier non-durable commits may be lost with this one (a reopen rolls back to the
+            // last durable commit): their callers must record again too.
+            self.durable(Some(&why));
+            for reply in replies {
+                reply(Some(&why));
+            }
+            return;
+        }
+        self.backoff = REOPEN_BACKOFF_MIN;
+        if let Ok(mut c) = self.counters.lock() {
+            for e in effects {
+                apply_effect(&mut c, e);
+            }
+        }
+        if durable {
+            self.flush_by = None;
+            self.durable(None);
+            for reply in replies {
+                reply(None);
+            }
+            return;
+        }
+        let now = Instant::now();
+        for (class, reply) in classes.into_iter().zip(replies) {
+            let by = match class {
+                Class::Within(window) => {
+                    self.awaiting.push(reply);
+                    now + window
                 }
-                for reply in replies {
+                Class::Lazy | Class::Now => {
                     reply(None);
+                    now + LAZY_FLUSH
                 }
-            }
-            Err(e) => {
-                let why = self.failed(e.into());
-                for reply in replies {
-                    reply(Some(&why));
-                }
-            }
+            };
+            self.flush_by = Some(self.flush_by.map_or(by, |b| b.min(by)));
         }
     }
 
     /// Log a failed begin or commit and say why for the callers. After an I/O error, take the
     /// database away from readers and plan to reopen it (redb refuses writes until then).
     fn failed(&mut self, e: redb::Error) -> String {
+        self.flush_by = None;
         let why = format!("commit failed: {e}");
         if !matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) {
             tracing::error!("store {why}");
@@ -682,7 +777,7 @@ impl Writer {
     /// Apply one op inside the open transaction. The returned closure answers the caller once
     /// the commit's fate is known (an error then overrides the op's own result).
     fn apply(&self, txn: &WriteTransaction, op: Op) -> (Effect, Answer) {
-        fn answer<T: 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Answer {
+        fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Answer {
             Box::new(move |not_written| {
                 let out = match not_written {
                     Some(why) => Err(StoreError::Embedded(why.to_owned())),
@@ -702,7 +797,7 @@ impl Writer {
                 (Effect::None, answer(reply, r))
             }
             Op::Update(record, reply) => {
-                let r = put_record(txn, &record);
+                let r = update(txn, &record);
                 (Effect::None, answer(reply, r))
             }
             Op::Finish(record, reply) => match finish(txn, &record) {
@@ -844,6 +939,17 @@ fn enqueue(
         Effect::Queued(record.partition.clone()),
         Enqueued::Accepted { seq },
     ))
+}
+
+/// Save a pending item's new state, only while it is still on its queue under the same
+/// sequence number: an item an operator dropped (or that was finished) is never written back.
+fn update(txn: &WriteTransaction, record: &MutationRecord) -> Result<(), StoreError> {
+    if !is_queued(txn, record)? {
+        return Err(StoreError::NotQueued {
+            key: record.key.clone(),
+        });
+    }
+    put_record(txn, record)
 }
 
 fn record_forwarded(txn: &WriteTransaction, record: &MutationRecord) -> Result<(), StoreError> {

@@ -1102,7 +1102,13 @@ impl Shared {
             .arg(encode(record)?)
             .invoke_async(&mut conn)
             .await?;
-        lease_answer(lease, answer)
+        lease_answer(lease, answer)?;
+        if answer == 0 {
+            return Err(StoreError::NotQueued {
+                key: record.key.clone(),
+            });
+        }
+        Ok(())
     }
 
     async fn finish_inner(&self, lease: &Lease, record: &MutationRecord) -> Result<(), StoreError> {
@@ -1795,6 +1801,7 @@ fn copy_error(e: &StoreError) -> StoreError {
         StoreError::LeaseLost { partition } => StoreError::LeaseLost {
             partition: partition.clone(),
         },
+        StoreError::NotQueued { key } => StoreError::NotQueued { key: key.clone() },
     }
 }
 
