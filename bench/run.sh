@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks for outpost on this machine (loopback only). Not a test: prints figures.
 #
-#   bash bench/run.sh [proxy|outbox|redis|all]    (default: all)
+#   bash bench/run.sh [proxy|outbox|drain|redis|all]    (default: all)
 #
 # proxy:  requests/s and p50/p99 with wrk (2 threads, 64 connections, 10 s) against a fast
 #         upstream (nginx returning a small JSON), directly, through nginx as a plain reverse
@@ -10,6 +10,9 @@
 # outbox: acknowledged durable writes/s (202 after fsync) at concurrency 1, 16, 64 with the
 #         upstream down; then the replay drain rate of the queue (>= 100 000 items) into the
 #         fast upstream, and outpost's RSS before and after queueing.
+# drain:  replay drain rate with the default exactly-once bound (each answer fsynced before the
+#         partition's next send) and with replay.progress_sync = "10ms", for one partition and
+#         for 16 partitions (DRAIN_ITEMS items queued each time, default 20 000).
 # redis:  acknowledged writes/s against the Redis backend, appendfsync always and everysec.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -207,6 +210,58 @@ bench_outbox() {
 
 start_upstream_at() { UP=$1; start_upstream; }
 
+# Queue DRAIN_ITEMS writes with the upstream down, bring it up, time the drain.
+drain_once() {  # label, progress_sync, partitions
+  local label=$1 sync=$2 parts=$3 n=${DRAIN_ITEMS:-20000}
+  local dead; dead=$(free_port)
+  cat > "$WORK/drain.toml" <<CONF
+[upstream]
+url = "http://127.0.0.1:$dead"
+probe_interval = "50ms"
+probe_interval_max = "200ms"
+[replay]
+rate_limit = 0
+progress_sync = "$sync"
+[cache]
+enabled = false
+[[route]]
+path = "/p/"
+partition = "path"
+CONF
+  cat > "$WORK/drain.lua" <<LUA
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format("POST", "/p/" .. (i % $parts), {["Content-Type"] = "application/json"}, '{"qty":1}')
+end
+LUA
+  rm -rf "$WORK/data-drain"
+  start_outpost --config "$WORK/drain.toml" --data-dir "$WORK/data-drain"
+  while [ "$(depth)" -lt "$n" ]; do
+    wrk -t2 -c64 -d2s -s "$WORK/drain.lua" "http://127.0.0.1:$OUTPOST_PORT/" >/dev/null
+  done
+  local queued; queued=$(depth)
+  start_upstream_at "$dead"
+  local t0 t1; t0=$(date +%s.%N)
+  while [ "$(depth)" -gt 0 ]; do sleep 0.05; done
+  t1=$(date +%s.%N)
+  python3 -c "n=$queued; t=$t1-$t0; print(f'| {\"$label\":44} | {n:>7} | {t:6.2f} s | {n/t:>8,.0f} /s |')"
+  stop_outpost
+  nginx -p "$WORK" -c "$WORK/nginx-up.conf" -s stop 2>/dev/null || true
+  sleep 0.5
+}
+
+bench_drain() {
+  echo "## Replay drain into nginx (items queued with the upstream down, then drained)"
+  echo "| setup | items | time | replayed |"
+  echo "|---|---|---|---|"
+  drain_once "1 partition, default (fsync per answer)" 0s 1
+  drain_once "16 partitions, default (fsyncs shared)" 0s 16
+  drain_once "1 partition, progress_sync = 10ms" 10ms 1
+  drain_once "16 partitions, progress_sync = 10ms" 10ms 16
+  echo
+}
+
 bench_redis() {
   echo "## Durable writes against the Redis backend (wrk POST, -d$DURATION)"
   row "setup" "writes/s" "p50" "p99"
@@ -229,7 +284,8 @@ echo
 case "$WHAT" in
   proxy) bench_proxy ;;
   outbox) bench_outbox ;;
+  drain) bench_drain ;;
   redis) bench_redis ;;
-  all) bench_proxy; bench_outbox; bench_redis ;;
-  *) echo "usage: $0 [proxy|outbox|redis|all]" >&2; exit 2 ;;
+  all) bench_proxy; bench_outbox; bench_drain; bench_redis ;;
+  *) echo "usage: $0 [proxy|outbox|drain|redis|all]" >&2; exit 2 ;;
 esac

@@ -34,8 +34,8 @@ pub struct Health {
     online: AtomicBool,
     state: watch::Sender<bool>,
     events: Events,
-    /// Recent resets, oldest first (at most `reset_threshold` kept).
-    resets: Mutex<VecDeque<Instant>>,
+    /// Recent resets and what failed, oldest first (at most `reset_threshold` kept).
+    resets: Mutex<VecDeque<(Instant, Option<String>)>>,
     reset_threshold: usize,
     reset_window: Duration,
 }
@@ -57,18 +57,23 @@ impl Health {
 
     /// One exchange broke after its request may have been sent (connection reset or closed
     /// without an answer). Marks the upstream offline only when it is the
-    /// `reset_threshold`-th within `reset_window`.
-    pub fn report_reset(&self, reason: &str) {
+    /// `reset_threshold`-th within `reset_window`. `subject` names what failed (a mutation's
+    /// key): one item failing again and again is that item's problem, so it counts once.
+    pub fn report_reset(&self, reason: &str, subject: Option<&str>) {
         let now = Instant::now();
         let outage = match self.resets.lock() {
             Ok(mut resets) => {
                 while resets
                     .front()
-                    .is_some_and(|t| now.saturating_duration_since(*t) > self.reset_window)
+                    .is_some_and(|(t, _)| now.saturating_duration_since(*t) > self.reset_window)
                 {
                     resets.pop_front();
                 }
-                resets.push_back(now);
+                let again = subject
+                    .is_some_and(|s| resets.iter().any(|(_, seen)| seen.as_deref() == Some(s)));
+                if !again {
+                    resets.push_back((now, subject.map(str::to_owned)));
+                }
                 if resets.len() >= self.reset_threshold {
                     resets.clear();
                     true
@@ -119,10 +124,16 @@ impl Health {
     /// connection or a timeout is offline, a reset counts towards an outage, and a failure of
     /// the app's own request body says nothing about the upstream.
     pub fn observe<T>(&self, result: &Result<T, ForwardError>) {
+        self.observe_for(result, None);
+    }
+
+    /// [`Self::observe`] for a request about `subject` (a mutation's key; see
+    /// [`Self::report_reset`]).
+    pub fn observe_for<T>(&self, result: &Result<T, ForwardError>, subject: Option<&str>) {
         match result {
             Ok(_) => self.report_success(),
             Err(e) if e.request_body_failed() => {}
-            Err(e @ ForwardError::Transport(_)) => self.report_reset(&e.to_string()),
+            Err(e @ ForwardError::Transport(_)) => self.report_reset(&e.to_string(), subject),
             Err(e) => self.report_failure(&e.to_string()),
         }
     }
@@ -220,24 +231,35 @@ mod tests {
     #[test]
     fn one_reset_is_not_an_outage_but_several_within_the_window_are() {
         let h = health(3, Duration::from_secs(60));
-        h.report_reset("reset");
-        h.report_reset("reset");
+        h.report_reset("reset", None);
+        h.report_reset("reset", None);
         assert!(h.is_online(), "two resets stay online");
-        h.report_reset("reset");
+        h.report_reset("reset", None);
         assert!(!h.is_online(), "the third within the window is an outage");
         h.report_success();
         assert!(h.is_online());
-        h.report_reset("reset");
+        h.report_reset("reset", None);
         assert!(h.is_online(), "the count starts again after an outage");
     }
 
     #[test]
     fn resets_older_than_the_window_do_not_count() {
         let h = health(2, Duration::from_millis(1));
-        h.report_reset("reset");
+        h.report_reset("reset", None);
         std::thread::sleep(Duration::from_millis(5));
-        h.report_reset("reset");
+        h.report_reset("reset", None);
         assert!(h.is_online());
+    }
+
+    #[test]
+    fn one_item_failing_again_and_again_counts_once() {
+        let h = health(2, Duration::from_secs(60));
+        for _ in 0..10 {
+            h.report_reset("reset", Some("poison-key"));
+        }
+        assert!(h.is_online(), "one poison item is not an outage");
+        h.report_reset("reset", Some("another-key"));
+        assert!(!h.is_online(), "two different items failing are");
     }
 
     #[test]

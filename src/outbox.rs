@@ -254,7 +254,7 @@ impl Outbox {
     ) -> (Result<Response<ProxyBody>, ProxyError>, Source) {
         let req = self.upstream.request_from_stored(&record.request, &[]);
         let result = self.upstream.send(req).await;
-        self.health.observe(&result);
+        self.health.observe_for(&result, Some(&record.key));
         let e = match result {
             Ok(resp) => {
                 return (

@@ -394,7 +394,7 @@ impl Replayer {
                 if timeout {
                     self.health.report_failure(&reason);
                 } else {
-                    self.health.report_reset(&reason);
+                    self.health.report_reset(&reason, Some(&item.key));
                 }
                 self.events.emit(Event::Classified {
                     key: item.key.clone(),
