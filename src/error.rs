@@ -42,6 +42,18 @@ pub enum StoreError {
         /// The idempotency key of the item.
         key: String,
     },
+    /// Stored data was written by a newer outpost than this one.
+    #[error(
+        "{what} has format version {found}, newer than version {supported} this outpost reads; upgrade outpost"
+    )]
+    NewerFormat {
+        /// What was read.
+        what: &'static str,
+        /// The version found.
+        found: u32,
+        /// The newest version this build reads.
+        supported: u32,
+    },
     /// The partition's lease was lost (expired and taken by another instance, or released):
     /// the write was refused so as not to overwrite the new holder's work.
     #[error("lease on partition {partition:?} was lost")]

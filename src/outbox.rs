@@ -35,7 +35,7 @@ use tokio::sync::Notify;
 use crate::body::{self, Collected, ProxyBody};
 use crate::cache::{CACHE_STATUS, status as cache};
 use crate::config::{Config, PartitionBy, WriteMode};
-use crate::context::{RequestContext, Source};
+use crate::context::{Identity, RequestContext, Source};
 use crate::error::{ProxyError, json_response};
 use crate::events::{Event, Events};
 use crate::health::Health;
@@ -135,6 +135,9 @@ impl Outbox {
             None => uuid::Uuid::now_v7().to_string(),
         };
         ctx.idempotency_key = Some(key.clone());
+        // The key belongs to this caller (whatever the route's caching says): nobody else gets
+        // its 202, its stored answer or its status document.
+        let identity = Identity::of(&parts.headers);
         let mode = ctx.route.write;
         let partition = partition_of(ctx.route.partition, &ctx.path_and_query);
         self.upstream.prepare(&mut parts, &ctx.client, false);
@@ -188,7 +191,7 @@ impl Outbox {
             return Err(ProxyError::KeyInProgress(key));
         };
         if let Some(existing) = self.store.mutation(&key).await? {
-            return self.answer_existing(&mut ctx.source, &existing, &fingerprint);
+            return self.answer_existing(&mut ctx.source, &existing, &fingerprint, &identity);
         }
         let must_queue = match mode {
             WriteMode::WriteBehind => true,
@@ -222,6 +225,7 @@ impl Outbox {
             outcome: None,
             response: None,
             finished_at_ms: None,
+            identity: Some(identity.0),
         };
         if must_queue {
             return self.enqueue(ctx, record, &fingerprint).await;
@@ -375,6 +379,7 @@ impl Outbox {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let key = record.key.clone();
         let partition = record.partition.clone();
+        let identity = Identity(record.identity.unwrap_or_default());
         match self.store.enqueue(record).await? {
             Enqueued::Accepted { .. } => {
                 *source = Source::Queued;
@@ -387,7 +392,7 @@ impl Outbox {
             }
             // Another instance stored the same key first.
             Enqueued::Existing(existing) => {
-                Ok(self.answer_existing(source, &existing, fingerprint)?)
+                Ok(self.answer_existing(source, &existing, fingerprint, &identity)?)
             }
         }
     }
@@ -398,8 +403,11 @@ impl Outbox {
         source: &mut Source,
         existing: &MutationRecord,
         fingerprint: &[u8; 32],
+        caller: &Identity,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        if existing.fingerprint != *fingerprint {
+        // Another caller's key (or one whose owner is unknown) is not this caller's to reuse:
+        // the same 422 as a reuse with another request, revealing nothing of the first.
+        if existing.identity != Some(caller.0) || existing.fingerprint != *fingerprint {
             return Err(ProxyError::KeyReused(existing.key.clone()));
         }
         if existing.status.is_pending() {
@@ -479,7 +487,12 @@ impl Outbox {
     }
 
     /// Answer a request under the reserved prefix.
-    pub async fn reserved(&self, method: &Method, path: &str) -> Response<ProxyBody> {
+    pub async fn reserved(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Response<ProxyBody> {
         let rest = &path[self.config.proxy.reserved_prefix.len().min(path.len())..];
         let Some(encoded) = rest.strip_prefix("mutations/") else {
             return ProxyError::NotFound.into_response();
@@ -491,9 +504,13 @@ impl Outbox {
             );
         }
         let key = percent_decode_str(encoded).decode_utf8_lossy().to_string();
+        let caller = Identity::of(headers);
         match self.store.mutation(&key).await {
-            Ok(Some(record)) => json_response(StatusCode::OK, &self.status_document(&record)),
-            Ok(None) => ProxyError::NotFound.into_response(),
+            // Only the caller that sent it sees it (the operator sees all on the admin API).
+            Ok(Some(record)) if record.identity == Some(caller.0) => {
+                json_response(StatusCode::OK, &self.status_document(&record))
+            }
+            Ok(_) => ProxyError::NotFound.into_response(),
             Err(e) => ProxyError::NotStored(e).into_response(),
         }
     }
@@ -682,17 +699,29 @@ impl Credentials {
         }
     }
 
-    /// The principal a request belongs to (`*` when it cannot be told).
+    /// The principal a request belongs to: `*` (everybody) when `replay.auth_principal =
+    /// "any"`, else the JWT subject or header value, or `None` when it cannot be told. A
+    /// mutation of an unknown principal is never released by anybody's fresh credentials:
+    /// that could send Alice's write as Bob. It waits for an operator's retry, or expires.
     pub fn principal_of(&self, headers: &HeaderMap) -> Option<String> {
-        let p = match &self.mode {
-            PrincipalMode::Any => None,
+        match &self.mode {
+            PrincipalMode::Any => Some("*".into()),
             PrincipalMode::Header(name) => headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
             PrincipalMode::JwtSub => jwt_sub(headers),
-        };
-        Some(p.unwrap_or_else(|| "*".into()))
+        }
+    }
+
+    /// Whether credentials may be looked up for a mutation of `principal` (a known principal,
+    /// or everybody when the mode says so; `*` stored by an older release counts only then).
+    pub fn may_release(&self, principal: Option<&str>) -> bool {
+        match principal {
+            None => false,
+            Some("*") => matches!(self.mode, PrincipalMode::Any),
+            Some(_) => true,
+        }
     }
 
     /// Note that the mutation `key` waits for credentials.
@@ -751,8 +780,11 @@ impl Credentials {
         principal: Option<&str>,
         since_ms: u64,
     ) -> Option<Vec<(String, Bytes)>> {
+        if !self.may_release(principal) {
+            return None;
+        }
         let fresh = self.fresh.lock().ok()?;
-        let principal = principal.unwrap_or("*");
+        let principal = principal?;
         fresh
             .iter()
             .filter(|(p, (_, at))| (principal == "*" || p.as_str() == principal) && *at > since_ms)
@@ -800,7 +832,44 @@ mod tests {
         );
         let c = Credentials::new("jwt-sub");
         assert_eq!(c.principal_of(&h).as_deref(), Some("alice"));
-        assert_eq!(c.principal_of(&HeaderMap::new()).as_deref(), Some("*"));
+        assert_eq!(
+            c.principal_of(&HeaderMap::new()),
+            None,
+            "unknown, not everybody"
+        );
+    }
+
+    #[test]
+    fn unknown_principals_are_never_released_by_someone_elses_credentials() {
+        let c = Credentials::new("jwt-sub");
+        c.mark_waiting("k");
+        let mut bob = HeaderMap::new();
+        bob.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer opaque-token-of-bob"),
+        );
+        // Bob's opaque token has no principal: kept nowhere.
+        assert!(c.offer(&bob).is_none());
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"sub":"bob"}"#);
+        bob.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer x.{payload}.sig")).expect("value"),
+        );
+        assert!(c.offer(&bob).is_some());
+        assert!(c.fresh_for(None, 0).is_none(), "unknown principal: never");
+        assert!(
+            c.fresh_for(Some("*"), 0).is_none(),
+            "legacy '*': not in jwt-sub mode"
+        );
+        assert!(c.fresh_for(Some("alice"), 0).is_none(), "not Alice's");
+        assert!(c.fresh_for(Some("bob"), 0).is_some());
+        let any = Credentials::new("any");
+        any.mark_waiting("k");
+        assert!(any.offer(&bob).is_some());
+        assert!(
+            any.fresh_for(Some("*"), 0).is_some(),
+            "explicitly one principal"
+        );
     }
 
     #[test]

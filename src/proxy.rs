@@ -81,7 +81,10 @@ impl Proxy {
             .path()
             .starts_with(&self.config.proxy.reserved_prefix)
         {
-            let resp = self.outbox.reserved(req.method(), req.uri().path()).await;
+            let resp = self
+                .outbox
+                .reserved(req.method(), req.uri().path(), req.headers())
+                .await;
             return with_cache_status(resp, status::BYPASS);
         }
         let route = self.routes.resolve(req.method(), req.uri().path());

@@ -448,9 +448,21 @@ impl Replayer {
                     return Ok(Step::Next);
                 }
                 self.outbox.credentials.mark_waiting(&item.key);
+                if !self
+                    .outbox
+                    .credentials
+                    .may_release(item.principal.as_deref())
+                {
+                    tracing::warn!(
+                        key = %item.key,
+                        "credentials refused and the principal is unknown: the mutation waits \
+                         for an operator's retry (or set replay.auth_principal = \"any\" for a \
+                         single-user app)"
+                    );
+                }
                 self.events.emit(Event::AuthRequired {
                     key: item.key.clone(),
-                    principal: item.principal.clone().unwrap_or_else(|| "*".into()),
+                    principal: item.principal.clone().unwrap_or_else(|| "unknown".into()),
                 });
                 Ok(Step::Wait(now.saturating_add(1000)))
             }
@@ -718,7 +730,11 @@ impl Replayer {
         {
             return Some(creds);
         }
-        let principal = item.principal.as_deref().unwrap_or("*");
+        let principal = item.principal.as_deref();
+        if !self.outbox.credentials.may_release(principal) {
+            return None;
+        }
+        let principal = principal?;
         match self.store.shared_credentials(principal, since).await {
             Ok(found) => found,
             Err(e) => {

@@ -21,6 +21,7 @@
 //! - Sequence numbers are strictly increasing in acceptance order across the whole store.
 //! - Only the holder of a partition's [`Lease`] finishes or updates its items.
 
+pub mod codec;
 pub mod conformance;
 pub mod embedded;
 pub mod redis;
@@ -142,6 +143,9 @@ pub struct MutationRecord {
     pub response: Option<StoredResponse>,
     /// When it was finished (Unix ms).
     pub finished_at_ms: Option<u64>,
+    /// The caller the key belongs to (hash of its identity headers): only that caller gets its
+    /// 202, its stored answer or its status document. `None` for records of format 0.
+    pub identity: Option<[u8; 32]>,
 }
 
 impl MutationRecord {

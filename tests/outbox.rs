@@ -45,6 +45,8 @@ struct Setup {
     upstream: Upstream,
     outpost: OutpostProcess,
     http: reqwest::Client,
+    /// `Authorization` a key was sent with: its status document answers only that caller.
+    credentials: std::sync::Mutex<std::collections::HashMap<String, String>>,
     _config_dir: tempfile::TempDir,
     _data_dir: Option<tempfile::TempDir>,
 }
@@ -91,8 +93,16 @@ impl Setup {
             upstream,
             outpost,
             http: client(),
+            credentials: Default::default(),
             _config_dir: config_dir,
             _data_dir: owned,
+        }
+    }
+
+    /// Note that `key` was sent with `Authorization: auth` (its status document is theirs).
+    fn remember(&self, key: &str, auth: &str) {
+        if let Ok(mut c) = self.credentials.lock() {
+            c.insert(key.to_string(), auth.to_string());
         }
     }
 
@@ -138,12 +148,18 @@ impl Setup {
 
     /// `GET /_outpost/mutations/{key}`: status code and JSON document.
     async fn mutation(&self, key: &str) -> (u16, Value) {
-        let resp = self
+        let auth = self
+            .credentials
+            .lock()
+            .ok()
+            .and_then(|c| c.get(key).cloned());
+        let mut req = self
             .http
-            .get(self.url(&format!("/_outpost/mutations/{key}")))
-            .send()
-            .await
-            .expect("GET /_outpost/mutations/{key}");
+            .get(self.url(&format!("/_outpost/mutations/{key}")));
+        if let Some(auth) = auth {
+            req = req.header("Authorization", auth);
+        }
+        let resp = req.send().await.expect("GET /_outpost/mutations/{key}");
         let status = resp.status().as_u16();
         let text = resp.text().await.expect("mutation document");
         let doc = serde_json::from_str(&text).unwrap_or(Value::String(text));
@@ -979,7 +995,9 @@ async fn replayed_503_is_retried_with_the_partition_paused_then_succeeds() {
 
 #[tokio::test]
 async fn replayed_401_waits_for_fresh_credentials_then_replays_with_them() {
-    let s = Setup::offline("").await;
+    // One user (opaque tokens, no principal to tell): any fresh credentials release it.
+    let config = BASE_CONFIG.replace("[replay]\n", "[replay]\nauth_principal = \"any\"\n");
+    let s = Setup::start_config(&config, false, None).await;
     s.upstream.script(
         "/apply/auth/",
         vec![
@@ -987,6 +1005,7 @@ async fn replayed_401_waits_for_fresh_credentials_then_replays_with_them() {
             ScriptedResponse::passthrough(),
         ],
     );
+    s.remember("auth-1", "Bearer old-token");
     let resp = s
         .http
         .post(s.url("/apply/auth/profile"))
@@ -1058,6 +1077,7 @@ async fn replayed_401_is_released_only_by_fresh_credentials_of_the_same_jwt_subj
         vec![ScriptedResponse::new(401), ScriptedResponse::passthrough()],
     );
     let (alice_old, alice_new, bob) = (jwt("alice", 1), jwt("alice", 2), jwt("bob", 1));
+    s.remember("jwt-alice", &alice_old);
     let resp = s
         .http
         .post(s.url("/apply/jwt/alice"))
@@ -1712,6 +1732,7 @@ impl Setup {
 
     /// POST a mutation with `key` to `path` while the upstream is down; expect a 202.
     async fn queue(&self, path: &str, key: &str, auth: &str) {
+        self.remember(key, auth);
         let resp = self
             .http
             .post(self.url(path))

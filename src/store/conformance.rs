@@ -35,6 +35,7 @@ pub fn record(key: &str, partition: &str) -> MutationRecord {
         outcome: None,
         response: None,
         finished_at_ms: None,
+        identity: Some([1; 32]),
     }
 }
 

@@ -55,6 +55,7 @@ use redb::{
 };
 use tokio::sync::oneshot;
 
+use super::codec::{decode, encode};
 use super::{
     Enqueued, Lease, MutationRecord, MutationStatus, Store, StoreError, StoreStats, now_ms,
 };
@@ -325,14 +326,6 @@ fn load_counters(db: &Database) -> Result<Counters, StoreError> {
         .unwrap_or(0);
     counters.cache_entries = read.open_table(CACHE)?.len()?;
     Ok(counters)
-}
-
-fn decode(bytes: &[u8]) -> Result<MutationRecord, StoreError> {
-    Ok(postcard::from_bytes(bytes)?)
-}
-
-fn encode(record: &MutationRecord) -> Result<Vec<u8>, StoreError> {
-    Ok(postcard::to_stdvec(record)?)
 }
 
 fn get_record(db: &Database, key: &str) -> Result<Option<MutationRecord>, StoreError> {

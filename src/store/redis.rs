@@ -128,6 +128,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, FromRedisValue, RedisError, Script, Value};
 use tokio::sync::{Semaphore, oneshot};
 
+use super::codec::{decode, encode};
 use super::{
     Enqueued, Lease, MutationRecord, MutationStatus, Store, StoreError, StoreStats, now_ms,
 };
@@ -1802,6 +1803,15 @@ fn copy_error(e: &StoreError) -> StoreError {
             partition: partition.clone(),
         },
         StoreError::NotQueued { key } => StoreError::NotQueued { key: key.clone() },
+        StoreError::NewerFormat {
+            what,
+            found,
+            supported,
+        } => StoreError::NewerFormat {
+            what,
+            found: *found,
+            supported: *supported,
+        },
     }
 }
 
@@ -1812,14 +1822,6 @@ fn kept_changing(what: &'static str, key: &str) -> StoreError {
         "record kept changing",
         format!("{what} of {key:?} lost {CAS_ATTEMPTS} compare-and-set attempts"),
     )
-}
-
-fn decode(bytes: &[u8]) -> Result<MutationRecord, StoreError> {
-    Ok(postcard::from_bytes(bytes)?)
-}
-
-fn encode(record: &MutationRecord) -> Result<Vec<u8>, StoreError> {
-    Ok(postcard::to_stdvec(record)?)
 }
 
 fn redis_error(kind: ErrorKind, what: &'static str, detail: String) -> StoreError {
