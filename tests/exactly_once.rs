@@ -406,6 +406,9 @@ fn fill_with_a_file(path: &Path) -> u64 {
     written
 }
 
+/// #13.1: 300 writes queued offline on a 2 MiB tmpfs, the disk filled, the upstream back for
+/// 4 s while the disk stays full, then space freed: every acknowledged key is delivered exactly
+/// once (an answer that could not be recorded is held, not re-sent), a refused one never.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_does_not_resend_while_the_store_cannot_record_and_applies_each_key_once_after_disk_full()
  {
@@ -671,6 +674,8 @@ async fn drain_with_kills(config_text: &str, writes: usize, paths: usize) -> Dra
     }
 }
 
+/// #13.2: 3000 writes queued offline in the default partition, four SIGKILLs during the drain:
+/// nothing lost, at most one re-delivery per kill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkills_during_a_drain_resend_at_most_the_item_in_flight_of_each_partition() {
     let report = drain_with_kills(&config(&[], ""), 3000, 1).await;
@@ -696,6 +701,8 @@ async fn sigkills_during_a_drain_resend_at_most_the_item_in_flight_of_each_parti
     );
 }
 
+/// #13.2 with `partition = "path"`: 2000 writes over four paths, four SIGKILLs: at most one
+/// re-delivery per partition and kill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkills_during_a_drain_of_path_partitions_resend_at_most_one_item_per_partition_and_kill()
 {
@@ -722,6 +729,8 @@ async fn sigkills_during_a_drain_of_path_partitions_resend_at_most_one_item_per_
     );
 }
 
+/// #13.2 with `replay.progress_sync = "10ms"`: nothing lost after SIGKILLs; the re-deliveries
+/// are printed, not bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_progress_sync_10ms_sigkills_during_a_drain_lose_nothing() {
     let report = drain_with_kills(
@@ -744,6 +753,9 @@ async fn with_progress_sync_10ms_sigkills_during_a_drain_lose_nothing() {
 // 3. An ambiguous failure is not a tight retry loop
 // ---------------------------------------------------------------------------------------------
 
+/// #13.3: X is applied and then hung up on every time, on an upstream that answers everything
+/// else: X goes `max_attempts` times on its own backoff, is dead-lettered with its reason, the
+/// writes behind it go once each, and the upstream never counts as offline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_item_the_upstream_applies_then_hangs_up_on_backs_off_and_is_dead_lettered_after_max_attempts()
  {
@@ -752,6 +764,9 @@ async fn an_item_the_upstream_applies_then_hangs_up_on_backs_off_and_is_dead_let
         &[
             ("replay.max_attempts", "3"),
             ("replay.initial_backoff", r#""200ms""#),
+            // X's three failures must not add up to an outage by way of the reset count
+            // either: this test is about the item's own schedule.
+            ("upstream.reset_threshold", "10"),
         ],
         "",
     ))
@@ -844,6 +859,15 @@ async fn an_item_the_upstream_applies_then_hangs_up_on_backs_off_and_is_dead_let
         MAX_ATTEMPTS,
         "not sent again"
     );
+    // Not a tight loop: three seconds after its first delivery, X still went three times.
+    while first.elapsed() < Duration::from_secs(3) {
+        assert_eq!(
+            deliveries_of(&s.upstream, "poison-x"),
+            MAX_ATTEMPTS,
+            "X is never sent again once dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     watch
         .assert_never_offline("X's failures on an answering upstream")
         .await;
@@ -900,6 +924,8 @@ async fn retry_after_in_progress(
     }
 }
 
+/// #13.4: the app gives up on a forward the upstream has received and answers late; its retry
+/// with the same key gets the upstream's stored answer, and the upstream saw the key once.
 #[tokio::test]
 async fn app_that_disconnects_mid_forward_gets_the_stored_answer_on_retry_and_the_key_is_delivered_once()
  {
@@ -943,6 +969,8 @@ async fn app_that_disconnects_mid_forward_gets_the_stored_answer_on_retry_and_th
     assert_eq!(answer, json!({"applied": true, "key": "gone-1", "seq": 1}));
 }
 
+/// #13.4: the app gives up on a forward whose answer is then lost (applied, connection closed);
+/// its retry is queued or answered from the final answer, never forwarded a second time.
 #[tokio::test]
 async fn app_that_disconnects_while_the_forwards_answer_is_lost_gets_a_202_or_the_final_answer_never_a_second_forward()
  {
@@ -997,6 +1025,8 @@ async fn app_that_disconnects_while_the_forwards_answer_is_lost_gets_a_202_or_th
 // 5. Dropped items stay dropped
 // ---------------------------------------------------------------------------------------------
 
+/// #13.5: the operator drops an item while its replay awaits a late 503; the replay's update
+/// does not bring it back: it stays `rejected` ("dropped by operator") and is never sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_item_the_operator_drops_while_its_replay_is_in_flight_stays_dropped_and_is_never_sent_again()
  {
@@ -1072,6 +1102,8 @@ const SLOW_PROBES: &[(&str, &str)] = &[
     ("upstream.probe_interval_max", r#""3s""#),
 ];
 
+/// #13.6a: one GET's connection closed without an answer is not an outage: the next mutations
+/// are forwarded (the upstream's 201, not a 202) and `/status` stays online.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_get_whose_connection_closes_without_an_answer_is_not_an_outage_and_next_mutations_are_forwarded()
  {
@@ -1105,6 +1137,8 @@ async fn one_get_whose_connection_closes_without_an_answer_is_not_an_outage_and_
         .await;
 }
 
+/// #13.6b: the upstream closes idle keep-alive connections after 500 ms; a GET and a POST after
+/// about a second of idleness get the upstream's answers, each delivered once, no outage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_connections_the_upstream_closed_while_idle_are_replaced_and_requests_get_the_upstreams_answer()
  {
@@ -1150,6 +1184,9 @@ async fn pooled_connections_the_upstream_closed_while_idle_are_replaced_and_requ
         .await;
 }
 
+/// #13.6c: a forwarded mutation's exchange is reset after the upstream recorded it: the app
+/// gets a 202 under its key, and the mutation waits for its backoff (an hour here) or the
+/// operator instead of going again at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mutation_whose_exchange_is_reset_after_the_upstream_recorded_it_is_queued_and_not_sent_again_at_once()
  {
@@ -1197,6 +1234,8 @@ async fn a_mutation_whose_exchange_is_reset_after_the_upstream_recorded_it_is_qu
     watch.assert_never_offline("one reset exchange").await;
 }
 
+/// #13.6: single-exchange resets are an outage once `upstream.reset_threshold` of them happen
+/// within `upstream.reset_window`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_resets_within_the_reset_window_are_an_outage() {
     let s = Setup::online(&config(
@@ -1230,6 +1269,7 @@ async fn several_resets_within_the_reset_window_are_an_outage() {
     expect_queued(resp).await;
 }
 
+/// #13.6 (unchanged behaviour): a request timeout still marks the upstream offline at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_still_marks_the_upstream_offline_at_once() {
     let mut overrides = SLOW_PROBES.to_vec();
@@ -1252,6 +1292,7 @@ async fn a_timeout_still_marks_the_upstream_offline_at_once() {
     expect_queued(resp).await;
 }
 
+/// #13.6 (unchanged behaviour): a refused connection still marks the upstream offline at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connection_still_marks_the_upstream_offline_at_once() {
     let s = Setup::online(&config(SLOW_PROBES, "")).await;
@@ -1307,6 +1348,8 @@ const HUGE_FRESHNESS: &[(&str, &str)] = &[
     ),
 ];
 
+/// #13.7: `max-age`/`s-maxage` at and beyond `u64::MAX`, a huge `Age`, `Expires` in 9999: the
+/// reads are served (online, then from the cache offline) and nothing panics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_answered_with_huge_max_age_age_and_expires_are_served_and_panic_nothing() {
     let mut s = Setup::online(&config(&[], "")).await;
@@ -1347,6 +1390,9 @@ async fn reads_answered_with_huge_max_age_age_and_expires_are_served_and_panic_n
     assert_no_panic(&mut s);
 }
 
+/// #13.7: replayed answers with `Retry-After` of `u64::MAX` seconds, beyond it, and in 9999:
+/// nothing panics, the item's status document renders, and after each operator retry the
+/// partition goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_answers_with_huge_retry_after_panic_nothing_and_the_partition_goes_on_after_an_operator_retry()
  {
