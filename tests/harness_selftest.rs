@@ -622,3 +622,147 @@ fn upstream_works_from_a_blocking_client_on_its_own_runtime() {
     drop(upstream);
     drop(rt);
 }
+
+/// Sends one raw HTTP/1.1 request on `stream` and reads until EOF or an error; returns the
+/// bytes read and the error, if the read ended with one.
+async fn raw_exchange(
+    stream: &mut tokio::net::TcpStream,
+    request: &str,
+) -> (Vec<u8>, Option<std::io::Error>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("write the request");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+            Ok(Ok(0)) => return (got, None),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => return (got, Some(e)),
+            Err(_) => panic!(
+                "no EOF or error within 5 s; read so far: {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+}
+
+#[tokio::test]
+async fn scripted_faults_record_the_request_then_close_or_reset_without_answering() {
+    let upstream = Upstream::start().await;
+    upstream.script(
+        "/apply/hang",
+        vec![
+            ScriptedResponse::hang_up().delay(Duration::from_millis(50)),
+            ScriptedResponse::passthrough(),
+        ],
+    );
+    upstream.script(
+        "/apply/rst",
+        vec![ScriptedResponse::reset(), ScriptedResponse::passthrough()],
+    );
+    let post = |path: &str, key: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nIdempotency-Key: {key}\r\nContent-Length: 2\r\n\r\n{{}}"
+        )
+    };
+
+    let mut stream = tokio::net::TcpStream::connect(upstream.addr())
+        .await
+        .expect("connect");
+    let (got, err) = raw_exchange(&mut stream, &post("/apply/hang", "h1")).await;
+    assert!(
+        got.is_empty() && err.is_none(),
+        "hang-up: EOF without a byte, got {:?} / {err:?}",
+        String::from_utf8_lossy(&got)
+    );
+
+    let mut stream = tokio::net::TcpStream::connect(upstream.addr())
+        .await
+        .expect("connect");
+    let (got, err) = raw_exchange(&mut stream, &post("/apply/rst", "r1")).await;
+    assert!(got.is_empty(), "reset: not a byte of answer, got {got:?}");
+    assert_eq!(
+        err.map(|e| e.kind()),
+        Some(std::io::ErrorKind::ConnectionReset),
+        "reset: the read fails with ECONNRESET"
+    );
+
+    // Both were recorded (applied, for an upstream that ignores the key), none answered.
+    let keys: Vec<String> = upstream
+        .requests()
+        .iter()
+        .filter_map(|r| r.header("idempotency-key").map(str::to_owned))
+        .collect();
+    assert_eq!(keys, ["h1", "r1"]);
+    let endings: Vec<Ending> = upstream.endings().iter().map(|e| e.how).collect();
+    assert_eq!(
+        endings,
+        [
+            Ending::Faulted(Fault::HangUp),
+            Ending::Faulted(Fault::Reset)
+        ]
+    );
+    assert!(upstream.applied().is_empty(), "faults skip the endpoint");
+
+    // The next scripted answers pass through: an ordinary client gets answers again.
+    let http = client();
+    for path in ["/apply/hang", "/apply/rst"] {
+        let resp = http
+            .post(format!("{}{path}", upstream.url()))
+            .header("Idempotency-Key", format!("{path}-2"))
+            .body("{}")
+            .send()
+            .await
+            .expect("second request");
+        assert_eq!(resp.status(), 201);
+    }
+}
+
+#[tokio::test]
+async fn close_idle_after_closes_idle_keep_alive_connections_but_not_busy_ones() {
+    let upstream = Upstream::start().await;
+    upstream.close_idle_after(Some(Duration::from_millis(300)));
+    upstream.script(
+        "/echo/busy",
+        vec![ScriptedResponse::new(204).delay(Duration::from_millis(600))],
+    );
+
+    // A request slower than the timeout is answered: only idle connections are closed.
+    let mut stream = tokio::net::TcpStream::connect(upstream.addr())
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    let (got, err) = raw_exchange(&mut stream, "GET /echo/busy HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    assert!(err.is_none(), "{err:?}");
+    assert!(text.starts_with("HTTP/1.1 204"), "{text}");
+    // ... and then, idle, the keep-alive connection is closed (EOF) by the server.
+    assert!(
+        started.elapsed() >= Duration::from_millis(850),
+        "closed after the answer plus the idle timeout, not before: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(upstream.idle_closed_count(), 1);
+
+    // A client whose request was abandoned shows up as such.
+    upstream.close_idle_after(None);
+    let stream = tokio::net::TcpStream::connect(upstream.addr())
+        .await
+        .expect("connect");
+    let mut stream = stream;
+    tokio::io::AsyncWriteExt::write_all(&mut stream, b"GET /echo/busy HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    upstream
+        .wait_requests("/echo/busy", 2, Duration::from_secs(5))
+        .await;
+    drop(stream);
+    let endings = upstream
+        .wait_endings("/echo/busy", 2, Duration::from_secs(5))
+        .await;
+    assert_eq!(endings[0].how, Ending::Answered(204));
+    assert_eq!(endings[1].how, Ending::Abandoned);
+}

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 pub use process::{OUTPOST_BIN, OutpostProcess, OutputExt, run_outpost, run_outpost_timeout};
 pub use redis_server::{RedisOptions, RedisServer};
 pub use upstream::{
-    Applied, BYTES_CHUNK, RecordedRequest, ScriptedResponse, TestPki, Upstream, pattern_byte,
-    pattern_bytes,
+    Applied, BYTES_CHUNK, Ending, Fault, RecordedRequest, RequestEnd, ScriptedResponse, TestPki,
+    Upstream, pattern_byte, pattern_bytes,
 };
 
 /// A currently free TCP port on `127.0.0.1` (bind to port 0, read it, release it).

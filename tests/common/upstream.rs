@@ -12,7 +12,12 @@
 //! - `GET /ws`: WebSocket echo.
 //! - anything else: 404 JSON.
 //!
-//! Scripts ([`Upstream::script`]) take precedence over all of these.
+//! Scripts ([`Upstream::script`]) take precedence over all of these. A scripted answer may be a
+//! [`Fault`] instead: the request is recorded (= applied, for an upstream that ignores
+//! `Idempotency-Key`), then the connection is closed without an answer (FIN) or reset (RST).
+//! [`Upstream::close_idle_after`] makes the server close idle keep-alive connections, as a
+//! server-side keep-alive timeout does. How each request ended is kept in
+//! [`Upstream::endings`].
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -175,6 +180,42 @@ pub struct ScriptedResponse {
     /// If set, the request is handled by the normal endpoints instead (status/headers/body
     /// are ignored; `delay` still applies). Lets a script say "fail twice, then really apply".
     pub passthrough: bool,
+    /// If set, no answer at all: after `delay` the connection is closed or reset (see
+    /// [`Fault`]); status, headers, body and `passthrough` are ignored.
+    pub fault: Option<Fault>,
+}
+
+/// A scripted failure of one exchange, after the request was read and recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Close the connection without answering (FIN): "applied, then the answer was lost".
+    HangUp,
+    /// Reset the connection without answering (RST, `SO_LINGER` 0), nothing written.
+    Reset,
+}
+
+/// How the upstream's handling of one request ended; see [`Upstream::endings`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// An answer with this status was handed to the connection to be written.
+    Answered(u16),
+    /// The scripted [`Fault`] was carried out.
+    Faulted(Fault),
+    /// The client went away before the answer was ready (the handler was dropped).
+    Abandoned,
+}
+
+/// The end of one request's handling (see [`Upstream::endings`]).
+#[derive(Clone, Debug)]
+pub struct RequestEnd {
+    /// Path without the query string.
+    pub path: String,
+    /// The request's `Idempotency-Key`, if any.
+    pub key: Option<String>,
+    /// How it ended.
+    pub how: Ending,
+    /// When it ended.
+    pub at: Instant,
 }
 
 impl ScriptedResponse {
@@ -186,6 +227,7 @@ impl ScriptedResponse {
             body: Bytes::new(),
             delay: Duration::ZERO,
             passthrough: false,
+            fault: None,
         }
     }
 
@@ -207,6 +249,24 @@ impl ScriptedResponse {
     pub fn passthrough() -> Self {
         ScriptedResponse {
             passthrough: true,
+            ..Self::new(0)
+        }
+    }
+
+    /// Not an answer: record the request (the upstream applied it), then close the connection
+    /// without answering (after `delay`, if set).
+    pub fn hang_up() -> Self {
+        ScriptedResponse {
+            fault: Some(Fault::HangUp),
+            ..Self::new(0)
+        }
+    }
+
+    /// Not an answer: record the request, then reset the connection (RST) without writing a
+    /// byte (after `delay`, if set).
+    pub fn reset() -> Self {
+        ScriptedResponse {
+            fault: Some(Fault::Reset),
             ..Self::new(0)
         }
     }
@@ -238,7 +298,29 @@ impl ScriptedResponse {
 struct Shared {
     /// Requests served so far (all endpoints); the value of `X-Upstream-Count`.
     served: AtomicU64,
+    /// Server-side keep-alive timeout in ms (0 = keep idle connections open).
+    idle_timeout_ms: AtomicU64,
+    /// Connections closed because they were idle for `idle_timeout_ms`.
+    idle_closed: AtomicU64,
     inner: Mutex<Inner>,
+}
+
+impl Shared {
+    fn idle_timeout(&self) -> Option<Duration> {
+        match self.idle_timeout_ms.load(Ordering::SeqCst) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    fn record_end(&self, path: &str, key: Option<String>, how: Ending) {
+        lock(&self.inner).endings.push(RequestEnd {
+            path: path.to_owned(),
+            key,
+            how,
+            at: Instant::now(),
+        });
+    }
 }
 
 #[derive(Default)]
@@ -250,6 +332,7 @@ struct Inner {
     apply_seen: u64,
     apply_seen_per_key: HashMap<String, u64>,
     scripts: Vec<Script>,
+    endings: Vec<RequestEnd>,
 }
 
 struct Script {
@@ -682,6 +765,59 @@ impl Upstream {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    /// Makes the server close keep-alive connections that carried no request for `timeout`
+    /// (`None`: keep them, the default), like a server-side keep-alive timeout: the upstream
+    /// closes its end (FIN) while the client holds the connection in its pool. Applies to
+    /// every connection from its next read on; see [`Upstream::idle_closed_count`].
+    pub fn close_idle_after(&self, timeout: Option<Duration>) {
+        let ms = timeout.map_or(0, |t| (t.as_millis() as u64).max(1));
+        self.shared.idle_timeout_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Number of connections the server closed for being idle (see
+    /// [`Upstream::close_idle_after`]).
+    pub fn idle_closed_count(&self) -> u64 {
+        self.shared.idle_closed.load(Ordering::SeqCst)
+    }
+
+    /// How each request's handling ended so far (answered, faulted, abandoned by the client),
+    /// in the order they ended. A request still being handled has no entry yet.
+    pub fn endings(&self) -> Vec<RequestEnd> {
+        lock(&self.shared.inner).endings.clone()
+    }
+
+    /// [`Upstream::endings`] of the requests whose path starts with `path_prefix`.
+    pub fn endings_to(&self, path_prefix: &str) -> Vec<RequestEnd> {
+        lock(&self.shared.inner)
+            .endings
+            .iter()
+            .filter(|e| e.path.starts_with(path_prefix))
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until at least `n` requests to `path_prefix` ended (answered, faulted or
+    /// abandoned; panics after `timeout`) and returns their endings.
+    pub async fn wait_endings(
+        &self,
+        path_prefix: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<RequestEnd> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let endings = self.endings_to(path_prefix);
+            if endings.len() >= n {
+                return endings;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "upstream: expected at least {n} finished requests to {path_prefix:?} within {timeout:?}, got {endings:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Drop for Upstream {
@@ -727,31 +863,263 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        let conn = Arc::new(ConnState::default());
+        let io = FaultIo::new(stream, conn.clone(), shared.clone());
         let shared = shared.clone();
         let task_conns = conns.clone();
         let tls = tls.clone();
         spawn_tracked(&conns, async move {
             match tls {
-                Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(stream) => serve_connection(stream, shared, task_conns).await,
+                Some(acceptor) => match acceptor.accept(io).await {
+                    Ok(stream) => serve_connection(stream, shared, conn, task_conns).await,
                     Err(e) => eprintln!("upstream TLS handshake failed: {e}"),
                 },
-                None => serve_connection(stream, shared, task_conns).await,
+                None => serve_connection(io, shared, conn, task_conns).await,
             }
         });
     }
 }
 
-async fn serve_connection<I>(io: I, shared: Arc<Shared>, conns: ConnSet)
+async fn serve_connection<I>(io: I, shared: Arc<Shared>, conn: Arc<ConnState>, conns: ConnSet)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req| handle(shared.clone(), conns.clone(), req));
+    let service = hyper::service::service_fn(move |req| {
+        handle(shared.clone(), conn.clone(), conns.clone(), req)
+    });
     let builder = auto::Builder::new(TokioExecutor::new());
-    // Errors here are client-side resets and the like; nothing for a test to see.
+    // Errors here are client-side resets, scripted faults and the like; nothing for a test
+    // to see.
     let _ = builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection faults
+// ---------------------------------------------------------------------------------------------
+
+/// What one connection's requests and its I/O share.
+#[derive(Default)]
+struct ConnState {
+    /// Set by a handler carrying out a scripted [`Fault`]; from then on the connection
+    /// neither reads nor writes, and a reset closes with `SO_LINGER` 0.
+    fault: Mutex<Option<Fault>>,
+    /// Requests being handled on this connection (an idle timeout does not run meanwhile).
+    busy: AtomicU64,
+}
+
+impl ConnState {
+    fn fault(&self) -> Option<Fault> {
+        *lock(&self.fault)
+    }
+}
+
+/// The server side of one TCP connection: passes bytes through until a scripted fault, and
+/// ends the connection (EOF to hyper, which closes it) once it was idle for the upstream's
+/// keep-alive timeout.
+struct FaultIo {
+    inner: tokio::net::TcpStream,
+    conn: Arc<ConnState>,
+    shared: Arc<Shared>,
+    last_activity: tokio::time::Instant,
+    idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    idle_closed: bool,
+}
+
+impl FaultIo {
+    fn new(inner: tokio::net::TcpStream, conn: Arc<ConnState>, shared: Arc<Shared>) -> Self {
+        FaultIo {
+            inner,
+            conn,
+            shared,
+            last_activity: tokio::time::Instant::now(),
+            idle_timer: None,
+            idle_closed: false,
+        }
+    }
+
+    fn fault_error(fault: Fault) -> std::io::Error {
+        let kind = match fault {
+            Fault::HangUp => std::io::ErrorKind::BrokenPipe,
+            Fault::Reset => std::io::ErrorKind::ConnectionReset,
+        };
+        std::io::Error::new(kind, format!("scripted fault: {fault:?}"))
+    }
+
+    /// Whether the keep-alive timeout ran out (arms the timer otherwise). The timer also runs
+    /// while a request is being handled, only to wake the connection again: hyper reads the
+    /// next request head only when woken, and the timeout counts from the last byte read or
+    /// written.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(timeout) = self.shared.idle_timeout() else {
+            self.idle_timer = None;
+            return false;
+        };
+        let deadline = self.last_activity + timeout;
+        let timer = self
+            .idle_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() < deadline {
+            timer.as_mut().reset(deadline);
+        }
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if self.conn.busy.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            timer.as_mut().reset(tokio::time::Instant::now() + timeout);
+        }
+    }
+}
+
+impl AsyncRead for FaultIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if let Some(fault) = this.conn.fault() {
+            return Poll::Ready(Err(Self::fault_error(fault)));
+        }
+        if this.idle_closed {
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    this.last_activity = tokio::time::Instant::now();
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                if this.idle_expired(cx) {
+                    // EOF: hyper ends the connection and closes the socket (FIN).
+                    this.idle_closed = true;
+                    this.idle_timer = None;
+                    this.shared.idle_closed.fetch_add(1, Ordering::SeqCst);
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl AsyncWrite for FaultIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if let Some(fault) = this.conn.fault() {
+            return Poll::Ready(Err(Self::fault_error(fault)));
+        }
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            this.last_activity = tokio::time::Instant::now();
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if let Some(fault) = this.conn.fault() {
+            return Poll::Ready(Err(Self::fault_error(fault)));
+        }
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            this.last_activity = tokio::time::Instant::now();
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if let Some(fault) = self.conn.fault() {
+            return Poll::Ready(Err(Self::fault_error(fault)));
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.conn.fault() {
+            // No FIN before the RST.
+            Some(Fault::Reset) => Poll::Ready(Err(Self::fault_error(Fault::Reset))),
+            _ => Pin::new(&mut self.inner).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Drop for FaultIo {
+    fn drop(&mut self) {
+        if self.conn.fault() == Some(Fault::Reset) {
+            // Closing with a zero linger time sends RST instead of FIN.
+            let _ = self.inner.set_zero_linger();
+        }
+    }
+}
+
+/// The error a handler returns to make hyper drop the connection without answering.
+#[derive(Debug)]
+struct FaultInjected(Fault);
+
+impl std::fmt::Display for FaultInjected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "scripted fault: {:?}", self.0)
+    }
+}
+
+impl std::error::Error for FaultInjected {}
+
+/// Counts a request as busy on its connection while it is handled, and records how its
+/// handling ended (as [`Ending::Abandoned`] if it is dropped before it ends).
+struct Handling {
+    shared: Arc<Shared>,
+    conn: Arc<ConnState>,
+    path: String,
+    key: Option<String>,
+    ended: bool,
+}
+
+impl Handling {
+    fn start(shared: &Arc<Shared>, conn: &Arc<ConnState>, req: &RecordedRequest) -> Self {
+        conn.busy.fetch_add(1, Ordering::SeqCst);
+        Handling {
+            shared: shared.clone(),
+            conn: conn.clone(),
+            path: req.path.clone(),
+            key: req.header("idempotency-key").map(str::to_owned),
+            ended: false,
+        }
+    }
+
+    fn end(mut self, how: Ending) {
+        self.ended = true;
+        self.shared.record_end(&self.path, self.key.take(), how);
+    }
+}
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.shared
+                .record_end(&self.path, self.key.take(), Ending::Abandoned);
+        }
+        self.conn.busy.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -828,9 +1196,10 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 async fn handle(
     shared: Arc<Shared>,
+    conn: Arc<ConnState>,
     conns: ConnSet,
     mut req: Request<Incoming>,
-) -> Result<Response<RespBody>, Infallible> {
+) -> Result<Response<RespBody>, FaultInjected> {
     let count = shared.served.fetch_add(1, Ordering::SeqCst) + 1;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let (parts, body) = req.into_parts();
@@ -850,6 +1219,7 @@ async fn handle(
         version: parts.version,
         at: Instant::now(),
     };
+    let handling = Handling::start(&shared, &conn, &recorded);
     let scripted = {
         let mut inner = lock(&shared.inner);
         inner.requests.push(recorded.clone());
@@ -860,6 +1230,11 @@ async fn handle(
         Some(answer) => {
             if !answer.delay.is_zero() {
                 tokio::time::sleep(answer.delay).await;
+            }
+            if let Some(fault) = answer.fault {
+                *lock(&conn.fault) = Some(fault);
+                handling.end(Ending::Faulted(fault));
+                return Err(FaultInjected(fault));
             }
             if answer.passthrough {
                 route(&shared, &conns, &recorded, on_upgrade, count).await
@@ -876,6 +1251,7 @@ async fn handle(
             &count.to_string(),
         );
     }
+    handling.end(Ending::Answered(response.status().as_u16()));
     Ok(response)
 }
 
