@@ -1,0 +1,70 @@
+//! Stored data across releases: a data directory written by an earlier release opens and
+//! drains in this one.
+//!
+//! `tests/fixtures/store-format-0/outpost.redb` was written by the release of 2026-11-23
+//! (record format 0, before records carried a version): three mutations queued while the
+//! upstream was down (`fixture-1..3`, `POST /apply/fixture/N`, body `{"n":N}`, `Authorization:
+//! Bearer token-N`) and a fourth (`fixture-dropped`) dropped by the operator. The test works on
+//! a copy; the fixture itself is never written.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test]
+async fn a_store_written_by_the_previous_release_opens_and_drains_in_order() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/store-format-0/outpost.redb");
+    let dir = temp_dir();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    std::fs::copy(&fixture, data.join("outpost.redb")).expect("copy the fixture");
+
+    let upstream = Upstream::start().await;
+    let url = upstream.url();
+    let mut outpost = OutpostProcess::start(&["--upstream", &url], &data).await;
+
+    let applied = upstream.wait_applied(3, Duration::from_secs(20)).await;
+    let keys: Vec<&str> = applied.iter().map(|a| a.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["fixture-1", "fixture-2", "fixture-3"],
+        "in acceptance order"
+    );
+    for (i, a) in applied.iter().enumerate() {
+        let n = i + 1;
+        assert_eq!(a.path, format!("/apply/fixture/{n}"));
+        assert_eq!(a.body_json(), serde_json::json!({ "n": n }));
+        let auth = format!("Bearer token-{n}");
+        assert_eq!(a.authorization.as_deref(), Some(auth.as_str()));
+    }
+    // Nothing else: the dropped one stays dropped, and nothing is sent twice.
+    let http = client();
+    let status_url = format!("{}/status", outpost.admin_url());
+    eventually(Duration::from_secs(10), "queue drained", || async {
+        let Ok(resp) = http.get(&status_url).send().await else {
+            return false;
+        };
+        let status: serde_json::Value = resp.json().await.unwrap_or_default();
+        status["queue_depth"] == 0
+    })
+    .await;
+    assert_eq!(
+        upstream.seen_requests(),
+        3,
+        "each delivered once, the dropped one never"
+    );
+    assert_eq!(upstream.seen_requests_for("fixture-dropped"), 0);
+    // Format-0 records carry no owner: they answer no app (only the operator).
+    let resp = http
+        .get(format!("{}/_outpost/mutations/fixture-1", outpost.url()))
+        .header("Authorization", "Bearer token-1")
+        .send()
+        .await
+        .expect("status document");
+    assert_eq!(resp.status(), 404);
+    outpost.terminate();
+    outpost.wait_exit().await;
+}
