@@ -18,7 +18,7 @@
 pub mod backoff;
 pub mod classify;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,6 +47,8 @@ pub static OUTPOST_ACCEPTED_AT: HeaderName = HeaderName::from_static("outpost-ac
 
 /// Items read from a partition at a time.
 const PEEK_BATCH: usize = 64;
+/// Most answers a drain leaves to background recording (progress window) before it waits.
+const MAX_UNSETTLED: usize = 1024;
 /// How often the supervisor looks for partitions without being woken.
 const TICK: Duration = Duration::from_millis(500);
 /// How long an announced wait for credentials lasts unless renewed (the drain renews it
@@ -90,9 +92,14 @@ enum Progress {
     Finish,
 }
 
-/// Background finishes (progress window): each hands back its record if it must be recorded
-/// again.
-type Finishing = JoinSet<Result<(), (Box<MutationRecord>, StoreError)>>;
+/// Finishes recorded in the background under a progress window, and the keys they are for
+/// (skipped by the next peeks until they are settled). Each task hands back its key, or its
+/// record when it must be recorded again.
+#[derive(Default)]
+struct Finishing {
+    tasks: JoinSet<Result<String, (Box<MutationRecord>, StoreError)>>,
+    keys: HashSet<String>,
+}
 
 /// The replay engine.
 pub struct Replayer {
@@ -254,7 +261,7 @@ impl Replayer {
 
     /// Replay one partition head-first until it is empty or must wait.
     async fn drain(&self, lease: &Lease) -> Result<(), StoreError> {
-        let mut finishing = JoinSet::new();
+        let mut finishing = Finishing::default();
         let result = self.drain_batches(lease, &mut finishing).await;
         // Finished items must be recorded before the lease is given back.
         let settled = self.settle(lease, &mut finishing).await;
@@ -274,9 +281,17 @@ impl Replayer {
             if !self.may_run() {
                 return Ok(());
             }
-            let items = self.store.peek(&lease.partition, PEEK_BATCH).await?;
+            // Items whose answers are still being recorded in the background are not sent
+            // again: read past them.
+            let limit = PEEK_BATCH + finishing.keys.len();
+            let mut items = self.store.peek(&lease.partition, limit).await?;
+            items.retain(|item| !finishing.keys.contains(&item.key));
             if items.is_empty() {
-                return Ok(());
+                if finishing.keys.is_empty() {
+                    return Ok(());
+                }
+                self.settle(lease, finishing).await?;
+                continue;
             }
             let mut wait_until = None;
             for mut item in items {
@@ -298,8 +313,9 @@ impl Replayer {
                     }
                 }
             }
-            // The next peek must not see items whose answers are still being recorded.
-            self.settle(lease, finishing).await?;
+            if wait_until.is_some() || finishing.keys.len() >= MAX_UNSETTLED {
+                self.settle(lease, finishing).await?;
+            }
             if let Some(until) = wait_until {
                 // Short waits keep the lease; it is renewed on the next round.
                 let ms = until.saturating_sub(now_ms());
@@ -562,11 +578,12 @@ impl Replayer {
     ) -> Result<bool, StoreError> {
         if progress == Progress::Finish && !self.config.replay.progress_sync.is_zero() {
             let (store, lease, item) = (self.store.clone(), lease.clone(), item.clone());
-            finishing.spawn(async move {
-                store
-                    .finish(&lease, &item)
-                    .await
-                    .map_err(|e| (Box::new(item), e))
+            finishing.keys.insert(item.key.clone());
+            finishing.tasks.spawn(async move {
+                match store.finish(&lease, &item).await {
+                    Ok(()) => Ok(item.key),
+                    Err(e) => Err((Box::new(item), e)),
+                }
             });
             return Ok(true);
         }
@@ -614,16 +631,16 @@ impl Replayer {
         lease: &Lease,
         finishing: &mut Finishing,
     ) -> Result<(), StoreError> {
-        while let Some(done) = finishing.try_join_next() {
-            self.re_record(lease, done).await?;
+        while let Some(done) = finishing.tasks.try_join_next() {
+            self.re_record(lease, finishing, done).await?;
         }
         Ok(())
     }
 
     /// Wait for every background finish, recording again those that failed.
     async fn settle(&self, lease: &Lease, finishing: &mut Finishing) -> Result<(), StoreError> {
-        while let Some(done) = finishing.join_next().await {
-            self.re_record(lease, done).await?;
+        while let Some(done) = finishing.tasks.join_next().await {
+            self.re_record(lease, finishing, done).await?;
         }
         Ok(())
     }
@@ -631,17 +648,22 @@ impl Replayer {
     async fn re_record(
         &self,
         lease: &Lease,
-        done: Result<Result<(), (Box<MutationRecord>, StoreError)>, tokio::task::JoinError>,
+        finishing: &mut Finishing,
+        done: Result<Result<String, (Box<MutationRecord>, StoreError)>, tokio::task::JoinError>,
     ) -> Result<(), StoreError> {
         match done {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(key)) => {
+                finishing.keys.remove(&key);
+                Ok(())
+            }
             Ok(Err((_, e @ StoreError::LeaseLost { .. }))) => Err(e),
             Ok(Err((item, e))) => {
                 tracing::warn!(key = %item.key, "recording the answer failed ({e}); again");
-                self.record_now(lease, &item, Progress::Finish)
-                    .await
-                    .map(|_| ())
+                self.record_now(lease, &item, Progress::Finish).await?;
+                finishing.keys.remove(&item.key);
+                Ok(())
             }
+            // The drain ends and starts afresh (its skip list with it).
             Err(e) => Err(StoreError::Task(e.to_string())),
         }
     }

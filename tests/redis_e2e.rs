@@ -32,7 +32,7 @@ use common::*;
 use serde_json::{Value, json};
 
 /// Small timings, so lease takeovers, outages and retries take moments.
-fn config_toml(upstream_extra: &str) -> String {
+fn config_toml(upstream_extra: &str, replay_extra: &str) -> String {
     format!(
         r#"
 [store]
@@ -48,6 +48,7 @@ probe_interval_max = "500ms"
 [replay]
 initial_backoff = "100ms"
 max_backoff = "1s"
+{replay_extra}
 "#
     )
 }
@@ -72,9 +73,21 @@ impl Instance {
         upstream: &Upstream,
         upstream_extra: &str,
     ) -> Instance {
+        Self::start_with(name, redis, upstream, upstream_extra, "").await
+    }
+
+    /// [`Instance::start`] with `replay_extra` added to the `[replay]` table.
+    async fn start_with(
+        name: &'static str,
+        redis: &RedisServer,
+        upstream: &Upstream,
+        upstream_extra: &str,
+        replay_extra: &str,
+    ) -> Instance {
         let config_dir = temp_dir();
         let config: PathBuf = config_dir.path().join("outpost.toml");
-        std::fs::write(&config, config_toml(upstream_extra)).expect("write the config file");
+        std::fs::write(&config, config_toml(upstream_extra, replay_extra))
+            .expect("write the config file");
         let data_dir = temp_dir();
         let config_arg = config.display().to_string();
         let process = OutpostProcess::start(
@@ -698,8 +711,10 @@ async fn fresh_credentials_offered_to_another_instance_release_a_mutation_waitin
         ],
     );
     upstream.stop().await;
-    // Only A runs while the item is queued and replayed, so A holds the partition.
-    let a = Instance::start("a", &redis, &upstream, "").await;
+    // Only A runs while the item is queued and replayed, so A holds the partition. Opaque
+    // tokens name no principal: one user, any fresh credentials release the item.
+    let one_user = r#"auth_principal = "any""#;
+    let a = Instance::start_with("a", &redis, &upstream, "", one_user).await;
     let http = client();
     let resp = http
         .post(a.url("/apply/orders"))
@@ -716,6 +731,7 @@ async fn fresh_credentials_offered_to_another_instance_release_a_mutation_waitin
     eventually(REPLAY_TIMEOUT, "auth_required after the 401", || async {
         let doc: Value = http
             .get(&doc_url)
+            .header("authorization", "Bearer old-token")
             .send()
             .await
             .expect("status")
@@ -727,7 +743,7 @@ async fn fresh_credentials_offered_to_another_instance_release_a_mutation_waitin
     .await;
 
     // B starts now; the app's next request, with fresh credentials, reaches B.
-    let b = Instance::start("b", &redis, &upstream, "").await;
+    let b = Instance::start_with("b", &redis, &upstream, "", one_user).await;
     eventually(REPLAY_TIMEOUT, "released via B", || async {
         let resp = http
             .get(b.url("/echo/profile"))
