@@ -247,6 +247,7 @@ pub async fn accept_loop<F, S, B>(
             continue;
         };
         let accepted = tokio::time::Instant::now();
+        let made_room = admission.made_room();
         let _ = stream.set_nodelay(true);
         let service = Tracked {
             inner: make_service(peer),
@@ -290,6 +291,11 @@ pub async fn accept_loop<F, S, B>(
             }
             drop(admission);
         });
+        if made_room {
+            // Let the closed connection's task (maybe on this thread) give its slot back
+            // before accepting more, so a burst does not run far past the limit.
+            tokio::task::yield_now().await;
+        }
     }
     drop(listener);
     tracker.close();

@@ -57,8 +57,11 @@ pub struct Connections {
     framing_refusals: AtomicU64,
     next_id: AtomicU64,
     open_conns: Mutex<HashMap<u64, Arc<ConnShared>>>,
-    /// When the last warning was logged (ms since `epoch`, plus one; 0 = never).
-    last_warning: AtomicU64,
+    /// When the last warning about closing idle connections was logged (ms since `epoch`,
+    /// plus one; 0 = never).
+    last_eviction_warning: AtomicU64,
+    /// The same for refusing connections.
+    last_refusal_warning: AtomicU64,
 }
 
 impl Connections {
@@ -75,7 +78,8 @@ impl Connections {
             framing_refusals: AtomicU64::new(0),
             next_id: AtomicU64::new(0),
             open_conns: Mutex::new(HashMap::new()),
-            last_warning: AtomicU64::new(0),
+            last_eviction_warning: AtomicU64::new(0),
+            last_refusal_warning: AtomicU64::new(0),
         })
     }
 
@@ -101,7 +105,7 @@ impl Connections {
                     // Its slot frees as soon as its task sees the notice.
                     victim.close.notify_one();
                     let n = self.evicted.fetch_add(1, Ordering::Relaxed) + 1;
-                    self.warn(|name, limit| {
+                    self.warn(&self.last_eviction_warning, |name, limit| {
                         tracing::warn!(
                             "{name} listener at its limit of {limit} connections: closing the \
                              longest-idle ones to make room ({n} so far)"
@@ -111,7 +115,7 @@ impl Connections {
                 None => {
                     self.open.fetch_sub(1, Ordering::AcqRel);
                     let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-                    self.warn(|name, limit| {
+                    self.warn(&self.last_refusal_warning, |name, limit| {
                         tracing::warn!(
                             "{name} listener at its limit of {limit} connections, none idle: \
                              refusing new connections ({n} refused so far)"
@@ -130,6 +134,7 @@ impl Connections {
             id,
             shared,
             owner: self.clone(),
+            made_room: open > self.limit,
         })
     }
 
@@ -147,14 +152,13 @@ impl Connections {
             .cloned()
     }
 
-    /// Log with `log` unless a warning was logged less than [`WARN_EVERY`] ago.
-    fn warn(&self, log: impl FnOnce(&str, usize)) {
+    /// Log with `log` unless `last` says this warning was logged less than [`WARN_EVERY`] ago.
+    fn warn(&self, last_warning: &AtomicU64, log: impl FnOnce(&str, usize)) {
         let now = self.now_ms() + 1;
-        let last = self.last_warning.load(Ordering::Relaxed);
+        let last = last_warning.load(Ordering::Relaxed);
         let due = last == 0 || now.saturating_sub(last) >= WARN_EVERY.as_millis() as u64;
         if due
-            && self
-                .last_warning
+            && last_warning
                 .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
         {
@@ -182,6 +186,7 @@ pub struct Admission {
     id: u64,
     shared: Arc<ConnShared>,
     owner: Arc<Connections>,
+    made_room: bool,
 }
 
 impl Admission {
@@ -193,6 +198,12 @@ impl Admission {
     /// The budget it belongs to.
     pub fn connections(&self) -> &Arc<Connections> {
         &self.owner
+    }
+
+    /// Whether another connection was closed to admit this one (it still holds its slot
+    /// until its task sees the notice).
+    pub fn made_room(&self) -> bool {
+        self.made_room
     }
 }
 
