@@ -630,7 +630,7 @@ async fn ambiguous_framing_and_bad_host_lines_get_400_and_never_reach_the_upstre
     let upstream = Upstream::start().await;
     let dirs = Dirs::new();
     let outpost = start(&upstream.url(), &dirs, "").await;
-    let cases: [(&str, &str); 6] = [
+    let cases: [(&str, &str); 7] = [
         (
             "POST /echo/te-cl HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             "Content-Length together with Transfer-Encoding",
@@ -645,6 +645,10 @@ async fn ambiguous_framing_and_bad_host_lines_get_400_and_never_reach_the_upstre
         ),
         (
             "POST /echo/cl-cl2 HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 40\r\n\r\nabcd",
+            "more than one Content-Length",
+        ),
+        (
+            "POST /echo/cl-list HTTP/1.1\r\nHost: a\r\nContent-Length: 4, 4\r\n\r\nabcd",
             "more than one Content-Length",
         ),
         (
@@ -670,7 +674,7 @@ async fn ambiguous_framing_and_bad_host_lines_get_400_and_never_reach_the_upstre
         );
     }
     assert!(upstream.requests().is_empty(), "{:?}", upstream.requests());
-    assert_eq!(status(&outpost).await["framing_refusals"], 6);
+    assert_eq!(status(&outpost).await["framing_refusals"], 7);
 
     // HTTP/1.0 may leave Host out.
     let resp = raw(outpost.addr(), b"GET /echo/old HTTP/1.0\r\n\r\n").await;

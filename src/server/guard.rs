@@ -7,7 +7,7 @@
 //! HTTP/2 preface sniffing comes first) nor answers 408. So the guard follows the byte stream
 //! itself, message by message:
 //! - **Framing** (like nginx): a head with `Content-Length` and `Transfer-Encoding`, with two
-//!   `Content-Length` lines (even equal), with two `Host` lines, or an HTTP/1.1 head without
+//!   `Content-Length` values (even equal; two lines or a list in one), with two `Host` lines, or an HTTP/1.1 head without
 //!   `Host` is answered `400` with a JSON error and the connection is closed; hyper never sees
 //!   it. Bodies are skipped by their `Content-Length` or chunked framing (the same state
 //!   machine as hyper's decoder) to find the next head. Anything hyper itself refuses (bad
@@ -348,7 +348,8 @@ impl Framing {
         let mut upgrade = false;
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
-                lengths += 1;
+                // `Content-Length: 4, 4` is two lengths in one line.
+                lengths += 1 + h.value.iter().filter(|&&b| b == b',').count();
                 length = std::str::from_utf8(h.value)
                     .ok()
                     .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
@@ -771,7 +772,7 @@ mod tests {
 
     #[test]
     fn ambiguous_framing_is_refused_at_the_start_of_its_head() {
-        let cases: [(&[u8], Refusal); 5] = [
+        let cases: [(&[u8], Refusal); 6] = [
             (
                 b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
                 Refusal::LengthAndChunked,
@@ -782,6 +783,10 @@ mod tests {
             ),
             (
                 b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\ncontent-length: 3\r\n\r\nabc",
+                Refusal::DuplicateLength,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\nabc",
                 Refusal::DuplicateLength,
             ),
             (
