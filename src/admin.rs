@@ -207,7 +207,7 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(None::<Duration>);
+        .header_read_timeout(header_read_timeout + Duration::from_secs(1));
     let options = ConnectionOptions {
         guard: server::guard::GuardOptions {
             header_read_timeout,

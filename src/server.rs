@@ -159,8 +159,10 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        // The guard times request heads, from the first byte of a connection on.
-        .header_read_timeout(None::<Duration>)
+        // The guard times request heads, from the first byte of a connection on; hyper's
+        // own timer, a moment later, only matters where the guard stopped following the
+        // framing (after a head hyper refuses, say).
+        .header_read_timeout(config.header_read_timeout + Duration::from_secs(1))
         .max_buf_size(config.max_header_bytes.max(8192));
     builder
         .http2()
@@ -256,7 +258,6 @@ pub async fn accept_loop<F, S, B>(
         let (builder, tls, shutdown) = (builder.clone(), tls.clone(), shutdown.clone());
         tracker.spawn(async move {
             let shared = admission.shared().clone();
-            let limits = admission.connections().clone();
             match tls {
                 Some(acceptor) => {
                     let deadline = accepted + options.guard.header_read_timeout;
@@ -264,8 +265,7 @@ pub async fn accept_loop<F, S, B>(
                         Ok(Ok(tls_stream)) => {
                             let io = TokioIo::new(Guard::new(
                                 tls_stream,
-                                shared.clone(),
-                                limits,
+                                admission,
                                 options.guard,
                                 accepted,
                             ));
@@ -273,23 +273,16 @@ pub async fn accept_loop<F, S, B>(
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
                         Err(_) => {
-                            limits.count_timeout();
+                            admission.connections().count_timeout();
                             tracing::debug!(%peer, "TLS handshake timed out");
                         }
                     }
                 }
                 None => {
-                    let io = TokioIo::new(Guard::new(
-                        stream,
-                        shared.clone(),
-                        limits,
-                        options.guard,
-                        accepted,
-                    ));
+                    let io = TokioIo::new(Guard::new(stream, admission, options.guard, accepted));
                     serve_connection(&builder, io, service, &shutdown, &shared, peer).await
                 }
             }
-            drop(admission);
         });
         if made_room {
             // Let the closed connection's task (maybe on this thread) give its slot back
@@ -360,8 +353,12 @@ where
         // Dropped with the future if it never completes, else with the body once written.
         let finished = Finished::new(self.shared.clone());
         let response = self.inner.call(req);
+        let shared = self.shared.clone();
         Box::pin(async move {
             let resp = response.await?;
+            if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                shared.mark_upgraded();
+            }
             Ok(resp.map(|body| TrackedBody {
                 body,
                 _finished: finished,

@@ -99,15 +99,13 @@ struct RawResponse {
     body: String,
 }
 
-/// Reads one HTTP/1 response (head, then a `Content-Length` body) from `stream`.
+/// Reads exactly one HTTP/1 response (head, then a `Content-Length` body) from `stream`,
+/// leaving whatever follows (a pipelined response) unread.
 async fn read_response(stream: &mut TcpStream) -> RawResponse {
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
             .await
             .expect("an answer within 10 s")
             .expect("read the answer");
@@ -116,9 +114,9 @@ async fn read_response(stream: &mut TcpStream) -> RawResponse {
             "connection closed before a complete response head: {:?}",
             String::from_utf8_lossy(&buf)
         );
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
     let status = head
         .split(' ')
         .nth(1)
@@ -132,15 +130,12 @@ async fn read_response(stream: &mut TcpStream) -> RawResponse {
                 .then(|| value.trim().parse().ok())?
         })
         .unwrap_or(0);
-    while buf.len() < head_end + length {
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
-            .await
-            .expect("the body within 10 s")
-            .expect("read the body");
-        assert!(n > 0, "connection closed inside the body");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).into_owned();
+    let mut body = vec![0u8; length];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut body))
+        .await
+        .expect("the body within 10 s")
+        .expect("read the body");
+    let body = String::from_utf8_lossy(&body).into_owned();
     RawResponse { status, head, body }
 }
 
@@ -456,6 +451,56 @@ async fn a_slow_answer_is_not_cut_by_the_header_read_timeout() {
     let second = read_response(&mut stream).await;
     assert_eq!(second.status, 200, "{second:?}");
     assert_eq!(status(&outpost).await["header_timeouts"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_keep_their_slot_and_a_refused_upgrade_is_timed_like_any_request() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let upstream = Upstream::start().await;
+    let dirs = Dirs::new();
+    let outpost = start(&upstream.url(), &dirs, QUICK_HEADERS).await;
+
+    // An upgrade the upstream does not grant: HTTP/1 goes on, and so does the timeout.
+    let mut refused = TcpStream::connect(outpost.addr()).await.expect("connect");
+    refused
+        .write_all(
+            b"GET /echo/not-ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .expect("write");
+    assert_eq!(read_response(&mut refused).await.status, 200);
+    assert!(closed_within(&mut refused, Duration::from_secs(20)).await);
+    eventually(
+        Duration::from_secs(10),
+        "the guard timed it out",
+        || async { status(&outpost).await["header_timeouts"].as_u64() >= Some(1) },
+    )
+    .await;
+
+    // A granted one is another protocol: quiet for longer than the header-read timeout, it
+    // stays open, and it holds its slot in the budget all along.
+    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws", outpost.addr()))
+        .await
+        .expect("WebSocket handshake through outpost");
+    assert_eq!(resp.status(), 101);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(status(&outpost).await["connections_open"], 1);
+    ws.send(Message::text("still here")).await.expect("send");
+    let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("echo in time")
+        .expect("a message")
+        .expect("a good message");
+    assert_eq!(msg, Message::text("still here"));
+    ws.close(None).await.expect("close");
+    drop(ws);
+    eventually(
+        Duration::from_secs(10),
+        "the slot is given back",
+        || async { status(&outpost).await["connections_open"] == 0 },
+    )
+    .await;
 }
 
 /// Starts `outpost serve` under an open-file limit of `nofile` (via `sh -c 'ulimit -n'`),

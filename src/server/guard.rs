@@ -21,8 +21,10 @@
 //!
 //! An answer of the guard's own is written only when hyper has nothing in flight on the
 //! connection (every request head it was given has been answered and its writes flushed), so it
-//! never interleaves with a response. After an HTTP/2 preface or an upgrade request the stream
-//! is passed through untouched.
+//! never interleaves with a response. After an HTTP/2 preface, or an upgrade request that was
+//! answered 101, the stream is passed through untouched (an upgrade answered otherwise goes on
+//! as HTTP/1). The guard owns the connection's slot in its budget, so an upgraded connection
+//! holds it until the socket closes.
 
 use std::future::Future;
 use std::io;
@@ -36,7 +38,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
-use super::limits::Connections;
+use super::limits::{Admission, Connections};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -50,12 +52,18 @@ pub struct ConnShared {
     heads: AtomicU64,
     /// Responses finished (their body dropped by hyper) or abandoned.
     done: AtomicU64,
+    /// A response finished since hyper last flushed: its last bytes may still be in hyper's
+    /// own buffer (hyper drops a body before it writes the bytes that end it, and drains its
+    /// buffer before it flushes the connection).
+    needs_flush: AtomicBool,
     /// Waiting for a request head, none of its bytes received, nothing in flight.
     idle: AtomicBool,
     /// When the current idle period began (ms since the limit's epoch).
     idle_since_ms: AtomicU64,
     /// Claimed for closing by the connection limit.
     closing: AtomicBool,
+    /// A response was `101 Switching Protocols`: the connection is another protocol now.
+    upgraded: AtomicBool,
     /// Told when the connection is to be closed (the limit needs its slot).
     pub(super) close: Notify,
     /// The connection task, to wake when the last response finishes.
@@ -68,9 +76,11 @@ impl ConnShared {
         Self {
             heads: AtomicU64::new(0),
             done: AtomicU64::new(0),
+            needs_flush: AtomicBool::new(false),
             idle: AtomicBool::new(true),
             idle_since_ms: AtomicU64::new(now_ms),
             closing: AtomicBool::new(false),
+            upgraded: AtomicBool::new(false),
             close: Notify::new(),
             waker: Mutex::new(None),
         }
@@ -83,6 +93,7 @@ impl ConnShared {
 
     /// A response finished or was abandoned.
     pub(super) fn finish_one(&self) {
+        self.needs_flush.store(true, Ordering::Release);
         self.done.fetch_add(1, Ordering::AcqRel);
         if let Ok(mut waker) = self.waker.lock()
             && let Some(w) = waker.take()
@@ -91,10 +102,22 @@ impl ConnShared {
         }
     }
 
+    /// Whether every head hyper was given has been answered and every answer flushed.
+    fn settled(&self) -> bool {
+        self.quiet() && !self.needs_flush.load(Ordering::Acquire)
+    }
+
     /// Idle since (ms since the limit's epoch), when idle and not yet claimed for closing.
     pub(super) fn idle_since(&self) -> Option<u64> {
-        (self.idle.load(Ordering::Acquire) && self.quiet() && !self.closing.load(Ordering::Acquire))
-            .then(|| self.idle_since_ms.load(Ordering::Acquire))
+        (self.idle.load(Ordering::Acquire)
+            && self.settled()
+            && !self.closing.load(Ordering::Acquire))
+        .then(|| self.idle_since_ms.load(Ordering::Acquire))
+    }
+
+    /// A response switched the connection to another protocol.
+    pub(super) fn mark_upgraded(&self) {
+        self.upgraded.store(true, Ordering::Release);
     }
 
     /// Claim this connection for closing; false when another caller already did.
@@ -150,6 +173,8 @@ enum Phase {
     Body(u64),
     /// Skipping a chunked body.
     Chunked(Chunk),
+    /// After an upgrade request, until its answer says whether the protocol switched.
+    Upgrade,
     /// Not HTTP/1 any more (h2, an upgrade) or something hyper refuses anyway: pass through.
     Opaque,
 }
@@ -224,6 +249,12 @@ impl Framing {
         while i < data.len() {
             match self.phase {
                 Phase::Opaque => return Verdict::Pass,
+                Phase::Upgrade => {
+                    // Bytes before the answer: the client speaks the new protocol already, or
+                    // pipelines; either way, stop following.
+                    self.give_up();
+                    return Verdict::Pass;
+                }
                 Phase::Preface(seen) => {
                     let n = (H2_PREFACE.len() - seen).min(data.len() - i);
                     if data[i..i + n] == H2_PREFACE[seen..seen + n] {
@@ -378,8 +409,8 @@ impl Framing {
             return Err(Refusal::MissingHost);
         }
         self.phase = if (upgrade && http11) || req.method == Some("CONNECT") {
-            // What follows may be another protocol.
-            Phase::Opaque
+            // What follows may be another protocol: the answer tells.
+            Phase::Upgrade
         } else {
             match (chunked, lengths) {
                 (Some(true), _) if http11 => Phase::Chunked(Chunk::Start),
@@ -503,6 +534,8 @@ pub struct Guard<T> {
     inner: T,
     shared: Arc<ConnShared>,
     limits: Arc<Connections>,
+    /// The connection's slot in its budget, given back when the socket is dropped.
+    _admission: Admission,
     framing: Framing,
     timeout: Duration,
     deadline: Pin<Box<Sleep>>,
@@ -514,18 +547,13 @@ pub struct Guard<T> {
 }
 
 impl<T> Guard<T> {
-    /// Guard `inner`, a connection accepted at `accepted`.
-    pub fn new(
-        inner: T,
-        shared: Arc<ConnShared>,
-        limits: Arc<Connections>,
-        options: GuardOptions,
-        accepted: Instant,
-    ) -> Self {
+    /// Guard `inner`, a connection accepted at `accepted` and admitted with `admission`.
+    pub fn new(inner: T, admission: Admission, options: GuardOptions, accepted: Instant) -> Self {
         Self {
             inner,
-            shared,
-            limits,
+            shared: admission.shared().clone(),
+            limits: admission.connections().clone(),
+            _admission: admission,
             framing: Framing::new(options.head_limit),
             timeout: options.header_read_timeout,
             deadline: Box::pin(tokio::time::sleep_until(
@@ -541,7 +569,7 @@ impl<T> Guard<T> {
 impl<T: AsyncRead + AsyncWrite + Unpin> Guard<T> {
     /// Whether hyper has nothing in flight: every head answered and every write flushed.
     fn settled(&self) -> bool {
-        self.shared.quiet() && !self.unflushed
+        self.shared.settled() && !self.unflushed
     }
 
     /// Write the pending answer once hyper has nothing in flight, close, and fail the read.
@@ -556,7 +584,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Guard<T> {
                     if !settled {
                         self.shared.park(cx.waker());
                         // The last response may have finished meanwhile.
-                        if !self.shared.quiet() || self.unflushed {
+                        if !self.shared.settled() || self.unflushed {
                             return Poll::Pending;
                         }
                     }
@@ -646,8 +674,22 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<T> {
         if this.answer.is_some() {
             return this.poll_answer(cx);
         }
-        if this.framing.phase == Phase::Opaque {
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.framing.phase == Phase::Upgrade {
+            if this.shared.upgraded.load(Ordering::Acquire) {
+                this.framing.phase = Phase::Opaque;
+            } else if this.settled() {
+                // Answered without switching: HTTP/1 goes on.
+                this.framing.phase = Phase::Head;
+            }
+        }
+        if matches!(this.framing.phase, Phase::Opaque | Phase::Upgrade) {
+            this.shared.idle.store(false, Ordering::Release);
+            let before = buf.filled().len();
+            let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+            if this.framing.phase == Phase::Upgrade && buf.filled().len() > before {
+                this.framing.give_up();
+            }
+            return result;
         }
         if this.deadline_passed(cx) {
             this.limits.count_timeout();
@@ -672,13 +714,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<T> {
         let verdict = this
             .framing
             .feed(&buf.filled()[before..], &this.shared.heads);
+        if buf.filled().len() > before {
+            // Busy until the guard sees it waiting again with nothing received.
+            this.shared.idle.store(false, Ordering::Release);
+        }
         match verdict {
-            Verdict::Pass => {
-                if this.framing.partial_head() > 0 {
-                    this.shared.idle.store(false, Ordering::Release);
-                }
-                Poll::Ready(Ok(()))
-            }
+            Verdict::Pass => Poll::Ready(Ok(())),
             Verdict::Refuse { keep, why } => {
                 this.limits.count_refused_head();
                 buf.set_filled(before + keep);
@@ -722,9 +763,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guard<T> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.inner).poll_flush(cx);
         if let Poll::Ready(Ok(())) = result {
-            this.unflushed = false;
-            if this.answer.is_some() {
-                // A pending answer waits for this flush: let the read side see it.
+            let was_pending = std::mem::take(&mut this.unflushed)
+                | this.shared.needs_flush.swap(false, Ordering::AcqRel);
+            if was_pending && this.answer.is_some() {
+                // A pending answer waited for this flush: let the read side see it.
                 cx.waker().wake_by_ref();
             }
         }
@@ -854,6 +896,10 @@ mod tests {
         assert_eq!((v, heads, phase), (Verdict::Pass, 1, Phase::Head));
         let (_, _, phase) = one(
             b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        );
+        assert_eq!(phase, Phase::Upgrade);
+        let (_, _, phase) = one(
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x05",
         );
         assert_eq!(phase, Phase::Opaque);
         let (v, _, phase) = one(b"GET / HTTP/1.1\r\nHo st: a\r\n\r\n");
