@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tokio::task::JoinSet;
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, Access, AdminState};
 use crate::cache::Cache;
 use crate::config::{Backend, Config};
 use crate::events::{Event, Events};
@@ -20,7 +20,7 @@ use crate::proxy::Proxy;
 use crate::proxy::forward::Upstream;
 use crate::replay::Replayer;
 use crate::route::RouteTable;
-use crate::server;
+use crate::server::{self, Connections};
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::store::embedded::EmbeddedStore;
@@ -105,6 +105,14 @@ impl App {
             .ok_or_else(|| StartError::Setup("no proxy listener".into()))?
             .local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
+        let proxy_connections = Connections::new(
+            "proxy",
+            server::limits::fit_to_open_files(
+                config.proxy.max_connections,
+                config.admin.max_connections,
+            ),
+        );
+        let admin_connections = Connections::new("admin", config.admin.max_connections);
         // One proxy (and upstream pool) per proxy thread.
         let proxy_threads = server::spawn_shards(
             proxy_listeners,
@@ -119,6 +127,7 @@ impl App {
                     outbox.clone(),
                 ))
             },
+            &proxy_connections,
             &config.proxy,
             &shutdown,
         )?;
@@ -134,8 +143,15 @@ impl App {
                 replayer: replayer.clone(),
                 outbox: outbox.clone(),
                 events: events.clone(),
-                token: config.admin.token.clone(),
+                access: Access::new(
+                    admin_addr,
+                    &config.admin.allowed_hosts,
+                    config.admin.token.as_deref(),
+                ),
+                proxy_connections,
+                admin_connections,
             },
+            config.proxy.header_read_timeout,
             shutdown.clone(),
         ));
         tasks.spawn(

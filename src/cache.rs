@@ -1,7 +1,9 @@
 //! The read cache: keys, what may be stored (an RFC 9111 subset), and two tiers.
 //!
-//! - **Key**: method (HEAD shares GET's entries) + path and query + the caller's
-//!   [`Identity`] (unless the route is public), and then the request's values of the headers
+//! - **Key**: method (HEAD shares GET's entries) + the host the app asked for (forwarded as
+//!   `X-Forwarded-Host`, so the upstream may answer by it) + path and query (dot-segments
+//!   removed) + the caller's [`Identity`] (the route's identity headers; none on public
+//!   routes), and then the request's values of the headers
 //!   named by the stored response's `Vary`. A first lookup by the primary key finds the Vary
 //!   header names; the second finds the entry.
 //! - **Policy**: only GET answers with a cacheable status are stored; `no-store` (request or
@@ -32,7 +34,7 @@ use crate::store::{Store, now_ms};
 /// How often an unchanged entry is rewritten to the durable tier at most.
 const DISK_REFRESH_MS: u64 = 5_000;
 
-/// The primary key: method, URI, identity.
+/// The primary key: method, host, URI, identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PrimaryKey([u8; 32]);
 
@@ -41,8 +43,8 @@ pub struct PrimaryKey([u8; 32]);
 pub struct CacheKey([u8; 32]);
 
 impl PrimaryKey {
-    /// Key for `method path_and_query` as seen by `identity`.
-    pub fn new(method: &Method, path_and_query: &str, identity: &Identity) -> Self {
+    /// Key for `method host path_and_query` as seen by `identity`.
+    pub fn new(method: &Method, host: &str, path_and_query: &str, identity: &Identity) -> Self {
         let method = if method == Method::HEAD {
             &Method::GET
         } else {
@@ -50,6 +52,8 @@ impl PrimaryKey {
         };
         let mut h = Sha256::new();
         h.update(method.as_str().as_bytes());
+        h.update(b"\0");
+        h.update(host.as_bytes());
         h.update(b"\0");
         h.update(path_and_query.as_bytes());
         h.update(b"\0");
@@ -612,12 +616,16 @@ mod tests {
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer bob"),
         );
-        let ka = PrimaryKey::new(&Method::GET, "/x", &Identity::of(&alice));
-        let kb = PrimaryKey::new(&Method::GET, "/x", &Identity::of(&bob));
+        let ka = PrimaryKey::new(&Method::GET, "h", "/x", &Identity::of(&alice));
+        let kb = PrimaryKey::new(&Method::GET, "h", "/x", &Identity::of(&bob));
         assert_ne!(ka, kb);
         assert_eq!(
             ka,
-            PrimaryKey::new(&Method::HEAD, "/x", &Identity::of(&alice))
+            PrimaryKey::new(&Method::HEAD, "h", "/x", &Identity::of(&alice))
+        );
+        assert_ne!(
+            ka,
+            PrimaryKey::new(&Method::GET, "evil.example", "/x", &Identity::of(&alice))
         );
         let mut en = HeaderMap::new();
         en.insert(header::ACCEPT_LANGUAGE, HeaderValue::from_static("en"));

@@ -59,6 +59,12 @@ pub struct ProxyConfig {
     /// Proxy threads, each with its own listener socket (SO_REUSEPORT), event loop and
     /// upstream connection pool; 0 = one per CPU core.
     pub workers: usize,
+    /// Most client connections open at once, across all proxy threads. At the limit, the
+    /// longest-idle connection (one waiting for a request head with nothing in flight) is
+    /// closed to make room; when none is idle the new connection gets a 503 and is closed.
+    /// Lowered at start when the open-file limit cannot hold it (two descriptors per
+    /// connection: the app's and the upstream's).
+    pub max_connections: usize,
 }
 
 impl Default for ProxyConfig {
@@ -73,6 +79,7 @@ impl Default for ProxyConfig {
             tls_key: None,
             shutdown_grace: Duration::from_secs(10),
             workers: 0,
+            max_connections: 10_000,
         }
     }
 }
@@ -199,7 +206,14 @@ pub struct CacheConfig {
     /// Freshness lifetime for responses without `max-age`/`Expires` (cache-first, SWR).
     #[serde(with = "humantime_serde")]
     pub default_ttl: Duration,
+    /// Request headers that say who the caller is: their values (hashed) are part of every
+    /// cache key, so one caller's copy is never served to another. Routes may override it
+    /// (`identity_headers`); public routes use none.
+    pub identity_headers: Vec<String>,
 }
+
+/// The default `cache.identity_headers`: credentials in common use.
+pub const DEFAULT_IDENTITY_HEADERS: [&str; 4] = ["Authorization", "Cookie", "X-Api-Key", "Api-Key"];
 
 impl Default for CacheConfig {
     fn default() -> Self {
@@ -210,6 +224,7 @@ impl Default for CacheConfig {
             max_entry_bytes: 8 * 1024 * 1024,
             max_stale: Duration::from_secs(7 * 24 * 3600),
             default_ttl: Duration::ZERO,
+            identity_headers: DEFAULT_IDENTITY_HEADERS.map(String::from).to_vec(),
         }
     }
 }
@@ -361,6 +376,13 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Bearer token; required when `listen` is not a loopback address.
     pub token: Option<String>,
+    /// Host names the admin API answers to besides the listen address (and `localhost` when
+    /// that is a loopback or unspecified address); other `Host` and `Origin` values are
+    /// refused, which defeats DNS rebinding and cross-site requests from browsers.
+    pub allowed_hosts: Vec<String>,
+    /// Most admin connections open at once: a budget of its own, so that a saturated proxy
+    /// listener never starves the admin API.
+    pub max_connections: usize,
 }
 
 impl Default for AdminConfig {
@@ -368,6 +390,8 @@ impl Default for AdminConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
             token: None,
+            allowed_hosts: Vec::new(),
+            max_connections: 64,
         }
     }
 }
@@ -437,6 +461,8 @@ pub struct RouteConfig {
     pub max_stale: Option<Duration>,
     /// Overrides `replay.classify` for mutations of this route.
     pub classify: Option<ClassifyConfig>,
+    /// Overrides `cache.identity_headers` for this route (ignored when `public`).
+    pub identity_headers: Option<Vec<String>>,
 }
 
 /// A configuration error, located in its file where possible.
@@ -609,6 +635,27 @@ impl Config {
             redis::Client::open(self.store.redis_url.as_str())
                 .map_err(|e| ConfigError::key("store.redis_url", e.to_string()))?;
         }
+        if self.proxy.max_connections == 0 {
+            return Err(ConfigError::key(
+                "proxy.max_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.admin.max_connections == 0 {
+            return Err(ConfigError::key(
+                "admin.max_connections",
+                "must be at least 1",
+            ));
+        }
+        for name in &self.admin.allowed_hosts {
+            if name.is_empty() || name.contains(['/', ':', ' ', '@']) {
+                return Err(ConfigError::key(
+                    "admin.allowed_hosts",
+                    format!("{name:?} is not a host name (no scheme, port or path)"),
+                ));
+            }
+        }
+        check_header_names("cache.identity_headers", &self.cache.identity_headers)?;
         if !self.admin.listen.ip().is_loopback() && self.admin.token.is_none() {
             return Err(ConfigError::key(
                 "admin.token",
@@ -629,6 +676,9 @@ impl Config {
             }
             crate::route::PathMatcher::new(&route.path)
                 .map_err(|e| ConfigError::key(format!("route[{i}].path"), e))?;
+            if let Some(names) = &route.identity_headers {
+                check_header_names(&format!("route[{i}].identity_headers"), names)?;
+            }
             for rule in route.classify.iter().flat_map(|c| &c.body) {
                 if !rule.pointer.is_empty() && !rule.pointer.starts_with('/') {
                     return Err(ConfigError::key(
@@ -640,6 +690,15 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Every entry of `names` must be a valid HTTP header name.
+fn check_header_names(key: &str, names: &[String]) -> Result<(), ConfigError> {
+    for name in names {
+        http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| ConfigError::key(key, format!("{name:?} is not a header name")))?;
+    }
+    Ok(())
 }
 
 /// Line (1-based) and `section.key` of the byte offset `pos` in `text`.
@@ -731,6 +790,33 @@ mod tests {
         let err = Config::parse("[upstream]\n\nurl = \"ftp://x\"\n").expect_err("bad scheme");
         assert_eq!(err.key.as_deref(), Some("upstream.url"));
         assert_eq!(err.line, Some(3));
+    }
+
+    #[test]
+    fn security_keys_have_defaults_and_are_validated() {
+        let c = Config::parse("").expect("defaults");
+        assert_eq!(c.proxy.max_connections, 10_000);
+        assert_eq!(c.admin.max_connections, 64);
+        assert_eq!(
+            c.cache.identity_headers,
+            ["Authorization", "Cookie", "X-Api-Key", "Api-Key"]
+        );
+        let c = Config::parse(
+            "[cache]\nidentity_headers = [\"X-Tenant\"]\n[admin]\nallowed_hosts = [\"outpost.lan\"]\n\
+             [[route]]\npath = \"/a/\"\nidentity_headers = []\n",
+        )
+        .expect("valid");
+        assert_eq!(c.routes[0].identity_headers.as_deref(), Some(&[][..]));
+        let err =
+            Config::parse("[cache]\nidentity_headers = [\"bad header\"]\n").expect_err("bad name");
+        assert_eq!(err.key.as_deref(), Some("cache.identity_headers"));
+        assert_eq!(err.line, Some(2));
+        let err = Config::parse("[[route]]\nidentity_headers = [\"a:b\"]\n").expect_err("bad");
+        assert_eq!(err.key.as_deref(), Some("route[0].identity_headers"));
+        let err = Config::parse("[proxy]\nmax_connections = 0\n").expect_err("zero");
+        assert_eq!(err.key.as_deref(), Some("proxy.max_connections"));
+        let err = Config::parse("[admin]\nallowed_hosts = [\"http://x\"]\n").expect_err("url");
+        assert_eq!(err.key.as_deref(), Some("admin.allowed_hosts"));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderName, Method};
 use sha2::{Digest, Sha256};
 
 use crate::proxy::forward::ClientInfo;
@@ -43,17 +43,33 @@ impl Source {
     }
 }
 
-/// Who is asking: a hash of `Authorization` and `Cookie`, so cached data never crosses callers.
+/// Who is asking: a hash of the values of the route's identity headers (`cache.identity_headers`,
+/// default `Authorization`, `Cookie`, `X-Api-Key`, `Api-Key`), so cached data never crosses
+/// callers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Identity(pub [u8; 32]);
 
 impl Identity {
-    /// The identity of a request (anonymous callers share one identity).
+    /// The identity of a request under the default identity headers (anonymous callers share
+    /// one identity).
     pub fn of(headers: &HeaderMap) -> Self {
+        use http::header::{AUTHORIZATION, COOKIE};
+        static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+        static API_KEY: HeaderName = HeaderName::from_static("api-key");
+        Self::from_headers(
+            headers,
+            &[AUTHORIZATION, COOKIE, X_API_KEY.clone(), API_KEY.clone()],
+        )
+    }
+
+    /// The identity of a request given the headers that identify a caller (a route's
+    /// `identity_headers`). Each name is hashed with its values, so the same value under
+    /// another header is another identity.
+    pub fn from_headers(headers: &HeaderMap, names: &[HeaderName]) -> Self {
         let mut h = Sha256::new();
         h.update(b"identity\0");
-        for name in [http::header::AUTHORIZATION, http::header::COOKIE] {
-            for v in headers.get_all(&name) {
+        for name in names {
+            for v in headers.get_all(name) {
                 h.update(name.as_str().as_bytes());
                 h.update(b"\0");
                 h.update(v.as_bytes());
@@ -76,7 +92,10 @@ pub struct RequestContext {
     pub route: Arc<Route>,
     /// Request method.
     pub method: Method,
-    /// Path and query as the app sent them.
+    /// The host the app asked for (`Host`, or the h2 `:authority`), lower-case; forwarded as
+    /// `X-Forwarded-Host`, so part of the cache key.
+    pub host: String,
+    /// Path and query as the app sent them, dot-segments removed.
     pub path_and_query: String,
     /// The caller's identity (or the public one on public routes).
     pub identity: Identity,
@@ -88,4 +107,45 @@ pub struct RequestContext {
     pub source: Source,
     /// When the request arrived.
     pub started: Instant,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn with(name: &'static str, value: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, HeaderValue::from_static(value));
+        h
+    }
+
+    #[test]
+    fn every_default_identity_header_separates_callers() {
+        let anonymous = Identity::of(&HeaderMap::new());
+        for name in ["authorization", "cookie", "x-api-key", "api-key"] {
+            let alice = Identity::of(&with(name, "alice-key"));
+            let mallory = Identity::of(&with(name, "mallory-key"));
+            assert_ne!(alice, mallory, "{name}");
+            assert_ne!(alice, anonymous, "{name}");
+        }
+        assert_eq!(Identity::of(&with("x-other", "v")), anonymous);
+        // The same value under two names is two identities.
+        assert_ne!(
+            Identity::of(&with("x-api-key", "k")),
+            Identity::of(&with("api-key", "k"))
+        );
+    }
+
+    #[test]
+    fn configured_names_replace_the_defaults() {
+        let names = [HeaderName::from_static("x-tenant")];
+        let a = Identity::from_headers(&with("x-tenant", "a"), &names);
+        let b = Identity::from_headers(&with("x-tenant", "b"), &names);
+        assert_ne!(a, b);
+        assert_eq!(
+            Identity::from_headers(&with("authorization", "x"), &names),
+            Identity::from_headers(&HeaderMap::new(), &names)
+        );
+    }
 }

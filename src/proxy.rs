@@ -1,8 +1,9 @@
 //! The data path: request → route → read path or write path.
 //!
 //! [`Proxy::handle`] is the one entry point the server calls. It refuses what must not be
-//! proxied (CONNECT, absolute-form requests for other hosts), answers the reserved prefix
-//! itself, builds the [`RequestContext`], and then:
+//! proxied (CONNECT, absolute-form requests for other hosts), removes dot-segments from the
+//! path (refusing paths that climb above the root, see [`path`]) before anything looks at it,
+//! answers the reserved prefix itself, builds the [`RequestContext`], and then:
 //! - GET/HEAD → [`Proxy::read`]: per the route's [`ReadStrategy`], from the cache or upstream,
 //!   storing what may be stored, and falling back to the cache when the upstream is unreachable;
 //! - POST/PUT/PATCH/DELETE → [`crate::outbox::Outbox::write`];
@@ -11,6 +12,7 @@
 //! Every response leaves with a `Cache-Status` header.
 
 pub mod forward;
+pub mod path;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -71,6 +73,10 @@ impl Proxy {
         if let Err(e) = self.check_target(&req) {
             return with_cache_status(e.into_response(), status::BYPASS);
         }
+        let mut req = req;
+        if let Err(e) = normalize_uri(req.uri_mut()) {
+            return with_cache_status(e.into_response(), status::BYPASS);
+        }
         let path_and_query = req
             .uri()
             .path_and_query()
@@ -91,12 +97,14 @@ impl Proxy {
         let identity = if route.public {
             Identity::public()
         } else {
-            Identity::of(req.headers())
+            Identity::from_headers(req.headers(), &route.identity_headers)
         };
+        let host = requested_host(&req);
         self.outbox.offer_credentials(req.headers());
         let mut ctx = RequestContext {
             route,
             method: req.method().clone(),
+            host,
             path_and_query,
             identity,
             client,
@@ -159,7 +167,7 @@ impl Proxy {
             return self.pass_through(ctx, req, status::BYPASS).await;
         }
         let head_only = ctx.method == Method::HEAD;
-        let primary = PrimaryKey::new(&ctx.method, &ctx.path_and_query, &ctx.identity);
+        let primary = PrimaryKey::new(&ctx.method, &ctx.host, &ctx.path_and_query, &ctx.identity);
         let now = now_ms();
         match ctx.route.read {
             ReadStrategy::CacheFirst => {
@@ -405,6 +413,37 @@ impl Proxy {
             .insert(CACHE_STATUS.clone(), HeaderValue::from_static(cache_status));
         Response::from_parts(parts, body::boxed(incoming))
     }
+}
+
+/// Remove dot-segments from the request's path in place (the query is kept as it is).
+fn normalize_uri(uri: &mut http::Uri) -> Result<(), ProxyError> {
+    let refused = |e: path::PathError| ProxyError::BadRequest(e.to_string());
+    let normalized = match path::normalize(uri.path()).map_err(refused)? {
+        std::borrow::Cow::Borrowed(_) => return Ok(()),
+        std::borrow::Cow::Owned(p) => p,
+    };
+    let pq = match uri.query() {
+        Some(q) => format!("{normalized}?{q}"),
+        None => normalized,
+    };
+    // A normalised path is made of the request's own (valid) bytes, so this does not fail;
+    // if it ever did, the request is refused rather than forwarded un-normalised.
+    let unusable = |e: &dyn std::fmt::Display| ProxyError::BadRequest(format!("bad path: {e}"));
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(http::uri::PathAndQuery::try_from(pq).map_err(|e| unusable(&e))?);
+    *uri = http::Uri::from_parts(parts).map_err(|e| unusable(&e))?;
+    Ok(())
+}
+
+/// The host the app asked for: `Host`, else the URI's authority (HTTP/2), lower-case.
+fn requested_host<B>(req: &Request<B>) -> String {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    host.to_ascii_lowercase()
 }
 
 /// Answer 101 to the app and join the two upgraded connections.

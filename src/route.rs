@@ -2,13 +2,13 @@
 //!
 //! A request resolves to one [`Route`] (the first match, or the defaults), which carries every
 //! per-route decision the data path needs: read strategy, write mode, partitioning, cache
-//! lifetimes and classification rules.
+//! lifetimes, the headers that identify a caller, and classification rules.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use globset::{GlobBuilder, GlobMatcher};
-use http::Method;
+use http::{HeaderName, Method};
 
 use crate::config::{ClassifyConfig, Config, PartitionBy, ReadStrategy, RouteConfig, WriteMode};
 
@@ -70,10 +70,22 @@ pub struct Route {
     pub max_stale: Duration,
     /// Classification rules for replayed answers.
     pub classify: ClassifyConfig,
+    /// Request headers whose values identify the caller (empty on public routes).
+    pub identity_headers: Vec<HeaderName>,
 }
 
 impl Route {
     fn compile(name: String, rc: &RouteConfig, config: &Config) -> Result<Self, String> {
+        let identity_headers = if rc.public {
+            Vec::new()
+        } else {
+            rc.identity_headers
+                .as_ref()
+                .unwrap_or(&config.cache.identity_headers)
+                .iter()
+                .map(|n| HeaderName::from_bytes(n.as_bytes()).map_err(|e| format!("{n:?}: {e}")))
+                .collect::<Result<_, _>>()?
+        };
         Ok(Route {
             name,
             methods: rc
@@ -92,6 +104,7 @@ impl Route {
                 .classify
                 .clone()
                 .unwrap_or_else(|| config.replay.classify.clone()),
+            identity_headers,
         })
     }
 
@@ -162,5 +175,35 @@ mod tests {
         assert_eq!(table.resolve(&Method::POST, "/api/v1/items").name, "api");
         assert_eq!(table.resolve(&Method::GET, "/api/v1/x/items").name, "api");
         assert_eq!(table.resolve(&Method::GET, "/other").name, "default");
+    }
+
+    #[test]
+    fn identity_headers_come_from_the_cache_section_or_the_route() {
+        let config = Config::parse(
+            "[cache]\nidentity_headers = [\"Authorization\", \"X-Tenant\"]\n\
+             [[route]]\nname=\"own\"\npath=\"/own/\"\nidentity_headers=[\"X-Session\"]\n\
+             [[route]]\nname=\"pub\"\npath=\"/pub/\"\npublic=true\nidentity_headers=[\"X-Session\"]\n",
+        )
+        .expect("config");
+        let table = RouteTable::new(&config).expect("routes");
+        let names = |path: &str| {
+            table
+                .resolve(&Method::GET, path)
+                .identity_headers
+                .iter()
+                .map(|n| n.as_str().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names("/other"), ["authorization", "x-tenant"]);
+        assert_eq!(names("/own/x"), ["x-session"]);
+        assert!(names("/pub/x").is_empty());
+        let defaults = RouteTable::new(&Config::default()).expect("routes");
+        let d: Vec<_> = defaults
+            .resolve(&Method::GET, "/")
+            .identity_headers
+            .iter()
+            .map(|n| n.as_str().to_owned())
+            .collect();
+        assert_eq!(d, ["authorization", "cookie", "x-api-key", "api-key"]);
     }
 }

@@ -352,9 +352,13 @@ async fn a_read_cached_through_one_instance_is_served_offline_by_another_only_to
     let b = Instance::start("b", &redis, &upstream, "").await;
     let http = client();
     let path = "/echo/site-report?cc=max-age%3D300";
+    // The host the app asked for is part of the cache key: behind a load balancer every
+    // instance sees the same one.
+    let site = "outpost.site.example";
 
     let resp = http
         .get(a.url(path))
+        .header("host", site)
         .header("authorization", "Bearer alice-token")
         .send()
         .await
@@ -377,6 +381,7 @@ async fn a_read_cached_through_one_instance_is_served_offline_by_another_only_to
 
     let resp = http
         .get(b.url(path))
+        .header("host", site)
         .header("authorization", "Bearer alice-token")
         .send()
         .await
@@ -394,7 +399,7 @@ async fn a_read_cached_through_one_instance_is_served_offline_by_another_only_to
     );
 
     for other in [Some("Bearer mallory-token"), None] {
-        let mut req = http.get(b.url(path));
+        let mut req = http.get(b.url(path)).header("host", site);
         if let Some(auth) = other {
             req = req.header("authorization", auth);
         }

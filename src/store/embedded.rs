@@ -21,6 +21,11 @@
 //! error otherwise: a replayer whose answer could not be recorded keeps it and records it again
 //! before sending anything else, instead of re-sending the item.
 //!
+//! **At rest.** The data directory is created 0700 and the database file 0600 (existing ones are
+//! tightened, with a warning): queued mutations hold the app's bearer tokens. Finished items
+//! keep neither body nor credentials, but redb is copy-on-write: their old pages stay in the
+//! file's free space until reused, so the volume should be encrypted (see SECURITY.md).
+//!
 //! **Recovery.** redb is crash-safe (copy-on-write B-trees, checksummed commit slots): after
 //! `kill -9` or power loss the database opens at the last durable commit. On open, the pending
 //! counters are rebuilt from the `queue` table and the sequence counter from `meta`.
@@ -219,9 +224,9 @@ impl EmbeddedStore {
         page_cache: usize,
         progress_sync: Duration,
     ) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Embedded(format!("create {}: {e}", dir.display())))?;
+        private_dir(dir)?;
         let path = dir.join("outpost.redb");
+        private_file(&path)?;
         let (db, counters) = open_database(&path, page_cache)?;
         let db = Arc::new(RwLock::new(DbHandle::Open(Arc::new(db))));
         let counters = Arc::new(Mutex::new(counters));
@@ -290,6 +295,63 @@ impl Drop for EmbeddedStore {
 }
 
 /// Open (or create) the database file and rebuild the in-memory counters from it.
+/// Create `dir` (and missing parents) for the owner only (0700), and take group and other
+/// access away from an existing one: queued mutations hold the app's credentials.
+fn private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| StoreError::Embedded(format!("create {}: {e}", dir.display())))?;
+    owner_only(dir, 0o700);
+    Ok(())
+}
+
+/// Create the database file for the owner only (0600) before redb opens it (redb initialises
+/// an empty file), and tighten an existing one.
+fn private_file(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => owner_only(path, 0o600),
+        Err(e) => {
+            return Err(StoreError::Embedded(format!(
+                "create {}: {e}",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Set `mode` on `path` when group or others have access (warning: it was so, or cannot be
+/// changed).
+fn owner_only(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    if meta.permissions().mode() & 0o077 == 0 {
+        return;
+    }
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+        Ok(()) => tracing::warn!(
+            "{} was open to group or others; now {mode:o} (it holds queued credentials)",
+            path.display()
+        ),
+        Err(e) => tracing::warn!(
+            "{} is open to group or others and cannot be restricted: {e}",
+            path.display()
+        ),
+    }
+}
+
 fn open_database(path: &Path, page_cache: usize) -> Result<(Database, Counters), StoreError> {
     let db = Database::builder()
         .set_cache_size(page_cache)

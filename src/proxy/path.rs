@@ -1,0 +1,186 @@
+//! Request paths made safe to route, cache and join to the upstream's path prefix.
+//!
+//! [`normalize`] runs before anything looks at a path (reserved prefix, routes, cache key,
+//! forwarding), so that `/public/../account` is routed, cached and forwarded as `/account`:
+//! - dot-segments are removed as RFC 3986 §5.2.4 says, counting `%2e`/`%2E` as `.` (they are
+//!   equivalent: `.` is unreserved), so `/%2e%2e/` is `..` too;
+//! - a path that would climb above the root (`/../x`, `/a/../../x`) is refused rather than
+//!   clamped: no client of a real API sends one;
+//! - `%00` is refused (a NUL cuts paths short in C-based upstreams);
+//! - a `..` that only appears once `%2f`, `%5c` or `\` are read as separators (`/..%2fsecret`)
+//!   is refused too, since an upstream that decodes those would climb with it.
+//!
+//! The query is left as it is. Everything else in the path keeps its bytes and its encoding.
+
+use std::borrow::Cow;
+
+/// Why a path was refused (a 400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// `..` segments would climb above the root.
+    #[error("the path climbs above the root")]
+    AboveRoot,
+    /// The path holds `%00`.
+    #[error("the path holds an encoded NUL (%00)")]
+    Nul,
+    /// The path holds a `..` made of encoded separators.
+    #[error("the path holds a '..' segment behind encoded separators")]
+    EncodedDotSegment,
+}
+
+/// The path with dot-segments removed, or why it is refused (see the module docs). Paths that
+/// do not start with `/` (`*` of `OPTIONS *`) are returned unchanged.
+pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
+    if !path.starts_with('/') {
+        return Ok(Cow::Borrowed(path));
+    }
+    if contains_ignore_case(path, "%00") {
+        return Err(PathError::Nul);
+    }
+    let needs_work = path
+        .split('/')
+        .skip(1)
+        .any(|segment| dot_segment(segment).is_some());
+    let normalized = if needs_work {
+        Cow::Owned(remove_dot_segments(path)?)
+    } else {
+        Cow::Borrowed(path)
+    };
+    if hides_dot_segment(&normalized) {
+        return Err(PathError::EncodedDotSegment);
+    }
+    Ok(normalized)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dot {
+    One,
+    Two,
+}
+
+/// Whether `segment` is `.` or `..`, counting `%2e` as `.`.
+fn dot_segment(segment: &str) -> Option<Dot> {
+    let rest = strip_dot(segment)?;
+    if rest.is_empty() {
+        return Some(Dot::One);
+    }
+    match strip_dot(rest) {
+        Some("") => Some(Dot::Two),
+        _ => None,
+    }
+}
+
+fn strip_dot(s: &str) -> Option<&str> {
+    if let Some(rest) = s.strip_prefix('.') {
+        return Some(rest);
+    }
+    let head = s.get(..3)?;
+    head.eq_ignore_ascii_case("%2e").then(|| &s[3..])
+}
+
+/// RFC 3986 §5.2.4 on an absolute path, refusing to climb above the root.
+fn remove_dot_segments(path: &str) -> Result<String, PathError> {
+    let segments: Vec<&str> = path[1..].split('/').collect();
+    let last = segments.len() - 1;
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    for (i, segment) in segments.into_iter().enumerate() {
+        match dot_segment(segment) {
+            Some(Dot::One) => {}
+            Some(Dot::Two) => {
+                if out.pop().is_none() {
+                    return Err(PathError::AboveRoot);
+                }
+            }
+            None => {
+                out.push(segment);
+                continue;
+            }
+        }
+        // A trailing dot-segment leaves a trailing slash: `/a/b/..` is `/a/`.
+        if i == last {
+            out.push("");
+        }
+    }
+    Ok(format!("/{}", out.join("/")))
+}
+
+/// Whether fully decoding the path (and reading `\` as `/`) shows a `..` segment.
+fn hides_dot_segment(path: &str) -> bool {
+    if !path.contains(['%', '\\']) {
+        return false;
+    }
+    let decoded = percent_encoding::percent_decode_str(path).collect::<Vec<u8>>();
+    decoded
+        .split(|&b| b == b'/' || b == b'\\')
+        .any(|segment| segment == b"..")
+}
+
+fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
+    haystack
+        .as_bytes()
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(path: &str) -> String {
+        normalize(path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .into_owned()
+    }
+
+    #[test]
+    fn dot_segments_are_removed() {
+        assert_eq!(ok("/"), "/");
+        assert_eq!(ok("/a/b/c"), "/a/b/c");
+        assert_eq!(ok("/a/./b"), "/a/b");
+        assert_eq!(ok("/a/b/../c"), "/a/c");
+        assert_eq!(ok("/a/b/.."), "/a/");
+        assert_eq!(ok("/a/b/."), "/a/b/");
+        assert_eq!(ok("/a/.."), "/");
+        assert_eq!(ok("/public/../account"), "/account");
+        assert_eq!(ok("/a/%2e%2E/b"), "/b");
+        assert_eq!(ok("/a/.%2e/b"), "/b");
+        assert_eq!(ok("/a/%2e/b"), "/a/b");
+        assert_eq!(ok("//a//b/"), "//a//b/");
+        assert_eq!(ok("*"), "*");
+    }
+
+    #[test]
+    fn names_that_only_look_like_dots_are_kept() {
+        assert_eq!(ok("/a/.../b"), "/a/.../b");
+        assert_eq!(ok("/a/..b/.c/%2ex"), "/a/..b/.c/%2ex");
+        assert_eq!(ok("/files/a%2Fb"), "/files/a%2Fb");
+        assert_eq!(ok("/q%20x"), "/q%20x");
+    }
+
+    #[test]
+    fn climbing_above_the_root_is_refused() {
+        for path in [
+            "/..",
+            "/../internal/secret",
+            "/a/../../x",
+            "/%2e%2e/x",
+            "/%2E./x",
+        ] {
+            assert_eq!(normalize(path), Err(PathError::AboveRoot), "{path}");
+        }
+    }
+
+    #[test]
+    fn nul_and_hidden_dot_segments_are_refused() {
+        assert_eq!(normalize("/a%00b"), Err(PathError::Nul));
+        assert_eq!(normalize("/a/%00"), Err(PathError::Nul));
+        for path in [
+            "/api/..%2fsecret",
+            "/..%5Csecret",
+            "/a/%2e%2e%2fb",
+            "/x/..%2F",
+        ] {
+            assert_eq!(normalize(path), Err(PathError::EncodedDotSegment), "{path}");
+        }
+    }
+}
