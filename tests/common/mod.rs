@@ -24,14 +24,35 @@ pub use upstream::{
     Upstream, pattern_byte, pattern_bytes,
 };
 
-/// A currently free TCP port on `127.0.0.1` (bind to port 0, read it, release it).
+/// Ports this test process already handed out (to an upstream, which may be stopped and must
+/// find its port free again on restart, or to a listener): never handed out twice, so one
+/// test's stopped upstream port cannot become another test's listener.
+static CLAIMED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// Note that `port` belongs to a server of this test process; returns false if it already did.
+pub fn claim_port(port: u16) -> bool {
+    let mut claimed = CLAIMED.lock().unwrap_or_else(|e| e.into_inner());
+    if claimed.contains(&port) {
+        return false;
+    }
+    claimed.push(port);
+    true
+}
+
+/// A currently free TCP port on `127.0.0.1` (bind to port 0, read it, release it), never one
+/// handed out before in this process.
 pub fn free_port() -> u16 {
-    let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
-    listener
-        .local_addr()
-        .expect("local_addr of the probe listener")
-        .port()
+    loop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind 127.0.0.1:0 to find a free port");
+        let port = listener
+            .local_addr()
+            .expect("local_addr of the probe listener")
+            .port();
+        if claim_port(port) {
+            return port;
+        }
+    }
 }
 
 /// A fresh temporary directory (deleted on drop), e.g. for `--data-dir`.

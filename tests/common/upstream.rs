@@ -522,10 +522,17 @@ impl Upstream {
     }
 
     async fn start_inner(tls: Option<(TestPki, TlsAcceptor)>) -> Upstream {
-        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .expect("bind upstream on 127.0.0.1:0");
-        let addr = listener.local_addr().expect("upstream local_addr");
+        // A port no other server of this process had: its listeners take theirs from
+        // `free_port`, which then never hands this one out, even while the upstream is stopped.
+        let (listener, addr) = loop {
+            let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .expect("bind upstream on 127.0.0.1:0");
+            let addr = listener.local_addr().expect("upstream local_addr");
+            if super::claim_port(addr.port()) {
+                break (listener, addr);
+            }
+        };
         let upstream = Upstream {
             addr,
             shared: Arc::new(Shared::default()),
