@@ -41,12 +41,13 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
+use crate::activity::Activity;
 use crate::body::ProxyBody;
 use crate::cache::Cache;
 use crate::error::json_response;
 use crate::events::Events;
 use crate::health::Health;
-use crate::outbox::Outbox;
+use crate::mutations::MutationDocs;
 use crate::replay::Replayer;
 use crate::server::{self, ConnectionOptions, Connections};
 use crate::shutdown::Shutdown;
@@ -63,8 +64,10 @@ pub struct AdminState {
     pub cache: Arc<Cache>,
     /// The replay engine.
     pub replayer: Arc<Replayer>,
-    /// The outbox (status documents, replay wake-up).
-    pub outbox: Arc<Outbox>,
+    /// Mutation status documents.
+    pub docs: Arc<MutationDocs>,
+    /// Replay wake-ups.
+    pub activity: Arc<Activity>,
     /// The event stream.
     pub events: Events,
     /// Who may use the admin API.
@@ -288,7 +291,7 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBod
             Ok(items) => json_response(
                 StatusCode::OK,
                 &serde_json::json!({
-                    "items": items.iter().map(|r| state.outbox.status_document(r)).collect::<Vec<_>>()
+                    "items": items.iter().map(|r| state.docs.document(r)).collect::<Vec<_>>()
                 }),
             ),
             Err(e) => store_unavailable(&e),
@@ -324,7 +327,7 @@ async fn list_queue(state: &AdminState, limit: usize) -> Response<ProxyBody> {
             break;
         }
         match state.store.peek(&p, limit - items.len()).await {
-            Ok(records) => items.extend(records.iter().map(|r| state.outbox.status_document(r))),
+            Ok(records) => items.extend(records.iter().map(|r| state.docs.document(r))),
             Err(e) => return store_unavailable(&e),
         }
     }
@@ -367,7 +370,7 @@ async fn act_on_item(state: &AdminState, method: &Method, path: &str) -> Respons
     match result {
         Ok(true) => {
             if retry {
-                state.outbox.queued.notify_one();
+                state.activity.wake();
             }
             let action = if retry { "retried" } else { "dropped" };
             json_response(

@@ -14,10 +14,9 @@ use crate::admin::{self, Access, AdminState};
 use crate::cache::Cache;
 use crate::config::{Backend, Config};
 use crate::events::{Event, Events};
-use crate::health::Health;
 use crate::outbox::Outbox;
+use crate::parts::Parts;
 use crate::proxy::Proxy;
-use crate::proxy::forward::Upstream;
 use crate::replay::Replayer;
 use crate::route::RouteTable;
 use crate::server::{self, Connections};
@@ -25,6 +24,7 @@ use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::RedisStore;
+use crate::upstream::Upstream;
 
 /// Why outpost could not start.
 #[derive(Debug, thiserror::Error)]
@@ -80,20 +80,17 @@ impl App {
             Upstream::new(&config.upstream).map_err(|e| StartError::Setup(e.to_string()))?;
         let tls =
             server::tls_acceptor(&config.proxy).map_err(|e| StartError::Setup(e.to_string()))?;
-        let health = Arc::new(Health::new(events.clone(), &config.upstream));
-        let cache = Arc::new(Cache::new(&config.cache, store.clone()));
-        let outbox = Arc::new(Outbox::new(
+        let parts = Parts::new(
+            config.clone(),
+            routes.clone(),
             store.clone(),
             upstream.clone(),
-            health.clone(),
             events.clone(),
-            config.clone(),
-        ));
-        let replayer = Arc::new(Replayer::new(
-            outbox.clone(),
-            routes.clone(),
-            shutdown.clone(),
-        ));
+        );
+        let health = parts.health.clone();
+        let cache = Arc::new(Cache::new(&config.cache, store.clone()));
+        let outbox = Arc::new(Outbox::new(&parts));
+        let replayer = Arc::new(Replayer::new(&parts, shutdown.clone()));
         let workers = match config.proxy.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -119,10 +116,8 @@ impl App {
             tls,
             || {
                 Arc::new(Proxy::new(
-                    config.clone(),
-                    routes.clone(),
+                    &parts,
                     upstream.with_own_pool(),
-                    health.clone(),
                     cache.clone(),
                     outbox.clone(),
                 ))
@@ -141,7 +136,8 @@ impl App {
                 health: health.clone(),
                 cache,
                 replayer: replayer.clone(),
-                outbox: outbox.clone(),
+                docs: parts.docs.clone(),
+                activity: parts.activity.clone(),
                 events: events.clone(),
                 access: Access::new(
                     admin_addr,

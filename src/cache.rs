@@ -191,6 +191,18 @@ pub mod status {
     pub const OFFLINE_MISS: &str = "outpost; fwd=uri-miss; detail=offline";
 }
 
+/// Set `Cache-Status` unless the response already has one.
+pub fn with_cache_status(
+    mut resp: Response<ProxyBody>,
+    value: &'static str,
+) -> Response<ProxyBody> {
+    if !resp.headers().contains_key(&CACHE_STATUS) {
+        resp.headers_mut()
+            .insert(CACHE_STATUS.clone(), HeaderValue::from_static(value));
+    }
+    resp
+}
+
 /// Whether an answer may be stored, and under which terms.
 #[derive(Debug, Clone)]
 pub struct Storable {

@@ -3,13 +3,13 @@
 //! Built once when a request arrives (route, identity, client), filled in as the request
 //! travels (idempotency key, source of the answer) and read once at the end for the access log.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{HeaderMap, HeaderName, Method};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use sha2::{Digest, Sha256};
 
-use crate::proxy::forward::ClientInfo;
 use crate::route::Route;
 
 /// Where the answer to a request came from.
@@ -147,5 +147,29 @@ mod tests {
             Identity::from_headers(&with("authorization", "x"), &names),
             Identity::from_headers(&HeaderMap::new(), &names)
         );
+    }
+}
+
+/// What the proxy knows about the app's connection.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    /// The app's address.
+    pub ip: IpAddr,
+    /// `http` or `https` (listener with TLS).
+    pub proto: &'static str,
+    /// The app's address as a header value (made once per connection).
+    pub ip_header: HeaderValue,
+}
+
+impl ClientInfo {
+    /// Information about a connection from `ip`.
+    pub fn new(ip: IpAddr, proto: &'static str) -> Self {
+        let ip_header = HeaderValue::from_str(&ip.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self {
+            ip,
+            proto,
+            ip_header,
+        }
     }
 }

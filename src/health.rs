@@ -26,8 +26,8 @@ use tokio::sync::watch;
 use crate::body;
 use crate::config::UpstreamConfig;
 use crate::events::{Event, Events};
-use crate::proxy::forward::{ForwardError, Upstream};
 use crate::shutdown::Shutdown;
+use crate::upstream::{ForwardError, Upstream};
 
 /// The upstream's reachability.
 pub struct Health {

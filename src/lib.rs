@@ -6,7 +6,7 @@
 //!    tower layers (limits, timeouts, access log) in one place.
 //! 2. [`proxy`] resolves the request's [`route`] into a [`context::RequestContext`] and sends it
 //!    down the read path or the write path.
-//! 3. Reads (GET, HEAD) go upstream through [`proxy::forward`] and are stored in [`cache`]; while
+//! 3. Reads (GET, HEAD) go upstream through [`upstream`] and are stored in [`cache`]; while
 //!    [`health`] says the upstream is unreachable they are answered from the cache.
 //! 4. Mutations go upstream while it answers; otherwise [`outbox`] stores them durably in the
 //!    [`store`] (embedded redb, or Redis shared by several instances) and answers 202.
@@ -17,17 +17,21 @@
 
 #![forbid(unsafe_code)]
 
+pub mod activity;
 pub mod admin;
 pub mod app;
 pub mod body;
 pub mod cache;
 pub mod config;
 pub mod context;
+pub mod credentials;
 pub mod demo;
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod mutations;
 pub mod outbox;
+pub mod parts;
 pub mod proxy;
 pub mod replay;
 pub mod route;
@@ -35,3 +39,4 @@ pub mod server;
 pub mod shutdown;
 pub mod stack;
 pub mod store;
+pub mod upstream;

@@ -11,7 +11,6 @@
 //!
 //! Every response leaves with a `Cache-Status` header.
 
-pub mod forward;
 pub mod path;
 
 use std::sync::Arc;
@@ -23,15 +22,18 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 
 use crate::body::{self, ProxyBody};
-use crate::cache::{self, CACHE_STATUS, Cache, PrimaryKey, status};
+use crate::cache::{self, CACHE_STATUS, Cache, PrimaryKey, status, with_cache_status};
 use crate::config::{Config, ReadStrategy};
+use crate::context::ClientInfo;
 use crate::context::{Identity, RequestContext, Source};
 use crate::error::ProxyError;
 use crate::health::Health;
+use crate::mutations::MutationDocs;
 use crate::outbox::Outbox;
+use crate::parts::Parts;
 use crate::route::RouteTable;
 use crate::store::now_ms;
-use forward::{ClientInfo, ForwardError, Upstream};
+use crate::upstream::{self, ForwardError, Upstream};
 
 /// The proxy: everything a request needs, shared by all connections.
 pub struct Proxy {
@@ -41,25 +43,21 @@ pub struct Proxy {
     health: Arc<Health>,
     cache: Arc<Cache>,
     outbox: Arc<Outbox>,
+    docs: Arc<MutationDocs>,
 }
 
 impl Proxy {
-    /// Assemble the proxy from its parts (see `app`).
-    pub fn new(
-        config: Arc<Config>,
-        routes: Arc<RouteTable>,
-        upstream: Upstream,
-        health: Arc<Health>,
-        cache: Arc<Cache>,
-        outbox: Arc<Outbox>,
-    ) -> Self {
+    /// A proxy over `parts` with its own `upstream` client (one connection pool per proxy
+    /// thread), the shared `cache` and `outbox`.
+    pub fn new(parts: &Parts, upstream: Upstream, cache: Arc<Cache>, outbox: Arc<Outbox>) -> Self {
         Self {
-            config,
-            routes,
+            config: parts.config.clone(),
+            routes: parts.routes.clone(),
             upstream,
-            health,
+            health: parts.health.clone(),
             cache,
             outbox,
+            docs: parts.docs.clone(),
         }
     }
 
@@ -88,8 +86,8 @@ impl Proxy {
             .starts_with(&self.config.proxy.reserved_prefix)
         {
             let resp = self
-                .outbox
-                .reserved(req.method(), req.uri().path(), req.headers())
+                .docs
+                .answer(req.method(), req.uri().path(), req.headers())
                 .await;
             return with_cache_status(resp, status::BYPASS);
         }
@@ -115,7 +113,7 @@ impl Proxy {
         let resp = match *req.method() {
             // A WebSocket handshake is a GET, but neither a read to cache nor one to answer
             // from the cache: it only works end to end.
-            _ if forward::is_upgrade(req.headers()) => {
+            _ if upstream::is_upgrade(req.headers()) => {
                 self.pass_through(&mut ctx, req, status::BYPASS).await
             }
             Method::GET | Method::HEAD => self.read(&mut ctx, req).await,
@@ -281,7 +279,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         ctx.source = Source::Upstream;
         let (mut parts, incoming) = resp.into_parts();
-        forward::strip_hop_by_hop(&mut parts.headers);
+        upstream::strip_hop_by_hop(&mut parts.headers);
         let terms = if ctx.method == Method::GET {
             cache::storable(
                 &request_headers,
@@ -355,7 +353,7 @@ impl Proxy {
                 return;
             };
             let (mut parts, incoming) = resp.into_parts();
-            forward::strip_hop_by_hop(&mut parts.headers);
+            upstream::strip_hop_by_hop(&mut parts.headers);
             let limit = cache.max_entry_bytes();
             if let Ok(body::Collected::Whole(bytes)) = body::collect_limited(incoming, limit).await
             {
@@ -379,7 +377,7 @@ impl Proxy {
         mut req: Request<ProxyBody>,
         cache_status: &'static str,
     ) -> Response<ProxyBody> {
-        let upgrade = forward::is_upgrade(req.headers());
+        let upgrade = upstream::is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         self.upstream.prepare(&mut parts, &ctx.client, upgrade);
@@ -407,7 +405,7 @@ impl Proxy {
             return splice_upgrade(resp, client_upgrade);
         }
         let (mut parts, incoming) = resp.into_parts();
-        forward::strip_hop_by_hop(&mut parts.headers);
+        upstream::strip_hop_by_hop(&mut parts.headers);
         parts
             .headers
             .insert(CACHE_STATUS.clone(), HeaderValue::from_static(cache_status));
@@ -472,17 +470,5 @@ fn splice_upgrade(
         CACHE_STATUS.clone(),
         HeaderValue::from_static(status::BYPASS),
     );
-    resp
-}
-
-/// Set `Cache-Status` unless the response already has one.
-pub fn with_cache_status(
-    mut resp: Response<ProxyBody>,
-    value: &'static str,
-) -> Response<ProxyBody> {
-    if !resp.headers().contains_key(&CACHE_STATUS) {
-        resp.headers_mut()
-            .insert(CACHE_STATUS.clone(), HeaderValue::from_static(value));
-    }
     resp
 }

@@ -8,7 +8,7 @@
 //! for fresh credentials, stops the partition until that item can go again, so nothing
 //! overtakes it. Dead letters leave the partition and the drain goes on.
 //!
-//! Wake-ups: a new mutation queued (`Outbox::queued`), the upstream coming back online
+//! Wake-ups: a new mutation queued ([`Activity::wake`]), the upstream coming back online
 //! ([`Health::watch`]), credentials offered by the app, and a half-second tick (which also
 //! finds items other instances queued in a shared Redis).
 //!
@@ -29,17 +29,19 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::header::{self, HeaderName, HeaderValue};
 use tokio::task::JoinSet;
 
+use crate::activity::Activity;
 use crate::body::{self, Collected};
 use crate::config::Config;
+use crate::credentials::Credentials;
 use crate::events::{Event, Events};
 use crate::health::Health;
-use crate::outbox::{IDEMPOTENCY_KEY, Outbox, header_pairs, rfc3339_ms};
-use crate::proxy::forward::{ForwardError, Upstream};
+use crate::parts::Parts;
 use crate::route::RouteTable;
 use crate::shutdown::Shutdown;
 use crate::store::{
-    Lease, MutationRecord, MutationStatus, Store, StoreError, StoredResponse, now_ms,
+    Lease, MutationRecord, MutationStatus, Store, StoreError, StoredResponse, now_ms, rfc3339_ms,
 };
+use crate::upstream::{ForwardError, IDEMPOTENCY_KEY, Upstream, header_pairs};
 use classify::Outcome;
 
 /// `Outpost-Accepted-At`: when outpost accepted a replayed mutation.
@@ -109,29 +111,30 @@ pub struct Replayer {
     events: Events,
     config: Arc<Config>,
     routes: Arc<RouteTable>,
-    outbox: Arc<Outbox>,
+    credentials: Arc<Credentials>,
+    activity: Arc<Activity>,
     limiter: Option<DefaultDirectRateLimiter>,
     paused: AtomicBool,
     shutdown: Shutdown,
 }
 
 impl Replayer {
-    /// A replayer draining `outbox`'s store, through the outbox's upstream client, health and
-    /// event stream.
-    pub fn new(outbox: Arc<Outbox>, routes: Arc<RouteTable>, shutdown: Shutdown) -> Self {
-        let config = outbox.config.clone();
+    /// A replayer draining the store of `parts` through its upstream client, until `shutdown`.
+    pub fn new(parts: &Parts, shutdown: Shutdown) -> Self {
+        let config = parts.config.clone();
         let limiter = NonZeroU32::new(config.replay.rate_limit).map(|rate| {
             let burst = NonZeroU32::new(config.replay.rate_burst).unwrap_or(rate);
             RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
         });
         Self {
-            store: outbox.store.clone(),
-            upstream: outbox.upstream.clone(),
-            health: outbox.health.clone(),
-            events: outbox.events.clone(),
+            store: parts.store.clone(),
+            upstream: parts.upstream.clone(),
+            health: parts.health.clone(),
+            events: parts.events.clone(),
             config,
-            routes,
-            outbox,
+            routes: parts.routes.clone(),
+            credentials: parts.credentials.clone(),
+            activity: parts.activity.clone(),
             limiter,
             paused: AtomicBool::new(false),
             shutdown,
@@ -146,7 +149,7 @@ impl Replayer {
     /// Resume replaying at once.
     pub fn resume(&self) {
         self.paused.store(false, Ordering::Release);
-        self.outbox.queued.notify_one();
+        self.activity.wake();
     }
 
     /// Whether replay is paused.
@@ -170,7 +173,7 @@ impl Replayer {
                 self.start_drains(&mut drains).await;
             }
             match self.store.anyone_waiting().await {
-                Ok(waiting) => self.outbox.credentials.set_elsewhere_waiting(waiting),
+                Ok(waiting) => self.credentials.set_elsewhere_waiting(waiting),
                 Err(e) => tracing::debug!("cannot tell whether credentials are wanted: {e}"),
             }
             if last_purge.elapsed() >= PURGE_EVERY {
@@ -179,7 +182,7 @@ impl Replayer {
             }
             tokio::select! {
                 _ = self.shutdown.wait() => break,
-                _ = self.outbox.queued.notified() => {}
+                _ = self.activity.woken() => {}
                 _ = health.changed() => {}
                 Some(done) = drains.tasks.join_next_with_id() => self.drain_ended(&mut drains, done).await,
                 _ = tick.tick() => {}
@@ -326,7 +329,7 @@ impl Replayer {
                         _ = self.shutdown.wait() => return Ok(()),
                         _ = tokio::time::sleep(Duration::from_millis(ms).min(renew_cap)) => {}
                         _ = health.changed() => {}
-                        _ = self.outbox.credentials.offered.notified() => {}
+                        _ = self.credentials.offered.notified() => {}
                     }
                 }
             }
@@ -347,7 +350,7 @@ impl Replayer {
             item.finished_at_ms = Some(now);
             self.record(lease, item, Progress::Finish, finishing)
                 .await?;
-            self.outbox.credentials.unmark_waiting(&item.key);
+            self.credentials.unmark_waiting(&item.key);
             self.events.emit(Event::Expired {
                 key: item.key.clone(),
             });
@@ -356,7 +359,7 @@ impl Replayer {
         }
         if item.status == MutationStatus::AuthRequired {
             let Some(creds) = self.fresh_credentials(item).await else {
-                self.outbox.credentials.mark_waiting(&item.key);
+                self.credentials.mark_waiting(&item.key);
                 // Tell the other instances (shared store) to pass on what the app offers them.
                 if let Err(e) = self.store.announce_waiting(AUTH_ANNOUNCE).await {
                     tracing::debug!("could not announce a wait for credentials: {e}");
@@ -364,7 +367,7 @@ impl Replayer {
                 return Ok(Step::Wait(now.saturating_add(1000)));
             };
             replace_credentials(item, creds);
-            self.outbox.credentials.unmark_waiting(&item.key);
+            self.credentials.unmark_waiting(&item.key);
             item.status = MutationStatus::Queued;
         } else if item.next_attempt_at_ms > now {
             return Ok(Step::Wait(item.next_attempt_at_ms));
@@ -463,12 +466,8 @@ impl Replayer {
                 {
                     return Ok(Step::Next);
                 }
-                self.outbox.credentials.mark_waiting(&item.key);
-                if !self
-                    .outbox
-                    .credentials
-                    .may_release(item.principal.as_deref())
-                {
+                self.credentials.mark_waiting(&item.key);
+                if !self.credentials.may_release(item.principal.as_deref()) {
                     tracing::warn!(
                         key = %item.key,
                         "credentials refused and the principal is unknown: the mutation waits \
@@ -732,7 +731,7 @@ impl Replayer {
         let route = self.routes.by_name(&item.route);
         let outcome = classify::classify(&route.classify, parts.status, &parts.headers, &body);
         let mut headers = parts.headers;
-        crate::proxy::forward::strip_hop_by_hop(&mut headers);
+        crate::upstream::strip_hop_by_hop(&mut headers);
         headers.remove(header::CONTENT_LENGTH);
         let response = StoredResponse {
             status: parts.status.as_u16(),
@@ -745,15 +744,11 @@ impl Replayer {
     /// Credentials offered after the item's 401: to this instance, or shared by another.
     async fn fresh_credentials(&self, item: &MutationRecord) -> Option<Vec<(String, Bytes)>> {
         let since = item.next_attempt_at_ms;
-        if let Some(creds) = self
-            .outbox
-            .credentials
-            .fresh_for(item.principal.as_deref(), since)
-        {
+        if let Some(creds) = self.credentials.fresh_for(item.principal.as_deref(), since) {
             return Some(creds);
         }
         let principal = item.principal.as_deref();
-        if !self.outbox.credentials.may_release(principal) {
+        if !self.credentials.may_release(principal) {
             return None;
         }
         let principal = principal?;
@@ -767,13 +762,7 @@ impl Replayer {
     }
 
     fn mark_in_flight(&self, key: &str, on: bool) {
-        if let Ok(mut set) = self.outbox.in_flight.lock() {
-            if on {
-                set.insert(key.to_string());
-            } else {
-                set.remove(key);
-            }
-        }
+        self.activity.set_in_flight(key, on);
     }
 
     async fn purge(&self) {

@@ -44,8 +44,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::body::BoxError;
 use crate::config::ProxyConfig;
+use crate::context::ClientInfo;
 use crate::proxy::Proxy;
-use crate::proxy::forward::ClientInfo;
 use crate::shutdown::Shutdown;
 use crate::stack;
 use guard::{Finished, Guard, GuardOptions};

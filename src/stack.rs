@@ -24,9 +24,10 @@ use tower::{Layer, Service, ServiceBuilder};
 
 use crate::body::ProxyBody;
 use crate::cache::status;
+use crate::cache::with_cache_status;
+use crate::context::ClientInfo;
 use crate::error::{ProxyError, json_response};
-use crate::proxy::forward::ClientInfo;
-use crate::proxy::{Proxy, with_cache_status};
+use crate::proxy::Proxy;
 
 /// The service for one connection: the layers above, around the proxy.
 pub fn proxy_service(

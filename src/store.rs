@@ -321,3 +321,28 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn rfc3339_ms(ms: u64) -> String {
+    // Saturate: a far-future time (an upstream's huge Retry-After) must not overflow.
+    let ms = i64::try_from(ms).unwrap_or(i64::MAX);
+    let t = time::OffsetDateTime::UNIX_EPOCH
+        .checked_add(time::Duration::milliseconds(ms))
+        .filter(|t| t.year() <= 9999)
+        .unwrap_or(time::macros::datetime!(9999-12-31 23:59:59.999 UTC));
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&fmt).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_with_millis() {
+        assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(rfc3339_ms(u64::MAX), "9999-12-31T23:59:59.999Z");
+    }
+}

@@ -6,10 +6,10 @@
 //! Hop-by-hop headers (RFC 9110 §7.6.1, and any named in `Connection`) are removed both ways;
 //! `X-Forwarded-For`, `-Proto` and `-Host` are added; `Host` becomes the upstream's.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -20,6 +20,20 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::ProxyBody;
 use crate::config::UpstreamConfig;
+use crate::context::ClientInfo;
+
+/// `Idempotency-Key`.
+pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// `Idempotent-Replayed`.
+pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// Header pairs for storage.
+pub fn header_pairs(headers: &HeaderMap) -> Vec<(String, Bytes)> {
+    headers
+        .iter()
+        .map(|(n, v)| (n.as_str().to_string(), Bytes::copy_from_slice(v.as_bytes())))
+        .collect()
+}
 
 /// Why a request did not get an upstream answer.
 #[derive(Debug, thiserror::Error)]
@@ -291,30 +305,6 @@ fn pool(
         .pool_idle_timeout(idle_timeout)
         .pool_max_idle_per_host(max_idle)
         .build(connector.clone())
-}
-
-/// What the proxy knows about the app's connection.
-#[derive(Debug, Clone)]
-pub struct ClientInfo {
-    /// The app's address.
-    pub ip: IpAddr,
-    /// `http` or `https` (listener with TLS).
-    pub proto: &'static str,
-    /// The app's address as a header value (made once per connection).
-    pub ip_header: HeaderValue,
-}
-
-impl ClientInfo {
-    /// Information about a connection from `ip`.
-    pub fn new(ip: IpAddr, proto: &'static str) -> Self {
-        let ip_header = HeaderValue::from_str(&ip.to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Self {
-            ip,
-            proto,
-            ip_header,
-        }
-    }
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

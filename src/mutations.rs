@@ -1,0 +1,118 @@
+//! The mutation status documents: `GET /_outpost/mutations/{key}` on the proxy listener (only
+//! for the caller that sent the key) and the documents the admin API lists (for the operator).
+//!
+//! A document is made from the stored record and the replayer's [`Activity`] (an item being
+//! sent right now is reported `in_flight`, which the store does not record).
+
+use std::sync::Arc;
+
+use http::header::{HeaderMap, HeaderName};
+use http::{Method, Response, StatusCode};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+
+use crate::activity::Activity;
+use crate::body::ProxyBody;
+use crate::context::Identity;
+use crate::error::{ProxyError, json_response};
+use crate::store::{MutationRecord, MutationStatus, Store, rfc3339_ms};
+
+const KEY_IN_PATH: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// Status documents of mutations.
+pub struct MutationDocs {
+    store: Arc<dyn Store>,
+    activity: Arc<Activity>,
+    prefix: String,
+    identity_headers: Vec<HeaderName>,
+}
+
+impl MutationDocs {
+    /// Documents of `store`'s records under the reserved `prefix`; callers are told apart by
+    /// `identity_headers` (`cache.identity_headers`).
+    pub fn new(
+        store: Arc<dyn Store>,
+        activity: Arc<Activity>,
+        prefix: &str,
+        identity_headers: Vec<HeaderName>,
+    ) -> Self {
+        Self {
+            store,
+            activity,
+            prefix: prefix.to_string(),
+            identity_headers,
+        }
+    }
+
+    /// The identity a mutation's key belongs to.
+    pub fn owner(&self, headers: &HeaderMap) -> Identity {
+        Identity::from_headers(headers, &self.identity_headers)
+    }
+
+    /// Where the status document of `key` is (`Location` of a 202).
+    pub fn location(&self, key: &str) -> String {
+        format!(
+            "{}mutations/{}",
+            self.prefix,
+            utf8_percent_encode(key, KEY_IN_PATH)
+        )
+    }
+
+    /// Answer a request under the reserved prefix.
+    pub async fn answer(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Response<ProxyBody> {
+        let rest = &path[self.prefix.len().min(path.len())..];
+        let Some(encoded) = rest.strip_prefix("mutations/") else {
+            return ProxyError::NotFound.into_response();
+        };
+        if method != Method::GET && method != Method::HEAD {
+            return json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &serde_json::json!({"error": "method_not_allowed"}),
+            );
+        }
+        let key = percent_decode_str(encoded).decode_utf8_lossy().to_string();
+        let caller = self.owner(headers);
+        match self.store.mutation(&key).await {
+            // Only the caller that sent it sees it (the operator sees all on the admin API).
+            Ok(Some(record)) if record.identity == Some(caller.0) => {
+                json_response(StatusCode::OK, &self.document(&record))
+            }
+            Ok(_) => ProxyError::NotFound.into_response(),
+            Err(e) => ProxyError::NotStored(e).into_response(),
+        }
+    }
+
+    /// The JSON status document of a mutation.
+    pub fn document(&self, record: &MutationRecord) -> serde_json::Value {
+        let status = if self.activity.is_in_flight(&record.key) {
+            MutationStatus::InFlight
+        } else {
+            record.status
+        };
+        let upstream_body = record.response.as_ref().map(|r| {
+            serde_json::from_slice::<serde_json::Value>(&r.body).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&r.body).into())
+            })
+        });
+        serde_json::json!({
+            "idempotency_key": record.key,
+            "status": status.as_str(),
+            "attempts": record.attempts,
+            "next_attempt_at": (status.is_pending() && record.next_attempt_at_ms > 0)
+                .then(|| rfc3339_ms(record.next_attempt_at_ms)),
+            "outcome": record.outcome,
+            "upstream_status": record.response.as_ref().map(|r| r.status),
+            "upstream_body": upstream_body,
+            "partition": record.partition,
+            "accepted_at": rfc3339_ms(record.accepted_at_ms),
+        })
+    }
+}
