@@ -44,7 +44,9 @@ pub struct ProxyConfig {
     pub max_body_bytes: u64,
     /// Largest request head (request line and headers) accepted (431 above).
     pub max_header_bytes: usize,
-    /// Time allowed for a client to send the request head (slow-loris guard).
+    /// Time a connection has to deliver a complete request head whenever nothing is in flight
+    /// on it: from accept (TLS handshake included) and from the end of each response. A partial
+    /// head is answered 408; a silent connection is closed.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// Reserved path prefix outpost answers itself and never forwards.

@@ -2,8 +2,9 @@
 //!
 //! The app talks to outpost instead of its API. The data path, top-down:
 //!
-//! 1. [`server`] accepts HTTP/1.1, h2c and TLS connections; [`stack`] wraps the handler in the
-//!    tower layers (limits, timeouts, access log) in one place.
+//! 1. [`server`] accepts HTTP/1.1, h2c and TLS connections within a per-listener budget, and
+//!    guards each one (strict HTTP/1 framing, header-read timeout); [`stack`] wraps the handler
+//!    in the tower layers (limits, timeouts, access log) in one place.
 //! 2. [`proxy`] resolves the request's [`route`] into a [`context::RequestContext`] and sends it
 //!    down the read path or the write path.
 //! 3. Reads (GET, HEAD) go upstream through [`upstream`] and are stored in [`cache`]; while

@@ -7,9 +7,10 @@
 //!    an undeclared (chunked) one is cut off at the limit while it streams.
 //! 3. The handler, [`Proxy::handle`] (routing, cache, outbox).
 //!
-//! hyper bounds what it buffers of a head in `server.rs` too (its HTTP/1 floor is 8 KiB, so
-//! smaller limits are only exact here); the header read timeout is hyper's as well, and
-//! upstream timeouts are `proxy/forward.rs`'s.
+//! Below the layers, per connection and not per request, `server.rs` bounds what hyper buffers
+//! of a head (its HTTP/1 floor is 8 KiB, so smaller limits are only exact here), and its guard
+//! (`server/guard.rs`) refuses ambiguous HTTP/1 framing and times request heads; upstream
+//! timeouts are `proxy/forward.rs`'s.
 
 use std::convert::Infallible;
 use std::future::Future;
