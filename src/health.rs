@@ -27,7 +27,7 @@ use crate::body;
 use crate::config::UpstreamConfig;
 use crate::events::{Event, Events};
 use crate::shutdown::Shutdown;
-use crate::upstream::{ForwardError, Upstream};
+use crate::upstream::{ForwardError, Upstream, UpstreamService};
 
 /// The upstream's reachability.
 pub struct Health {
@@ -145,6 +145,27 @@ impl Health {
         config: UpstreamConfig,
         shutdown: Shutdown,
     ) {
+        let service = upstream.service();
+        let (interval, max) = (config.probe_interval, config.probe_interval_max);
+        self.run_probe_with(interval, max, shutdown, move || {
+            let (upstream, service, config) = (upstream.clone(), service.clone(), config.clone());
+            async move { probe(&upstream, &service, &config).await }
+        })
+        .await;
+    }
+
+    /// [`Self::run_probe`] with the probe itself given: `probe` runs after a delay growing from
+    /// `interval` to `max` (full jitter) while the upstream is offline; `Ok` marks it online.
+    pub async fn run_probe_with<F, Fut>(
+        self: Arc<Self>,
+        interval: Duration,
+        max: Duration,
+        shutdown: Shutdown,
+        mut probe: F,
+    ) where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
         let mut state = self.watch();
         loop {
             // Wait for the upstream to go offline.
@@ -155,24 +176,24 @@ impl Health {
                 }
             }
             let mut delays = backon::ExponentialBuilder::default()
-                .with_min_delay(config.probe_interval)
-                .with_max_delay(config.probe_interval_max)
+                .with_min_delay(interval)
+                .with_max_delay(max)
                 .with_factor(2.0)
                 .with_jitter()
                 .without_max_times()
                 .build();
             while !self.is_online() {
-                let delay = delays.next().unwrap_or(config.probe_interval_max);
+                let delay = delays.next().unwrap_or(max);
                 tokio::select! {
                     _ = shutdown.wait() => return,
-                    _ = tokio::time::sleep(delay.min(config.probe_interval_max)) => {}
+                    _ = tokio::time::sleep(delay.min(max)) => {}
                     // Passive success (a request got through) ends the wait too.
                     _ = state.changed() => {}
                 }
                 if self.is_online() {
                     break;
                 }
-                match probe(&upstream, &config).await {
+                match probe().await {
                     Ok(()) => self.report_success(),
                     Err(e) => tracing::debug!("probe failed: {e}"),
                 }
@@ -182,14 +203,20 @@ impl Health {
 }
 
 /// One probe: GET `probe_path` (below 500 counts as online) or a TCP connect.
-async fn probe(upstream: &Upstream, config: &UpstreamConfig) -> Result<(), String> {
+async fn probe(
+    upstream: &Upstream,
+    service: &UpstreamService,
+    config: &UpstreamConfig,
+) -> Result<(), String> {
     match &config.probe_path {
         Some(path) => {
             let req = Request::get(upstream.uri_for(path))
                 .header(http::header::USER_AGENT, "outpost-probe")
                 .body(body::empty())
                 .map_err(|e| e.to_string())?;
-            let resp = upstream.send(req).await.map_err(|e| e.to_string())?;
+            let resp = crate::upstream::call(service, req)
+                .await
+                .map_err(|e| e.to_string())?;
             if resp.status().is_server_error() {
                 return Err(format!("probe answered {}", resp.status()));
             }
@@ -218,6 +245,7 @@ async fn probe(upstream: &Upstream, config: &UpstreamConfig) -> Result<(), Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shutdown::Shutdown;
 
     fn health(threshold: u32, window: Duration) -> Health {
         let config = UpstreamConfig {
@@ -249,6 +277,52 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         h.report_reset("reset", None);
         assert!(h.is_online());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_probe_backs_off_up_to_its_cap_and_brings_the_upstream_back() {
+        let h = Arc::new(health(3, Duration::from_secs(10)));
+        let shutdown = Shutdown::new();
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        let start = tokio::time::Instant::now();
+        let probe = h.clone().run_probe_with(
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            shutdown.clone(),
+            move || {
+                let seen = seen.clone();
+                async move {
+                    let mut seen = seen.lock().map_err(|_| "poisoned".to_string())?;
+                    seen.push(start.elapsed());
+                    // The upstream answers from the eighth probe on.
+                    if seen.len() >= 8 {
+                        Ok(())
+                    } else {
+                        Err("refused".into())
+                    }
+                }
+            },
+        );
+        let task = tokio::spawn(probe);
+        h.report_failure("down");
+        let mut state = h.watch();
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while !*state.borrow_and_update() {
+                let _ = state.changed().await;
+            }
+        })
+        .await
+        .expect("back online");
+        let calls = calls.lock().expect("calls").clone();
+        assert_eq!(calls.len(), 8, "{calls:?}");
+        // Never more often than the first interval allows, never further apart than the cap.
+        for pair in calls.windows(2) {
+            assert!(pair[1] - pair[0] <= Duration::from_secs(1) + Duration::from_millis(1));
+        }
+        assert!(*calls.last().expect("last") <= Duration::from_secs(8));
+        shutdown.trigger();
+        task.await.expect("the probe ends at shutdown");
     }
 
     #[test]

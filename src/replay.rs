@@ -41,7 +41,7 @@ use crate::shutdown::Shutdown;
 use crate::store::{
     Lease, MutationRecord, MutationStatus, Store, StoreError, StoredResponse, now_ms, rfc3339_ms,
 };
-use crate::upstream::{ForwardError, IDEMPOTENCY_KEY, Upstream, header_pairs};
+use crate::upstream::{ForwardError, IDEMPOTENCY_KEY, Upstream, UpstreamService, header_pairs};
 use classify::Outcome;
 
 /// `Outpost-Accepted-At`: when outpost accepted a replayed mutation.
@@ -106,7 +106,10 @@ struct Finishing {
 /// The replay engine.
 pub struct Replayer {
     store: Arc<dyn Store>,
+    /// Builds the requests (URI, `Host`, stored headers).
     upstream: Upstream,
+    /// Sends them.
+    service: UpstreamService,
     health: Arc<Health>,
     events: Events,
     config: Arc<Config>,
@@ -121,6 +124,11 @@ pub struct Replayer {
 impl Replayer {
     /// A replayer draining the store of `parts` through its upstream client, until `shutdown`.
     pub fn new(parts: &Parts, shutdown: Shutdown) -> Self {
+        Self::with_service(parts, parts.upstream.service(), shutdown)
+    }
+
+    /// A replayer that sends through `service` (a fake upstream in unit tests).
+    pub fn with_service(parts: &Parts, service: UpstreamService, shutdown: Shutdown) -> Self {
         let config = parts.config.clone();
         let limiter = NonZeroU32::new(config.replay.rate_limit).map(|rate| {
             let burst = NonZeroU32::new(config.replay.rate_burst).unwrap_or(rate);
@@ -129,6 +137,7 @@ impl Replayer {
         Self {
             store: parts.store.clone(),
             upstream: parts.upstream.clone(),
+            service,
             health: parts.health.clone(),
             events: parts.events.clone(),
             config,
@@ -700,7 +709,7 @@ impl Replayer {
             extra.push((IDEMPOTENCY_KEY.clone(), key));
         }
         let req = self.upstream.request_from_stored(&item.request, &extra);
-        let resp = match self.upstream.send(req).await {
+        let resp = match crate::upstream::call(&self.service, req).await {
             Ok(resp) => resp,
             Err(e @ ForwardError::Connect(_)) => return Sent::Refused(e.to_string()),
             Err(e @ ForwardError::Timeout(_)) => {

@@ -17,6 +17,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower::ServiceExt;
+use tower::util::BoxCloneSyncService;
 
 use crate::body::ProxyBody;
 use crate::config::UpstreamConfig;
@@ -33,6 +35,20 @@ pub fn header_pairs(headers: &HeaderMap) -> Vec<(String, Bytes)> {
         .iter()
         .map(|(n, v)| (n.as_str().to_string(), Bytes::copy_from_slice(v.as_bytes())))
         .collect()
+}
+
+/// The upstream as replay and the probe see it: a request in, an answer head (body streaming)
+/// or a [`ForwardError`] out.
+pub type UpstreamService =
+    BoxCloneSyncService<Request<ProxyBody>, Response<ProxyBody>, ForwardError>;
+
+/// One call of an [`UpstreamService`], as a future that borrows nothing (a future borrowing
+/// the service trips rustc's `Send` inference in spawned tasks).
+pub fn call(
+    service: &UpstreamService,
+    req: Request<ProxyBody>,
+) -> impl std::future::Future<Output = Result<Response<ProxyBody>, ForwardError>> + Send + 'static {
+    service.clone().oneshot(req)
 }
 
 /// Why a request did not get an upstream answer.
@@ -240,6 +256,20 @@ impl Upstream {
         headers.remove(header::CONTENT_LENGTH);
         headers.insert(header::HOST, self.host.clone());
         req
+    }
+
+    /// This upstream as a tower [`Service`](tower::Service) that sends prepared requests
+    /// (see [`Self::send`]) and boxes the answer's body: what replay and the health probe use,
+    /// so that their unit tests can stand a `tower::service_fn` in for the network.
+    pub fn service(&self) -> UpstreamService {
+        let upstream = self.clone();
+        BoxCloneSyncService::new(tower::service_fn(move |req: Request<ProxyBody>| {
+            let upstream = upstream.clone();
+            async move {
+                let resp = upstream.send(req).await?;
+                Ok(resp.map(crate::body::boxed))
+            }
+        }))
     }
 
     /// Send a prepared request; the response head must arrive within the request timeout.
