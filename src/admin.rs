@@ -1,13 +1,19 @@
-//! The admin listener.
+//! The admin listener: what operators and orchestrators need to see and act on.
 //!
-//! This milestone serves what operators need to see and act on the outbox:
 //! - `GET /status`: online state, queue depth, oldest queued age, dead letters, cache entries
-//!   and bytes; `GET /healthz`.
-//! - `GET /queue` and `GET /dead-letters` (`?limit=N`, default 100): status documents.
+//!   and bytes, connection counters.
+//! - `GET /healthz` (alive: answers while the process serves) and `GET /readyz` (listeners
+//!   serving and the store taking writes; an upstream outage is not "unready"): no token
+//!   needed.
+//! - `GET /events`: the event stream as server-sent events with ids, `Last-Event-ID` resumes
+//!   ([`stream`]). `GET /metrics`: Prometheus text ([`crate::metrics`]).
+//! - `GET /`: the status page ([`page`]).
+//! - `GET /queue` and `GET /dead-letters` (`?limit=N`, default 100): status documents;
+//!   `GET /mutations/{key}`: the status document of any key.
 //! - `POST /queue/{key}/retry` (send a waiting item now, e.g. one held after a 401, with the
 //!   credentials it carries), `DELETE /queue/{key}` (drop it).
-//! - `POST /dead-letters/{key}/retry` (back to the tail of its partition),
-//!   `DELETE /dead-letters/{key}` (drop it).
+//! - `POST /dead-letters/{key}/retry` (back to the tail of its partition; with a JSON body
+//!   `{"body": …, "headers": {…}}`, edited first: [`edit`]), `DELETE /dead-letters/{key}`.
 //! - `POST /sync/pause`, `POST /sync/resume`.
 //!
 //! **Access** ([`Access`]), checked before anything else, in this order:
@@ -25,8 +31,13 @@
 //!
 //! The listener has its own connection budget (`admin.max_connections`) and the same guard as
 //! the proxy (strict framing, header-read timeout), so a flood on the proxy port does not
-//! reach it. Events, metrics and the status page come with the operations milestone and
-//! subscribe to the same event stream.
+//! reach it. An event stream holds its connection (and a slot of that budget) until the client
+//! leaves or outpost shuts down, when every stream ends.
+
+pub mod client;
+pub mod edit;
+pub mod page;
+pub mod stream;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -45,8 +56,9 @@ use crate::activity::Activity;
 use crate::body::ProxyBody;
 use crate::cache::Cache;
 use crate::error::json_response;
-use crate::events::Events;
+use crate::events::{Event, Events};
 use crate::health::Health;
+use crate::metrics::{Metrics, Snapshot};
 use crate::mutations::MutationDocs;
 use crate::replay::Replayer;
 use crate::server::{self, ConnectionOptions, Connections};
@@ -76,6 +88,15 @@ pub struct AdminState {
     pub proxy_connections: Arc<Connections>,
     /// The admin listener's own connection budget.
     pub admin_connections: Arc<Connections>,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// How often `/events` sends a keep-alive comment (`admin.events_heartbeat`).
+    pub events_heartbeat: Duration,
+    /// Largest edit accepted with a dead letter's retry (`queue.max_body_bytes` plus room for
+    /// headers and JSON escaping).
+    pub max_body_bytes: u64,
+    /// Ends the event streams, and makes `/readyz` answer 503.
+    pub shutdown: Shutdown,
 }
 
 /// Who may use the admin API (see the module docs).
@@ -135,6 +156,18 @@ impl Access {
         uri: &http::Uri,
         headers: &HeaderMap,
     ) -> Result<(), Refused> {
+        self.check_without_token(method, uri, headers)?;
+        self.check_token(headers)
+    }
+
+    /// Check a request's `Host` and `Origin` only: for what needs no token (the status page's
+    /// files, `/healthz`, `/readyz`).
+    pub fn check_without_token(
+        &self,
+        method: &Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+    ) -> Result<(), Refused> {
         let host = headers
             .get(header::HOST)
             .map(|v| v.to_str().unwrap_or("\0"))
@@ -154,6 +187,11 @@ impl Access {
                 return Err(Refused::ForeignOrigin);
             }
         }
+        Ok(())
+    }
+
+    /// Check the bearer token, when one is configured.
+    pub fn check_token(&self, headers: &HeaderMap) -> Result<(), Refused> {
         if let Some(expected) = &self.token_digest {
             let given = headers
                 .get(header::AUTHORIZATION)
@@ -239,51 +277,48 @@ pub async fn serve(
 }
 
 async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
-    if let Err(refused) = state.access.check(req.method(), req.uri(), req.headers()) {
+    let path = req.uri().path();
+    // Probes and the status page's own files need no token (the page asks for it).
+    let open = *req.method() == Method::GET
+        && (matches!(path, "/healthz" | "/readyz") || page::asset(path).is_some());
+    let checked = if open {
+        state
+            .access
+            .check_without_token(req.method(), req.uri(), req.headers())
+    } else {
+        state.access.check(req.method(), req.uri(), req.headers())
+    };
+    if let Err(refused) = checked {
         return refused.into_response();
     }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => {
             json_response(StatusCode::OK, &serde_json::json!({"ok": true}))
         }
-        (&Method::GET, "/status") => match state.store.stats().await {
-            Ok(stats) => {
-                let (mem_entries, mem_bytes) = state.cache.memory_usage();
-                let proxy = state.proxy_connections.stats();
-                let admin = state.admin_connections.stats();
-                json_response(
-                    StatusCode::OK,
-                    &serde_json::json!({
-                        "online": state.health.is_online(),
-                        "paused": state.replayer.is_paused(),
-                        "queue_depth": stats.queue_depth,
-                        "oldest_queued_age_ms": stats.oldest_pending_ms.map(|t| now_ms().saturating_sub(t)),
-                        "dead_letters": stats.dead_letters,
-                        "cache_entries": stats.cache_entries,
-                        "cache_bytes": stats.cache_bytes,
-                        "cache_memory_entries": mem_entries,
-                        "cache_memory_bytes": mem_bytes,
-                        "connections_open": proxy.open,
-                        "connections_limit": proxy.limit,
-                        "connections_refused": proxy.refused,
-                        "connections_evicted": proxy.evicted,
-                        "header_timeouts": proxy.header_timeouts,
-                        "framing_refusals": proxy.framing_refusals,
-                        "admin_connections": admin,
-                    }),
-                )
-            }
-            Err(e) => json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &serde_json::json!({"error": "store_unavailable", "message": e.to_string()}),
-            ),
-        },
+        (&Method::GET, "/readyz") => readiness(state).await,
+        (&Method::GET, "/events") => {
+            let after = stream::start_after(req.headers(), req.uri().query(), &state.events);
+            stream::response(
+                state.events.clone(),
+                after,
+                state.events_heartbeat,
+                state.shutdown.clone(),
+            )
+        }
+        (&Method::GET, "/metrics") => metrics(state).await,
+        (&Method::GET, "/status") => status(state).await,
         (&Method::POST, "/sync/pause") => {
-            state.replayer.pause();
+            if !state.replayer.is_paused() {
+                state.replayer.pause();
+                state.events.emit(Event::Paused);
+            }
             json_response(StatusCode::OK, &serde_json::json!({"paused": true}))
         }
         (&Method::POST, "/sync/resume") => {
-            state.replayer.resume();
+            if state.replayer.is_paused() {
+                state.replayer.resume();
+                state.events.emit(Event::Resumed);
+            }
             json_response(StatusCode::OK, &serde_json::json!({"paused": false}))
         }
         (&Method::GET, "/queue") => list_queue(state, limit(req.uri())).await,
@@ -296,8 +331,138 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBod
             ),
             Err(e) => store_unavailable(&e),
         },
-        (method, path) => act_on_item(state, method, path).await,
+        (&Method::GET, path) if path.starts_with("/mutations/") => {
+            let key = decode_key(&path["/mutations/".len()..]);
+            match state.store.mutation(&key).await {
+                Ok(Some(record)) => json_response(StatusCode::OK, &state.docs.document(&record)),
+                Ok(None) => not_found(),
+                Err(e) => store_unavailable(&e),
+            }
+        }
+        (&Method::GET, path) => match page::asset(path) {
+            Some(resp) => resp,
+            None => not_found(),
+        },
+        _ => act_on_item(state, req).await,
     }
+}
+
+/// `GET /status`.
+async fn status(state: &AdminState) -> Response<ProxyBody> {
+    match state.store.stats().await {
+        Ok(stats) => {
+            let (mem_entries, mem_bytes) = state.cache.memory_usage();
+            let proxy = state.proxy_connections.stats();
+            let admin = state.admin_connections.stats();
+            json_response(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "online": state.health.is_online(),
+                    "paused": state.replayer.is_paused(),
+                    "queue_depth": stats.queue_depth,
+                    "oldest_queued_age_ms": stats.oldest_pending_ms.map(|t| now_ms().saturating_sub(t)),
+                    "dead_letters": stats.dead_letters,
+                    "cache_entries": stats.cache_entries,
+                    "cache_bytes": stats.cache_bytes,
+                    "cache_memory_entries": mem_entries,
+                    "cache_memory_bytes": mem_bytes,
+                    "connections_open": proxy.open,
+                    "connections_limit": proxy.limit,
+                    "connections_refused": proxy.refused,
+                    "connections_evicted": proxy.evicted,
+                    "header_timeouts": proxy.header_timeouts,
+                    "framing_refusals": proxy.framing_refusals,
+                    "admin_connections": admin,
+                    "last_event_id": state.events.newest_id(),
+                }),
+            )
+        }
+        Err(e) => store_unavailable(&e),
+    }
+}
+
+/// `GET /readyz`: ready while the listeners serve (not shutting down) and the store takes
+/// writes; an unreachable upstream is not a reason (that is what outpost is for).
+async fn readiness(state: &AdminState) -> Response<ProxyBody> {
+    let listening = !state.shutdown.is_triggered();
+    let writable = state.store.writable();
+    // One cheap read (a counter lookup, or one Redis round trip) shows the store answers.
+    let reachable = matches!(
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            state.store.partition_has_pending("")
+        )
+        .await,
+        Ok(Ok(_))
+    );
+    let ready = listening && writable && reachable;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(
+        status,
+        &serde_json::json!({
+            "ready": ready,
+            "listening": listening,
+            "store_writable": writable,
+            "store_reachable": reachable,
+            "upstream_online": state.health.is_online(),
+        }),
+    )
+}
+
+/// `GET /metrics`: the gauges are read now, then everything is rendered.
+async fn metrics(state: &AdminState) -> Response<ProxyBody> {
+    let store = state.store.stats().await.ok();
+    let mut depths = state.store.partition_depths().await.unwrap_or_default();
+    depths.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut partitions = Vec::with_capacity(depths.len());
+    for (i, (partition, depth)) in depths.into_iter().enumerate() {
+        // The head's age only for the partitions that get a label of their own.
+        let oldest = if i < crate::metrics::PARTITION_LABELS {
+            match state.store.peek(&partition, 1).await {
+                Ok(head) => head.first().map(|r| r.accepted_at_ms),
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        partitions.push((partition, depth, oldest));
+    }
+    let snapshot = Snapshot {
+        online: state.health.is_online(),
+        paused: state.replayer.is_paused(),
+        store,
+        partitions,
+        cache_memory: state.cache.memory_usage(),
+        connections: vec![
+            ("proxy", state.proxy_connections.stats()),
+            ("admin", state.admin_connections.stats()),
+        ],
+        store_writable: state.store.writable(),
+    };
+    let text = state.metrics.render(&snapshot);
+    let mut resp = Response::new(crate::body::full(text));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+fn not_found() -> Response<ProxyBody> {
+    json_response(
+        StatusCode::NOT_FOUND,
+        &serde_json::json!({"error": "not_found"}),
+    )
+}
+
+fn decode_key(encoded: &str) -> String {
+    percent_encoding::percent_decode_str(encoded)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 fn limit(uri: &http::Uri) -> usize {
@@ -334,14 +499,11 @@ async fn list_queue(state: &AdminState, limit: usize) -> Response<ProxyBody> {
     json_response(StatusCode::OK, &serde_json::json!({ "items": items }))
 }
 
-/// `POST /queue/{key}/retry`, `DELETE /queue/{key}`, and the same under `/dead-letters/`.
-async fn act_on_item(state: &AdminState, method: &Method, path: &str) -> Response<ProxyBody> {
-    let not_found = || {
-        json_response(
-            StatusCode::NOT_FOUND,
-            &serde_json::json!({"error": "not_found"}),
-        )
-    };
+/// `POST /queue/{key}/retry`, `DELETE /queue/{key}`, and the same under `/dead-letters/`
+/// (whose retry may carry an edit).
+async fn act_on_item(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
     let (list, rest) = if let Some(rest) = path.strip_prefix("/queue/") {
         ("queue", rest)
     } else if let Some(rest) = path.strip_prefix("/dead-letters/") {
@@ -353,12 +515,19 @@ async fn act_on_item(state: &AdminState, method: &Method, path: &str) -> Respons
         Some(key) => (key, true),
         None => (rest, false),
     };
-    let key = percent_encoding::percent_decode_str(encoded)
-        .decode_utf8_lossy()
-        .into_owned();
-    let result = match (method, retry, list) {
+    let key = decode_key(encoded);
+    let result = match (&parts.method, retry, list) {
         (&Method::POST, true, "queue") => state.store.retry_pending(&key).await,
-        (&Method::POST, true, _) => state.store.retry_dead_letter(&key).await,
+        (&Method::POST, true, _) => {
+            let edit = match read_edit(body, state.max_body_bytes).await {
+                Ok(edit) => edit,
+                Err(resp) => return resp,
+            };
+            match edit {
+                Some(edit) => return edit::retry_edited(state, &key, edit).await,
+                None => state.store.retry_dead_letter(&key).await,
+            }
+        }
         (&Method::DELETE, false, _) => state.store.drop_mutation(&key).await,
         _ => {
             return json_response(
@@ -373,6 +542,11 @@ async fn act_on_item(state: &AdminState, method: &Method, path: &str) -> Respons
                 state.activity.wake();
             }
             let action = if retry { "retried" } else { "dropped" };
+            state.events.emit(Event::Operator {
+                key: key.clone(),
+                action: action.into(),
+                new_key: None,
+            });
             json_response(
                 StatusCode::OK,
                 &serde_json::json!({"idempotency_key": key, action: true}),
@@ -380,6 +554,36 @@ async fn act_on_item(state: &AdminState, method: &Method, path: &str) -> Respons
         }
         Ok(false) => not_found(),
         Err(e) => store_unavailable(&e),
+    }
+}
+
+/// The optional edit sent with a dead letter's retry (`None` for an empty body).
+async fn read_edit(body: Incoming, limit: u64) -> Result<Option<edit::Edit>, Response<ProxyBody>> {
+    let bad = |message: String| {
+        json_response(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"error": "bad_edit", "message": message}),
+        )
+    };
+    let bytes = match crate::body::collect_limited(body, limit).await {
+        Ok(crate::body::Collected::Whole(b)) => b,
+        Ok(crate::body::Collected::TooLarge { .. }) => {
+            return Err(json_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &serde_json::json!({"error": "payload_too_large"}),
+            ));
+        }
+        Err(e) => return Err(bad(format!("cannot read the request body: {e}"))),
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    match serde_json::from_slice::<edit::Edit>(&bytes) {
+        Ok(edit) if edit.is_empty() => Ok(None),
+        Ok(edit) => Ok(Some(edit)),
+        Err(e) => Err(bad(format!(
+            "expected {{\"body\": …, \"headers\": {{…}}}}: {e}"
+        ))),
     }
 }
 

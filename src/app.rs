@@ -59,7 +59,7 @@ impl App {
     pub async fn start(config: Config, shutdown: Shutdown) -> Result<App, StartError> {
         let config = Arc::new(config);
         let routes = Arc::new(RouteTable::new(&config).map_err(StartError::Config)?);
-        let events = Events::new();
+        let events = Events::with_capacity(config.admin.events_buffer);
         let (store, embedded): (Arc<dyn Store>, Option<Arc<EmbeddedStore>>) =
             match config.store.backend {
                 Backend::Embedded => {
@@ -129,6 +129,7 @@ impl App {
 
         let mut tasks = JoinSet::new();
         tasks.spawn(log_events(events.clone(), shutdown.clone()));
+        tasks.spawn(parts.metrics.clone().run(events.clone(), shutdown.clone()));
         tasks.spawn(admin::serve(
             admin_listener,
             AdminState {
@@ -146,6 +147,10 @@ impl App {
                 ),
                 proxy_connections,
                 admin_connections,
+                metrics: parts.metrics.clone(),
+                events_heartbeat: config.admin.events_heartbeat,
+                max_body_bytes: config.queue.max_body_bytes.saturating_mul(2) + 64 * 1024,
+                shutdown: shutdown.clone(),
             },
             config.proxy.header_read_timeout,
             shutdown.clone(),

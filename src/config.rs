@@ -385,6 +385,12 @@ pub struct AdminConfig {
     /// Most admin connections open at once: a budget of its own, so that a saturated proxy
     /// listener never starves the admin API.
     pub max_connections: usize,
+    /// How often `GET /events` sends a comment line while nothing happens, so that proxies
+    /// and load balancers keep the stream open.
+    #[serde(with = "humantime_serde")]
+    pub events_heartbeat: Duration,
+    /// Events kept for clients that reconnect with `Last-Event-ID` (the newest ones).
+    pub events_buffer: usize,
 }
 
 impl Default for AdminConfig {
@@ -394,6 +400,8 @@ impl Default for AdminConfig {
             token: None,
             allowed_hosts: Vec::new(),
             max_connections: 64,
+            events_heartbeat: Duration::from_secs(15),
+            events_buffer: 1024,
         }
     }
 }

@@ -1,12 +1,28 @@
-//! The internal event stream: everything observable that outpost does, as one broadcast.
+//! The internal event stream: everything observable that outpost does, as one broadcast, and
+//! a journal of the latest events with ids for the admin API's `GET /events`.
 //!
-//! Producers (health, outbox, replay) call [`Events::emit`]; it never blocks and never fails:
-//! with no subscriber the event is dropped, and a slow subscriber loses the oldest events
-//! (it sees `RecvError::Lagged`). The log subscriber is started by `app`; the admin API's
-//! `/events` and `/metrics` subscribe here too.
+//! Producers (health, outbox, replay, admin) call [`Events::emit`]; it never blocks on a
+//! consumer and never fails:
+//! - the **broadcast** ([`Events::subscribe`]) is for in-process consumers (the log, metrics,
+//!   the demo): with no subscriber the event is dropped, and a slow subscriber loses the oldest
+//!   events (it sees `RecvError::Lagged`);
+//! - the **journal** ([`Events::since`], [`Events::watch`]) keeps the last `admin.events_buffer`
+//!   events, each [`Stamped`] with an id that only grows, so that a reconnecting client
+//!   (`Last-Event-ID`) gets what it missed. Readers copy out of it under a short lock and are
+//!   woken through a `watch` of the newest id, so an SSE writer stuck on a slow client holds
+//!   nothing the emitters need. A reader that fell further behind than the buffer is told so
+//!   ([`Since::missed`]).
+//!
+//! Ids start at the process's start time in milliseconds × 1000 and count up by one per event,
+//! so they keep growing across restarts (unless a run emits more than a thousand events per
+//! millisecond on average): a client that reconnects to a restarted outpost with an old id is
+//! told that it missed events instead of silently skipping the new ones.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 /// One thing that happened.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -61,12 +77,58 @@ pub enum Event {
         /// Its idempotency key.
         key: String,
     },
+    /// An operator paused replay.
+    Paused,
+    /// An operator resumed replay.
+    Resumed,
+    /// An operator acted on an item: `retried`, `retried_edited` or `dropped`.
+    Operator {
+        /// Its idempotency key.
+        key: String,
+        /// What was done.
+        action: String,
+        /// The key it goes on under, when an edit gave it a new one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        new_key: Option<String>,
+    },
 }
 
-/// The broadcast every part of outpost emits into.
+/// An event with its id and time, as kept in the journal.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Stamped {
+    /// Grows by one per event (see the module docs).
+    pub id: u64,
+    /// When it was emitted (Unix ms).
+    pub at_ms: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// What [`Events::since`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Since {
+    /// The events after the given id that are still kept, oldest first.
+    pub events: Vec<Arc<Stamped>>,
+    /// Some events after the given id are no longer kept.
+    pub missed: bool,
+}
+
+#[derive(Debug)]
+struct Journal {
+    capacity: usize,
+    /// The id the next event gets.
+    next_id: u64,
+    kept: VecDeque<Arc<Stamped>>,
+}
+
+/// The broadcast every part of outpost emits into, with its journal.
 #[derive(Debug, Clone)]
 pub struct Events {
     tx: broadcast::Sender<Event>,
+    journal: Arc<Mutex<Journal>>,
+    /// The id of the newest event (the first id minus one before any).
+    newest: Arc<watch::Sender<u64>>,
 }
 
 impl Default for Events {
@@ -76,19 +138,127 @@ impl Default for Events {
 }
 
 impl Events {
-    /// A new stream; subscribers lag after 4096 unread events.
+    /// A new stream keeping the last 1024 events; subscribers lag after 4096 unread events.
     pub fn new() -> Self {
-        let (tx, _) = broadcast::channel(4096);
-        Self { tx }
+        Self::with_capacity(1024)
     }
 
-    /// Publish an event (dropped when nobody listens).
+    /// A new stream whose journal keeps the last `kept` events (at least one).
+    pub fn with_capacity(kept: usize) -> Self {
+        let (tx, _) = broadcast::channel(4096);
+        let first = crate::store::now_ms().saturating_mul(1000).max(1);
+        let (newest, _) = watch::channel(first - 1);
+        Self {
+            tx,
+            journal: Arc::new(Mutex::new(Journal {
+                capacity: kept.max(1),
+                next_id: first,
+                kept: VecDeque::with_capacity(kept.clamp(1, 4096)),
+            })),
+            newest: Arc::new(newest),
+        }
+    }
+
+    /// Publish an event (the broadcast drops it when nobody listens; the journal keeps it).
     pub fn emit(&self, event: Event) {
+        {
+            let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+            let stamped = Arc::new(Stamped {
+                id: journal.next_id,
+                at_ms: crate::store::now_ms(),
+                event: event.clone(),
+            });
+            journal.next_id += 1;
+            if journal.kept.len() >= journal.capacity {
+                journal.kept.pop_front();
+            }
+            // Under the lock, so that the newest id never goes backwards.
+            self.newest.send_replace(stamped.id);
+            journal.kept.push_back(stamped);
+        }
         let _ = self.tx.send(event);
     }
 
     /// Receive every event emitted from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.tx.subscribe()
+    }
+
+    /// The id of the newest event; changes whenever one is emitted.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.newest.subscribe()
+    }
+
+    /// The id of the newest event (before any: one less than the first id).
+    pub fn newest_id(&self) -> u64 {
+        *self.newest.borrow()
+    }
+
+    /// The kept events after `after` (an id a client saw last), at most `limit` of them.
+    pub fn since(&self, after: u64, limit: usize) -> Since {
+        let journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        let oldest = journal.kept.front().map_or(journal.next_id, |e| e.id);
+        // Ids are consecutive, so the position of `after + 1` is known without a search.
+        let skip =
+            usize::try_from(after.saturating_add(1).saturating_sub(oldest)).unwrap_or(usize::MAX);
+        Since {
+            events: journal
+                .kept
+                .iter()
+                .skip(skip)
+                .take(limit)
+                .cloned()
+                .collect(),
+            missed: after.saturating_add(1) < oldest,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_journal_keeps_the_newest_events_with_growing_ids() {
+        let events = Events::with_capacity(3);
+        let start = events.newest_id();
+        for i in 0..5 {
+            events.emit(Event::Expired {
+                key: format!("k{i}"),
+            });
+        }
+        assert_eq!(events.newest_id(), start + 5);
+        let all = events.since(0, usize::MAX);
+        assert!(all.missed, "the first two are gone");
+        let ids: Vec<u64> = all.events.iter().map(|e| e.id).collect();
+        assert_eq!(ids, [start + 3, start + 4, start + 5]);
+        let after = events.since(start + 3, usize::MAX);
+        assert!(!after.missed);
+        assert_eq!(after.events.len(), 2);
+        assert_eq!(after.events[0].event, Event::Expired { key: "k3".into() });
+        let none = events.since(start + 5, usize::MAX);
+        assert!(!none.missed && none.events.is_empty());
+        assert_eq!(events.since(start + 3, 1).events.len(), 1);
+        // An id from the future (another run) sees nothing and misses nothing it could get.
+        assert!(events.since(u64::MAX, 10).events.is_empty());
+    }
+
+    #[test]
+    fn a_stamped_event_serialises_flat() {
+        let s = Stamped {
+            id: 7,
+            at_ms: 1,
+            event: Event::Classified {
+                key: "k".into(),
+                class: "success".into(),
+                status: Some(201),
+            },
+        };
+        let v = serde_json::to_value(&s).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"id": 7, "at_ms": 1, "type": "classified", "key": "k",
+                "class": "success", "status": 201})
+        );
     }
 }

@@ -12,7 +12,8 @@
 //! 4. Mutations go upstream while it answers; otherwise [`outbox`] stores them durably in the
 //!    [`store`] (embedded redb, or Redis shared by several instances) and answers 202.
 //! 5. [`replay`] drains the outbox per partition, in order, with backoff and a rate limit, and
-//!    classifies every answer; everything observable is published on [`events`].
+//!    classifies every answer; everything observable is published on [`events`], counted in
+//!    [`metrics`] and served by [`admin`] (events, metrics, a status page).
 //!
 //! [`app`] wires the parts together and runs them until [`shutdown`].
 
@@ -30,6 +31,7 @@ pub mod demo;
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod metrics;
 pub mod mutations;
 pub mod outbox;
 pub mod parts;

@@ -102,7 +102,18 @@ impl MutationDocs {
                 serde_json::Value::String(String::from_utf8_lossy(&r.body).into())
             })
         });
-        serde_json::json!({
+        // An operator's edit (admin `POST /dead-letters/{key}/retry` with a body).
+        let edited_from = record
+            .request
+            .headers
+            .iter()
+            .find(|(n, _)| n == crate::admin::edit::EDITED_FROM)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+        let superseded_by = record
+            .outcome
+            .as_deref()
+            .and_then(|o| o.strip_prefix(crate::store::SUPERSEDED_PREFIX));
+        let mut doc = serde_json::json!({
             "idempotency_key": record.key,
             "status": status.as_str(),
             "attempts": record.attempts,
@@ -113,6 +124,17 @@ impl MutationDocs {
             "upstream_body": upstream_body,
             "partition": record.partition,
             "accepted_at": rfc3339_ms(record.accepted_at_ms),
-        })
+        });
+        if let Some(map) = doc.as_object_mut() {
+            if let Some(from) = edited_from {
+                map.insert("edited".into(), true.into());
+                map.insert("edited_from".into(), from.into());
+            }
+            if let Some(to) = superseded_by {
+                map.insert("edited".into(), true.into());
+                map.insert("superseded_by".into(), to.into());
+            }
+        }
+        doc
     }
 }

@@ -42,6 +42,7 @@ use crate::credentials::Credentials;
 use crate::error::{ProxyError, json_response};
 use crate::events::{Event, Events};
 use crate::health::Health;
+use crate::metrics::Metrics;
 use crate::mutations::MutationDocs;
 use crate::parts::Parts;
 use crate::replay::classify;
@@ -60,6 +61,7 @@ pub struct Outbox {
     credentials: Arc<Credentials>,
     activity: Arc<Activity>,
     docs: Arc<MutationDocs>,
+    metrics: Arc<Metrics>,
     in_progress: Arc<Mutex<HashSet<String>>>,
 }
 
@@ -75,6 +77,7 @@ impl Outbox {
             credentials: parts.credentials.clone(),
             activity: parts.activity.clone(),
             docs: parts.docs.clone(),
+            metrics: parts.metrics.clone(),
             in_progress: Arc::default(),
         }
     }
@@ -363,7 +366,12 @@ impl Outbox {
         let key = record.key.clone();
         let partition = record.partition.clone();
         let identity = Identity(record.identity.unwrap_or_default());
-        match self.store.enqueue(record).await? {
+        let started = std::time::Instant::now();
+        let enqueued = self.store.enqueue(record).await;
+        self.metrics
+            .store_commit()
+            .record(started.elapsed().as_secs_f64());
+        match enqueued? {
             Enqueued::Accepted { .. } => {
                 *source = Source::Queued;
                 self.events.emit(Event::Queued {

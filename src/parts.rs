@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::events::Events;
 use crate::health::Health;
+use crate::metrics::Metrics;
 use crate::mutations::MutationDocs;
 use crate::route::RouteTable;
 use crate::store::Store;
@@ -36,6 +37,8 @@ pub struct Parts {
     pub activity: Arc<Activity>,
     /// Mutation status documents.
     pub docs: Arc<MutationDocs>,
+    /// Prometheus metrics (handles registered per route).
+    pub metrics: Arc<Metrics>,
 }
 
 impl Parts {
@@ -62,6 +65,7 @@ impl Parts {
             &config.proxy.reserved_prefix,
             identity_headers,
         ));
+        let metrics = Arc::new(Metrics::new(routes.names()));
         Self {
             config,
             routes,
@@ -72,6 +76,7 @@ impl Parts {
             credentials,
             activity,
             docs,
+            metrics,
         }
     }
 }

@@ -28,6 +28,7 @@ use crate::context::ClientInfo;
 use crate::context::{Identity, RequestContext, Source};
 use crate::error::ProxyError;
 use crate::health::Health;
+use crate::metrics::Metrics;
 use crate::mutations::MutationDocs;
 use crate::outbox::Outbox;
 use crate::parts::Parts;
@@ -44,6 +45,7 @@ pub struct Proxy {
     cache: Arc<Cache>,
     outbox: Arc<Outbox>,
     docs: Arc<MutationDocs>,
+    metrics: Arc<Metrics>,
 }
 
 impl Proxy {
@@ -58,6 +60,7 @@ impl Proxy {
             cache,
             outbox,
             docs: parts.docs.clone(),
+            metrics: parts.metrics.clone(),
         }
     }
 
@@ -123,6 +126,16 @@ impl Proxy {
             _ => self.pass_through(&mut ctx, req, status::BYPASS).await,
         };
         let resp = with_cache_status(resp, status::BYPASS);
+        let elapsed = ctx.started.elapsed();
+        let cacheable_read = matches!(ctx.method, Method::GET | Method::HEAD)
+            && ctx.route.read != ReadStrategy::NetworkOnly;
+        self.metrics.observe_request(
+            &ctx.route.name,
+            ctx.source,
+            resp.status().as_u16(),
+            elapsed,
+            cacheable_read,
+        );
         tracing::debug!(
             method = %ctx.method,
             path = %ctx.path_and_query,
@@ -130,7 +143,7 @@ impl Proxy {
             status = resp.status().as_u16(),
             source = ctx.source.as_str(),
             key = ctx.idempotency_key.as_deref().unwrap_or(""),
-            micros = ctx.started.elapsed().as_micros() as u64,
+            micros = elapsed.as_micros() as u64,
             "request"
         );
         resp

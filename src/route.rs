@@ -140,6 +140,14 @@ impl RouteTable {
         Ok(RouteTable { routes, default })
     }
 
+    /// The names of every route and of the default route (bounded: metric labels use them).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.routes
+            .iter()
+            .chain(std::iter::once(&self.default))
+            .map(|r| r.name.as_str())
+    }
+
     /// The route named `name` (as recorded on a queued mutation), else the default route.
     pub fn by_name(&self, name: &str) -> Arc<Route> {
         self.routes

@@ -164,7 +164,29 @@ impl MutationRecord {
         self.finished_at_ms = Some(now_ms);
         self.forget_request();
     }
+
+    /// Like [`Self::mark_dropped`], for a dead letter an operator edited and retried as
+    /// `new_key`: the outcome points to it.
+    pub fn mark_superseded(&mut self, now_ms: u64, new_key: &str) {
+        self.mark_dropped(now_ms);
+        self.outcome = Some(format!("{SUPERSEDED_PREFIX}{new_key}"));
+    }
 }
+
+/// An operator's edit of a dead letter ([`Store::edit_dead_letter`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeadLetterEdit {
+    /// The body is unchanged: its request headers become these and it goes back to the tail of
+    /// its partition under the same key, like [`Store::retry_dead_letter`].
+    Headers(Vec<(String, Bytes)>),
+    /// The body was edited, and the edited request was enqueued under this new key: the dead
+    /// letter leaves the list and is finished (`rejected`, outcome `edited: retried as <key>`),
+    /// keeping neither body nor credentials.
+    Superseded(String),
+}
+
+/// The outcome of a dead letter an operator edited and retried under a new key, before that key.
+pub const SUPERSEDED_PREFIX: &str = "edited: retried as ";
 
 /// What [`Store::enqueue`] did.
 #[derive(Debug, Clone, PartialEq)]
@@ -262,6 +284,10 @@ pub trait Store: Send + Sync + 'static {
     /// it carries. False when the key is not pending.
     async fn retry_pending(&self, key: &str) -> Result<bool, StoreError>;
 
+    /// An operator's edited retry of a dead letter (see [`DeadLetterEdit`]). False when the key
+    /// is not a dead letter.
+    async fn edit_dead_letter(&self, key: &str, edit: DeadLetterEdit) -> Result<bool, StoreError>;
+
     /// An operator's drop of a pending item or a dead letter: it leaves its partition or the
     /// dead-letter list and is kept as a finished record (`rejected`, outcome "dropped by
     /// operator") for the retention period, so its key still answers. False when the key is
@@ -312,6 +338,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Counters.
     async fn stats(&self) -> Result<StoreStats, StoreError>;
+
+    /// Pending items per partition that holds any, for metrics. The default reads every
+    /// pending record; backends that count cheaply override it.
+    async fn partition_depths(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut depths = Vec::new();
+        for partition in self.pending_partitions().await? {
+            let n = self.peek(&partition, usize::MAX).await?.len() as u64;
+            depths.push((partition, n));
+        }
+        Ok(depths)
+    }
 }
 
 /// Milliseconds since the Unix epoch.

@@ -45,6 +45,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     partitions_are_independent_fifos(&*store).await;
     finish_and_dead_letters(&*store).await;
     operator_retry_and_drop(&*store).await;
+    dead_letter_edits(&*store).await;
     cache_roundtrip(&*store).await;
 }
 
@@ -171,6 +172,61 @@ async fn finish_and_dead_letters(store: &dyn Store) {
     assert!(purged >= 3, "purged {purged}");
     assert!(store.mutation("f1").await.unwrap().is_none());
     assert!(store.mutation("d1").await.unwrap().is_none());
+}
+
+async fn dead_letter_edits(store: &dyn Store) {
+    use super::{DeadLetterEdit, SUPERSEDED_PREFIX};
+    for key in ["e1", "e2"] {
+        store.enqueue(record(key, "pe")).await.unwrap();
+    }
+    let lease = store.acquire("pe").await.unwrap().expect("lease");
+    for mut r in store.peek("pe", 10).await.unwrap() {
+        r.status = MutationStatus::Rejected;
+        r.finished_at_ms = Some(now_ms());
+        store.finish(&lease, &r).await.unwrap();
+    }
+    store.release(&lease).await.unwrap();
+    // Same body, edited headers: back on the queue under its key, with the new headers.
+    let headers = vec![("x-fixed".to_string(), Bytes::from_static(b"yes"))];
+    let edit = DeadLetterEdit::Headers(headers.clone());
+    assert!(store.edit_dead_letter("e1", edit.clone()).await.unwrap());
+    assert!(
+        !store.edit_dead_letter("e1", edit).await.unwrap(),
+        "no longer a dead letter"
+    );
+    let queued = store.peek("pe", 10).await.unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].key, "e1");
+    assert_eq!(queued[0].request.headers, headers);
+    assert_eq!(queued[0].request.body, record("e1", "pe").request.body);
+    // Edited body: the dead letter points to the new key and keeps no body.
+    let superseded = DeadLetterEdit::Superseded("e2.edit-1".into());
+    assert!(
+        !store
+            .edit_dead_letter("e1", superseded.clone())
+            .await
+            .unwrap(),
+        "pending"
+    );
+    assert!(store.edit_dead_letter("e2", superseded).await.unwrap());
+    let old = store.mutation("e2").await.unwrap().expect("kept");
+    assert_eq!(old.status, MutationStatus::Rejected);
+    assert_eq!(old.outcome, Some(format!("{SUPERSEDED_PREFIX}e2.edit-1")));
+    assert!(old.request.body.is_empty());
+    assert!(
+        store
+            .dead_letters(10)
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.key != "e2")
+    );
+    let lease = store.acquire("pe").await.unwrap().expect("lease");
+    let mut e1 = store.peek("pe", 1).await.unwrap().remove(0);
+    e1.status = MutationStatus::Succeeded;
+    e1.finished_at_ms = Some(now_ms());
+    store.finish(&lease, &e1).await.unwrap();
+    store.release(&lease).await.unwrap();
 }
 
 async fn operator_retry_and_drop(store: &dyn Store) {

@@ -62,7 +62,8 @@ use tokio::sync::oneshot;
 
 use super::codec::{decode, encode};
 use super::{
-    Enqueued, Lease, MutationRecord, MutationStatus, Store, StoreError, StoreStats, now_ms,
+    DeadLetterEdit, Enqueued, Lease, MutationRecord, MutationStatus, Store, StoreError, StoreStats,
+    now_ms,
 };
 
 const MUTATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("mutations");
@@ -119,6 +120,7 @@ enum Op {
     RetryDeadLetter(String, Reply<bool>),
     RetryPending(String, Reply<bool>),
     Drop(String, Reply<bool>),
+    EditDeadLetter(String, DeadLetterEdit, Reply<bool>),
     Purge(u64, Reply<u64>),
     CachePut(Vec<u8>, Bytes, u64),
     CacheTouch(Vec<u8>),
@@ -139,9 +141,11 @@ enum Class {
 impl Op {
     fn class(&self, progress_sync: Duration) -> Class {
         match self {
-            Op::Enqueue(..) | Op::RetryDeadLetter(..) | Op::RetryPending(..) | Op::Drop(..) => {
-                Class::Now
-            }
+            Op::Enqueue(..)
+            | Op::RetryDeadLetter(..)
+            | Op::RetryPending(..)
+            | Op::Drop(..)
+            | Op::EditDeadLetter(..) => Class::Now,
             Op::RecordForwarded(..) | Op::Update(..) | Op::Finish(..) => {
                 if progress_sync.is_zero() {
                     Class::Now
@@ -165,7 +169,10 @@ impl Op {
             Op::RecordForwarded(_, reply) | Op::Update(_, reply) | Op::Finish(_, reply) => {
                 let _ = reply.send(refused(why));
             }
-            Op::RetryDeadLetter(_, reply) | Op::RetryPending(_, reply) | Op::Drop(_, reply) => {
+            Op::RetryDeadLetter(_, reply)
+            | Op::RetryPending(_, reply)
+            | Op::Drop(_, reply)
+            | Op::EditDeadLetter(_, _, reply) => {
                 let _ = reply.send(refused(why));
             }
             Op::Purge(_, reply) => {
@@ -428,6 +435,16 @@ impl Store for EmbeddedStore {
         Ok(counters.pending.get(partition).is_some_and(|n| *n > 0))
     }
 
+    async fn partition_depths(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let counters = self.counters.lock().map_err(|_| StoreError::Closed)?;
+        Ok(counters
+            .pending
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(p, n)| (p.clone(), *n))
+            .collect())
+    }
+
     async fn peek(&self, partition: &str, limit: usize) -> Result<Vec<MutationRecord>, StoreError> {
         let partition = partition.to_string();
         self.read(move |db| {
@@ -507,6 +524,11 @@ impl Store for EmbeddedStore {
     async fn drop_mutation(&self, key: &str) -> Result<bool, StoreError> {
         let key = key.to_string();
         self.call(|r| Op::Drop(key, r)).await
+    }
+
+    async fn edit_dead_letter(&self, key: &str, edit: DeadLetterEdit) -> Result<bool, StoreError> {
+        let key = key.to_string();
+        self.call(|r| Op::EditDeadLetter(key, edit, r)).await
     }
 
     async fn purge_finished(&self, before_ms: u64) -> Result<u64, StoreError> {
@@ -859,7 +881,7 @@ impl Writer {
                 Ok(effect) => (effect, answer(reply, Ok(()))),
                 Err(e) => (Effect::None, answer(reply, Err(e))),
             },
-            Op::RetryDeadLetter(key, reply) => match retry_dead_letter(txn, &key) {
+            Op::RetryDeadLetter(key, reply) => match retry_dead_letter(txn, &key, None) {
                 Ok(Some(effect)) => (effect, answer(reply, Ok(true))),
                 Ok(None) => (Effect::None, answer(reply, Ok(false))),
                 Err(e) => (Effect::None, answer(reply, Err(e))),
@@ -868,11 +890,22 @@ impl Writer {
                 let r = retry_pending(txn, &key);
                 (Effect::None, answer(reply, r))
             }
-            Op::Drop(key, reply) => match drop_mutation(txn, &key) {
+            Op::Drop(key, reply) => match drop_mutation(txn, &key, None) {
                 Ok(Some(effect)) => (effect, answer(reply, Ok(true))),
                 Ok(None) => (Effect::None, answer(reply, Ok(false))),
                 Err(e) => (Effect::None, answer(reply, Err(e))),
             },
+            Op::EditDeadLetter(key, edit, reply) => {
+                let r = match edit {
+                    DeadLetterEdit::Headers(h) => retry_dead_letter(txn, &key, Some(h)),
+                    DeadLetterEdit::Superseded(new) => drop_mutation(txn, &key, Some(&new)),
+                };
+                match r {
+                    Ok(Some(effect)) => (effect, answer(reply, Ok(true))),
+                    Ok(None) => (Effect::None, answer(reply, Ok(false))),
+                    Err(e) => (Effect::None, answer(reply, Err(e))),
+                }
+            }
             Op::Purge(before, reply) => {
                 let r = purge(txn, before);
                 (Effect::None, answer(reply, r))
@@ -1046,7 +1079,12 @@ fn finish(txn: &WriteTransaction, record: &MutationRecord) -> Result<Effect, Sto
     Ok(Effect::Unqueued(record.partition.clone()))
 }
 
-fn retry_dead_letter(txn: &WriteTransaction, key: &str) -> Result<Option<Effect>, StoreError> {
+/// Back to the tail of its partition; with `headers`, an operator's edit of its headers.
+fn retry_dead_letter(
+    txn: &WriteTransaction,
+    key: &str,
+    headers: Option<Vec<(String, Bytes)>>,
+) -> Result<Option<Effect>, StoreError> {
     let Some(mut record) = txn
         .open_table(MUTATIONS)?
         .get(key)?
@@ -1067,6 +1105,9 @@ fn retry_dead_letter(txn: &WriteTransaction, key: &str) -> Result<Option<Effect>
     record.attempts = 0;
     record.next_attempt_at_ms = 0;
     record.finished_at_ms = None;
+    if let Some(headers) = headers {
+        record.request.headers = headers;
+    }
     put_record(txn, &record)?;
     txn.open_table(QUEUE)?
         .insert((record.partition.as_str(), seq), key)?;
@@ -1107,11 +1148,17 @@ fn retry_pending(txn: &WriteTransaction, key: &str) -> Result<bool, StoreError> 
     Ok(true)
 }
 
-fn drop_mutation(txn: &WriteTransaction, key: &str) -> Result<Option<Effect>, StoreError> {
+/// An operator's drop of a pending item or dead letter; with `superseded_by`, of a dead letter
+/// retried under that new key.
+fn drop_mutation(
+    txn: &WriteTransaction,
+    key: &str,
+    superseded_by: Option<&str>,
+) -> Result<Option<Effect>, StoreError> {
     let Some(mut record) = get_for_update(txn, key)? else {
         return Ok(None);
     };
-    let effect = if is_queued(txn, &record)? {
+    let effect = if superseded_by.is_none() && is_queued(txn, &record)? {
         txn.open_table(QUEUE)?
             .remove((record.partition.as_str(), record.seq))?;
         Effect::Unqueued(record.partition.clone())
@@ -1122,7 +1169,10 @@ fn drop_mutation(txn: &WriteTransaction, key: &str) -> Result<Option<Effect>, St
         return Ok(None);
     };
     let now = now_ms();
-    record.mark_dropped(now);
+    match superseded_by {
+        Some(new_key) => record.mark_superseded(now, new_key),
+        None => record.mark_dropped(now),
+    }
     put_record(txn, &record)?;
     txn.open_table(FINISHED)?.insert((now, key), ())?;
     Ok(Some(effect))

@@ -130,7 +130,8 @@ use tokio::sync::{Semaphore, oneshot};
 
 use super::codec::{decode, encode};
 use super::{
-    Enqueued, Lease, MutationRecord, MutationStatus, Store, StoreError, StoreStats, now_ms,
+    DeadLetterEdit, Enqueued, Lease, MutationRecord, MutationStatus, Store, StoreError, StoreStats,
+    now_ms,
 };
 use crate::config::StoreConfig;
 
@@ -1179,13 +1180,21 @@ impl Shared {
         blobs.into_iter().flatten().map(|b| decode(&b)).collect()
     }
 
-    async fn retry_dead_letter_inner(&self, key: &str) -> Result<bool, StoreError> {
+    /// Back to the tail of its partition; with `headers`, an operator's edit of its headers.
+    async fn retry_dead_letter_inner(
+        &self,
+        key: &str,
+        headers: Option<Vec<(String, Bytes)>>,
+    ) -> Result<bool, StoreError> {
         let mut conn = self.durable.clone();
         let Some(mut record) = self.mutation_inner(key).await? else {
             return Ok(false);
         };
         if !record.status.is_dead_letter() {
             return Ok(false);
+        }
+        if let Some(headers) = headers {
+            record.request.headers = headers;
         }
         self.register(&mut conn, &record.partition).await?;
         let pk = self.keys.partition(&record.partition);
@@ -1285,7 +1294,12 @@ impl Shared {
     /// Operator's drop of a pending item or a dead letter (no lease, as for
     /// [`Self::retry_pending_inner`]). The replayer's later `update`/`finish` of a dropped item
     /// find it gone from the queue and change nothing.
-    async fn drop_mutation_inner(&self, key: &str) -> Result<bool, StoreError> {
+    /// With `superseded_by`, only a dead letter, retried under that new key.
+    async fn drop_mutation_inner(
+        &self,
+        key: &str,
+        superseded_by: Option<&str>,
+    ) -> Result<bool, StoreError> {
         let mut conn = self.durable.clone();
         for _ in 0..CAS_ATTEMPTS {
             let Some((partition, blob)) = self.raw_record(&mut conn, key).await? else {
@@ -1294,11 +1308,18 @@ impl Shared {
             let mut record = decode(&blob)?;
             // Cheap pre-filter; the script decides by the queue and dead-letter lists (a
             // forwarded record may carry a dead-letter status without being on the list).
-            if !record.status.is_pending() && !record.status.is_dead_letter() {
+            let droppable = match superseded_by {
+                Some(_) => record.status.is_dead_letter(),
+                None => record.status.is_pending() || record.status.is_dead_letter(),
+            };
+            if !droppable {
                 return Ok(false);
             }
             let now = now_ms();
-            record.mark_dropped(now);
+            match superseded_by {
+                Some(new_key) => record.mark_superseded(now, new_key),
+                None => record.mark_dropped(now),
+            }
             let pk = self.keys.partition(&partition);
             let answer: i64 = DROP
                 .key(pk.record(key))
@@ -1509,6 +1530,29 @@ impl Store for RedisStore {
         .await
     }
 
+    async fn partition_depths(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let shared = &self.shared;
+        within("partition_depths", Duration::ZERO, async {
+            let mut conn = shared.conn.clone();
+            let registry = shared.registry(&mut conn).await?;
+            if registry.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut pipe = redis::pipe();
+            for (p, _) in &registry {
+                pipe.cmd("ZCARD").arg(shared.keys.partition(p).queue());
+            }
+            let counts: Vec<u64> = pipe.query_async(&mut conn).await?;
+            Ok(registry
+                .into_iter()
+                .zip(counts)
+                .filter(|(_, n)| *n > 0)
+                .map(|((p, _), n)| (p, n))
+                .collect())
+        })
+        .await
+    }
+
     async fn partition_has_pending(&self, partition: &str) -> Result<bool, StoreError> {
         let mut conn = self.shared.conn.clone();
         let queue = self.shared.keys.partition(partition).queue();
@@ -1579,7 +1623,7 @@ impl Store for RedisStore {
         within(
             "retry_dead_letter",
             self.shared.replica_timeout,
-            self.shared.retry_dead_letter_inner(key),
+            self.shared.retry_dead_letter_inner(key, None),
         )
         .await
     }
@@ -1597,8 +1641,21 @@ impl Store for RedisStore {
         within(
             "drop_mutation",
             self.shared.replica_timeout,
-            self.shared.drop_mutation_inner(key),
+            self.shared.drop_mutation_inner(key, None),
         )
+        .await
+    }
+
+    async fn edit_dead_letter(&self, key: &str, edit: DeadLetterEdit) -> Result<bool, StoreError> {
+        let shared = &self.shared;
+        within("edit_dead_letter", shared.replica_timeout, async {
+            match edit {
+                DeadLetterEdit::Headers(h) => shared.retry_dead_letter_inner(key, Some(h)).await,
+                DeadLetterEdit::Superseded(new) => {
+                    shared.drop_mutation_inner(key, Some(&new)).await
+                }
+            }
+        })
         .await
     }
 
