@@ -43,6 +43,55 @@ enum Command {
         /// The TOML file.
         file: PathBuf,
     },
+    /// Operate on a running instance through its admin API (token from OUTPOST_ADMIN_TOKEN).
+    /// Exit codes: 0 done, 1 not found / refused / unreachable, 2 usage.
+    Queue(QueueArgs),
+}
+
+#[derive(clap::Args)]
+struct QueueArgs {
+    /// Admin API base URL.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:9901")]
+    admin: String,
+    /// Print the admin API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    action: QueueAction,
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// Pending mutations, oldest first per partition.
+    List,
+    /// One mutation's status document, whatever its state.
+    Show {
+        /// Its idempotency key.
+        key: String,
+    },
+    /// Send a pending mutation now, or put a dead letter back at the tail of its partition
+    /// (edited with --body / --header: a new key when the body changes).
+    Retry {
+        /// Its idempotency key.
+        key: String,
+        /// New body for a dead letter (JSON is sent as given; anything else as text).
+        #[arg(long)]
+        body: Option<String>,
+        /// Header to set on a dead letter (`Name: value`; `Name:` removes it); repeatable.
+        #[arg(long = "header", value_name = "NAME: VALUE")]
+        headers: Vec<String>,
+    },
+    /// Drop a pending mutation or a dead letter (kept as rejected, "dropped by operator").
+    Drop {
+        /// Its idempotency key.
+        key: String,
+    },
+    /// The dead-letter list, with the upstream's answers.
+    DeadLetters,
+    /// Pause replay.
+    Pause,
+    /// Resume replay.
+    Resume,
 }
 
 #[derive(clap::Args)]
@@ -70,7 +119,7 @@ struct ServeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo narrates on stdout; its logs stay quiet unless RUST_LOG asks.
-    let default_level = if matches!(cli.command, Command::Demo) {
+    let default_level = if matches!(cli.command, Command::Demo | Command::Queue(_)) {
         "error"
     } else {
         "info"
@@ -103,6 +152,7 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
+        Command::Queue(args) => queue(args),
         Command::Demo => run(|| async {
             outpost::demo::run()
                 .await
@@ -131,6 +181,71 @@ where
         Err(StartError::Config(e)) => {
             eprintln!("error: {e}");
             ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn queue(args: QueueArgs) -> ExitCode {
+    use outpost::admin::client::{self, Command as Q};
+    let command = match args.action {
+        QueueAction::List => Q::List,
+        QueueAction::Show { key } => Q::Show(key),
+        QueueAction::Retry { key, body, headers } => {
+            let mut edit = serde_json::Map::new();
+            if let Some(body) = body {
+                // JSON stays JSON; anything else is sent as text.
+                let value = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
+                edit.insert("body".into(), value);
+            }
+            let mut set = serde_json::Map::new();
+            for h in headers {
+                let Some((name, value)) = h.split_once(':') else {
+                    eprintln!("error: --header {h:?} is not `Name: value`");
+                    return ExitCode::from(2);
+                };
+                let value = value.trim();
+                let value = if value.is_empty() {
+                    serde_json::Value::Null
+                } else {
+                    serde_json::Value::String(value.to_string())
+                };
+                set.insert(name.trim().to_string(), value);
+            }
+            if !set.is_empty() {
+                edit.insert("headers".into(), serde_json::Value::Object(set));
+            }
+            let edit = (!edit.is_empty()).then_some(serde_json::Value::Object(edit));
+            Q::Retry { key, edit }
+        }
+        QueueAction::Drop { key } => Q::Drop(key),
+        QueueAction::DeadLetters => Q::DeadLetters,
+        QueueAction::Pause => Q::Pause,
+        QueueAction::Resume => Q::Resume,
+    };
+    let token = std::env::var("OUTPOST_ADMIN_TOKEN").ok();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(client::run(
+        &args.admin,
+        token.as_deref(),
+        &command,
+        args.json,
+    )) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("error: {e}");

@@ -131,6 +131,9 @@ pub struct Metrics {
     auth_required: Counter,
     outages: Counter,
     outage: Mutex<Outage>,
+    /// Partition labels set at the last scrape: those gone since are set to 0 (and dropped
+    /// once idle).
+    labelled: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -199,6 +202,7 @@ impl Metrics {
             auth_required: counter("outpost_auth_required_total", &[]),
             outages: counter("outpost_upstream_outages_total", &[]),
             outage: Mutex::new(Outage::default()),
+            labelled: Mutex::new(Vec::new()),
             handle,
             recorder,
         }
@@ -325,16 +329,26 @@ impl Metrics {
         gauge("outpost_cache_entries", &[("tier", "memory")]).set(entries as f64);
         gauge("outpost_cache_bytes", &[("tier", "memory")]).set(bytes as f64);
         let global_oldest = snapshot.store.as_ref().and_then(|s| s.oldest_pending_ms);
-        for (partition, depth, oldest) in capped_partitions(&snapshot.partitions, global_oldest) {
-            gauge("outpost_queue_depth", &[("partition", partition)]).set(depth as f64);
-            if let Some(oldest) = oldest {
-                gauge(
-                    "outpost_queue_oldest_age_seconds",
-                    &[("partition", partition)],
-                )
-                .set(age_seconds(oldest, crate::store::now_ms()));
-            }
+        let capped = capped_partitions(&snapshot.partitions, global_oldest);
+        let mut labelled = self.labelled.lock().unwrap_or_else(|e| e.into_inner());
+        for gone in labelled
+            .iter()
+            .filter(|p| !capped.iter().any(|(c, _, _)| c == p))
+        {
+            gauge("outpost_queue_depth", &[("partition", gone)]).set(0.0);
+            gauge("outpost_queue_oldest_age_seconds", &[("partition", gone)]).set(0.0);
         }
+        for (partition, depth, oldest) in &capped {
+            gauge("outpost_queue_depth", &[("partition", partition)]).set(*depth as f64);
+            let age = oldest.map_or(0.0, |t| age_seconds(t, crate::store::now_ms()));
+            gauge(
+                "outpost_queue_oldest_age_seconds",
+                &[("partition", partition)],
+            )
+            .set(age);
+        }
+        *labelled = capped.iter().map(|(p, _, _)| p.to_string()).collect();
+        drop(labelled);
         for (listener, c) in &snapshot.connections {
             let l = [("listener", *listener)];
             gauge("outpost_connections_open", &l).set(c.open as f64);

@@ -153,7 +153,10 @@ impl MutationRecord {
     /// tokens at rest). Dead letters keep both, for a retry.
     pub fn forget_request(&mut self) {
         self.request.body = Bytes::new();
-        self.request.headers.clear();
+        // The operator's edit marker is no secret, and the status document shows it.
+        self.request
+            .headers
+            .retain(|(n, _)| n == EDITED_FROM_HEADER);
     }
 
     /// Turn the record into an operator's drop at `now_ms`: finished as `rejected`, kept for
@@ -184,6 +187,10 @@ pub enum DeadLetterEdit {
     /// keeping neither body nor credentials.
     Superseded(String),
 }
+
+/// The request header of a retry an operator edited, naming the key it was edited from (kept
+/// when the record is finished).
+pub const EDITED_FROM_HEADER: &str = "outpost-edited-from";
 
 /// The outcome of a dead letter an operator edited and retried under a new key, before that key.
 pub const SUPERSEDED_PREFIX: &str = "edited: retried as ";

@@ -27,7 +27,7 @@ use crate::events::Event;
 use crate::store::{DeadLetterEdit, Enqueued, MutationRecord, MutationStatus, now_ms};
 
 /// The request header naming the key an edited retry came from.
-pub const EDITED_FROM: &str = "outpost-edited-from";
+pub const EDITED_FROM: &str = crate::store::EDITED_FROM_HEADER;
 
 /// Headers an edit may not touch.
 const FIXED: &[&str] = &[

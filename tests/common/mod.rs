@@ -17,7 +17,9 @@ use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub use process::{OUTPOST_BIN, OutpostProcess, OutputExt, run_outpost, run_outpost_timeout};
+pub use process::{
+    OUTPOST_BIN, OutpostProcess, OutputExt, run_outpost, run_outpost_timeout, run_outpost_with_env,
+};
 pub use redis_server::{RedisOptions, RedisServer};
 pub use upstream::{
     Applied, BYTES_CHUNK, Ending, Fault, RecordedRequest, RequestEnd, ScriptedResponse, TestPki,

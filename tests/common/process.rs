@@ -363,12 +363,21 @@ pub fn run_outpost(args: &[&str]) -> Output {
 /// Like [`run_outpost`] with a custom time limit (the process is killed and the call panics
 /// when it is exceeded).
 pub fn run_outpost_timeout(args: &[&str], timeout: Duration) -> Output {
+    run_outpost_with_env(args, &[], timeout)
+}
+
+/// Like [`run_outpost_timeout`] with extra environment variables (e.g. `OUTPOST_ADMIN_TOKEN`).
+pub fn run_outpost_with_env(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
     let mut cmd = std::process::Command::new(OUTPOST_BIN);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    prepare_env(&mut cmd, &[]);
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    prepare_env(&mut cmd, &env);
     let child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {OUTPOST_BIN}: {e}"));
