@@ -752,3 +752,80 @@ async fn queue_cli_lists_shows_retries_drops_pauses_and_says_what_happened() {
     let out = cli(&["retry", "cli-3"], Some("cli-token"));
     assert_eq!(out.code(), Some(1), "no longer a dead letter");
 }
+
+/// #16 point 4: the status page in a real headless browser (chromium via chromedriver): it
+/// asks for the token once, shows the queue depth change when a write is queued during an
+/// outage, and retries a dead letter from its button; pause and resume work from the page.
+#[tokio::test]
+async fn status_page_in_a_headless_browser_shows_the_queue_and_retries_a_dead_letter() {
+    let browser = match Browser::start().await {
+        Ok(b) => b,
+        Err(why) if std::env::var_os("CI").is_some() => panic!("status page test needs: {why}"),
+        Err(why) => {
+            eprintln!("SKIPPED status_page_in_a_headless_browser_…: {why}");
+            return;
+        }
+    };
+    let s = Setup::start("token = \"page-token\"", false).await;
+    let t = Duration::from_secs(20);
+    browser.goto(&format!("{}/", s.outpost.admin_url())).await;
+    browser.wait_for("#token-form", t).await;
+    browser.type_into("#token-input", "page-token").await;
+    browser.click("#token-form button[type=submit]").await;
+    browser.wait_for("#main", t).await;
+    browser.wait_text("#queue-depth", t, |v| v == "0").await;
+    browser.wait_text("#stream-state", t, |v| v == "live").await;
+    assert_eq!(
+        browser
+            .eval("return sessionStorage.getItem('outpost-admin-token')")
+            .await,
+        json!("page-token")
+    );
+
+    s.upstream.script(
+        "/apply/page/a",
+        vec![
+            ScriptedResponse::json(
+                422,
+                json!({"errors": [{"message": "qty must be positive"}]}),
+            ),
+            ScriptedResponse::passthrough(),
+        ],
+    );
+    s.queue("/apply/page/a", "page-a", r#"{"qty":0}"#).await;
+    browser.wait_text("#queue-depth", t, |v| v == "1").await;
+    browser
+        .wait_text("#upstream-state", t, |v| v.contains("offline"))
+        .await;
+    browser
+        .wait_text("#queue tbody", t, |v| v.contains("page-a"))
+        .await;
+    let png = browser.screenshot().await;
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page-outage.png");
+    std::fs::write(&shot, png).expect("write the screenshot");
+    eprintln!("screenshot during the outage: {}", shot.display());
+
+    s.upstream.restart().await;
+    let row = "#dead-letters tbody tr[data-key=\"page-a\"]";
+    browser.wait_for(row, t).await;
+    browser.wait_text("#dead-count", t, |v| v == "1").await;
+    browser.wait_text(row, t, |v| v.contains("422")).await;
+    browser
+        .wait_text("#upstream-state", t, |v| v.contains("online"))
+        .await;
+    browser.click(&format!("{row} button.retry")).await;
+    browser.wait_text("#dead-count", t, |v| v == "0").await;
+    let applied = s.upstream.wait_applied(1, WAIT).await;
+    assert_eq!(applied[0].key, "page-a");
+    browser
+        .wait_text("#recent", t, |v| v.contains("page-a → success (201)"))
+        .await;
+
+    browser.click("#pause").await;
+    browser.wait_for("#paused-state", t).await;
+    assert_eq!(s.status().await["paused"], true);
+    browser.click("#resume").await;
+    s.wait_status("resumed", |st| st["paused"] == false).await;
+    browser.quit().await;
+}

@@ -4,11 +4,13 @@
 //!   on the same port.
 //! - [`OutpostProcess`] / [`run_outpost`]: the real `outpost` binary as a child process.
 //! - [`RedisServer`]: a private `redis-server` on a free loopback port.
+//! - [`Browser`]: headless chromium through chromedriver (WebDriver), for the status page.
 //! - [`client`], [`free_port`], [`eventually`]: small helpers.
 //!
 //! Everything binds to `127.0.0.1` only.
 #![allow(dead_code, unused_imports)]
 
+pub mod browser;
 pub mod process;
 pub mod redis_server;
 pub mod upstream;
@@ -17,6 +19,7 @@ use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+pub use browser::Browser;
 pub use process::{
     OUTPOST_BIN, OutpostProcess, OutputExt, run_outpost, run_outpost_timeout, run_outpost_with_env,
 };
