@@ -219,4 +219,29 @@ mod tests {
         );
         assert_eq!(text.matches("id: ").count(), 2, "{text}");
     }
+
+    #[tokio::test]
+    async fn a_client_that_reads_nothing_holds_up_no_emitter_and_learns_what_it_missed() {
+        let events = Events::with_capacity(16);
+        let after = events.newest_id();
+        let mut body = response(
+            events.clone(),
+            after,
+            Duration::from_secs(60),
+            Shutdown::new(),
+        )
+        .into_body();
+        next_text(&mut body).await;
+        // Nobody reads while 100 000 events are emitted: emitting never waits for the client.
+        for _ in 0..100_000 {
+            events.emit(Event::Paused);
+        }
+        let text = next_text(&mut body).await;
+        assert!(
+            text.starts_with(&format!("data: {{\"type\":\"missed\",\"after\":{after}}}")),
+            "{text}"
+        );
+        assert_eq!(text.matches("id: ").count(), 16, "only what is kept");
+        assert!(text.contains(&format!("id: {}", after + 100_000)), "{text}");
+    }
 }
