@@ -26,6 +26,8 @@
 //!   send `Origin` with every cross-origin POST, including "simple" `text/plain` ones that
 //!   need no preflight; tools (curl, the `outpost queue` CLI) send none.
 //! - With `admin.token` set, every request needs `Authorization: Bearer <token>`: 401 otherwise.
+//!   Except `GET /healthz`, `GET /readyz` and the status page's own files (no data in them; the
+//!   page then asks for the token). A token is never taken from a URL.
 //!   The SHA-256 digests of the given and the configured token are compared in constant time
 //!   (`subtle`), so neither the token's content nor its length shows in the timing.
 //!
