@@ -244,6 +244,9 @@ async fn admin_routes_need_the_token_except_probes_and_the_page_files() {
     }
     for (method, path) in [
         (reqwest::Method::POST, "/sync/pause"),
+        (reqwest::Method::POST, "/sync/resume"),
+        (reqwest::Method::POST, "/queue/x/retry"),
+        (reqwest::Method::DELETE, "/queue/x"),
         (reqwest::Method::POST, "/dead-letters/x/retry"),
         (reqwest::Method::DELETE, "/dead-letters/x"),
     ] {
@@ -265,6 +268,22 @@ async fn admin_routes_need_the_token_except_probes_and_the_page_files() {
     }
     let (status, _) = s.admin_json(reqwest::Method::GET, "/mutations/none").await;
     assert_eq!(status, 404);
+    for (method, path) in [
+        (reqwest::Method::POST, "/queue/none/retry"),
+        (reqwest::Method::DELETE, "/queue/none"),
+        (reqwest::Method::POST, "/dead-letters/none/retry"),
+        (reqwest::Method::DELETE, "/dead-letters/none"),
+    ] {
+        let (status, _) = s.admin_json(method, path).await;
+        assert_eq!(
+            status, 404,
+            "{path} with the token: passed the check, key unknown"
+        );
+    }
+    for path in ["/sync/pause", "/sync/resume"] {
+        let (status, _) = s.admin_json(reqwest::Method::POST, path).await;
+        assert_eq!(status, 200, "{path} with the token");
+    }
     for path in [
         "/healthz",
         "/readyz",
