@@ -33,14 +33,20 @@ pub enum StartError {
     #[error("config: {0}")]
     Config(String),
     /// The store could not be opened or reached.
-    #[error("store: {0}")]
+    #[error("store")]
     Store(#[from] crate::error::StoreError),
     /// A listener could not be bound.
-    #[error("{0}")]
+    #[error("cannot listen")]
     Bind(#[from] std::io::Error),
-    /// The upstream client or TLS could not be set up.
-    #[error("{0}")]
-    Setup(String),
+    /// The upstream client could not be set up.
+    #[error("upstream client")]
+    Upstream(#[from] crate::upstream::SetupError),
+    /// The proxy listener's TLS could not be set up.
+    #[error("proxy listener")]
+    Tls(#[from] server::TlsError),
+    /// `outpost demo` failed.
+    #[error("demo")]
+    Demo(#[source] crate::demo::DemoError),
 }
 
 /// A running outpost.
@@ -76,10 +82,8 @@ impl App {
                     None,
                 ),
             };
-        let upstream =
-            Upstream::new(&config.upstream).map_err(|e| StartError::Setup(e.to_string()))?;
-        let tls =
-            server::tls_acceptor(&config.proxy).map_err(|e| StartError::Setup(e.to_string()))?;
+        let upstream = Upstream::new(&config.upstream)?;
+        let tls = server::tls_acceptor(&config.proxy)?;
         let parts = Parts::new(
             config.clone(),
             routes.clone(),
@@ -99,7 +103,7 @@ impl App {
         let admin_listener = server::bind(config.admin.listen).await?;
         let proxy_addr = proxy_listeners
             .first()
-            .ok_or_else(|| StartError::Setup("no proxy listener".into()))?
+            .ok_or_else(|| std::io::Error::other("no proxy listener was bound"))?
             .local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
         let proxy_connections = Connections::new(

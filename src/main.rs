@@ -103,11 +103,7 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
-        Command::Demo => run(|| async {
-            outpost::demo::run()
-                .await
-                .map_err(|e| StartError::Setup(e.to_string()))
-        }),
+        Command::Demo => run(|| async { outpost::demo::run().await.map_err(StartError::Demo) }),
     }
 }
 
@@ -133,7 +129,7 @@ where
             ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", outpost::error::report(&e));
             ExitCode::FAILURE
         }
     }

@@ -33,6 +33,7 @@ use crate::activity::Activity;
 use crate::body::{self, Collected};
 use crate::config::Config;
 use crate::credentials::Credentials;
+use crate::error::report;
 use crate::events::{Event, Events};
 use crate::health::Health;
 use crate::parts::Parts;
@@ -617,7 +618,7 @@ impl Replayer {
                 Ok(()) => return Ok(true),
                 // Dropped by an operator (or finished elsewhere) meanwhile: nothing to keep.
                 Err(StoreError::NotQueued { .. }) => return Ok(false),
-                Err(e @ StoreError::LeaseLost { .. }) => return Err(e),
+                Err(e) if !e.retryable() => return Err(e),
                 Err(e) => e,
             };
             tracing::warn!(
@@ -711,16 +712,16 @@ impl Replayer {
         let req = self.upstream.request_from_stored(&item.request, &extra);
         let resp = match crate::upstream::call(&self.service, req).await {
             Ok(resp) => resp,
-            Err(e @ ForwardError::Connect(_)) => return Sent::Refused(e.to_string()),
+            Err(e @ ForwardError::Connect(_)) => return Sent::Refused(report(&e)),
             Err(e @ ForwardError::Timeout(_)) => {
                 return Sent::Ambiguous {
-                    reason: e.to_string(),
+                    reason: report(&e),
                     timeout: true,
                 };
             }
             Err(e @ ForwardError::Transport(_)) => {
                 return Sent::Ambiguous {
-                    reason: e.to_string(),
+                    reason: report(&e),
                     timeout: false,
                 };
             }

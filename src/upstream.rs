@@ -51,21 +51,29 @@ pub fn call(
     service.clone().oneshot(req)
 }
 
-/// Why a request did not get an upstream answer.
+/// Why a request did not get an upstream answer. Each kind says whether the upstream may have
+/// received the request ([`Self::may_have_been_sent`]): what decides between sending a
+/// mutation again at once and treating it as ambiguous. The client's error is kept as the
+/// source; log it with [`crate::error::report`] to see the whole chain.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
     /// No connection could be made: the request was certainly not sent.
-    #[error("connect: {0}")]
-    Connect(String),
+    #[error("could not connect to the upstream")]
+    Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// No answer within `upstream.request_timeout`: the request may have been applied.
-    #[error("timed out after {0:?}")]
+    #[error("no answer within {0:?}")]
     Timeout(Duration),
     /// The connection failed after the request was (maybe) sent.
-    #[error("transport: {0}")]
-    Transport(TransportError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
 }
 
 impl ForwardError {
+    /// Whether the upstream may have received (and applied) the request.
+    pub fn may_have_been_sent(&self) -> bool {
+        !matches!(self, ForwardError::Connect(_))
+    }
+
     /// Whether the app's own request body failed while it was being sent (cut off at
     /// `proxy.max_body_bytes`, or the app went away): no sign of an upstream outage.
     pub fn request_body_failed(&self) -> bool {
@@ -86,9 +94,10 @@ impl ForwardError {
 
 /// A failure on an established upstream connection, and whether the app's body caused it.
 #[derive(Debug, thiserror::Error)]
-#[error("{message}")]
+#[error("the upstream exchange broke")]
 pub struct TransportError {
-    message: String,
+    #[source]
+    source: hyper_util::client::legacy::Error,
     request_body: Option<RequestBodyFault>,
 }
 
@@ -99,9 +108,9 @@ enum RequestBodyFault {
 }
 
 impl TransportError {
-    fn of(e: &hyper_util::client::legacy::Error) -> Self {
+    fn of(e: hyper_util::client::legacy::Error) -> Self {
         let mut request_body = None;
-        let mut source = std::error::Error::source(e);
+        let mut source = std::error::Error::source(&e);
         while let Some(inner) = source {
             if inner.is::<http_body_util::LengthLimitError>() {
                 request_body = Some(RequestBodyFault::TooLarge);
@@ -116,16 +125,49 @@ impl TransportError {
             source = inner.source();
         }
         Self {
-            message: error_chain(e),
+            source: e,
             request_body,
         }
     }
 }
 
-/// A failure to set up the upstream client.
+/// A failure to set up the upstream client (exit 2 or 1 at start).
 #[derive(Debug, thiserror::Error)]
-#[error("upstream: {0}")]
-pub struct SetupError(String);
+pub enum SetupError {
+    /// `upstream.url` does not parse.
+    #[error("upstream.url is not a URL")]
+    BadUrl(#[source] http::uri::InvalidUri),
+    /// `upstream.url` names no host.
+    #[error("upstream.url has no host")]
+    NoHost,
+    /// The host is not a valid `Host` header value.
+    #[error("upstream.url has a host that is not a valid Host header")]
+    BadHost(#[source] http::header::InvalidHeaderValue),
+    /// `upstream.ca_file` could not be read.
+    #[error("upstream.ca_file {path}: cannot read")]
+    CaFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `upstream.ca_file` holds a certificate that cannot be used.
+    #[error("upstream.ca_file {path}: bad certificate")]
+    CaCertificate {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// `upstream.ca_file` holds no PEM certificate.
+    #[error("upstream.ca_file {0}: no PEM certificates found")]
+    NoCertificates(std::path::PathBuf),
+    /// rustls refused the TLS configuration.
+    #[error("TLS configuration")]
+    Tls(#[source] rustls::Error),
+}
 
 /// The upstream: base URL, pooled keep-alive client, timeouts.
 #[derive(Clone)]
@@ -146,18 +188,11 @@ pub struct Upstream {
 impl Upstream {
     /// Build the client for `config` (TLS roots: webpki, the system's, and `ca_file`).
     pub fn new(config: &UpstreamConfig) -> Result<Self, SetupError> {
-        let uri: Uri = config
-            .url
-            .parse()
-            .map_err(|e| SetupError(format!("bad url: {e}")))?;
+        let uri: Uri = config.url.parse().map_err(SetupError::BadUrl)?;
         let scheme = uri.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP);
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| SetupError("url has no host".into()))?;
+        let authority = uri.authority().cloned().ok_or(SetupError::NoHost)?;
         let base_path = uri.path().trim_end_matches('/').to_string();
-        let host = HeaderValue::from_str(authority.as_str())
-            .map_err(|e| SetupError(format!("bad host: {e}")))?;
+        let host = HeaderValue::from_str(authority.as_str()).map_err(SetupError::BadHost)?;
 
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -277,8 +312,8 @@ impl Upstream {
         match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
             Err(_) => Err(ForwardError::Timeout(self.request_timeout)),
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) if e.is_connect() => Err(ForwardError::Connect(error_chain(&e))),
-            Ok(Err(e)) => Err(ForwardError::Transport(TransportError::of(&e))),
+            Ok(Err(e)) if e.is_connect() => Err(ForwardError::Connect(Box::new(e))),
+            Ok(Err(e)) => Err(ForwardError::Transport(TransportError::of(e))),
         }
     }
 
@@ -400,17 +435,6 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             })
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
-}
-
 fn tls_config(config: &UpstreamConfig) -> Result<rustls::ClientConfig, SetupError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -419,27 +443,28 @@ fn tls_config(config: &UpstreamConfig) -> Result<rustls::ClientConfig, SetupErro
         let _ = roots.add(cert);
     }
     if let Some(path) = &config.ca_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| SetupError(format!("upstream.ca_file {}: {e}", path.display())))?;
+        let pem = std::fs::read(path).map_err(|source| SetupError::CaFile {
+            path: path.clone(),
+            source,
+        })?;
+        let bad = |source: Box<dyn std::error::Error + Send + Sync>| SetupError::CaCertificate {
+            path: path.clone(),
+            source,
+        };
         let mut added = 0;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| SetupError(format!("upstream.ca_file: {e}")))?;
-            roots
-                .add(cert)
-                .map_err(|e| SetupError(format!("upstream.ca_file: {e}")))?;
+            let cert = cert.map_err(|e| bad(Box::new(e)))?;
+            roots.add(cert).map_err(|e| bad(Box::new(e)))?;
             added += 1;
         }
         if added == 0 {
-            return Err(SetupError(format!(
-                "upstream.ca_file {}: no PEM certificates found",
-                path.display()
-            )));
+            return Err(SetupError::NoCertificates(path.clone()));
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| SetupError(e.to_string()))?
+        .map_err(SetupError::Tls)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(tls)
