@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 use crate::body::{self, ProxyBody};
 use crate::config::CacheConfig;
 use crate::context::Identity;
+use crate::store::codec;
 use crate::store::{Store, now_ms};
 
 /// How often an unchanged entry is rewritten to the durable tier at most.
@@ -393,7 +394,7 @@ impl Cache {
             Some(v) => v,
             None => {
                 let blob = self.durable_get(&durable_vary_key(primary)).await?;
-                let names: Vec<String> = postcard::from_bytes(&blob).ok()?;
+                let names: Vec<String> = codec::decode_cached(&blob).ok()?;
                 let names = Arc::new(names);
                 self.vary.insert(*primary, names.clone());
                 names
@@ -404,7 +405,7 @@ impl Cache {
             return Some(hit);
         }
         let blob = self.durable_get(&durable_entry_key(&key)).await?;
-        let entry: CachedResponse = postcard::from_bytes(&blob).ok()?;
+        let entry: CachedResponse = codec::decode_cached(&blob).ok()?;
         let entry = Arc::new(entry);
         self.memory.insert(key, entry.clone());
         Some(entry)
@@ -491,7 +492,7 @@ impl Cache {
         let this = self.clone();
         tokio::spawn(async move {
             if vary_changed
-                && let Ok(blob) = postcard::to_stdvec(&terms.vary)
+                && let Ok(blob) = codec::encode_cached(&terms.vary)
                 && let Err(e) = this
                     .store
                     .cache_put(&durable_vary_key(&primary), Bytes::from(blob), ttl)
@@ -499,7 +500,7 @@ impl Cache {
             {
                 tracing::warn!("durable cache write failed: {e}");
             }
-            match postcard::to_stdvec(&*entry) {
+            match codec::encode_cached(&*entry) {
                 Ok(blob) => {
                     if let Err(e) = this
                         .store
