@@ -18,7 +18,9 @@ use common::{RedisOptions, RedisServer};
 use outpost::config::{Backend, StoreConfig};
 use outpost::store::conformance::{self, record};
 use outpost::store::redis::RedisStore;
-use outpost::store::{Enqueued, MutationStatus, Store, StoreError, now_ms};
+use outpost::store::{
+    Coordination, Enqueued, MutationStatus, Queue, ResponseStore, Store, StoreError, now_ms,
+};
 
 fn config(redis: &RedisServer) -> StoreConfig {
     StoreConfig {

@@ -62,7 +62,8 @@ use tokio::sync::oneshot;
 
 use super::codec::{decode, encode};
 use super::{
-    Enqueued, Lease, MutationRecord, MutationStatus, Store, StoreError, StoreStats, now_ms,
+    CacheStats, Coordination, Enqueued, Lease, MutationRecord, MutationStatus, Queue, QueueStats,
+    ResponseStore, StoreError, now_ms,
 };
 
 const MUTATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("mutations");
@@ -398,7 +399,7 @@ fn get_record(db: &Database, key: &str) -> Result<Option<MutationRecord>, StoreE
 }
 
 #[async_trait]
-impl Store for EmbeddedStore {
+impl Queue for EmbeddedStore {
     async fn enqueue(&self, record: MutationRecord) -> Result<Enqueued, StoreError> {
         self.call(|r| Op::Enqueue(Box::new(record), r)).await
     }
@@ -453,22 +454,6 @@ impl Store for EmbeddedStore {
         current(&self.db).is_ok()
     }
 
-    async fn acquire(&self, partition: &str) -> Result<Option<Lease>, StoreError> {
-        // One process owns the data directory, and the replayer runs one worker per partition.
-        Ok(Some(Lease {
-            partition: partition.to_string(),
-            token: 0,
-        }))
-    }
-
-    async fn renew(&self, _lease: &Lease) -> Result<bool, StoreError> {
-        Ok(true)
-    }
-
-    async fn release(&self, _lease: &Lease) -> Result<(), StoreError> {
-        Ok(())
-    }
-
     async fn update(&self, _lease: &Lease, record: &MutationRecord) -> Result<(), StoreError> {
         self.call(|r| Op::Update(Box::new(record.clone()), r)).await
     }
@@ -513,6 +498,50 @@ impl Store for EmbeddedStore {
         self.call(|r| Op::Purge(before_ms, r)).await
     }
 
+    async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
+        let (depth, partitions, dead) = {
+            let c = self.counters.lock().map_err(|_| StoreError::Closed)?;
+            (
+                c.pending.values().sum::<u64>(),
+                c.pending
+                    .iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(p, _)| p.clone())
+                    .collect::<Vec<_>>(),
+                c.dead_letters,
+            )
+        };
+        let oldest = self
+            .read(move |db| {
+                let read = db.begin_read()?;
+                let queue = read.open_table(QUEUE)?;
+                let mutations = read.open_table(MUTATIONS)?;
+                let mut oldest: Option<u64> = None;
+                for p in &partitions {
+                    let first = queue
+                        .range((p.as_str(), 0)..=(p.as_str(), u64::MAX))?
+                        .next()
+                        .transpose()?;
+                    if let Some((_, key)) = first
+                        && let Some(v) = mutations.get(key.value())?
+                    {
+                        let at = decode(v.value())?.accepted_at_ms;
+                        oldest = Some(oldest.map_or(at, |o| o.min(at)));
+                    }
+                }
+                Ok(oldest)
+            })
+            .await?;
+        Ok(QueueStats {
+            queue_depth: depth,
+            oldest_pending_ms: oldest,
+            dead_letters: dead,
+        })
+    }
+}
+
+#[async_trait]
+impl ResponseStore for EmbeddedStore {
     async fn cache_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
         let owned = key.to_vec();
         let found = self
@@ -541,49 +570,67 @@ impl Store for EmbeddedStore {
         self.send(Op::CachePut(key.to_vec(), value, expires))
     }
 
-    async fn stats(&self) -> Result<StoreStats, StoreError> {
-        let (depth, partitions, dead, entries, bytes) = {
-            let c = self.counters.lock().map_err(|_| StoreError::Closed)?;
-            (
-                c.pending.values().sum::<u64>(),
-                c.pending
-                    .iter()
-                    .filter(|(_, n)| **n > 0)
-                    .map(|(p, _)| p.clone())
-                    .collect::<Vec<_>>(),
-                c.dead_letters,
-                c.cache_entries,
-                c.cache_bytes,
-            )
-        };
-        let oldest = self
-            .read(move |db| {
-                let read = db.begin_read()?;
-                let queue = read.open_table(QUEUE)?;
-                let mutations = read.open_table(MUTATIONS)?;
-                let mut oldest: Option<u64> = None;
-                for p in &partitions {
-                    let first = queue
-                        .range((p.as_str(), 0)..=(p.as_str(), u64::MAX))?
-                        .next()
-                        .transpose()?;
-                    if let Some((_, key)) = first
-                        && let Some(v) = mutations.get(key.value())?
-                    {
-                        let at = decode(v.value())?.accepted_at_ms;
-                        oldest = Some(oldest.map_or(at, |o| o.min(at)));
-                    }
-                }
-                Ok(oldest)
-            })
-            .await?;
-        Ok(StoreStats {
-            queue_depth: depth,
-            oldest_pending_ms: oldest,
-            dead_letters: dead,
-            cache_entries: entries,
-            cache_bytes: bytes,
+    async fn cache_stats(&self) -> Result<CacheStats, StoreError> {
+        let c = self.counters.lock().map_err(|_| StoreError::Closed)?;
+        Ok(CacheStats {
+            cache_entries: c.cache_entries,
+            cache_bytes: c.cache_bytes,
         })
+    }
+}
+
+/// One process owns the data directory (redb locks the file), so there is nobody to
+/// coordinate with: every lease is granted (the replayer itself runs one drain per partition),
+/// and credentials offered to this process are already in its own memory, where replay looks
+/// first.
+#[async_trait]
+impl Coordination for EmbeddedStore {
+    async fn acquire(&self, partition: &str) -> Result<Option<Lease>, StoreError> {
+        // One process owns the data directory, and the replayer runs one worker per partition.
+        Ok(Some(Lease {
+            partition: partition.to_string(),
+            token: 0,
+        }))
+    }
+
+    /// Always true: no other instance can take a partition over.
+    async fn renew(&self, _lease: &Lease) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
+    async fn release(&self, _lease: &Lease) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Keeps nothing: no other instance replays this store's mutations, and the offering
+    /// process's credentials vault already holds what the app offered.
+    async fn share_credentials(
+        &self,
+        _principal: &str,
+        _credentials: &[(String, Bytes)],
+        _at_ms: u64,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Always none: nobody else shares any (see [`Self::share_credentials`]).
+    async fn shared_credentials(
+        &self,
+        _principal: &str,
+        _since_ms: u64,
+    ) -> Result<Option<Vec<(String, Bytes)>>, StoreError> {
+        Ok(None)
+    }
+
+    /// Nobody to tell: the waiting mutation is replayed by this process, which sees the app's
+    /// fresh credentials itself.
+    async fn announce_waiting(&self, _ttl: Duration) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Always false: there is no other instance.
+    async fn anyone_waiting(&self) -> Result<bool, StoreError> {
+        Ok(false)
     }
 }
 
@@ -1216,6 +1263,7 @@ fn cache_touch(txn: &WriteTransaction, key: &[u8]) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
 
     #[tokio::test]
     async fn conformance() {

@@ -130,13 +130,14 @@ use tokio::sync::{Semaphore, oneshot};
 
 use super::codec::{decode, encode};
 use super::{
-    Enqueued, Lease, MutationRecord, MutationStatus, Store, StoreError, StoreStats, now_ms,
+    CacheStats, Coordination, Enqueued, Lease, MutationRecord, MutationStatus, Queue, QueueStats,
+    ResponseStore, StoreError, now_ms,
 };
 use crate::config::StoreConfig;
 
 /// Time allowed for one command's answer, and for establishing a connection.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
-/// Time allowed for one [`Store`] call (several commands).
+/// Time allowed for one store call (several commands).
 const CALL_DEADLINE: Duration = Duration::from_secs(5);
 /// New sequence numbers tried when concurrent enqueues into one partition keep overtaking.
 const SEQ_ATTEMPTS: usize = 16;
@@ -1424,10 +1425,10 @@ impl Shared {
         Ok(found.map(Bytes::from))
     }
 
-    async fn stats_inner(&self) -> Result<StoreStats, StoreError> {
+    async fn queue_stats_inner(&self) -> Result<QueueStats, StoreError> {
         let mut conn = self.conn.clone();
         let registry = self.registry(&mut conn).await?;
-        let mut stats = StoreStats::default();
+        let mut stats = QueueStats::default();
         if !registry.is_empty() {
             let mut pipe = redis::pipe();
             for (p, _) in &registry {
@@ -1461,6 +1462,11 @@ impl Shared {
                 }
             }
         }
+        Ok(stats)
+    }
+
+    async fn cache_stats_inner(&self) -> Result<CacheStats, StoreError> {
+        let mut conn = self.conn.clone();
         let [blob, _, _, meta] = self.keys.cache();
         let (entries, bytes): (u64, Option<i64>) = redis::pipe()
             .cmd("HLEN")
@@ -1470,14 +1476,15 @@ impl Shared {
             .arg("bytes")
             .query_async(&mut conn)
             .await?;
-        stats.cache_entries = entries;
-        stats.cache_bytes = bytes.unwrap_or(0).max(0) as u64;
-        Ok(stats)
+        Ok(CacheStats {
+            cache_entries: entries,
+            cache_bytes: bytes.unwrap_or(0).max(0) as u64,
+        })
     }
 }
 
 #[async_trait]
-impl Store for RedisStore {
+impl Queue for RedisStore {
     async fn enqueue(&self, record: MutationRecord) -> Result<Enqueued, StoreError> {
         within(
             "enqueue",
@@ -1531,21 +1538,9 @@ impl Store for RedisStore {
         .await
     }
 
-    async fn acquire(&self, partition: &str) -> Result<Option<Lease>, StoreError> {
-        within(
-            "acquire",
-            Duration::ZERO,
-            self.shared.acquire_inner(partition),
-        )
-        .await
-    }
-
-    async fn renew(&self, lease: &Lease) -> Result<bool, StoreError> {
-        within("renew", Duration::ZERO, self.shared.renew_inner(lease)).await
-    }
-
-    async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
-        within("release", Duration::ZERO, self.shared.release_inner(lease)).await
+    /// Always true: a write that cannot reach Redis fails on its own, within the call deadline.
+    fn writable(&self) -> bool {
+        true
     }
 
     async fn update(&self, lease: &Lease, record: &MutationRecord) -> Result<(), StoreError> {
@@ -1610,6 +1605,88 @@ impl Store for RedisStore {
             self.shared.purge_finished_inner(before_ms),
         )
         .await
+    }
+
+    async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
+        within(
+            "queue_stats",
+            Duration::ZERO,
+            self.shared.queue_stats_inner(),
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl ResponseStore for RedisStore {
+    async fn cache_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
+        within(
+            "cache_get",
+            Duration::ZERO,
+            self.shared.cache_get_inner(key),
+        )
+        .await
+    }
+
+    async fn cache_put(&self, key: &[u8], value: Bytes, ttl: Duration) -> Result<(), StoreError> {
+        let Ok(permit) = self.shared.cache_puts.clone().try_acquire_owned() else {
+            tracing::debug!("cache put dropped: too many in flight");
+            return Ok(());
+        };
+        let mut conn = self.shared.conn.clone();
+        let [blob, exp, lru, meta] = self.shared.keys.cache();
+        let key = key.to_vec();
+        // Past a century an entry is as good as eternal; keeps the Lua arithmetic exact.
+        let ttl_ms = ttl.as_millis().min(100 * 365 * 24 * 3600 * 1000) as u64;
+        let budget = self.shared.cache_budget;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut put = CACHE_PUT.prepare_invoke();
+            put.key(blob)
+                .key(exp)
+                .key(lru)
+                .key(meta)
+                .arg(key)
+                .arg(value.as_ref())
+                .arg(ttl_ms)
+                .arg(budget)
+                .arg(CACHE_REAP);
+            match tokio::time::timeout(CALL_DEADLINE, put.invoke_async::<i64>(&mut conn)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!("cache write failed: {e}"),
+                Err(_) => tracing::warn!("cache write failed: no answer within {CALL_DEADLINE:?}"),
+            }
+        });
+        Ok(())
+    }
+
+    async fn cache_stats(&self) -> Result<CacheStats, StoreError> {
+        within(
+            "cache_stats",
+            Duration::ZERO,
+            self.shared.cache_stats_inner(),
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl Coordination for RedisStore {
+    async fn acquire(&self, partition: &str) -> Result<Option<Lease>, StoreError> {
+        within(
+            "acquire",
+            Duration::ZERO,
+            self.shared.acquire_inner(partition),
+        )
+        .await
+    }
+
+    async fn renew(&self, lease: &Lease) -> Result<bool, StoreError> {
+        within("renew", Duration::ZERO, self.shared.renew_inner(lease)).await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
+        within("release", Duration::ZERO, self.shared.release_inner(lease)).await
     }
 
     async fn share_credentials(
@@ -1678,51 +1755,6 @@ impl Store for RedisStore {
             Ok(redis::cmd("EXISTS").arg(key).query_async(&mut conn).await?)
         })
         .await
-    }
-
-    async fn cache_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
-        within(
-            "cache_get",
-            Duration::ZERO,
-            self.shared.cache_get_inner(key),
-        )
-        .await
-    }
-
-    async fn cache_put(&self, key: &[u8], value: Bytes, ttl: Duration) -> Result<(), StoreError> {
-        let Ok(permit) = self.shared.cache_puts.clone().try_acquire_owned() else {
-            tracing::debug!("cache put dropped: too many in flight");
-            return Ok(());
-        };
-        let mut conn = self.shared.conn.clone();
-        let [blob, exp, lru, meta] = self.shared.keys.cache();
-        let key = key.to_vec();
-        // Past a century an entry is as good as eternal; keeps the Lua arithmetic exact.
-        let ttl_ms = ttl.as_millis().min(100 * 365 * 24 * 3600 * 1000) as u64;
-        let budget = self.shared.cache_budget;
-        tokio::spawn(async move {
-            let _permit = permit;
-            let mut put = CACHE_PUT.prepare_invoke();
-            put.key(blob)
-                .key(exp)
-                .key(lru)
-                .key(meta)
-                .arg(key)
-                .arg(value.as_ref())
-                .arg(ttl_ms)
-                .arg(budget)
-                .arg(CACHE_REAP);
-            match tokio::time::timeout(CALL_DEADLINE, put.invoke_async::<i64>(&mut conn)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!("cache write failed: {e}"),
-                Err(_) => tracing::warn!("cache write failed: no answer within {CALL_DEADLINE:?}"),
-            }
-        });
-        Ok(())
-    }
-
-    async fn stats(&self) -> Result<StoreStats, StoreError> {
-        within("stats", Duration::ZERO, self.shared.stats_inner()).await
     }
 }
 
