@@ -10,7 +10,7 @@
 //! [`Store`] is the three together. The proxy, cache, replay and admin code hold an
 //! `Arc<dyn Store>` and never know which backend they run on. Three backends implement every
 //! role: [`embedded::EmbeddedStore`] (one data directory, redb, one process),
-//! [`redis::RedisStore`] (shared by several instances) and `memory::MemoryStore` (process
+//! [`redis::RedisStore`] (shared by several instances) and [`memory::MemoryStore`] (process
 //! memory, nothing durable: for tests of the code above the store). All three pass the same
 //! conformance suite (`store/conformance.rs`, one module per role; built for tests and with the
 //! `conformance` feature only).
@@ -35,6 +35,7 @@ pub mod codec;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod embedded;
+pub mod memory;
 pub mod redis;
 
 use std::time::Duration;

@@ -1273,6 +1273,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn coordination_is_local_every_lease_is_granted_and_nothing_is_shared() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path(), 1 << 20).expect("open");
+        let first = store.acquire("p").await.expect("acquire").expect("granted");
+        let second = store
+            .acquire("p")
+            .await
+            .expect("acquire")
+            .expect("granted again");
+        assert!(store.renew(&first).await.expect("renew"));
+        assert!(store.renew(&second).await.expect("renew"));
+        let creds = [("authorization".to_string(), Bytes::from_static(b"Bearer t"))];
+        store
+            .share_credentials("alice", &creds, 5)
+            .await
+            .expect("share");
+        let shared = store.shared_credentials("alice", 0).await.expect("read");
+        assert!(
+            shared.is_none(),
+            "kept in the process's own vault, not here"
+        );
+        store
+            .announce_waiting(Duration::from_secs(5))
+            .await
+            .expect("announce");
+        assert!(
+            !store.anyone_waiting().await.expect("waiting"),
+            "no one else"
+        );
+    }
+
+    #[tokio::test]
     async fn pending_items_survive_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
