@@ -1,8 +1,9 @@
 //! The embedded store: one data directory holding one redb database (`outpost.redb`).
 //!
-//! **Durability.** All writes go through one writer thread that commits in *groups*: it takes
-//! every operation waiting in its channel (up to [`MAX_BATCH`](writer::MAX_BATCH)), applies them in one write
-//! transaction and commits once. Each op has a durability class:
+//! **Durability.** All writes go through one writer thread (`embedded/writer.rs`) that commits
+//! in *groups*: it takes every operation waiting in its channel (up to
+//! [`MAX_BATCH`](writer::MAX_BATCH)), applies them in one write transaction and commits once.
+//! Each op has a durability class:
 //! - *now*: enqueues and operator actions (retry, drop). A group holding one commits with
 //!   `Durability::Immediate` (redb fsyncs before `commit` returns); only then are its callers
 //!   answered, so a 202 is sent only after the commit that holds its mutation returned. Many
@@ -15,7 +16,8 @@
 //!   commit covers them, which the writer makes at the latest one window after the first such
 //!   commit (whatever else keeps arriving): a crash re-delivers at most one window's answers.
 //! - *lazy*: cache blobs and LRU touches, not answered; made durable by the next durable commit
-//!   or at the latest [`LAZY_FLUSH`](writer::LAZY_FLUSH) after the first of them. Losing one costs a refetch.
+//!   or at the latest [`LAZY_FLUSH`](writer::LAZY_FLUSH) after the first of them. Losing one
+//!   costs a refetch.
 //!
 //! A caller is told "done" only once its op is durable (or, for lazy ops, never), and told the
 //! error otherwise: a replayer whose answer could not be recorded keeps it and records it again
