@@ -14,7 +14,8 @@
 //! **Invariants.** Every call takes the one lock, applies the whole operation and releases it,
 //! so each operation is atomic and sequence numbers increase in acceptance order. Queue
 //! operations follow the embedded store exactly (a dropped item's late `update` is refused with
-//! [`StoreError::NotQueued`], its late `finish` changes nothing).
+//! [`StoreError::NotQueued`], its late `finish` changes nothing), apart from the lease check
+//! below.
 //!
 //! **Coordination** follows the Redis backend, so that tests can play several instances:
 //! [`MemoryStore::another_instance`] is a second handle on the same state with an identity of
@@ -24,8 +25,12 @@
 //! [`StoreError::LeaseLost`]. Shared credentials are kept for an hour under the principal and
 //! under `*` (anyone's newest); a waiting announcement lasts its `ttl`. Expiry uses tokio's
 //! clock, so a test under `tokio::time::pause()` moves it by advancing time.
+//!
+//! **Code.** This file: [`MemoryStore`] and its three roles; `memory/state.rs`: the data and
+//! the queue and cache operations on it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+mod state;
+
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -33,9 +38,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use self::state::{Cache, Held, SharedCredentials, State};
 use super::{
-    CacheStats, Coordination, Enqueued, Lease, MutationRecord, MutationStatus, Queue, QueueStats,
-    ResponseStore, StoreError, now_ms,
+    CacheStats, Coordination, Enqueued, Lease, MutationRecord, Queue, QueueStats, ResponseStore,
+    StoreError, now_ms,
 };
 
 /// How long shared credentials are kept (they are tokens: as long as the Redis backend does).
@@ -115,272 +121,6 @@ impl MemoryStore {
         Err(StoreError::LeaseLost {
             partition: lease.partition.clone(),
         })
-    }
-}
-
-/// Everything one store holds (shared by its instances).
-#[derive(Default)]
-struct State {
-    records: HashMap<String, MutationRecord>,
-    /// Partition → sequence number → key: the pending items in order.
-    queues: BTreeMap<String, BTreeMap<u64, String>>,
-    /// Sequence number → key.
-    dead: BTreeMap<u64, String>,
-    /// (finished at, key): the retention sweep's order.
-    finished: BTreeSet<(u64, String)>,
-    /// The last sequence number given out.
-    seq: u64,
-    /// The last fencing token given out.
-    fence: u64,
-    /// Instances created so far (their ids are 1..=instances).
-    instances: u64,
-    leases: HashMap<String, Held>,
-    /// Principal (or `*`) → the newest credentials shared for it.
-    credentials: HashMap<String, SharedCredentials>,
-    /// Until when some instance announced a mutation waiting for credentials.
-    waiting_until: Option<Instant>,
-    cache: Cache,
-}
-
-/// A partition's current lease.
-struct Held {
-    instance: u64,
-    token: u64,
-    until: Instant,
-}
-
-struct SharedCredentials {
-    at_ms: u64,
-    credentials: Vec<(String, Bytes)>,
-    until: Instant,
-}
-
-/// Cache blobs, their recency and the byte budget.
-#[derive(Default)]
-struct Cache {
-    entries: HashMap<Vec<u8>, CacheEntry>,
-    /// Recency tick → key: the least recently used first.
-    lru: BTreeMap<u64, Vec<u8>>,
-    bytes: u64,
-    tick: u64,
-    budget: u64,
-}
-
-struct CacheEntry {
-    value: Bytes,
-    expires_ms: u64,
-    tick: u64,
-}
-
-impl State {
-    fn is_queued(&self, record: &MutationRecord) -> bool {
-        self.queues
-            .get(&record.partition)
-            .and_then(|q| q.get(&record.seq))
-            .is_some_and(|k| *k == record.key)
-    }
-
-    fn is_dead_letter(&self, record: &MutationRecord) -> bool {
-        self.dead.get(&record.seq).is_some_and(|k| *k == record.key)
-    }
-
-    fn holds(&self, partition: &str, instance: u64, token: u64) -> bool {
-        self.leases.get(partition).is_some_and(|held| {
-            held.instance == instance && held.token == token && held.until > Instant::now()
-        })
-    }
-
-    fn next_seq(&mut self) -> u64 {
-        self.seq += 1;
-        self.seq
-    }
-
-    fn queue(&mut self, record: MutationRecord) {
-        self.queues
-            .entry(record.partition.clone())
-            .or_default()
-            .insert(record.seq, record.key.clone());
-        self.records.insert(record.key.clone(), record);
-    }
-
-    fn unqueue(&mut self, partition: &str, seq: u64) {
-        if let Some(queue) = self.queues.get_mut(partition) {
-            queue.remove(&seq);
-            if queue.is_empty() {
-                self.queues.remove(partition);
-            }
-        }
-    }
-
-    fn keep_finished(&mut self, record: MutationRecord, at_ms: u64) {
-        self.finished.insert((at_ms, record.key.clone()));
-        self.records.insert(record.key.clone(), record);
-    }
-
-    fn enqueue(&mut self, mut record: MutationRecord) -> Enqueued {
-        if let Some(existing) = self.records.get(&record.key) {
-            return Enqueued::Existing(Box::new(existing.clone()));
-        }
-        let seq = self.next_seq();
-        record.seq = seq;
-        self.queue(record);
-        Enqueued::Accepted { seq }
-    }
-
-    fn record_forwarded(&mut self, record: MutationRecord) {
-        if self.records.contains_key(&record.key) {
-            return;
-        }
-        let at = record.finished_at_ms.unwrap_or_else(now_ms);
-        self.keep_finished(record, at);
-    }
-
-    fn finish(&mut self, record: &MutationRecord) {
-        if !self.is_queued(record) {
-            // Already finished (e.g. by an operator); keep what is stored.
-            return;
-        }
-        self.unqueue(&record.partition, record.seq);
-        let mut stored = record.clone();
-        if record.status.is_dead_letter() {
-            self.dead.insert(record.seq, record.key.clone());
-            self.records.insert(record.key.clone(), stored);
-            return;
-        }
-        stored.forget_request();
-        let at = record.finished_at_ms.unwrap_or_else(now_ms);
-        self.keep_finished(stored, at);
-    }
-
-    fn retry_dead_letter(&mut self, key: &str) -> bool {
-        let Some(mut record) = self.records.get(key).cloned() else {
-            return false;
-        };
-        // Only what is on the dead-letter list (a forwarded mutation the upstream rejected
-        // carries a dead-letter status but was answered directly).
-        if !self.is_dead_letter(&record) {
-            return false;
-        }
-        self.dead.remove(&record.seq);
-        record.seq = self.next_seq();
-        record.status = MutationStatus::Queued;
-        record.attempts = 0;
-        record.next_attempt_at_ms = 0;
-        record.finished_at_ms = None;
-        self.queue(record);
-        true
-    }
-
-    fn retry_pending(&mut self, key: &str) -> bool {
-        let Some(record) = self.records.get(key) else {
-            return false;
-        };
-        if !record.status.is_pending() || !self.is_queued(record) {
-            return false;
-        }
-        if let Some(record) = self.records.get_mut(key) {
-            record.status = MutationStatus::Queued;
-            record.next_attempt_at_ms = 0;
-        }
-        true
-    }
-
-    fn drop_mutation(&mut self, key: &str) -> bool {
-        let Some(mut record) = self.records.get(key).cloned() else {
-            return false;
-        };
-        if self.is_queued(&record) {
-            self.unqueue(&record.partition, record.seq);
-        } else if self.is_dead_letter(&record) {
-            self.dead.remove(&record.seq);
-        } else {
-            return false;
-        }
-        let now = now_ms();
-        record.mark_dropped(now);
-        self.keep_finished(record, now);
-        true
-    }
-
-    fn purge_finished(&mut self, before_ms: u64) -> u64 {
-        let rest = self.finished.split_off(&(before_ms, String::new()));
-        let expired = std::mem::replace(&mut self.finished, rest);
-        let mut purged = 0;
-        for (_, key) in expired {
-            if self
-                .records
-                .get(&key)
-                .is_some_and(|r| !r.status.is_pending())
-            {
-                self.records.remove(&key);
-                purged += 1;
-            }
-        }
-        purged
-    }
-
-    fn peek(&self, partition: &str, limit: usize) -> Vec<MutationRecord> {
-        let Some(queue) = self.queues.get(partition) else {
-            return Vec::new();
-        };
-        queue
-            .values()
-            .filter_map(|key| self.records.get(key).cloned())
-            .take(limit)
-            .collect()
-    }
-
-    fn queue_stats(&self) -> QueueStats {
-        let heads = self.queues.values().filter_map(|q| q.values().next());
-        QueueStats {
-            queue_depth: self.queues.values().map(|q| q.len() as u64).sum(),
-            oldest_pending_ms: heads
-                .filter_map(|key| self.records.get(key))
-                .map(|r| r.accepted_at_ms)
-                .min(),
-            dead_letters: self.dead.len() as u64,
-        }
-    }
-}
-
-impl Cache {
-    fn get(&mut self, key: &[u8]) -> Option<Bytes> {
-        let tick = self.tick + 1;
-        let entry = self.entries.get_mut(key)?;
-        if entry.expires_ms < now_ms() {
-            return None;
-        }
-        // Recency only steers eviction.
-        self.lru.remove(&entry.tick);
-        entry.tick = tick;
-        self.lru.insert(tick, key.to_vec());
-        self.tick = tick;
-        Some(entry.value.clone())
-    }
-
-    fn put(&mut self, key: &[u8], value: Bytes, expires_ms: u64) {
-        self.tick += 1;
-        let len = value.len() as u64;
-        let entry = CacheEntry {
-            value,
-            expires_ms,
-            tick: self.tick,
-        };
-        if let Some(old) = self.entries.insert(key.to_vec(), entry) {
-            self.lru.remove(&old.tick);
-            self.bytes = self.bytes.saturating_sub(old.value.len() as u64);
-        }
-        self.lru.insert(self.tick, key.to_vec());
-        self.bytes = self.bytes.saturating_add(len);
-        // Evict least recently used entries until the budget holds.
-        while self.bytes > self.budget {
-            let Some((_, victim)) = self.lru.pop_first() else {
-                break;
-            };
-            if let Some(old) = self.entries.remove(&victim) {
-                self.bytes = self.bytes.saturating_sub(old.value.len() as u64);
-            }
-        }
     }
 }
 
