@@ -26,7 +26,8 @@
 //!
 //! Invariants every backend keeps:
 //! - `enqueue` returns only after the record is durable (fsync, or acknowledged by Redis and
-//!   its replicas as configured); an error means nothing was acknowledged.
+//!   its replicas as configured; the in-memory store, for tests, has nothing durable to wait
+//!   for); an error means nothing was acknowledged.
 //! - `enqueue` of an existing key changes nothing and returns the existing record.
 //! - Sequence numbers are strictly increasing in acceptance order across the whole store.
 //! - Only the holder of a partition's [`Lease`] finishes or updates its items.
