@@ -706,7 +706,7 @@ async fn cache_survives_kill_9_once_flushed_during_an_outage() {
     let first_body = json_body(first).await;
     wait_cache_entries(&outpost, 2).await;
     // Cache blobs commit without fsync; the store makes them durable after 1 s without writes
-    // (store/embedded.rs, IDLE_FLUSH). Only then must they survive a crash.
+    // (store/embedded/writer.rs, LAZY_FLUSH). Only then must they survive a crash.
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     outpost.kill9().await;

@@ -1,6 +1,7 @@
 //! The Redis store against a real, private `redis-server` (never port 6379): the shared
-//! conformance suite, lease exclusivity between two instances, behaviour while Redis is down
-//! and after it comes back, durability across a Redis crash, and the `WAIT` replica check.
+//! conformance suite (one store, and two instances of one), lease exclusivity between two
+//! instances, behaviour while Redis is down and after it comes back, durability across a Redis
+//! crash, and the `WAIT` replica check.
 //!
 //! Each test starts its own server (see `tests/common/redis_server.rs`); without a
 //! `redis-server` binary the tests print a loud SKIPPED notice, or fail when `CI` is set.
@@ -18,7 +19,9 @@ use common::{RedisOptions, RedisServer};
 use outpost::config::{Backend, StoreConfig};
 use outpost::store::conformance::{self, record};
 use outpost::store::redis::RedisStore;
-use outpost::store::{Enqueued, MutationStatus, Store, StoreError, now_ms};
+use outpost::store::{
+    Coordination, Enqueued, MutationStatus, Queue, ResponseStore, Store, StoreError, now_ms,
+};
 
 fn config(redis: &RedisServer) -> StoreConfig {
     StoreConfig {
@@ -42,6 +45,16 @@ async fn redis_store_passes_the_conformance_suite() {
     };
     let store = connect(&config(&redis)).await;
     conformance::run_all(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_redis_stores_pass_the_shared_coordination_suite() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let cfg = config(&redis);
+    let (a, b) = (connect(&cfg).await, connect(&cfg).await);
+    conformance::coordination::shared_between(&a, &b).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
