@@ -229,10 +229,16 @@ impl Upstream {
     }
 
     /// Send a prepared request; the response head must arrive within the request timeout.
+    /// The answer's version is the app connection's business, not the upstream's: it comes
+    /// back as HTTP/1.1, so that an HTTP/1.0 upstream does not make hyper answer the app in
+    /// HTTP/1.0 and close its keep-alive connection (an HTTP/1.0 app still gets HTTP/1.0).
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ForwardError> {
         match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
             Err(_) => Err(ForwardError::Timeout(self.request_timeout)),
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(mut resp)) => {
+                *resp.version_mut() = Version::HTTP_11;
+                Ok(resp)
+            }
             Ok(Err(e)) if e.is_connect() => Err(ForwardError::Connect(error_chain(&e))),
             Ok(Err(e)) => Err(ForwardError::Transport(TransportError::of(&e))),
         }

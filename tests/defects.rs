@@ -1,0 +1,198 @@
+//! End-to-end tests of issue #15 point 7, "small defects found while trying it": each test
+//! failed before its fix. The real `outpost` binary runs in front of an upstream on loopback
+//! (the scriptable one of `tests/common`, or a raw one written here for what it cannot do).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A temp dir holding the data directory and the config file of one outpost.
+struct Dirs {
+    root: tempfile::TempDir,
+}
+
+impl Dirs {
+    fn new() -> Self {
+        Dirs { root: temp_dir() }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    /// Writes `toml` as `outpost.toml` and returns its path.
+    fn config(&self, toml: &str) -> PathBuf {
+        let path = self.root.path().join("outpost.toml");
+        std::fs::write(&path, toml).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path
+    }
+}
+
+/// Starts outpost in front of `upstream_url` with `toml` as its config file and `env`.
+async fn start(
+    upstream_url: &str,
+    dirs: &Dirs,
+    toml: &str,
+    env: &[(&str, &str)],
+) -> OutpostProcess {
+    let config = dirs.config(toml).display().to_string();
+    OutpostProcess::start_with_env(
+        &["--config", &config, "--upstream", upstream_url],
+        &dirs.data(),
+        env,
+    )
+    .await
+}
+
+/// A raw HTTP/1 answer: the head as text and the decoded body.
+#[derive(Debug)]
+struct RawResponse {
+    head: String,
+    body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The value of header `name` (first one), if present.
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// Reads one byte at a time until `buf` ends with `end` (or the peer closes).
+async fn read_until(stream: &mut TcpStream, end: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(end) {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
+            .await
+            .expect("bytes within 10 s")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        buf.push(byte[0]);
+    }
+    buf
+}
+
+/// Reads exactly one HTTP/1.1 response (head, then a `Content-Length` or chunked body) from
+/// `stream`, leaving the connection open for the next exchange.
+async fn read_response(stream: &mut TcpStream) -> RawResponse {
+    let head = String::from_utf8_lossy(&read_until(stream, b"\r\n\r\n").await).into_owned();
+    assert!(
+        head.ends_with("\r\n\r\n"),
+        "incomplete response head {head:?}"
+    );
+    let mut response = RawResponse {
+        head,
+        body: Vec::new(),
+    };
+    if let Some(length) = response.header("content-length") {
+        let mut body = vec![0u8; length.parse().expect("Content-Length is a number")];
+        stream.read_exact(&mut body).await.expect("read the body");
+        response.body = body;
+    } else if response
+        .header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
+        loop {
+            let line = read_until(stream, b"\r\n").await;
+            let size = std::str::from_utf8(&line)
+                .ok()
+                .and_then(|l| usize::from_str_radix(l.trim(), 16).ok())
+                .unwrap_or_else(|| panic!("bad chunk size line {line:?}"));
+            let mut chunk = vec![0u8; size + 2];
+            stream.read_exact(&mut chunk).await.expect("read a chunk");
+            if size == 0 {
+                break;
+            }
+            response.body.extend_from_slice(&chunk[..size]);
+        }
+    }
+    response
+}
+
+// ---------------------------------------------------------------------------------------------
+// An HTTP/1.0 upstream does not downgrade the app's connection
+// ---------------------------------------------------------------------------------------------
+
+/// An upstream that speaks HTTP/1.0 only: it reads one request head per connection, answers
+/// `HTTP/1.0 200` and closes. `/sized` answers with a `Content-Length`; anything else without
+/// one (the body ends when the connection does, as HTTP/1.0 allows).
+async fn http10_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the HTTP/1.0 upstream");
+    let addr = listener.local_addr().expect("upstream address");
+    claim_port(addr.port());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let head = read_until(&mut stream, b"\r\n\r\n").await;
+                let head = String::from_utf8_lossy(&head);
+                let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+                let body = format!("hello from {path}");
+                let answer = if path == "/sized" {
+                    format!(
+                        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n{body}")
+                };
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Issue #15 point 7: the app's keep-alive HTTP/1.1 connection stays HTTP/1.1 and open when
+/// the upstream answers in HTTP/1.0, with and without a `Content-Length`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_upstream_answers_reach_the_app_as_keep_alive_http11() {
+    let upstream = http10_upstream().await;
+    let dirs = Dirs::new();
+    let outpost = start(&format!("http://{upstream}"), &dirs, "", &[]).await;
+    let mut app = TcpStream::connect(outpost.addr())
+        .await
+        .expect("connect to outpost");
+    for path in ["/sized", "/streamed", "/sized"] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n");
+        app.write_all(request.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("send GET {path} on the kept-alive connection: {e}"));
+        let response = read_response(&mut app).await;
+        assert!(
+            response.head.starts_with("HTTP/1.1 200"),
+            "GET {path}: the app's connection must stay HTTP/1.1: {:?}",
+            response.head
+        );
+        assert!(
+            !response
+                .header("connection")
+                .is_some_and(|v| v.eq_ignore_ascii_case("close")),
+            "GET {path}: the app's connection must stay open: {:?}",
+            response.head
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&response.body),
+            format!("hello from {path}"),
+            "GET {path}"
+        );
+    }
+}
