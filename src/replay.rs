@@ -34,7 +34,7 @@ use crate::config::Config;
 use crate::events::{Event, Events};
 use crate::health::Health;
 use crate::outbox::{IDEMPOTENCY_KEY, Outbox, header_pairs, rfc3339_ms};
-use crate::proxy::forward::{ForwardError, Upstream};
+use crate::proxy::forward::{ForwardError, UnsendableRequest, Upstream};
 use crate::route::RouteTable;
 use crate::shutdown::Shutdown;
 use crate::store::{
@@ -81,6 +81,8 @@ enum Sent {
     /// The exchange broke after the request may have been sent, or no answer came in time:
     /// the upstream may have applied it.
     Ambiguous { reason: String, timeout: bool },
+    /// The stored request cannot be rebuilt as the app sent it: nothing was sent.
+    Unsendable(UnsendableRequest),
 }
 
 /// Which write records an answer.
@@ -422,6 +424,15 @@ impl Replayer {
                     .retry_later(lease, item, reason, None, None, true, finishing)
                     .await;
             }
+            Sent::Unsendable(e) => {
+                // Sent as anything else it would not be the app's request: an operator decides.
+                item.attempts = item.attempts.saturating_sub(1);
+                item.status = MutationStatus::Rejected;
+                item.outcome = Some(format!("not sent: {e}"));
+                item.finished_at_ms = Some(now);
+                self.dead_letter(lease, item, finishing).await?;
+                return Ok(Step::Next);
+            }
             Sent::Answered { outcome, response } => (outcome, response),
         };
         self.events.emit(Event::Classified {
@@ -700,7 +711,10 @@ impl Replayer {
         if let Ok(key) = HeaderValue::from_str(&item.key) {
             extra.push((IDEMPOTENCY_KEY.clone(), key));
         }
-        let req = self.upstream.request_from_stored(&item.request, &extra);
+        let req = match self.upstream.request_from_stored(&item.request, &extra) {
+            Ok(req) => req,
+            Err(e) => return Sent::Unsendable(e),
+        };
         let resp = match self.upstream.send(req).await {
             Ok(resp) => resp,
             Err(e @ ForwardError::Connect(_)) => return Sent::Refused(e.to_string()),

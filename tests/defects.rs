@@ -196,3 +196,84 @@ async fn http10_upstream_answers_reach_the_app_as_keep_alive_http11() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A stored record with a bad method is dead-lettered, never sent as a POST
+// ---------------------------------------------------------------------------------------------
+
+/// A queued mutation record as the outbox stores it.
+fn record(key: &str, method: &str, path: &str) -> outpost::store::MutationRecord {
+    use outpost::store::{MutationRecord, MutationStatus, StoredRequest};
+    MutationRecord {
+        key: key.to_owned(),
+        fingerprint: [0; 32],
+        partition: "upstream".into(),
+        seq: 0,
+        accepted_at_ms: outpost::store::now_ms(),
+        status: MutationStatus::Queued,
+        attempts: 0,
+        next_attempt_at_ms: 0,
+        principal: None,
+        route: "default".into(),
+        request: StoredRequest {
+            method: method.to_owned(),
+            path_and_query: path.to_owned(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: "{}".into(),
+        },
+        outcome: None,
+        response: None,
+        finished_at_ms: None,
+        identity: None,
+    }
+}
+
+/// Issue #15 point 7: a stored method that is not an HTTP method (a damaged or hand-edited
+/// store) used to be sent as a POST. Now the item is dead-lettered with the reason, nothing
+/// of it reaches the upstream, and its partition goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_mutation_with_a_bad_method_is_dead_lettered_not_sent_as_post() {
+    let dirs = Dirs::new();
+    {
+        let store = outpost::store::embedded::EmbeddedStore::open(&dirs.data(), 1 << 20)
+            .expect("open the store");
+        use outpost::store::Store as _;
+        for r in [
+            record("bad-method", "PO ST", "/apply/bad"),
+            record("after-it", "PUT", "/apply/after"),
+        ] {
+            store.enqueue(r).await.expect("enqueue");
+        }
+        store.close();
+    }
+    let upstream = Upstream::start().await;
+    let outpost = start(&upstream.url(), &dirs, "", &[]).await;
+
+    let applied = upstream.wait_applied(1, Duration::from_secs(20)).await;
+    assert_eq!(applied[0].key, "after-it", "the partition goes on");
+    let http = client();
+    let dead: serde_json::Value = http
+        .get(format!("{}/dead-letters", outpost.admin_url()))
+        .send()
+        .await
+        .expect("admin /dead-letters")
+        .json()
+        .await
+        .expect("dead letters are JSON");
+    let dead = dead["items"].as_array().cloned().unwrap_or_default();
+    let item = dead
+        .iter()
+        .find(|d| d["idempotency_key"] == "bad-method")
+        .unwrap_or_else(|| panic!("bad-method is a dead letter: {dead:?}"));
+    assert_eq!(item["status"], "rejected", "{item}");
+    let outcome = item["outcome"].as_str().unwrap_or_default();
+    assert!(
+        outcome.contains("\"PO ST\" is not an HTTP method"),
+        "the reason names the method: {outcome:?}"
+    );
+    assert!(
+        upstream.requests_to("/apply/bad").is_empty(),
+        "nothing of it was sent: {:?}",
+        upstream.requests_to("/apply/bad")
+    );
+}
