@@ -277,3 +277,54 @@ async fn a_stored_mutation_with_a_bad_method_is_dead_lettered_not_sent_as_post()
         upstream.requests_to("/apply/bad")
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// check-config
+// ---------------------------------------------------------------------------------------------
+
+/// Issue #15 point 7: `outpost check-config` refuses a typo'd method, a status code outside
+/// 100–599 and a bad Redis URL, saying what is wrong, and names route keys one way
+/// (`route[N].key`) with the line, exiting 2.
+#[test]
+fn check_config_names_the_file_line_and_route_n_key_of_each_mistake() {
+    let dir = temp_dir();
+    let cases = [
+        (
+            "[[route]]\npath = \"/a/\"\n\n[[route]]\npath = \"/b/\"\nmethods = [\"GTE\"]\n",
+            ":6: key `route[1].methods`: \"GTE\" is not an HTTP method",
+        ),
+        (
+            "[[route]]\npath = \"/a/\"\n[route.classify]\nconflict = [409, 99]\n",
+            ":4: key `route[0].classify.conflict`: 99 is not an HTTP status code (100–599)",
+        ),
+        (
+            "[store]\nbackend = \"redis\"\nredis_url = \"redis//localhost\"\n",
+            ":3: key `store.redis_url`: \"redis//localhost\" is not a URL",
+        ),
+        (
+            "[[route]]\npath = \"/a/\"\n[[route]]\npath = \"/b/\"\nread = \"cache-frist\"\n",
+            ":5: key `route[1].read`: unknown variant `cache-frist`",
+        ),
+        (
+            "[[route]]\npath = \"/a/\"\n[[route]]\nread = \"cache-first\"\npath = \"b/\"\n",
+            ":5: key `route[1].path`: must start with '/'",
+        ),
+        (
+            "[[route]]\npath = \"/a/\"\n[[route]]\npath = \"/a/\"\n",
+            ":3: key `route[1].name`: matches the same methods and path as route[0]",
+        ),
+    ];
+    for (i, (text, says)) in cases.iter().enumerate() {
+        let file = dir.path().join(format!("case{i}.toml"));
+        std::fs::write(&file, text).expect("write the config");
+        let file = file.display().to_string();
+        let out = run_outpost(&["check-config", &file]);
+        assert_eq!(out.code(), Some(2), "{text}\n{}", out.stderr_str());
+        let expected = format!("{file}{says}");
+        assert!(
+            out.stderr_str().contains(&expected),
+            "expected {expected:?} in {:?}",
+            out.stderr_str()
+        );
+    }
+}
