@@ -149,6 +149,16 @@ pub enum Backend {
     Redis,
 }
 
+impl fmt::Display for Backend {
+    /// The config's spelling: `embedded` or `redis`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Embedded => "embedded",
+            Backend::Redis => "redis",
+        })
+    }
+}
+
 /// `[store]`: the storage backend.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

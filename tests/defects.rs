@@ -328,3 +328,95 @@ fn check_config_names_the_file_line_and_route_n_key_of_each_mistake() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Logs
+// ---------------------------------------------------------------------------------------------
+
+/// Small timeouts and fast backoff, so an outage and the replay take moments.
+const FAST: &str = r#"
+[upstream]
+connect_timeout = "500ms"
+probe_interval = "50ms"
+probe_interval_max = "200ms"
+
+[replay]
+initial_backoff = "50ms"
+max_backoff = "200ms"
+"#;
+
+/// Log lines (of the whole log file) that contain every one of `parts`.
+fn lines_with<'a>(log: &'a str, parts: &[&str]) -> Vec<&'a str> {
+    log.lines()
+        .filter(|l| parts.iter().all(|p| l.contains(p)))
+        .collect()
+}
+
+/// Issue #15 point 7: a log written to a file (stderr not a terminal) carries no ANSI colours,
+/// even with `NO_COLOR` set but empty (which tracing-subscriber reads as "colours on"); values
+/// are logged as Display (`status=201`, `backend=embedded`), never Debug (`Some(201)`,
+/// `Embedded`); and each dead letter is logged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_logs_are_plain_text_with_display_values_and_one_line_per_dead_letter() {
+    let upstream = Upstream::start().await;
+    upstream.stop().await;
+    let dirs = Dirs::new();
+    let outpost = start(&upstream.url(), &dirs, FAST, &[("NO_COLOR", "")]).await;
+    let http = client();
+    // The rejected one first: the other replays after it is dead-lettered, so once the other's
+    // "replayed" line is logged, every line about the dead letter has been logged too.
+    for (key, path) in [("log-bad", "/apply/bad"), ("log-ok", "/apply/ok")] {
+        let resp = http
+            .post(format!("{}{path}", outpost.url()))
+            .header("Idempotency-Key", key)
+            .body("{}")
+            .send()
+            .await
+            .expect("POST through outpost");
+        assert_eq!(
+            resp.status(),
+            202,
+            "{key} queued while the upstream is down"
+        );
+    }
+    upstream.script(
+        "/apply/bad",
+        vec![ScriptedResponse::json(
+            422,
+            serde_json::json!({"error": "invalid"}),
+        )],
+    );
+    upstream.restart().await;
+    eventually(
+        Duration::from_secs(20),
+        "log-ok replayed and logged",
+        || async { !lines_with(&outpost.log(), &["replayed", "log-ok"]).is_empty() },
+    )
+    .await;
+
+    let log = outpost.log();
+    assert!(
+        !log.contains('\u{1b}'),
+        "no ANSI escapes in a log file:\n{log}"
+    );
+    assert_eq!(
+        lines_with(&log, &["outpost started", "backend=embedded"]).len(),
+        1,
+        "the backend as configured:\n{log}"
+    );
+    let replayed = lines_with(&log, &["outpost::app", "replayed", "log-ok"]);
+    assert!(
+        replayed.len() == 1 && replayed[0].contains("status=201"),
+        "the status as a number: {replayed:?}"
+    );
+    assert!(!log.contains("Some("), "no Debug Options:\n{log}");
+    assert!(!log.contains("Embedded"), "no Debug enums:\n{log}");
+    let dead = lines_with(&log, &["dead-letter", "log-bad"]);
+    let dead = [dead, lines_with(&log, &["DeadLettered", "log-bad"])].concat();
+    assert_eq!(dead.len(), 1, "one line per dead letter: {dead:#?}");
+    assert!(
+        dead[0].contains("rejected") && dead[0].contains("validation"),
+        "the dead letter's line says why: {}",
+        dead[0]
+    );
+}
