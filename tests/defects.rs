@@ -420,3 +420,92 @@ async fn file_logs_are_plain_text_with_display_values_and_one_line_per_dead_lett
         dead[0]
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Admin /status counts cached responses
+// ---------------------------------------------------------------------------------------------
+
+/// The admin `/status` document.
+async fn admin_status(outpost: &OutpostProcess) -> serde_json::Value {
+    client()
+        .get(format!("{}/status", outpost.admin_url()))
+        .send()
+        .await
+        .expect("admin /status")
+        .json()
+        .await
+        .expect("/status is JSON")
+}
+
+/// Issue #15 point 7: `cache_entries` counts cached responses. It used to count an index blob
+/// (the response's Vary names) beside every cached URI as an entry of its own. The responses
+/// are still found after a restart during an outage, every variant included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_status_counts_cached_responses_not_index_entries() {
+    let upstream = Upstream::start().await;
+    let dirs = Dirs::new();
+    let mut outpost = start(&upstream.url(), &dirs, "", &[]).await;
+    let http = client();
+    let requests = [
+        ("/echo/one", ""),
+        ("/echo/two", ""),
+        ("/echo/lang?vary=Accept-Language", "en"),
+        ("/echo/lang?vary=Accept-Language", "de"),
+    ];
+    let base = outpost.url();
+    let fetch = |path: &'static str, lang: &'static str| {
+        let mut req = http.get(format!("{base}{path}"));
+        if !lang.is_empty() {
+            req = req.header("Accept-Language", lang);
+        }
+        req.send()
+    };
+    for (n, (path, lang)) in requests.iter().enumerate() {
+        let resp = fetch(path, lang).await.expect("GET through outpost");
+        assert_eq!(
+            resp.headers()["cache-status"],
+            "outpost; fwd=uri-miss; stored",
+            "{path} {lang}"
+        );
+        resp.bytes()
+            .await
+            .expect("the body (stored once it streamed through)");
+        // Each stored response is on disk before the next is fetched.
+        let stored = n as u64 + 1;
+        eventually(
+            Duration::from_secs(10),
+            &format!("{stored} responses in the durable cache"),
+            || async {
+                admin_status(&outpost).await["cache_entries"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    >= stored
+            },
+        )
+        .await;
+    }
+    let status = admin_status(&outpost).await;
+    assert_eq!(status["cache_entries"], 4, "one per response: {status}");
+
+    upstream.stop().await;
+    outpost.terminate();
+    outpost.wait_exit().await;
+    outpost.restart().await;
+    for (path, lang) in requests {
+        let resp = fetch(path, lang).await.expect("GET offline");
+        assert_eq!(resp.status(), 200, "{path} {lang} offline after a restart");
+        assert_eq!(
+            resp.headers()["cache-status"],
+            "outpost; hit; detail=offline",
+            "{path} {lang}"
+        );
+        if !lang.is_empty() {
+            let body: serde_json::Value = resp.json().await.expect("JSON");
+            assert_eq!(
+                body["headers"]["accept-language"], lang,
+                "{lang}'s own copy"
+            );
+        }
+    }
+    assert_eq!(admin_status(&outpost).await["cache_entries"], 4);
+}
