@@ -509,3 +509,61 @@ async fn admin_status_counts_cached_responses_not_index_entries() {
     }
     assert_eq!(admin_status(&outpost).await["cache_entries"], 4);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Route names
+// ---------------------------------------------------------------------------------------------
+
+/// Issue #15 point 7: a queued mutation keeps its route's rules when a route is inserted
+/// before that route while it waits. Unnamed routes used to be named by position
+/// (`route[0]`), so the item found the inserted route's rules after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_inserted_while_mutations_wait_does_not_change_their_rules() {
+    let upstream = Upstream::start().await;
+    upstream.stop().await;
+    let dirs = Dirs::new();
+    let orders = "[[route]]\npath = \"/apply/orders/\"\n[route.classify]\nconflict = [418]\n";
+    let mut outpost = start(&upstream.url(), &dirs, &format!("{FAST}\n{orders}"), &[]).await;
+    let resp = client()
+        .post(format!("{}/apply/orders/1", outpost.url()))
+        .header("Idempotency-Key", "teapot-order")
+        .body("{}")
+        .send()
+        .await
+        .expect("POST through outpost");
+    assert_eq!(resp.status(), 202, "queued while the upstream is down");
+    outpost.terminate();
+    outpost.wait_exit().await;
+
+    // The operator inserts a route before it; the upstream comes back answering 418.
+    let other = "[[route]]\npath = \"/apply/other/\"\nwrite = \"pass-through\"\n";
+    dirs.config(&format!("{FAST}\n{other}\n{orders}"));
+    upstream.script(
+        "/apply/orders/",
+        vec![ScriptedResponse::json(
+            418,
+            serde_json::json!({"error": "teapot"}),
+        )],
+    );
+    upstream.restart().await;
+    outpost.restart().await;
+
+    let http = client();
+    let dead_letters = format!("{}/dead-letters", outpost.admin_url());
+    let dead_letter = || async {
+        let resp = http.get(&dead_letters).send().await.ok()?;
+        let doc: serde_json::Value = resp.json().await.ok()?;
+        Some(doc["items"][0].clone()).filter(|d| d["idempotency_key"] == "teapot-order")
+    };
+    eventually(
+        Duration::from_secs(20),
+        "teapot-order dead-lettered",
+        || async { dead_letter().await.is_some() },
+    )
+    .await;
+    let last = dead_letter().await.unwrap_or_default();
+    assert_eq!(
+        last["status"], "conflict",
+        "418 is a conflict under its own route's rules: {last}"
+    );
+}
