@@ -164,7 +164,7 @@ impl App {
             proxy = %proxy_addr,
             admin = %admin_addr,
             upstream = %config.upstream.url,
-            backend = ?config.store.backend,
+            backend = %config.store.backend,
             "outpost started"
         );
         Ok(App {
@@ -240,13 +240,26 @@ async fn log_events(events: Events, shutdown: Shutdown) {
                 Err(_) => return,
             },
         };
+        // One line per happening: what the emitter already logs (with more detail) is not
+        // logged again here.
         match &event {
-            Event::Queued { key, partition } => tracing::info!(key, partition, "queued"),
-            Event::Classified { key, class, status } => {
-                tracing::info!(key, class, status = ?status, "replayed")
+            Event::Queued { key, partition } => {
+                tracing::info!(key = %key, partition = %partition, "queued")
             }
-            Event::ReplayAttempt { .. } | Event::Online | Event::Offline { .. } => {}
-            other => tracing::info!(event = ?other, "event"),
+            // `status` is absent when no answer came (a transport failure).
+            Event::Classified { key, class, status } => {
+                tracing::info!(key = %key, class = %class, status, "replayed")
+            }
+            Event::AuthRequired { key, principal } => {
+                tracing::info!(key = %key, principal = %principal, "waiting for fresh credentials")
+            }
+            // Health logs online/offline; replay logs dead letters (with the outcome) and
+            // expiries itself.
+            Event::ReplayAttempt { .. }
+            | Event::Online
+            | Event::Offline { .. }
+            | Event::DeadLettered { .. }
+            | Event::Expired { .. } => {}
         }
     }
 }

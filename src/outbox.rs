@@ -238,7 +238,12 @@ impl Outbox {
         rules: crate::config::ClassifyConfig,
         guard: InProgress,
     ) -> (Result<Response<ProxyBody>, ProxyError>, Source) {
-        let req = self.upstream.request_from_stored(&record.request, &[]);
+        // Built from the app's own request a moment ago, so it cannot fail; if it ever did,
+        // the app hears so instead of another request going upstream.
+        let req = match self.upstream.request_from_stored(&record.request, &[]) {
+            Ok(req) => req,
+            Err(e) => return (Err(ProxyError::BadRequest(e.to_string())), Source::Outpost),
+        };
         let result = self.upstream.send(req).await;
         self.health.observe_for(&result, Some(&record.key));
         let e = match result {

@@ -42,7 +42,9 @@ use crate::shutdown::Shutdown;
 use crate::store::{
     Lease, MutationRecord, MutationStatus, Store, StoreError, StoredResponse, now_ms, rfc3339_ms,
 };
-use crate::upstream::{ForwardError, IDEMPOTENCY_KEY, Upstream, UpstreamService, header_pairs};
+use crate::upstream::{
+    ForwardError, IDEMPOTENCY_KEY, UnsendableRequest, Upstream, UpstreamService, header_pairs,
+};
 use classify::Outcome;
 
 /// `Outpost-Accepted-At`: when outpost accepted a replayed mutation.
@@ -84,6 +86,8 @@ enum Sent {
     /// The exchange broke after the request may have been sent, or no answer came in time:
     /// the upstream may have applied it.
     Ambiguous { reason: String, timeout: bool },
+    /// The stored request cannot be rebuilt as the app sent it: nothing was sent.
+    Unsendable(UnsendableRequest),
 }
 
 /// Which write records an answer.
@@ -435,6 +439,15 @@ impl Replayer {
                     .retry_later(lease, item, reason, None, None, true, finishing)
                     .await;
             }
+            Sent::Unsendable(e) => {
+                // Sent as anything else it would not be the app's request: an operator decides.
+                item.attempts = item.attempts.saturating_sub(1);
+                item.status = MutationStatus::Rejected;
+                item.outcome = Some(format!("not sent: {e}"));
+                item.finished_at_ms = Some(now);
+                self.dead_letter(lease, item, finishing).await?;
+                return Ok(Step::Next);
+            }
             Sent::Answered { outcome, response } => (outcome, response),
         };
         self.events.emit(Event::Classified {
@@ -709,7 +722,10 @@ impl Replayer {
         if let Ok(key) = HeaderValue::from_str(&item.key) {
             extra.push((IDEMPOTENCY_KEY.clone(), key));
         }
-        let req = self.upstream.request_from_stored(&item.request, &extra);
+        let req = match self.upstream.request_from_stored(&item.request, &extra) {
+            Ok(req) => req,
+            Err(e) => return Sent::Unsendable(e),
+        };
         let resp = match crate::upstream::call(&self.service, req).await {
             Ok(resp) => resp,
             Err(e @ ForwardError::Connect(_)) => return Sent::Refused(report(&e)),

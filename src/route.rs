@@ -10,7 +10,9 @@ use std::time::Duration;
 use globset::{GlobBuilder, GlobMatcher};
 use http::{HeaderName, Method};
 
-use crate::config::{ClassifyConfig, Config, PartitionBy, ReadStrategy, RouteConfig, WriteMode};
+use crate::config::{
+    ClassifyConfig, Config, DEFAULT_ROUTE_NAME, PartitionBy, ReadStrategy, RouteConfig, WriteMode,
+};
 
 /// How a route's `path` is matched.
 #[derive(Debug, Clone)]
@@ -52,8 +54,11 @@ impl PathMatcher {
 /// One compiled route: everything the data path decides per route.
 #[derive(Debug)]
 pub struct Route {
-    /// Name for logs (the configured one, or `route[i]`, or `default`).
+    /// Name for logs and for queued mutations: the configured one, one derived from what the
+    /// route matches ([`RouteConfig::effective_name`]), or `default`.
     pub name: String,
+    /// Whether the name was configured (not derived).
+    named: bool,
     methods: Vec<Method>,
     path: PathMatcher,
     /// Read strategy for GET/HEAD.
@@ -88,6 +93,7 @@ impl Route {
         };
         Ok(Route {
             name,
+            named: rc.name.is_some(),
             methods: rc
                 .methods
                 .iter()
@@ -126,14 +132,10 @@ impl RouteTable {
         let routes = config
             .routes
             .iter()
-            .enumerate()
-            .map(|(i, rc)| {
-                let name = rc.name.clone().unwrap_or_else(|| format!("route[{i}]"));
-                Route::compile(name, rc, config).map(Arc::new)
-            })
+            .map(|rc| Route::compile(rc.effective_name(), rc, config).map(Arc::new))
             .collect::<Result<_, _>>()?;
         let default = Arc::new(Route::compile(
-            "default".into(),
+            DEFAULT_ROUTE_NAME.into(),
             &RouteConfig::default(),
             config,
         )?);
@@ -142,11 +144,20 @@ impl RouteTable {
 
     /// The route named `name` (as recorded on a queued mutation), else the default route.
     pub fn by_name(&self, name: &str) -> Arc<Route> {
-        self.routes
-            .iter()
-            .find(|r| r.name == name)
-            .unwrap_or(&self.default)
-            .clone()
+        if let Some(route) = self.routes.iter().find(|r| r.name == name) {
+            return route.clone();
+        }
+        // Mutations queued by earlier releases name an unnamed route by its position.
+        if let Some(route) = name
+            .strip_prefix("route[")
+            .and_then(|rest| rest.strip_suffix(']'))
+            .and_then(|i| i.parse::<usize>().ok())
+            .and_then(|i| self.routes.get(i))
+            .filter(|r| !r.named)
+        {
+            return route.clone();
+        }
+        self.default.clone()
     }
 
     /// The first route matching `method` and `path`, else the default route.
@@ -175,6 +186,58 @@ mod tests {
         assert_eq!(table.resolve(&Method::POST, "/api/v1/items").name, "api");
         assert_eq!(table.resolve(&Method::GET, "/api/v1/x/items").name, "api");
         assert_eq!(table.resolve(&Method::GET, "/other").name, "default");
+    }
+
+    /// Issue #15 point 7: an unnamed route's name comes from what it matches, so a route
+    /// inserted before it does not hand its rules to mutations queued under it.
+    #[test]
+    fn inserting_a_route_keeps_the_rules_of_queued_items() {
+        let before =
+            Config::parse("[[route]]\npath=\"/orders/\"\n[route.classify]\nconflict=[418]\n")
+                .expect("config");
+        let queued_under = RouteTable::new(&before)
+            .expect("routes")
+            .resolve(&Method::POST, "/orders/1")
+            .name
+            .clone();
+        assert_eq!(queued_under, "* /orders/");
+        let after = Config::parse(
+            "[[route]]\npath=\"/other/\"\nwrite=\"pass-through\"\n\
+             [[route]]\npath=\"/orders/\"\n[route.classify]\nconflict=[418]\n",
+        )
+        .expect("config");
+        let table = RouteTable::new(&after).expect("routes");
+        assert_eq!(table.by_name(&queued_under).classify.conflict, [418]);
+        assert_eq!(
+            table.resolve(&Method::GET, "/other/x").name,
+            "* /other/",
+            "derived from what it matches"
+        );
+        let named = Config::parse(
+            "[[route]]\nmethods=[\"PUT\", \"GET\", \"GET\"]\npath=\"/a/\"\n\
+             [[route]]\nname=\"b\"\npath=\"/b/\"\n[[route]]\nmethods=[\"GET\"]\n",
+        )
+        .expect("config");
+        let names: Vec<_> = named.routes.iter().map(|r| r.effective_name()).collect();
+        assert_eq!(names, ["GET,PUT /a/", "b", "GET *"]);
+    }
+
+    #[test]
+    fn positional_names_of_earlier_releases_still_find_unnamed_routes() {
+        let config = Config::parse(
+            "[[route]]\nname=\"a\"\npath=\"/a/\"\n\
+             [[route]]\npath=\"/b/\"\n[route.classify]\nconflict=[418]\n",
+        )
+        .expect("config");
+        let table = RouteTable::new(&config).expect("routes");
+        assert_eq!(table.by_name("route[1]").name, "* /b/");
+        assert_eq!(
+            table.by_name("route[0]").name,
+            "default",
+            "route[0] has a name"
+        );
+        assert_eq!(table.by_name("route[7]").name, "default");
+        assert_eq!(table.by_name("gone").name, "default");
     }
 
     #[test]

@@ -131,6 +131,20 @@ impl TransportError {
     }
 }
 
+/// Why a stored mutation cannot be sent: it would not be the request the app made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnsendableRequest {
+    /// The stored method is not an HTTP method (sending it as another would change it).
+    #[error("the stored method {0:?} is not an HTTP method")]
+    Method(String),
+    /// The stored path is not a valid request target.
+    #[error("the stored path {0:?} is not a valid request target")]
+    Path(String),
+    /// A stored header's name or value is not valid HTTP.
+    #[error("the stored header {0:?} is not valid HTTP")]
+    Header(String),
+}
+
 /// A failure to set up the upstream client (exit 2 or 1 at start).
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -257,40 +271,53 @@ impl Upstream {
         } else {
             "/"
         };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(format!("{}{}", self.base_path, pq))
-            .build()
+        self.try_uri_for(pq)
             .unwrap_or_else(|_| Uri::from_static("/"))
     }
 
+    /// The upstream URI for `path_and_query`, or why there is none.
+    fn try_uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(format!("{}{}", self.base_path, path_and_query))
+            .build()
+    }
+
     /// Rebuild a stored mutation as an upstream request (headers as stored, `Host` set),
-    /// with `extra` headers replacing stored ones of the same name.
+    /// with `extra` headers replacing stored ones of the same name. A record that cannot be
+    /// rebuilt exactly (a method, path or header that is not valid HTTP: a damaged or
+    /// hand-edited store) is an error, never a different request.
     pub fn request_from_stored(
         &self,
         stored: &crate::store::StoredRequest,
         extra: &[(HeaderName, HeaderValue)],
-    ) -> Request<ProxyBody> {
+    ) -> Result<Request<ProxyBody>, UnsendableRequest> {
+        let method = http::Method::from_bytes(stored.method.as_bytes())
+            .map_err(|_| UnsendableRequest::Method(stored.method.clone()))?;
+        let pq = &stored.path_and_query;
+        let uri = pq
+            .starts_with('/')
+            .then(|| self.try_uri_for(pq).ok())
+            .flatten()
+            .ok_or_else(|| UnsendableRequest::Path(pq.clone()))?;
         let mut req = Request::new(crate::body::full(stored.body.clone()));
-        *req.method_mut() =
-            http::Method::from_bytes(stored.method.as_bytes()).unwrap_or(http::Method::POST);
-        *req.uri_mut() = self.uri_for(&stored.path_and_query);
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
         let headers = req.headers_mut();
         for (name, value) in &stored.headers {
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_bytes(value),
-            ) {
-                headers.append(n, v);
-            }
+            let n = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| UnsendableRequest::Header(name.clone()))?;
+            let v = HeaderValue::from_bytes(value)
+                .map_err(|_| UnsendableRequest::Header(name.clone()))?;
+            headers.append(n, v);
         }
         for (name, value) in extra {
             headers.insert(name.clone(), value.clone());
         }
         headers.remove(header::CONTENT_LENGTH);
         headers.insert(header::HOST, self.host.clone());
-        req
+        Ok(req)
     }
 
     /// This upstream as a tower [`Service`](tower::Service) that sends prepared requests
@@ -308,10 +335,16 @@ impl Upstream {
     }
 
     /// Send a prepared request; the response head must arrive within the request timeout.
+    /// The answer's version is the app connection's business, not the upstream's: it comes
+    /// back as HTTP/1.1, so that an HTTP/1.0 upstream does not make hyper answer the app in
+    /// HTTP/1.0 and close its keep-alive connection (an HTTP/1.0 app still gets HTTP/1.0).
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ForwardError> {
         match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
             Err(_) => Err(ForwardError::Timeout(self.request_timeout)),
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(mut resp)) => {
+                *resp.version_mut() = Version::HTTP_11;
+                Ok(resp)
+            }
             Ok(Err(e)) if e.is_connect() => Err(ForwardError::Connect(Box::new(e))),
             Ok(Err(e)) => Err(ForwardError::Transport(TransportError::of(e))),
         }
@@ -468,4 +501,48 @@ fn tls_config(config: &UpstreamConfig) -> Result<rustls::ClientConfig, SetupErro
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(tls)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoredRequest;
+
+    fn stored(method: &str, path: &str, headers: Vec<(String, bytes::Bytes)>) -> StoredRequest {
+        StoredRequest {
+            method: method.into(),
+            path_and_query: path.into(),
+            headers,
+            body: bytes::Bytes::from_static(b"{}"),
+        }
+    }
+
+    #[test]
+    fn a_stored_request_is_rebuilt_exactly_or_not_at_all() {
+        let upstream = Upstream::new(&UpstreamConfig::default()).expect("upstream");
+        let ok = upstream
+            .request_from_stored(
+                &stored("PATCH", "/a?b=1", vec![("x-y".into(), "z".into())]),
+                &[],
+            )
+            .expect("a valid record");
+        assert_eq!(ok.method(), http::Method::PATCH);
+        assert_eq!(ok.uri().to_string(), "http://127.0.0.1:3000/a?b=1");
+        assert_eq!(ok.headers()["x-y"], "z");
+
+        let bad_method = upstream.request_from_stored(&stored("PO ST", "/a", vec![]), &[]);
+        assert_eq!(
+            bad_method.err(),
+            Some(UnsendableRequest::Method("PO ST".into())),
+            "never sent as a POST"
+        );
+        let bad_path = upstream.request_from_stored(&stored("PUT", "a b", vec![]), &[]);
+        assert_eq!(bad_path.err(), Some(UnsendableRequest::Path("a b".into())));
+        let bad_header = upstream
+            .request_from_stored(&stored("PUT", "/a", vec![("x".into(), "\n".into())]), &[]);
+        assert_eq!(
+            bad_header.err(),
+            Some(UnsendableRequest::Header("x".into()))
+        );
+    }
 }
