@@ -31,7 +31,7 @@ use crate::upstream::Upstream;
 pub enum StartError {
     /// The configuration is invalid (exit code 2).
     #[error("config: {0}")]
-    Config(String),
+    Config(#[from] crate::config::ConfigError),
     /// The store could not be opened or reached.
     #[error("store")]
     Store(#[from] crate::error::StoreError),

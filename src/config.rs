@@ -540,7 +540,18 @@ impl fmt::Display for ConfigError {
 }
 
 impl ConfigError {
-    fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
+    /// Find the line of the error's key in the config `text` it came from.
+    pub fn located_in(mut self, text: &str) -> Self {
+        if self.line.is_none()
+            && let Some(key) = &self.key
+        {
+            self.line = find_key_line(text, key);
+        }
+        self
+    }
+
+    /// An error about `key`.
+    pub fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             file: None,
             line: None,
@@ -551,7 +562,7 @@ impl ConfigError {
 }
 
 impl Config {
-    /// Read and validate a config file.
+    /// Read and validate a config file (routes: see [`crate::route::load`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: Some(path.to_path_buf()),
@@ -565,7 +576,9 @@ impl Config {
         })
     }
 
-    /// Parse and validate config text (errors carry line and key, not the file).
+    /// Parse and validate config text (errors carry line and key, not the file). The
+    /// `[[route]]` entries are validated where they are compiled: [`crate::route::parse`]
+    /// checks a whole config text, routes included.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| {
             let (line, key) = match e.span() {
@@ -581,12 +594,7 @@ impl Config {
                 message,
             }
         })?;
-        config.validate().map_err(|mut e| {
-            if let Some(key) = &e.key {
-                e.line = find_key_line(text, key);
-            }
-            e
-        })?;
+        config.validate().map_err(|e| e.located_in(text))?;
         Ok(config)
     }
 
@@ -710,54 +718,12 @@ impl Config {
                 "required when admin.listen is not a loopback address",
             ));
         }
-        let mut names: Vec<String> = Vec::with_capacity(self.routes.len());
-        for (i, route) in self.routes.iter().enumerate() {
-            let at = |key: &str| format!("route[{i}].{key}");
-            for m in &route.methods {
-                check_method(m).map_err(|message| ConfigError::key(at("methods"), message))?;
-            }
-            if !route.path.is_empty() && !route.path.starts_with('/') {
-                return Err(ConfigError::key(at("path"), "must start with '/'"));
-            }
-            crate::route::PathMatcher::new(&route.path)
-                .map_err(|e| ConfigError::key(at("path"), e))?;
-            if let Some(names) = &route.identity_headers {
-                check_header_names(&at("identity_headers"), names)?;
-            }
-            if let Some(classify) = &route.classify {
-                check_classify(&at("classify"), classify)?;
-            }
-            let name = route.effective_name();
-            if name == DEFAULT_ROUTE_NAME {
-                return Err(ConfigError::key(
-                    at("name"),
-                    format!(
-                        "{name:?} is the name of the route for requests no [[route]] matches; choose another"
-                    ),
-                ));
-            }
-            if let Some(first) = names.iter().position(|n| *n == name) {
-                let message = if route.name.is_none() && self.routes[first].name.is_none() {
-                    format!(
-                        "matches the same methods and path as route[{first}] ({name:?}), which \
-                         comes first, so it is never used: remove it or change what it matches"
-                    )
-                } else {
-                    format!(
-                        "the name {name:?} is already route[{first}]'s; route names must be \
-                         unique (queued mutations find their route's rules by name)"
-                    )
-                };
-                return Err(ConfigError::key(at("name"), message));
-            }
-            names.push(name);
-        }
         Ok(())
     }
 }
 
 /// A method a route may name: one of [`KNOWN_METHODS`], spelled as HTTP spells it.
-fn check_method(m: &str) -> Result<(), String> {
+pub(crate) fn check_method(m: &str) -> Result<(), String> {
     if KNOWN_METHODS.contains(&m) {
         return Ok(());
     }
@@ -775,7 +741,7 @@ fn check_method(m: &str) -> Result<(), String> {
 
 /// Status lists hold HTTP status codes (100–599), and body rules JSON pointers; `prefix` is
 /// where the rules sit (`replay.classify`, `route[2].classify`).
-fn check_classify(prefix: &str, c: &ClassifyConfig) -> Result<(), ConfigError> {
+pub(crate) fn check_classify(prefix: &str, c: &ClassifyConfig) -> Result<(), ConfigError> {
     for (key, codes) in [
         ("retryable", &c.retryable),
         ("auth_required", &c.auth_required),
@@ -859,7 +825,7 @@ fn check_redis_url(url: &str) -> Result<(), String> {
 }
 
 /// Every entry of `names` must be a valid HTTP header name.
-fn check_header_names(key: &str, names: &[String]) -> Result<(), ConfigError> {
+pub(crate) fn check_header_names(key: &str, names: &[String]) -> Result<(), ConfigError> {
     for name in names {
         http::HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| ConfigError::key(key, format!("{name:?} is not a header name")))?;
@@ -1031,6 +997,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_multi_line_value_is_located_at_its_key() {
+        assert_eq!(
+            locate_span("[proxy]\nlisten = [\n  1,\n]\n", 20),
+            (Some(3), Some("proxy.listen".into()))
+        );
+    }
+
+    #[test]
     fn defaults_are_valid() {
         Config::default().validate().expect("defaults validate");
         let c = Config::parse("").expect("empty config is all defaults");
@@ -1061,80 +1035,6 @@ mod tests {
         assert_eq!(err.line, Some(3));
     }
 
-    #[test]
-    fn security_keys_have_defaults_and_are_validated() {
-        let c = Config::parse("").expect("defaults");
-        assert_eq!(c.proxy.max_connections, 10_000);
-        assert_eq!(c.admin.max_connections, 64);
-        assert_eq!(
-            c.cache.identity_headers,
-            ["Authorization", "Cookie", "X-Api-Key", "Api-Key"]
-        );
-        let c = Config::parse(
-            "[cache]\nidentity_headers = [\"X-Tenant\"]\n[admin]\nallowed_hosts = [\"outpost.lan\"]\n\
-             [[route]]\npath = \"/a/\"\nidentity_headers = []\n",
-        )
-        .expect("valid");
-        assert_eq!(c.routes[0].identity_headers.as_deref(), Some(&[][..]));
-        let err =
-            Config::parse("[cache]\nidentity_headers = [\"bad header\"]\n").expect_err("bad name");
-        assert_eq!(err.key.as_deref(), Some("cache.identity_headers"));
-        assert_eq!(err.line, Some(2));
-        let err = Config::parse("[[route]]\nidentity_headers = [\"a:b\"]\n").expect_err("bad");
-        assert_eq!(err.key.as_deref(), Some("route[0].identity_headers"));
-        let err = Config::parse("[proxy]\nmax_connections = 0\n").expect_err("zero");
-        assert_eq!(err.key.as_deref(), Some("proxy.max_connections"));
-        let err = Config::parse("[admin]\nallowed_hosts = [\"http://x\"]\n").expect_err("url");
-        assert_eq!(err.key.as_deref(), Some("admin.allowed_hosts"));
-    }
-
-    /// Issue #15 point 7: a typo'd method is refused, naming the key and its line.
-    #[test]
-    fn unknown_methods_are_refused_naming_the_key() {
-        let text = "[[route]]\npath = \"/a/\"\n\n[[route]]\npath = \"/b/\"\nmethods = [\"GET\", \"GTE\"]\n";
-        let err = Config::parse(text).expect_err("GTE is not a method");
-        assert_eq!(err.key.as_deref(), Some("route[1].methods"));
-        assert_eq!(err.line, Some(6));
-        assert!(
-            err.message.contains("\"GTE\" is not an HTTP method"),
-            "{err}"
-        );
-        let err = Config::parse("[[route]]\nmethods = [\"get\"]\n").expect_err("case");
-        assert!(err.message.contains("write \"GET\""), "{err}");
-        for m in KNOWN_METHODS {
-            Config::parse(&format!("[[route]]\nmethods = [\"{m}\"]\n")).expect(m);
-        }
-    }
-
-    /// Issue #15 point 7: classification lists hold status codes 100–599 only.
-    #[test]
-    fn classify_lists_hold_status_codes_only() {
-        let err = Config::parse("[replay.classify]\nconflict = [409]\nretryable = [503, 99]\n")
-            .expect_err("99");
-        assert_eq!(err.key.as_deref(), Some("replay.classify.retryable"));
-        assert_eq!(err.line, Some(3));
-        assert!(
-            err.message.contains("99 is not an HTTP status code"),
-            "{err}"
-        );
-        let err = Config::parse("[[route]]\npath = \"/a/\"\n[route.classify]\npartial = [600]\n")
-            .expect_err("600");
-        assert_eq!(err.key.as_deref(), Some("route[0].classify.partial"));
-        assert_eq!(err.line, Some(4));
-        Config::parse("[replay.classify]\nretryable = [100, 599]\n").expect("bounds");
-        let err = Config::parse(
-            "[[route]]\n[[route.classify.body]]\npointer = \"/a\"\nclass = \"success\"\n\
-             [[route.classify.body]]\npointer = \"b\"\nclass = \"success\"\n",
-        )
-        .expect_err("pointer");
-        assert_eq!(
-            err.key.as_deref(),
-            Some("route[0].classify.body[1].pointer")
-        );
-        assert_eq!(err.line, Some(6));
-    }
-
-    /// Issue #15 point 7: a bad Redis URL says what is wrong, not only "InvalidClientConfig".
     #[test]
     fn bad_redis_urls_say_what_is_wrong() {
         for (url, says) in [
@@ -1168,58 +1068,6 @@ mod tests {
 
     /// Issue #15 point 7: route keys are named one way, `route[N].key`, with the right line,
     /// whether the parser or the validation found the error.
-    #[test]
-    fn route_keys_are_named_route_n_key_with_their_line() {
-        let two = |second: &str| {
-            format!("[[route]]\npath = \"/a/\"\nread = \"cache-first\"\n\n[[route]]\n{second}\n")
-        };
-        let err = Config::parse(&two("path = \"/b/\"\nread = \"bogus\"")).expect_err("read");
-        assert_eq!(err.key.as_deref(), Some("route[1].read"));
-        assert_eq!(err.line, Some(7));
-        let err = Config::parse(&two("read = \"network-first\"\npath = \"b/\"")).expect_err("path");
-        assert_eq!(err.key.as_deref(), Some("route[1].path"));
-        assert_eq!(
-            err.line,
-            Some(7),
-            "the second route's path, not the first's"
-        );
-        let err = Config::parse(&two("pathh = \"/b/\"")).expect_err("unknown key");
-        assert_eq!(err.key.as_deref(), Some("route[1].pathh"));
-        assert_eq!(err.line, Some(6));
-        let err = Config::parse(&two("[route.classify]\nconflict = \"409\"")).expect_err("type");
-        assert_eq!(err.key.as_deref(), Some("route[1].classify.conflict"));
-        assert_eq!(err.line, Some(7));
-        assert_eq!(
-            locate_span("[proxy]\nlisten = [\n  1,\n]\n", 20),
-            (Some(3), Some("proxy.listen".into()))
-        );
-    }
-
-    /// Issue #15 point 7: route names are unique (queued mutations find their rules by it).
-    #[test]
-    fn duplicate_route_names_are_a_config_error() {
-        let err = Config::parse(
-            "[[route]]\nname = \"api\"\npath = \"/a/\"\n[[route]]\npath = \"/b/\"\nname = \"api\"\n",
-        )
-        .expect_err("same name");
-        assert_eq!(err.key.as_deref(), Some("route[1].name"));
-        assert_eq!(err.line, Some(6));
-        assert!(err.message.contains("already route[0]'s"), "{err}");
-        let err = Config::parse(
-            "[[route]]\nmethods = [\"GET\"]\npath = \"/a/\"\n\n[[route]]\npath = \"/a/\"\nmethods = [\"GET\"]\n",
-        )
-        .expect_err("same match");
-        assert_eq!(err.key.as_deref(), Some("route[1].name"));
-        assert_eq!(err.line, Some(5), "the route's header: it has no name line");
-        assert!(err.message.contains("never used"), "{err}");
-        let err = Config::parse("[[route]]\nname = \"default\"\n").expect_err("reserved");
-        assert_eq!(err.key.as_deref(), Some("route[0].name"));
-        Config::parse(
-            "[[route]]\npath = \"/a/\"\n[[route]]\nmethods = [\"GET\"]\npath = \"/a/\"\n",
-        )
-        .expect("other methods: another name");
-    }
-
     #[test]
     fn routes_parse() {
         let c = Config::parse(

@@ -77,7 +77,7 @@ fn main() -> ExitCode {
     };
     init_logging(cli.log_format, default_level);
     match cli.command {
-        Command::CheckConfig { file } => match Config::load(&file) {
+        Command::CheckConfig { file } => match outpost::route::load(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
@@ -137,7 +137,8 @@ where
 
 fn build_config(args: ServeArgs) -> Result<Config, outpost::config::ConfigError> {
     let mut config = match &args.config {
-        Some(path) => Config::load(path)?,
+        // Routes included: their errors name file, line and key too.
+        Some(path) => outpost::route::load(path)?.0,
         None => Config::default(),
     };
     if let Some(listen) = args.listen {
