@@ -23,6 +23,25 @@ use serde::{Deserialize, Serialize};
 
 use super::{MutationRecord, MutationStatus, StoreError, StoredRequest, StoredResponse};
 
+/// The layout of a data directory or a Redis key prefix (tables, keys) this build writes:
+/// stored in the store itself (`meta.layout_version`, `<prefix>:layout`). Version 0 is the
+/// layout of 2026-11-23, which had no marker; opening one marks it version 1 (the tables and
+/// keys are the same, the records inside are upgraded on read). A newer one is refused.
+pub const LAYOUT_VERSION: u64 = 1;
+
+/// Whether a store whose layout is `found` (`None`: unmarked, version 0) can be used, and the
+/// version to mark it with.
+pub fn check_layout(what: &'static str, found: Option<u64>) -> Result<u64, StoreError> {
+    match found {
+        Some(v) if v > LAYOUT_VERSION => Err(StoreError::NewerFormat {
+            what,
+            found: u32::try_from(v).unwrap_or(u32::MAX),
+            supported: LAYOUT_VERSION as u32,
+        }),
+        _ => Ok(LAYOUT_VERSION),
+    }
+}
+
 /// The record format this build writes.
 pub const RECORD_VERSION: u8 = 1;
 

@@ -65,7 +65,7 @@ use self::enqueue::EnqueueQueue;
 use self::keys::Keys;
 use super::{
     CacheStats, Coordination, Enqueued, Lease, MutationRecord, Queue, QueueStats, ResponseStore,
-    StoreError,
+    StoreError, codec,
 };
 use crate::config::StoreConfig;
 
@@ -166,10 +166,12 @@ impl RedisStore {
         let mut conn = open(manager_config).await?;
         let durable = open(durable_config).await?;
         warn_if_not_persistent(&mut conn, &addr).await;
+        let keys = Keys { prefix };
+        check_layout(&mut conn, &keys).await?;
         let shared = Shared {
             conn,
             durable,
-            keys: Keys { prefix },
+            keys,
             instance: uuid::Uuid::now_v7().simple().to_string(),
             min_replicas: config.redis_min_replicas,
             replica_timeout,
@@ -182,6 +184,29 @@ impl RedisStore {
             queue: Arc::default(),
         })
     }
+}
+
+/// Refuse a key prefix written by a newer outpost; mark an unmarked (or older) one with this
+/// build's layout version. `SET NX` first, so that instances starting together agree.
+async fn check_layout(conn: &mut ConnectionManager, keys: &Keys) -> Result<(), StoreError> {
+    let key = keys.layout();
+    let _: bool = redis::cmd("SET")
+        .arg(&key)
+        .arg(codec::LAYOUT_VERSION)
+        .arg("NX")
+        .query_async::<Option<String>>(conn)
+        .await?
+        .is_some();
+    let found: Option<u64> = redis::cmd("GET").arg(&key).query_async(conn).await?;
+    let layout = codec::check_layout("redis key prefix", found)?;
+    if found != Some(layout) {
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(layout)
+            .query_async(conn)
+            .await?;
+    }
+    Ok(())
 }
 
 impl Shared {

@@ -20,7 +20,7 @@ use super::queue::{
     update,
 };
 use super::{CACHE, CACHE_LRU, DEAD, FINISHED, META, MUTATIONS, QUEUE};
-use crate::store::{Enqueued, MutationRecord, StoreError};
+use crate::store::{Enqueued, MutationRecord, StoreError, codec};
 
 /// Most operations applied in one commit.
 pub(super) const MAX_BATCH: usize = 4096;
@@ -148,6 +148,9 @@ pub(super) struct Counters {
     pub(super) cache_bytes: u64,
 }
 
+/// `meta` row holding the layout version of the data directory.
+const LAYOUT_KEY: &str = "layout_version";
+
 /// Open (or create) the database file and rebuild the in-memory counters from it.
 pub(super) fn open_database(
     path: &Path,
@@ -163,13 +166,22 @@ pub(super) fn open_database(
 /// Rebuild in-memory counters from the tables (on every open).
 fn load_counters(db: &Database) -> Result<Counters, StoreError> {
     let txn = db.begin_write()?;
+    // The layout first: a newer one is refused before anything is touched (the transaction is
+    // dropped uncommitted).
+    {
+        let mut meta = txn.open_table(META)?;
+        let found = meta.get(LAYOUT_KEY)?.map(|v| v.value());
+        let layout = codec::check_layout("data directory", found)?;
+        if found != Some(layout) {
+            meta.insert(LAYOUT_KEY, layout)?;
+        }
+    }
     // Create every table so readers never meet a missing one.
     {
         txn.open_table(MUTATIONS)?;
         txn.open_table(QUEUE)?;
         txn.open_table(DEAD)?;
         txn.open_table(FINISHED)?;
-        txn.open_table(META)?;
         txn.open_table(CACHE)?;
         txn.open_table(CACHE_LRU)?;
     }

@@ -36,6 +36,11 @@ pub(super) struct Keys {
 }
 
 impl Keys {
+    /// The layout version of everything under the prefix.
+    pub(super) fn layout(&self) -> String {
+        format!("{}:layout", self.prefix)
+    }
+
     pub(super) fn seq(&self) -> String {
         format!("{}:seq", self.prefix)
     }
