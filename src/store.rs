@@ -371,12 +371,24 @@ pub trait Store: Queue + ResponseStore + Coordination {
 
 impl<T: Queue + ResponseStore + Coordination + ?Sized> Store for T {}
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch, on the runtime's clock: the wall clock read once, then
+/// advanced by tokio's monotonic clock. In production that is the wall time (and never goes
+/// backwards when the system clock is stepped); under tokio's paused test clock it moves with
+/// `tokio::time::advance`, so that backoff and expiry, which compare these stamps, can be
+/// tested in virtual time.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    static BASE: std::sync::OnceLock<(u64, std::time::Instant)> = std::sync::OnceLock::new();
+    let (wall, at) = *BASE.get_or_init(|| {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        (wall, std::time::Instant::now())
+    });
+    let elapsed = tokio::time::Instant::now()
+        .into_std()
+        .saturating_duration_since(at);
+    wall.saturating_add(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// RFC 3339 with milliseconds, UTC.
