@@ -28,12 +28,15 @@ enum Answer {
     Refused,
 }
 
+/// When a request came, and its `Authorization`.
+type Call = (TokioInstant, Option<String>);
+
 /// A fake upstream: answers from a script (the last answer repeats) and records when each
 /// request came and with which `Authorization`.
 #[derive(Clone, Default)]
 struct Fake {
     script: Arc<StdMutex<VecDeque<Answer>>>,
-    seen: Arc<StdMutex<Vec<(TokioInstant, Option<String>)>>>,
+    seen: Arc<StdMutex<Vec<Call>>>,
 }
 
 impl Fake {
@@ -44,7 +47,7 @@ impl Fake {
         }
     }
 
-    fn calls(&self) -> Vec<(TokioInstant, Option<String>)> {
+    fn calls(&self) -> Vec<Call> {
         self.seen.lock().expect("seen").clone()
     }
 
