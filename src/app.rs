@@ -31,16 +31,22 @@ use crate::upstream::Upstream;
 pub enum StartError {
     /// The configuration is invalid (exit code 2).
     #[error("config: {0}")]
-    Config(String),
+    Config(#[from] crate::config::ConfigError),
     /// The store could not be opened or reached.
-    #[error("store: {0}")]
+    #[error("store")]
     Store(#[from] crate::error::StoreError),
     /// A listener could not be bound.
-    #[error("{0}")]
+    #[error("cannot listen")]
     Bind(#[from] std::io::Error),
-    /// The upstream client or TLS could not be set up.
-    #[error("{0}")]
-    Setup(String),
+    /// The upstream client could not be set up.
+    #[error("upstream client")]
+    Upstream(#[from] crate::upstream::SetupError),
+    /// The proxy listener's TLS could not be set up.
+    #[error("proxy listener")]
+    Tls(#[from] server::TlsError),
+    /// `outpost demo` failed.
+    #[error("demo")]
+    Demo(#[source] crate::demo::DemoError),
 }
 
 /// A running outpost.
@@ -76,10 +82,8 @@ impl App {
                     None,
                 ),
             };
-        let upstream =
-            Upstream::new(&config.upstream).map_err(|e| StartError::Setup(e.to_string()))?;
-        let tls =
-            server::tls_acceptor(&config.proxy).map_err(|e| StartError::Setup(e.to_string()))?;
+        let upstream = Upstream::new(&config.upstream)?;
+        let tls = server::tls_acceptor(&config.proxy)?;
         let parts = Parts::new(
             config.clone(),
             routes.clone(),
@@ -99,7 +103,7 @@ impl App {
         let admin_listener = server::bind(config.admin.listen).await?;
         let proxy_addr = proxy_listeners
             .first()
-            .ok_or_else(|| StartError::Setup("no proxy listener".into()))?
+            .ok_or_else(|| std::io::Error::other("no proxy listener was bound"))?
             .local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
         let proxy_connections = Connections::new(
@@ -165,7 +169,7 @@ impl App {
             proxy = %proxy_addr,
             admin = %admin_addr,
             upstream = %config.upstream.url,
-            backend = ?config.store.backend,
+            backend = %config.store.backend,
             "outpost started"
         );
         Ok(App {
@@ -241,13 +245,38 @@ async fn log_events(events: Events, shutdown: Shutdown) {
                 Err(_) => return,
             },
         };
+        // One line per happening: what the emitter already logs (with more detail) is not
+        // logged again here.
         match &event {
-            Event::Queued { key, partition } => tracing::info!(key, partition, "queued"),
-            Event::Classified { key, class, status } => {
-                tracing::info!(key, class, status = ?status, "replayed")
+            Event::Queued { key, partition } => {
+                tracing::info!(key = %key, partition = %partition, "queued")
             }
-            Event::ReplayAttempt { .. } | Event::Online | Event::Offline { .. } => {}
-            other => tracing::info!(event = ?other, "event"),
+            // `status` is absent when no answer came (a transport failure).
+            Event::Classified { key, class, status } => {
+                tracing::info!(key = %key, class = %class, status, "replayed")
+            }
+            Event::AuthRequired { key, principal } => {
+                tracing::info!(key = %key, principal = %principal, "waiting for fresh credentials")
+            }
+            Event::Paused => tracing::info!("replay paused by an operator"),
+            Event::Resumed => tracing::info!("replay resumed by an operator"),
+            Event::Operator {
+                key,
+                action,
+                new_key,
+            } => tracing::info!(
+                key = %key,
+                action = %action,
+                new_key = new_key.as_deref().unwrap_or(""),
+                "operator action"
+            ),
+            // Health logs online/offline; replay logs dead letters (with the outcome) and
+            // expiries itself.
+            Event::ReplayAttempt { .. }
+            | Event::Online
+            | Event::Offline { .. }
+            | Event::DeadLettered { .. }
+            | Event::Expired { .. } => {}
         }
     }
 }

@@ -4,8 +4,7 @@
 //!   `X-Forwarded-Host`, so the upstream may answer by it) + path and query (dot-segments
 //!   removed) + the caller's [`Identity`] (the route's identity headers; none on public
 //!   routes), and then the request's values of the headers
-//!   named by the stored response's `Vary`. A first lookup by the primary key finds the Vary
-//!   header names; the second finds the entry.
+//!   named by the stored response's `Vary`.
 //! - **Policy**: only GET answers with a cacheable status are stored; `no-store` (request or
 //!   response) never is; `Vary: *` never is; `private` answers only under an identity key;
 //!   on public routes answers that set cookies are not stored, and stored copies never
@@ -15,6 +14,12 @@
 //!   or Redis), so cached reads survive a restart during an outage. Writes go to memory at once
 //!   and to the durable tier in the background; a copy identical to the one stored moments ago is
 //!   not rewritten to disk, which keeps the online hot path off the disk.
+//! - **Durable layout**: every blob is one response, so the store's entry count (admin
+//!   `/status` `cache_entries`) counts responses. The primary key's slot (`r:` + primary key)
+//!   holds one response with its full key, and is read first: for answers without `Vary` (most)
+//!   it is the only read. Further variants of a resource with `Vary` get blobs of their own
+//!   (`e:` + full key), found through the Vary names the slot's response carries. Earlier
+//!   releases kept the names in an index blob (`v:`), still read when there is no slot.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +34,7 @@ use sha2::{Digest, Sha256};
 use crate::body::{self, ProxyBody};
 use crate::config::CacheConfig;
 use crate::context::Identity;
+use crate::store::codec;
 use crate::store::{Store, now_ms};
 
 /// How often an unchanged entry is rewritten to the durable tier at most.
@@ -338,10 +344,44 @@ fn keep_header(name: &HeaderName) -> bool {
     *name != header::SET_COOKIE && *name != header::AGE && *name != CACHE_STATUS
 }
 
+/// The durable primary slot as written: one response and the full key it answers.
+#[derive(Serialize)]
+struct SlotRef<'a> {
+    key: [u8; 32],
+    entry: &'a CachedResponse,
+}
+
+/// The durable primary slot as read.
+#[derive(Deserialize)]
+struct SlotBlob {
+    key: [u8; 32],
+    entry: CachedResponse,
+}
+
+/// What this process knows about a primary key: the Vary names of its answers, and which
+/// variant the durable primary slot holds (`None`: not known, e.g. names read from an index
+/// blob of an earlier release).
+#[derive(Debug)]
+struct Primary {
+    vary: Vec<String>,
+    slot: Option<CacheKey>,
+}
+
+/// Where a response is written in the durable tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// The primary slot.
+    Slot,
+    /// A blob of its own under its full key (another variant holds the slot).
+    Variant,
+    /// Not known yet (after a restart): the write reads the durable slot first.
+    Ask,
+}
+
 /// The two-tier cache.
 pub struct Cache {
     memory: moka::sync::Cache<CacheKey, Arc<CachedResponse>>,
-    vary: moka::sync::Cache<PrimaryKey, Arc<Vec<String>>>,
+    primaries: moka::sync::Cache<PrimaryKey, Arc<Primary>>,
     store: Arc<dyn Store>,
     config: CacheConfig,
 }
@@ -356,10 +396,10 @@ impl Cache {
                 u32::try_from(v.body.len() + headers + 128).unwrap_or(u32::MAX)
             })
             .build();
-        let vary = moka::sync::Cache::builder().max_capacity(100_000).build();
+        let primaries = moka::sync::Cache::builder().max_capacity(100_000).build();
         Self {
             memory,
-            vary,
+            primaries,
             store,
             config: config.clone(),
         }
@@ -389,25 +429,102 @@ impl Cache {
         if !self.config.enabled {
             return None;
         }
-        let vary = match self.vary.get(primary) {
-            Some(v) => v,
-            None => {
-                let blob = self.durable_get(&durable_vary_key(primary)).await?;
-                let names: Vec<String> = postcard::from_bytes(&blob).ok()?;
-                let names = Arc::new(names);
-                self.vary.insert(*primary, names.clone());
-                names
-            }
-        };
-        let key = primary.with_vary(&vary, request);
-        if let Some(hit) = self.memory.get(&key) {
+        if let Some(known) = self.primaries.get(primary)
+            && let Some(hit) = self.memory.get(&primary.with_vary(&known.vary, request))
+        {
             return Some(hit);
         }
+        let slot = self
+            .durable_get(&durable_slot_key(primary))
+            .await
+            .and_then(|blob| codec::decode_cached::<SlotBlob>(&blob).ok());
+        let key = match slot {
+            Some(slot) => {
+                let key = primary.with_vary(&slot.entry.vary, request);
+                let holder = CacheKey(slot.key);
+                self.learn(*primary, &slot.entry.vary, Some(holder));
+                if key == holder {
+                    let entry = Arc::new(slot.entry);
+                    self.memory.insert(key, entry.clone());
+                    return Some(entry);
+                }
+                key
+            }
+            None => {
+                // Stored by an earlier release: the Vary names in an index blob of their own.
+                let blob = self.durable_get(&legacy_vary_key(primary)).await?;
+                let names: Vec<String> = codec::decode_cached(&blob).ok()?;
+                self.learn(*primary, &names, None);
+                primary.with_vary(&names, request)
+            }
+        };
         let blob = self.durable_get(&durable_entry_key(&key)).await?;
-        let entry: CachedResponse = postcard::from_bytes(&blob).ok()?;
+        let entry: CachedResponse = codec::decode_cached(&blob).ok()?;
         let entry = Arc::new(entry);
         self.memory.insert(key, entry.clone());
         Some(entry)
+    }
+
+    /// Note what the durable tier says about `primary`, unless this process knows already
+    /// (its own writes are newer).
+    fn learn(&self, primary: PrimaryKey, vary: &[String], slot: Option<CacheKey>) {
+        self.primaries.entry(primary).or_insert_with(|| {
+            Arc::new(Primary {
+                vary: vary.to_vec(),
+                slot,
+            })
+        });
+    }
+
+    /// Where the response for `key` (answers of `primary` vary by `vary`) is written, noting
+    /// a claim of the slot.
+    fn place(&self, primary: PrimaryKey, key: CacheKey, vary: &[String]) -> Place {
+        let known = self.primaries.get(&primary);
+        let place = match known.as_deref() {
+            // Without Vary there is one variant: the slot is its.
+            _ if vary.is_empty() => Place::Slot,
+            // The names changed: what the slot holds was stored under the old ones.
+            Some(p) if p.vary != vary => Place::Slot,
+            Some(Primary {
+                slot: Some(holder), ..
+            }) if *holder == key => Place::Slot,
+            Some(Primary { slot: Some(_), .. }) => return Place::Variant,
+            // Not known: claim it here (so that variants stored meanwhile get blobs of their
+            // own) and let the write look at the durable slot.
+            Some(Primary { slot: None, .. }) | None => Place::Ask,
+        };
+        self.primaries.insert(
+            primary,
+            Arc::new(Primary {
+                vary: vary.to_vec(),
+                slot: Some(key),
+            }),
+        );
+        place
+    }
+
+    /// Settle [`Place::Ask`]: a variant with the same Vary names already in the durable slot
+    /// (stored before a restart) keeps it; else the slot is `key`'s.
+    async fn ask_slot(&self, primary: PrimaryKey, key: CacheKey, vary: &[String]) -> Place {
+        let holder = self
+            .durable_get(&durable_slot_key(&primary))
+            .await
+            .and_then(|blob| codec::decode_cached::<SlotBlob>(&blob).ok())
+            .filter(|slot| slot.key != key.0 && slot.entry.vary == vary)
+            .map(|slot| CacheKey(slot.key));
+        match holder {
+            Some(holder) => {
+                self.primaries.insert(
+                    primary,
+                    Arc::new(Primary {
+                        vary: vary.to_vec(),
+                        slot: Some(holder),
+                    }),
+                );
+                Place::Variant
+            }
+            None => Place::Slot,
+        }
     }
 
     async fn durable_get(&self, key: &[u8]) -> Option<Bytes> {
@@ -450,7 +567,8 @@ impl Cache {
                 return;
             }
             old.persisted_at_ms.store(now, Ordering::Relaxed);
-            self.persist(primary, key, old, terms, max_stale, false);
+            let place = self.place(primary, key, &terms.vary);
+            self.persist(primary, key, old, terms, max_stale, place);
             return;
         }
         let stored_headers: Vec<(String, Bytes)> = headers
@@ -469,15 +587,11 @@ impl Cache {
             persisted_at_ms: AtomicU64::new(now),
         });
         self.memory.insert(key, entry.clone());
-        let vary_changed = self.vary.get(&primary).is_none_or(|old| *old != terms.vary);
-        if vary_changed {
-            self.vary.insert(primary, Arc::new(terms.vary.clone()));
-        }
-        self.persist(primary, key, entry, terms, max_stale, vary_changed);
+        let place = self.place(primary, key, &terms.vary);
+        self.persist(primary, key, entry, terms, max_stale, place);
     }
 
-    /// Write an entry (and its Vary names when they changed) to the durable tier in the
-    /// background.
+    /// Write an entry to the durable tier in the background, at `place`.
     fn persist(
         self: &Arc<Self>,
         primary: PrimaryKey,
@@ -485,25 +599,32 @@ impl Cache {
         entry: Arc<CachedResponse>,
         terms: Storable,
         max_stale: Duration,
-        vary_changed: bool,
+        place: Place,
     ) {
         let ttl = terms.fresh_for.saturating_add(max_stale);
         let this = self.clone();
         tokio::spawn(async move {
-            if vary_changed
-                && let Ok(blob) = postcard::to_stdvec(&terms.vary)
-                && let Err(e) = this
-                    .store
-                    .cache_put(&durable_vary_key(&primary), Bytes::from(blob), ttl)
-                    .await
-            {
-                tracing::warn!("durable cache write failed: {e}");
-            }
-            match postcard::to_stdvec(&*entry) {
+            let place = match place {
+                Place::Ask => this.ask_slot(primary, key, &entry.vary).await,
+                place => place,
+            };
+            let (durable_key, blob) = match place {
+                Place::Slot => (
+                    durable_slot_key(&primary),
+                    codec::encode_cached(&SlotRef {
+                        key: key.0,
+                        entry: &entry,
+                    }),
+                ),
+                Place::Variant | Place::Ask => {
+                    (durable_entry_key(&key), codec::encode_cached(&*entry))
+                }
+            };
+            match blob {
                 Ok(blob) => {
                     if let Err(e) = this
                         .store
-                        .cache_put(&durable_entry_key(&key), Bytes::from(blob), ttl)
+                        .cache_put(&durable_key, Bytes::from(blob), ttl)
                         .await
                     {
                         tracing::warn!("durable cache write failed: {e}");
@@ -515,7 +636,14 @@ impl Cache {
     }
 }
 
-fn durable_vary_key(primary: &PrimaryKey) -> Vec<u8> {
+fn durable_slot_key(primary: &PrimaryKey) -> Vec<u8> {
+    let mut k = b"r:".to_vec();
+    k.extend_from_slice(&primary.0);
+    k
+}
+
+/// The index blob of Vary names earlier releases wrote beside each response (read only).
+fn legacy_vary_key(primary: &PrimaryKey) -> Vec<u8> {
     let mut k = b"v:".to_vec();
     k.extend_from_slice(&primary.0);
     k
@@ -530,6 +658,185 @@ fn durable_entry_key(key: &CacheKey) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cache over an embedded store in `dir` (a new one per "process"), once the previous
+    /// one has let go of it (its last background write holds it a moment longer).
+    async fn cache_in(dir: &std::path::Path) -> (Arc<Cache>, Arc<dyn Store>) {
+        let mut tries = 0;
+        let store: Arc<dyn Store> = loop {
+            match crate::store::embedded::EmbeddedStore::open(dir, 1 << 20) {
+                Ok(store) => break Arc::new(store),
+                Err(e) if tries < 500 => {
+                    tries += 1;
+                    tracing::debug!("store still held ({e}); again");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("open the store: {e}"),
+            }
+        };
+        let cache = Arc::new(Cache::new(&CacheConfig::default(), store.clone()));
+        (cache, store)
+    }
+
+    /// Waits until the durable tier (read through a cache with empty memory) answers `path`
+    /// for `request` with `body`.
+    async fn wait_durable(store: &Arc<dyn Store>, path: &str, request: &HeaderMap, body: &str) {
+        for _ in 0..500 {
+            let fresh = Cache::new(&CacheConfig::default(), store.clone());
+            if body_of(&fresh, path, request).await.as_deref() == Some(body) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{path} never read {body:?} from the durable tier");
+    }
+
+    async fn wait_entries(store: &Arc<dyn Store>, n: u64) -> u64 {
+        for _ in 0..500 {
+            let entries = store.stats().await.expect("stats").cache_entries;
+            if entries >= n {
+                return entries;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{n} durable cache entries never arrived");
+    }
+
+    fn lang(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::ACCEPT_LANGUAGE,
+            HeaderValue::from_str(value).expect("value"),
+        );
+        h
+    }
+
+    fn put(cache: &Arc<Cache>, path: &str, request: &HeaderMap, vary: bool, body: &str) {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("max-age=60"),
+        );
+        if vary {
+            headers.insert(header::VARY, HeaderValue::from_static("Accept-Language"));
+        }
+        let terms =
+            storable(request, StatusCode::OK, &headers, false, Duration::ZERO).expect("storable");
+        let primary = PrimaryKey::new(&Method::GET, "h", path, &Identity([0; 32]));
+        cache.put(
+            primary,
+            request,
+            200,
+            &headers,
+            Bytes::from(body.to_string()),
+            terms,
+            Duration::from_secs(60),
+        );
+    }
+
+    async fn body_of(cache: &Cache, path: &str, request: &HeaderMap) -> Option<String> {
+        let primary = PrimaryKey::new(&Method::GET, "h", path, &Identity([0; 32]));
+        let hit = cache.get(&primary, request).await?;
+        Some(String::from_utf8_lossy(&hit.body).into_owned())
+    }
+
+    /// Issue #15 point 7: the durable tier holds one blob per response (no index blobs), so
+    /// the store's entry count is the number of cached responses; variants are found again
+    /// after a restart, and a variant stored after one keeps the slot's holder in place.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_durable_tier_holds_one_blob_per_response() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let (cache, store) = cache_in(dir.path()).await;
+            put(&cache, "/a", &HeaderMap::new(), false, "a");
+            assert_eq!(wait_entries(&store, 1).await, 1);
+            put(&cache, "/b", &HeaderMap::new(), false, "b");
+            assert_eq!(wait_entries(&store, 2).await, 2);
+            put(&cache, "/lang", &lang("en"), true, "en");
+            assert_eq!(wait_entries(&store, 3).await, 3);
+            put(&cache, "/lang", &lang("de"), true, "de");
+            assert_eq!(wait_entries(&store, 4).await, 4);
+            // New content for stored keys replaces them where they are.
+            put(&cache, "/a", &HeaderMap::new(), false, "a2");
+            put(&cache, "/lang", &lang("de"), true, "de2");
+            wait_durable(&store, "/a", &HeaderMap::new(), "a2").await;
+            wait_durable(&store, "/lang", &lang("de"), "de2").await;
+        }
+        {
+            // A restart (the store was closed, its writes done): memory empty, everything
+            // found in the durable tier.
+            let (cache, store) = cache_in(dir.path()).await;
+            assert_eq!(store.stats().await.expect("stats").cache_entries, 4);
+            assert_eq!(
+                body_of(&cache, "/a", &HeaderMap::new()).await.as_deref(),
+                Some("a2")
+            );
+            assert_eq!(
+                body_of(&cache, "/b", &HeaderMap::new()).await.as_deref(),
+                Some("b")
+            );
+            assert_eq!(
+                body_of(&cache, "/lang", &lang("en")).await.as_deref(),
+                Some("en")
+            );
+            assert_eq!(
+                body_of(&cache, "/lang", &lang("de")).await.as_deref(),
+                Some("de2")
+            );
+            assert_eq!(body_of(&cache, "/lang", &lang("fr")).await, None);
+            assert_eq!(body_of(&cache, "/c", &HeaderMap::new()).await, None);
+        }
+        {
+            // A variant first stored after a restart, before anything was read.
+            let (cache, store) = cache_in(dir.path()).await;
+            put(&cache, "/lang", &lang("fr"), true, "fr");
+            assert_eq!(wait_entries(&store, 5).await, 5);
+        }
+        let (cache, _store) = cache_in(dir.path()).await;
+        for (value, body) in [("en", "en"), ("de", "de2"), ("fr", "fr")] {
+            assert_eq!(
+                body_of(&cache, "/lang", &lang(value)).await.as_deref(),
+                Some(body)
+            );
+        }
+    }
+
+    /// Entries stored by earlier releases (Vary names in an index blob) are still found.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn entries_of_earlier_releases_are_still_found() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (cache, store) = cache_in(dir.path()).await;
+        let primary = PrimaryKey::new(&Method::GET, "h", "/old", &Identity([0; 32]));
+        let names = vec!["accept-language".to_string()];
+        let key = primary.with_vary(&names, &lang("en"));
+        let entry = CachedResponse {
+            status: 200,
+            headers: Vec::new(),
+            body: Bytes::from_static(b"old"),
+            stored_at_ms: AtomicU64::new(now_ms()),
+            initial_age_s: 0,
+            fresh_until_ms: AtomicU64::new(now_ms() + 60_000),
+            vary: names.clone(),
+            persisted_at_ms: AtomicU64::new(0),
+        };
+        let ttl = Duration::from_secs(60);
+        let index = postcard::to_stdvec(&names).expect("encode");
+        let blob = postcard::to_stdvec(&entry).expect("encode");
+        store
+            .cache_put(&legacy_vary_key(&primary), Bytes::from(index), ttl)
+            .await
+            .expect("put");
+        store
+            .cache_put(&durable_entry_key(&key), Bytes::from(blob), ttl)
+            .await
+            .expect("put");
+        wait_entries(&store, 2).await;
+        assert_eq!(
+            body_of(&cache, "/old", &lang("en")).await.as_deref(),
+            Some("old")
+        );
+        assert_eq!(body_of(&cache, "/old", &lang("de")).await, None);
+    }
 
     #[test]
     fn huge_lifetimes_saturate_instead_of_overflowing() {

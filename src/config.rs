@@ -151,6 +151,16 @@ pub enum Backend {
     Redis,
 }
 
+impl fmt::Display for Backend {
+    /// The config's spelling: `embedded` or `redis`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Embedded => "embedded",
+            Backend::Redis => "redis",
+        })
+    }
+}
+
 /// `[store]`: the storage backend.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -475,6 +485,41 @@ pub struct RouteConfig {
     pub identity_headers: Option<Vec<String>>,
 }
 
+impl RouteConfig {
+    /// The route's name: the configured one, else one derived from what it matches, e.g.
+    /// `GET,HEAD /api/products/` or `* /orders/` (`*`: every method, or every path). Never its
+    /// position: a queued mutation keeps its route's name and replay looks the rules up by
+    /// it, so inserting a route must not hand other routes' rules to queued items.
+    pub fn effective_name(&self) -> String {
+        if let Some(name) = &self.name {
+            return name.clone();
+        }
+        let mut methods = self.methods.clone();
+        methods.sort();
+        methods.dedup();
+        let methods = if methods.is_empty() {
+            "*".to_string()
+        } else {
+            methods.join(",")
+        };
+        let path = if self.path.is_empty() {
+            "*"
+        } else {
+            &self.path
+        };
+        format!("{methods} {path}")
+    }
+}
+
+/// The name of the route requests get when no `[[route]]` matches (reserved).
+pub const DEFAULT_ROUTE_NAME: &str = "default";
+
+/// Methods a route may name: RFC 9110's, PATCH (RFC 5789) and QUERY (the safe method with a
+/// body). Anything else in a config is far more likely a typo (`GTE`) than a method.
+pub const KNOWN_METHODS: [&str; 10] = [
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "QUERY", "OPTIONS", "TRACE", "CONNECT",
+];
+
 /// A configuration error, located in its file where possible.
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
@@ -503,7 +548,18 @@ impl fmt::Display for ConfigError {
 }
 
 impl ConfigError {
-    fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
+    /// Find the line of the error's key in the config `text` it came from.
+    pub fn located_in(mut self, text: &str) -> Self {
+        if self.line.is_none()
+            && let Some(key) = &self.key
+        {
+            self.line = find_key_line(text, key);
+        }
+        self
+    }
+
+    /// An error about `key`.
+    pub fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             file: None,
             line: None,
@@ -514,7 +570,7 @@ impl ConfigError {
 }
 
 impl Config {
-    /// Read and validate a config file.
+    /// Read and validate a config file (routes: see [`crate::route::load`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: Some(path.to_path_buf()),
@@ -528,7 +584,9 @@ impl Config {
         })
     }
 
-    /// Parse and validate config text (errors carry line and key, not the file).
+    /// Parse and validate config text (errors carry line and key, not the file). The
+    /// `[[route]]` entries are validated where they are compiled: [`crate::route::parse`]
+    /// checks a whole config text, routes included.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| {
             let (line, key) = match e.span() {
@@ -544,12 +602,7 @@ impl Config {
                 message,
             }
         })?;
-        config.validate().map_err(|mut e| {
-            if let Some(key) = &e.key {
-                e.line = find_key_line(text, key);
-            }
-            e
-        })?;
+        config.validate().map_err(|e| e.located_in(text))?;
         Ok(config)
     }
 
@@ -642,9 +695,10 @@ impl Config {
             ));
         }
         if self.store.backend == Backend::Redis {
-            redis::Client::open(self.store.redis_url.as_str())
-                .map_err(|e| ConfigError::key("store.redis_url", e.to_string()))?;
+            check_redis_url(&self.store.redis_url)
+                .map_err(|message| ConfigError::key("store.redis_url", message))?;
         }
+        check_classify("replay.classify", &self.replay.classify)?;
         if self.proxy.max_connections == 0 {
             return Err(ConfigError::key(
                 "proxy.max_connections",
@@ -672,38 +726,114 @@ impl Config {
                 "required when admin.listen is not a loopback address",
             ));
         }
-        for (i, route) in self.routes.iter().enumerate() {
-            for m in &route.methods {
-                http::Method::from_bytes(m.as_bytes()).map_err(|_| {
-                    ConfigError::key(format!("route[{i}].methods"), format!("bad method {m:?}"))
-                })?;
-            }
-            if !route.path.is_empty() && !route.path.starts_with('/') {
-                return Err(ConfigError::key(
-                    format!("route[{i}].path"),
-                    "must start with '/'",
-                ));
-            }
-            crate::route::PathMatcher::new(&route.path)
-                .map_err(|e| ConfigError::key(format!("route[{i}].path"), e))?;
-            if let Some(names) = &route.identity_headers {
-                check_header_names(&format!("route[{i}].identity_headers"), names)?;
-            }
-            for rule in route.classify.iter().flat_map(|c| &c.body) {
-                if !rule.pointer.is_empty() && !rule.pointer.starts_with('/') {
-                    return Err(ConfigError::key(
-                        format!("route[{i}].classify.body.pointer"),
-                        "a JSON pointer starts with '/'",
-                    ));
-                }
-            }
-        }
         Ok(())
     }
 }
 
+/// A method a route may name: one of [`KNOWN_METHODS`], spelled as HTTP spells it.
+pub(crate) fn check_method(m: &str) -> Result<(), String> {
+    if KNOWN_METHODS.contains(&m) {
+        return Ok(());
+    }
+    let upper = m.to_ascii_uppercase();
+    if KNOWN_METHODS.contains(&upper.as_str()) {
+        return Err(format!(
+            "{m:?}: methods are case-sensitive, write {upper:?}"
+        ));
+    }
+    Err(format!(
+        "{m:?} is not an HTTP method outpost routes by; use {}",
+        KNOWN_METHODS.join(", ")
+    ))
+}
+
+/// Status lists hold HTTP status codes (100–599), and body rules JSON pointers; `prefix` is
+/// where the rules sit (`replay.classify`, `route[2].classify`).
+pub(crate) fn check_classify(prefix: &str, c: &ClassifyConfig) -> Result<(), ConfigError> {
+    for (key, codes) in [
+        ("retryable", &c.retryable),
+        ("auth_required", &c.auth_required),
+        ("conflict", &c.conflict),
+        ("partial", &c.partial),
+        ("validation", &c.validation),
+    ] {
+        if let Some(code) = codes.iter().find(|c| !(100..=599).contains(*c)) {
+            return Err(ConfigError::key(
+                format!("{prefix}.{key}"),
+                format!("{code} is not an HTTP status code (100–599)"),
+            ));
+        }
+    }
+    for (j, rule) in c.body.iter().enumerate() {
+        if !rule.pointer.is_empty() && !rule.pointer.starts_with('/') {
+            return Err(ConfigError::key(
+                format!("{prefix}.body[{j}].pointer"),
+                "a JSON pointer starts with '/'",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What is wrong with a Redis URL, said so an operator can fix it.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    const FORM: &str =
+        "expected redis://[user:password@]host[:port][/db] or unix:///path/to/redis.sock";
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(format!("{url:?} is not a URL; {FORM}"));
+    };
+    match scheme {
+        "redis" | "valkey" => {
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+            let host_port = authority.rsplit('@').next().unwrap_or("");
+            let (host, port) = match host_port.rsplit_once(':') {
+                // An IPv6 literal's colons are inside its brackets.
+                Some((h, p)) if !p.contains(']') => (h, Some(p)),
+                _ => (host_port, None),
+            };
+            if host.is_empty() {
+                return Err(format!("{url:?} names no host; {FORM}"));
+            }
+            if let Some(port) = port
+                && port.parse::<u16>().is_err()
+            {
+                return Err(format!("{port:?} in {url:?} is not a port number"));
+            }
+            let db = rest[authority.len()..]
+                .split(['?', '#'])
+                .next()
+                .unwrap_or("")
+                .trim_matches('/');
+            if !db.is_empty() && db.parse::<i64>().is_err() {
+                return Err(format!(
+                    "{db:?} in {url:?} is not a database number (the path is /0, /1, …)"
+                ));
+            }
+        }
+        "unix" | "redis+unix" | "valkey+unix" => {
+            if !rest.starts_with('/') {
+                return Err(format!(
+                    "{url:?} needs an absolute socket path, e.g. unix:///run/redis/redis.sock"
+                ));
+            }
+        }
+        "rediss" | "valkeys" => {
+            return Err(format!(
+                "{scheme}:// (TLS) is not supported by this build; use redis:// on a trusted \
+                 network or through a TLS tunnel"
+            ));
+        }
+        other => return Err(format!("{other}:// is not a Redis URL scheme; {FORM}")),
+    }
+    // What the checks above miss, the client's own parser says (without its error kind).
+    redis::Client::open(url).map(drop).map_err(|e| {
+        let why = e.to_string().replace(" - InvalidClientConfig", "");
+        format!("{url:?} is not a usable Redis URL: {why}")
+    })
+}
+
 /// Every entry of `names` must be a valid HTTP header name.
-fn check_header_names(key: &str, names: &[String]) -> Result<(), ConfigError> {
+pub(crate) fn check_header_names(key: &str, names: &[String]) -> Result<(), ConfigError> {
     for name in names {
         http::HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| ConfigError::key(key, format!("{name:?} is not a header name")))?;
@@ -711,34 +841,139 @@ fn check_header_names(key: &str, names: &[String]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Line (1-based) and `section.key` of the byte offset `pos` in `text`.
+/// One line of a TOML text as error messages name it: the table it is in, with the index of
+/// each array-of-tables element (`route[1]`, `route[1].classify.body[0]`), and the key it sets.
+/// One form everywhere: `route[N].key`, whether serde or validation found the error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TomlLine {
+    /// The table; empty for top-level keys.
+    table: String,
+    /// The (dotted) key this line sets, if it sets one.
+    key: Option<String>,
+    /// Whether the line is a table header (`[proxy]`, `[[route]]`).
+    header: bool,
+}
+
+impl TomlLine {
+    /// `table.key` (or the table, for its header).
+    fn dotted(&self) -> Option<String> {
+        match (&self.key, self.header) {
+            (Some(key), _) if self.table.is_empty() => Some(key.clone()),
+            (Some(key), _) => Some(format!("{}.{key}", self.table)),
+            (None, true) => Some(self.table.clone()),
+            (None, false) => None,
+        }
+    }
+}
+
+/// The [`TomlLine`] of every line of `text` (a line-based reading: good enough for config
+/// files, where tables and keys start lines).
+fn toml_outline(text: &str) -> Vec<TomlLine> {
+    // Elements seen so far of each array of tables, by its indexed path (`route[1].classify.body`).
+    let mut arrays: std::collections::HashMap<String, usize> = Default::default();
+    let mut table = String::new();
+    text.lines()
+        .map(|line| {
+            let t = line.trim();
+            if let Some(name) = table_header(t, "[[", "]]") {
+                let segments = key_segments(name);
+                let (last, parents) = segments.split_last().unwrap_or((&"", &[]));
+                let path = join_key(&indexed_path(&arrays, parents), last);
+                let n = arrays.entry(path.clone()).or_insert(0);
+                table = format!("{path}[{n}]");
+                *n += 1;
+                TomlLine {
+                    table: table.clone(),
+                    key: None,
+                    header: true,
+                }
+            } else if let Some(name) = table_header(t, "[", "]") {
+                table = indexed_path(&arrays, &key_segments(name));
+                TomlLine {
+                    table: table.clone(),
+                    key: None,
+                    header: true,
+                }
+            } else {
+                let key = t
+                    .split_once('=')
+                    .map(|(k, _)| k.trim())
+                    .filter(|k| is_key_path(k))
+                    .map(|k| key_segments(k).join("."));
+                TomlLine {
+                    table: table.clone(),
+                    key,
+                    header: false,
+                }
+            }
+        })
+        .collect()
+}
+
+/// The name inside a table header line `open name close [# comment]`.
+fn table_header<'a>(line: &'a str, open: &str, close: &str) -> Option<&'a str> {
+    let rest = line.strip_prefix(open)?;
+    if open == "[" && rest.starts_with('[') {
+        return None;
+    }
+    let (name, after) = rest.split_once(close)?;
+    let after = after.trim_start();
+    (is_key_path(name) && (after.is_empty() || after.starts_with('#'))).then_some(name)
+}
+
+/// Whether `s` looks like a TOML key path: bare or quoted keys joined by dots.
+fn is_key_path(s: &str) -> bool {
+    !s.trim().is_empty()
+        && s.chars().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' ' | '\t' | '"' | '\'')
+        })
+}
+
+/// The segments of a key path, trimmed and unquoted.
+fn key_segments(path: &str) -> Vec<&str> {
+    path.split('.')
+        .map(|s| s.trim().trim_matches(|c| c == '"' || c == '\''))
+        .collect()
+}
+
+fn join_key(table: &str, key: &str) -> String {
+    if table.is_empty() {
+        key.to_string()
+    } else {
+        format!("{table}.{key}")
+    }
+}
+
+/// `segments` joined, each array of tables among them given its current element's index.
+fn indexed_path(arrays: &std::collections::HashMap<String, usize>, segments: &[&str]) -> String {
+    let mut path = String::new();
+    for segment in segments {
+        path = join_key(&path, segment);
+        if let Some(n) = arrays.get(&path) {
+            path = format!("{path}[{}]", n.saturating_sub(1));
+        }
+    }
+    path
+}
+
+/// Line (1-based) and dotted key (`route[1].read`) of the byte offset `pos` in `text`.
 fn locate_span(text: &str, pos: usize) -> (Option<usize>, Option<String>) {
     let pos = pos.min(text.len());
     let line_no = text[..pos].matches('\n').count() + 1;
-    let mut section = String::new();
-    let mut key = None;
-    for (i, line) in text.lines().enumerate() {
-        if i + 1 > line_no {
-            break;
-        }
-        let t = line.trim();
-        if t.starts_with('[') {
-            section = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
-            key = None;
-        }
-        if i + 1 == line_no
-            && let Some((k, _)) = t.split_once('=')
-        {
-            key = Some(k.trim().to_string());
-        }
-    }
-    let dotted = match (section.is_empty(), key) {
-        (_, None) if section.is_empty() => None,
-        (_, None) => Some(section),
-        (true, Some(k)) => Some(k),
-        (false, Some(k)) => Some(format!("{section}.{k}")),
+    let outline = toml_outline(text);
+    let Some(line) = outline.get(line_no - 1) else {
+        return (Some(line_no), None);
     };
-    (Some(line_no), dotted)
+    // A value continued over several lines belongs to the key above it in the same table.
+    let key = line.dotted().or_else(|| {
+        outline[..line_no - 1]
+            .iter()
+            .rev()
+            .take_while(|l| l.table == line.table)
+            .find_map(|l| l.key.as_ref().and_then(|_| l.dotted()))
+            .or_else(|| (!line.table.is_empty()).then(|| line.table.clone()))
+    });
+    (Some(line_no), key)
 }
 
 fn unknown_field(message: &str) -> Option<String> {
@@ -746,30 +981,36 @@ fn unknown_field(message: &str) -> Option<String> {
     Some(rest.split('`').next()?.to_string())
 }
 
-/// Best-effort line of `section.key` in `text` (for errors found after parsing).
+/// Line of the dotted key (`route[1].path`) in `text`, for errors found after parsing; when
+/// the key is not in the file (a default), the header of the nearest table it belongs to.
 fn find_key_line(text: &str, dotted: &str) -> Option<usize> {
-    let (section, key) = dotted.rsplit_once('.')?;
-    let section = section.split('[').next().unwrap_or(section);
-    let key = key.trim_end_matches(']');
-    let mut in_section = false;
-    for (i, line) in text.lines().enumerate() {
-        let t = line.trim();
-        if t.starts_with('[') {
-            let name = t.trim_matches(|c| c == '[' || c == ']').trim();
-            in_section = name == section;
-        } else if in_section
-            && let Some((k, _)) = t.split_once('=')
-            && k.trim() == key
-        {
+    let outline = toml_outline(text);
+    if let Some(i) = outline
+        .iter()
+        .position(|l| !l.header && l.dotted().as_deref() == Some(dotted))
+    {
+        return Some(i + 1);
+    }
+    let mut table = dotted;
+    loop {
+        if let Some(i) = outline.iter().position(|l| l.header && l.table == table) {
             return Some(i + 1);
         }
+        table = &table[..table.rfind('.')?];
     }
-    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_multi_line_value_is_located_at_its_key() {
+        assert_eq!(
+            locate_span("[proxy]\nlisten = [\n  1,\n]\n", 20),
+            (Some(3), Some("proxy.listen".into()))
+        );
+    }
 
     #[test]
     fn defaults_are_valid() {
@@ -803,32 +1044,38 @@ mod tests {
     }
 
     #[test]
-    fn security_keys_have_defaults_and_are_validated() {
-        let c = Config::parse("").expect("defaults");
-        assert_eq!(c.proxy.max_connections, 10_000);
-        assert_eq!(c.admin.max_connections, 64);
-        assert_eq!(
-            c.cache.identity_headers,
-            ["Authorization", "Cookie", "X-Api-Key", "Api-Key"]
-        );
-        let c = Config::parse(
-            "[cache]\nidentity_headers = [\"X-Tenant\"]\n[admin]\nallowed_hosts = [\"outpost.lan\"]\n\
-             [[route]]\npath = \"/a/\"\nidentity_headers = []\n",
-        )
-        .expect("valid");
-        assert_eq!(c.routes[0].identity_headers.as_deref(), Some(&[][..]));
-        let err =
-            Config::parse("[cache]\nidentity_headers = [\"bad header\"]\n").expect_err("bad name");
-        assert_eq!(err.key.as_deref(), Some("cache.identity_headers"));
-        assert_eq!(err.line, Some(2));
-        let err = Config::parse("[[route]]\nidentity_headers = [\"a:b\"]\n").expect_err("bad");
-        assert_eq!(err.key.as_deref(), Some("route[0].identity_headers"));
-        let err = Config::parse("[proxy]\nmax_connections = 0\n").expect_err("zero");
-        assert_eq!(err.key.as_deref(), Some("proxy.max_connections"));
-        let err = Config::parse("[admin]\nallowed_hosts = [\"http://x\"]\n").expect_err("url");
-        assert_eq!(err.key.as_deref(), Some("admin.allowed_hosts"));
+    fn bad_redis_urls_say_what_is_wrong() {
+        for (url, says) in [
+            ("localhost:6379", "is not a URL"),
+            ("http://localhost", "is not a Redis URL scheme"),
+            ("redis://", "names no host"),
+            ("redis://user:pw@:6379", "names no host"),
+            ("redis://localhost:63a9", "is not a port number"),
+            ("redis://localhost:6379/db", "is not a database number"),
+            ("rediss://localhost", "TLS"),
+            ("unix://relative.sock", "absolute socket path"),
+            ("redis://0.0.0.0", "wildcard"),
+        ] {
+            let text = format!("[store]\nbackend = \"redis\"\nredis_url = \"{url}\"\n");
+            let err = Config::parse(&text).expect_err(url);
+            assert_eq!(err.key.as_deref(), Some("store.redis_url"), "{url}");
+            assert_eq!(err.line, Some(3), "{url}");
+            assert!(err.message.contains(says), "{url}: {err}");
+            assert!(!err.message.contains("InvalidClientConfig"), "{url}: {err}");
+        }
+        for url in [
+            "redis://localhost",
+            "redis://:secret@10.0.0.5:6380/2",
+            "redis://[::1]:6379/0",
+            "unix:///run/redis.sock",
+        ] {
+            let text = format!("[store]\nbackend = \"redis\"\nredis_url = \"{url}\"\n");
+            Config::parse(&text).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
     }
 
+    /// Issue #15 point 7: route keys are named one way, `route[N].key`, with the right line,
+    /// whether the parser or the validation found the error.
     #[test]
     fn routes_parse() {
         let c = Config::parse(

@@ -23,7 +23,8 @@ use crate::events::Event;
 use crate::shutdown::Shutdown;
 use upstream::ToyUpstream;
 
-type DemoError = Box<dyn std::error::Error + Send + Sync>;
+/// Why the demo stopped.
+pub type DemoError = Box<dyn std::error::Error + Send + Sync>;
 
 struct Answer {
     status: u16,

@@ -9,6 +9,23 @@ use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::ProxyBody;
 
+/// An error and its causes in one line (`what: why: deeper why`), for logs and the stored
+/// outcome of a mutation. Errors keep their causes as sources; this is where they are read.
+pub fn report(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        // `#[error(transparent)]` and wrappers repeat their source's message: say it once.
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = inner.source();
+    }
+    s
+}
+
 /// A failure of a storage backend (embedded store or Redis).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -61,6 +78,23 @@ pub enum StoreError {
         /// The partition whose lease is no longer held.
         partition: String,
     },
+}
+
+impl StoreError {
+    /// Whether trying the same operation again later can succeed (a full disk, Redis down or
+    /// slow, replicas lagging), as opposed to a verdict that stands (a lost lease, an item no
+    /// longer queued, a record that does not decode, a store shut down).
+    pub fn retryable(&self) -> bool {
+        match self {
+            StoreError::Embedded(_) | StoreError::Redis(_) | StoreError::Replicas { .. } => true,
+            StoreError::Codec(_)
+            | StoreError::Closed
+            | StoreError::Task(_)
+            | StoreError::LeaseLost { .. }
+            | StoreError::NotQueued { .. }
+            | StoreError::NewerFormat { .. } => false,
+        }
+    }
 }
 
 impl From<redb::Error> for StoreError {

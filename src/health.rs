@@ -25,6 +25,7 @@ use tokio::sync::watch;
 
 use crate::body;
 use crate::config::UpstreamConfig;
+use crate::error::report;
 use crate::events::{Event, Events};
 use crate::shutdown::Shutdown;
 use crate::upstream::{ForwardError, Upstream, UpstreamService};
@@ -133,8 +134,8 @@ impl Health {
         match result {
             Ok(_) => self.report_success(),
             Err(e) if e.request_body_failed() => {}
-            Err(e @ ForwardError::Transport(_)) => self.report_reset(&e.to_string(), subject),
-            Err(e) => self.report_failure(&e.to_string()),
+            Err(e @ ForwardError::Transport(_)) => self.report_reset(&report(e), subject),
+            Err(e) => self.report_failure(&report(e)),
         }
     }
 
@@ -216,7 +217,7 @@ async fn probe(
                 .map_err(|e| e.to_string())?;
             let resp = crate::upstream::call(service, req)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| report(&e))?;
             if resp.status().is_server_error() {
                 return Err(format!("probe answered {}", resp.status()));
             }

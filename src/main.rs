@@ -126,7 +126,7 @@ fn main() -> ExitCode {
     };
     init_logging(cli.log_format, default_level);
     match cli.command {
-        Command::CheckConfig { file } => match Config::load(&file) {
+        Command::CheckConfig { file } => match outpost::route::load(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
@@ -153,11 +153,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Queue(args) => queue(args),
-        Command::Demo => run(|| async {
-            outpost::demo::run()
-                .await
-                .map_err(|e| StartError::Setup(e.to_string()))
-        }),
+        Command::Demo => run(|| async { outpost::demo::run().await.map_err(StartError::Demo) }),
     }
 }
 
@@ -183,7 +179,7 @@ where
             ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", outpost::error::report(&e));
             ExitCode::FAILURE
         }
     }
@@ -256,7 +252,8 @@ fn queue(args: QueueArgs) -> ExitCode {
 
 fn build_config(args: ServeArgs) -> Result<Config, outpost::config::ConfigError> {
     let mut config = match &args.config {
-        Some(path) => Config::load(path)?,
+        // Routes included: their errors name file, line and key too.
+        Some(path) => outpost::route::load(path)?.0,
         None => Config::default(),
     };
     if let Some(listen) = args.listen {
@@ -289,10 +286,14 @@ fn build_config(args: ServeArgs) -> Result<Config, outpost::config::ConfigError>
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // Colours only for people at a terminal: a file or a log collector gets plain text.
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal() && !no_color)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

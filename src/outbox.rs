@@ -39,7 +39,7 @@ use crate::cache::{CACHE_STATUS, status as cache};
 use crate::config::{Config, PartitionBy, WriteMode};
 use crate::context::{Identity, RequestContext, Source};
 use crate::credentials::Credentials;
-use crate::error::{ProxyError, json_response};
+use crate::error::{ProxyError, json_response, report};
 use crate::events::{Event, Events};
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -162,11 +162,10 @@ impl Outbox {
                         limit: self.config.proxy.max_body_bytes,
                     }),
                     Err(e) if e.request_body_failed() => Err(ProxyError::BadRequest(format!(
-                        "could not read the request body: {e}"
+                        "could not read the request body: {}",
+                        report(&e)
                     ))),
-                    Err(e @ ForwardError::Transport(_)) => {
-                        Err(ProxyError::BadGateway(e.to_string()))
-                    }
+                    Err(e @ ForwardError::Transport(_)) => Err(ProxyError::BadGateway(report(&e))),
                 };
             }
             Err(e) => return Err(body_error(e, self.config.proxy.max_body_bytes)),
@@ -242,7 +241,12 @@ impl Outbox {
         rules: crate::config::ClassifyConfig,
         guard: InProgress,
     ) -> (Result<Response<ProxyBody>, ProxyError>, Source) {
-        let req = self.upstream.request_from_stored(&record.request, &[]);
+        // Built from the app's own request a moment ago, so it cannot fail; if it ever did,
+        // the app hears so instead of another request going upstream.
+        let req = match self.upstream.request_from_stored(&record.request, &[]) {
+            Ok(req) => req,
+            Err(e) => return (Err(ProxyError::BadRequest(e.to_string())), Source::Outpost),
+        };
         let result = self.upstream.send(req).await;
         self.health.observe_for(&result, Some(&record.key));
         let e = match result {
@@ -265,7 +269,7 @@ impl Outbox {
         match &e {
             // Not sent: it goes as soon as the upstream is seen online.
             ForwardError::Connect(_) => {
-                record.outcome = Some(format!("retryable: not sent: {e}"));
+                record.outcome = Some(format!("retryable: not sent: {}", report(&e)));
             }
             // Maybe applied: never sent again at once (an upstream that ignores the key would
             // apply it twice); the replay tries again after a backoff.
@@ -274,10 +278,10 @@ impl Outbox {
                 record.attempts = 1;
                 record.next_attempt_at_ms =
                     now_ms().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
-                record.outcome = Some(format!("retryable: maybe applied: {e}"));
+                record.outcome = Some(format!("retryable: maybe applied: {}", report(&e)));
             }
         }
-        tracing::info!(key = %record.key, "forward failed ({e}); queued");
+        tracing::info!(key = %record.key, "forward failed ({}); queued", report(&e));
         let mut ctx_source = Source::Queued;
         let result = self
             .enqueue_record(record, &fingerprint, &mut ctx_source)

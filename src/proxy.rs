@@ -26,7 +26,7 @@ use crate::cache::{self, CACHE_STATUS, Cache, PrimaryKey, status, with_cache_sta
 use crate::config::{Config, ReadStrategy};
 use crate::context::ClientInfo;
 use crate::context::{Identity, RequestContext, Source};
-use crate::error::ProxyError;
+use crate::error::{ProxyError, report};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::mutations::MutationDocs;
@@ -216,7 +216,7 @@ impl Proxy {
                 self.request_body_error(&e).into_response()
             }
             Err(e) => {
-                tracing::debug!(path = %ctx.path_and_query, "upstream failed: {e}");
+                tracing::debug!(path = %ctx.path_and_query, "upstream failed: {}", report(&e));
                 self.serve_offline(ctx, &primary, &request_headers).await
             }
         }
@@ -264,7 +264,7 @@ impl Proxy {
         if let (Err(e @ ForwardError::Transport(_)), Some(again)) = (&result, again)
             && !e.request_body_failed()
         {
-            tracing::debug!(path = %ctx.path_and_query, "read reset ({e}); trying once more");
+            tracing::debug!(path = %ctx.path_and_query, "read reset ({}); trying once more", report(e));
             result = self.upstream.send(again).await;
         }
         self.health.observe(&result);
@@ -278,7 +278,7 @@ impl Proxy {
                 limit: self.config.proxy.max_body_bytes,
             }
         } else {
-            ProxyError::BadRequest(format!("the request body failed: {e}"))
+            ProxyError::BadRequest(format!("the request body failed: {}", report(e)))
         }
     }
 

@@ -17,12 +17,16 @@
 
 pub mod backoff;
 pub mod classify;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -33,6 +37,7 @@ use crate::activity::Activity;
 use crate::body::{self, Collected};
 use crate::config::Config;
 use crate::credentials::Credentials;
+use crate::error::report;
 use crate::events::{Event, Events};
 use crate::health::Health;
 use crate::parts::Parts;
@@ -41,7 +46,9 @@ use crate::shutdown::Shutdown;
 use crate::store::{
     Lease, MutationRecord, MutationStatus, Store, StoreError, StoredResponse, now_ms, rfc3339_ms,
 };
-use crate::upstream::{ForwardError, IDEMPOTENCY_KEY, Upstream, UpstreamService, header_pairs};
+use crate::upstream::{
+    ForwardError, IDEMPOTENCY_KEY, UnsendableRequest, Upstream, UpstreamService, header_pairs,
+};
 use classify::Outcome;
 
 /// `Outpost-Accepted-At`: when outpost accepted a replayed mutation.
@@ -83,6 +90,8 @@ enum Sent {
     /// The exchange broke after the request may have been sent, or no answer came in time:
     /// the upstream may have applied it.
     Ambiguous { reason: String, timeout: bool },
+    /// The stored request cannot be rebuilt as the app sent it: nothing was sent.
+    Unsendable(UnsendableRequest),
 }
 
 /// Which write records an answer.
@@ -434,6 +443,15 @@ impl Replayer {
                     .retry_later(lease, item, reason, None, None, true, finishing)
                     .await;
             }
+            Sent::Unsendable(e) => {
+                // Sent as anything else it would not be the app's request: an operator decides.
+                item.attempts = item.attempts.saturating_sub(1);
+                item.status = MutationStatus::Rejected;
+                item.outcome = Some(format!("not sent: {e}"));
+                item.finished_at_ms = Some(now);
+                self.dead_letter(lease, item, finishing).await?;
+                return Ok(Step::Next);
+            }
             Sent::Answered { outcome, response } => (outcome, response),
         };
         self.events.emit(Event::Classified {
@@ -617,7 +635,7 @@ impl Replayer {
                 Ok(()) => return Ok(true),
                 // Dropped by an operator (or finished elsewhere) meanwhile: nothing to keep.
                 Err(StoreError::NotQueued { .. }) => return Ok(false),
-                Err(e @ StoreError::LeaseLost { .. }) => return Err(e),
+                Err(e) if !e.retryable() => return Err(e),
                 Err(e) => e,
             };
             tracing::warn!(
@@ -708,19 +726,22 @@ impl Replayer {
         if let Ok(key) = HeaderValue::from_str(&item.key) {
             extra.push((IDEMPOTENCY_KEY.clone(), key));
         }
-        let req = self.upstream.request_from_stored(&item.request, &extra);
+        let req = match self.upstream.request_from_stored(&item.request, &extra) {
+            Ok(req) => req,
+            Err(e) => return Sent::Unsendable(e),
+        };
         let resp = match crate::upstream::call(&self.service, req).await {
             Ok(resp) => resp,
-            Err(e @ ForwardError::Connect(_)) => return Sent::Refused(e.to_string()),
+            Err(e @ ForwardError::Connect(_)) => return Sent::Refused(report(&e)),
             Err(e @ ForwardError::Timeout(_)) => {
                 return Sent::Ambiguous {
-                    reason: e.to_string(),
+                    reason: report(&e),
                     timeout: true,
                 };
             }
             Err(e @ ForwardError::Transport(_)) => {
                 return Sent::Ambiguous {
-                    reason: e.to_string(),
+                    reason: report(&e),
                     timeout: false,
                 };
             }

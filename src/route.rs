@@ -4,13 +4,17 @@
 //! per-route decision the data path needs: read strategy, write mode, partitioning, cache
 //! lifetimes, the headers that identify a caller, and classification rules.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use globset::{GlobBuilder, GlobMatcher};
 use http::{HeaderName, Method};
 
-use crate::config::{ClassifyConfig, Config, PartitionBy, ReadStrategy, RouteConfig, WriteMode};
+use crate::config::{
+    ClassifyConfig, Config, ConfigError, DEFAULT_ROUTE_NAME, PartitionBy, ReadStrategy,
+    RouteConfig, WriteMode, check_classify, check_header_names, check_method,
+};
 
 /// How a route's `path` is matched.
 #[derive(Debug, Clone)]
@@ -52,8 +56,11 @@ impl PathMatcher {
 /// One compiled route: everything the data path decides per route.
 #[derive(Debug)]
 pub struct Route {
-    /// Name for logs (the configured one, or `route[i]`, or `default`).
+    /// Name for logs and for queued mutations: the configured one, one derived from what the
+    /// route matches ([`RouteConfig::effective_name`]), or `default`.
     pub name: String,
+    /// Whether the name was configured (not derived).
+    named: bool,
     methods: Vec<Method>,
     path: PathMatcher,
     /// Read strategy for GET/HEAD.
@@ -88,6 +95,7 @@ impl Route {
         };
         Ok(Route {
             name,
+            named: rc.name.is_some(),
             methods: rc
                 .methods
                 .iter()
@@ -121,22 +129,23 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Compile the `[[route]]` entries of a (validated) config.
-    pub fn new(config: &Config) -> Result<Self, String> {
+    /// Validate and compile the `[[route]]` entries of a config: the one place routes are
+    /// checked (errors name `route[N].key`).
+    pub fn new(config: &Config) -> Result<Self, ConfigError> {
+        validate(config)?;
+        let compile = |i: Option<usize>, name: String, rc: &RouteConfig| {
+            Route::compile(name, rc, config).map(Arc::new).map_err(|e| {
+                let key = i.map_or_else(|| "route".to_string(), |i| format!("route[{i}]"));
+                ConfigError::key(key, e)
+            })
+        };
         let routes = config
             .routes
             .iter()
             .enumerate()
-            .map(|(i, rc)| {
-                let name = rc.name.clone().unwrap_or_else(|| format!("route[{i}]"));
-                Route::compile(name, rc, config).map(Arc::new)
-            })
+            .map(|(i, rc)| compile(Some(i), rc.effective_name(), rc))
             .collect::<Result<_, _>>()?;
-        let default = Arc::new(Route::compile(
-            "default".into(),
-            &RouteConfig::default(),
-            config,
-        )?);
+        let default = compile(None, DEFAULT_ROUTE_NAME.into(), &RouteConfig::default())?;
         Ok(RouteTable { routes, default })
     }
 
@@ -150,11 +159,20 @@ impl RouteTable {
 
     /// The route named `name` (as recorded on a queued mutation), else the default route.
     pub fn by_name(&self, name: &str) -> Arc<Route> {
-        self.routes
-            .iter()
-            .find(|r| r.name == name)
-            .unwrap_or(&self.default)
-            .clone()
+        if let Some(route) = self.routes.iter().find(|r| r.name == name) {
+            return route.clone();
+        }
+        // Mutations queued by earlier releases name an unnamed route by its position.
+        if let Some(route) = name
+            .strip_prefix("route[")
+            .and_then(|rest| rest.strip_suffix(']'))
+            .and_then(|i| i.parse::<usize>().ok())
+            .and_then(|i| self.routes.get(i))
+            .filter(|r| !r.named)
+        {
+            return route.clone();
+        }
+        self.default.clone()
     }
 
     /// The first route matching `method` and `path`, else the default route.
@@ -167,9 +185,204 @@ impl RouteTable {
     }
 }
 
+/// Parse and validate a whole config text, routes included (errors carry line and key).
+pub fn parse(text: &str) -> Result<(Config, RouteTable), ConfigError> {
+    let config = Config::parse(text)?;
+    let routes = RouteTable::new(&config).map_err(|e| e.located_in(text))?;
+    Ok((config, routes))
+}
+
+/// Read, parse and validate a config file, routes included (errors name file, line, key).
+pub fn load(path: &Path) -> Result<(Config, RouteTable), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: Some(path.to_path_buf()),
+        line: None,
+        key: None,
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(&text).map_err(|mut e| {
+        e.file = Some(path.to_path_buf());
+        e
+    })
+}
+
+/// What the types of `[[route]]` entries cannot say: methods, paths, names, headers, rules.
+fn validate(config: &Config) -> Result<(), ConfigError> {
+    let mut names: Vec<String> = Vec::with_capacity(config.routes.len());
+    for (i, route) in config.routes.iter().enumerate() {
+        let at = |key: &str| format!("route[{i}].{key}");
+        for m in &route.methods {
+            check_method(m).map_err(|message| ConfigError::key(at("methods"), message))?;
+        }
+        if !route.path.is_empty() && !route.path.starts_with('/') {
+            return Err(ConfigError::key(at("path"), "must start with '/'"));
+        }
+        PathMatcher::new(&route.path).map_err(|e| ConfigError::key(at("path"), e))?;
+        if let Some(names) = &route.identity_headers {
+            check_header_names(&at("identity_headers"), names)?;
+        }
+        if let Some(classify) = &route.classify {
+            check_classify(&at("classify"), classify)?;
+        }
+        let name = route.effective_name();
+        if name == DEFAULT_ROUTE_NAME {
+            return Err(ConfigError::key(
+                at("name"),
+                format!(
+                    "{name:?} is the name of the route for requests no [[route]] matches; choose another"
+                ),
+            ));
+        }
+        if let Some(first) = names.iter().position(|n| *n == name) {
+            let message = if route.name.is_none() && config.routes[first].name.is_none() {
+                format!(
+                    "matches the same methods and path as route[{first}] ({name:?}), which \
+                     comes first, so it is never used: remove it or change what it matches"
+                )
+            } else {
+                format!(
+                    "the name {name:?} is already route[{first}]'s; route names must be \
+                     unique (queued mutations find their route's rules by name)"
+                )
+            };
+            return Err(ConfigError::key(at("name"), message));
+        }
+        names.push(name);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::config::KNOWN_METHODS;
+
+    /// A whole config text, routes included, as `check-config` reads it.
+    fn parse_config(text: &str) -> Result<Config, ConfigError> {
+        parse(text).map(|(config, _)| config)
+    }
+
+    #[test]
+    fn classify_lists_hold_status_codes_only() {
+        let err = parse_config("[replay.classify]\nconflict = [409]\nretryable = [503, 99]\n")
+            .expect_err("99");
+        assert_eq!(err.key.as_deref(), Some("replay.classify.retryable"));
+        assert_eq!(err.line, Some(3));
+        assert!(
+            err.message.contains("99 is not an HTTP status code"),
+            "{err}"
+        );
+        let err = parse_config("[[route]]\npath = \"/a/\"\n[route.classify]\npartial = [600]\n")
+            .expect_err("600");
+        assert_eq!(err.key.as_deref(), Some("route[0].classify.partial"));
+        assert_eq!(err.line, Some(4));
+        parse_config("[replay.classify]\nretryable = [100, 599]\n").expect("bounds");
+        let err = parse_config(
+            "[[route]]\n[[route.classify.body]]\npointer = \"/a\"\nclass = \"success\"\n\
+             [[route.classify.body]]\npointer = \"b\"\nclass = \"success\"\n",
+        )
+        .expect_err("pointer");
+        assert_eq!(
+            err.key.as_deref(),
+            Some("route[0].classify.body[1].pointer")
+        );
+        assert_eq!(err.line, Some(6));
+    }
+
+    /// Issue #15 point 7: a bad Redis URL says what is wrong, not only "InvalidClientConfig".
+    #[test]
+    fn duplicate_route_names_are_a_config_error() {
+        let err = parse_config(
+            "[[route]]\nname = \"api\"\npath = \"/a/\"\n[[route]]\npath = \"/b/\"\nname = \"api\"\n",
+        )
+        .expect_err("same name");
+        assert_eq!(err.key.as_deref(), Some("route[1].name"));
+        assert_eq!(err.line, Some(6));
+        assert!(err.message.contains("already route[0]'s"), "{err}");
+        let err = parse_config(
+            "[[route]]\nmethods = [\"GET\"]\npath = \"/a/\"\n\n[[route]]\npath = \"/a/\"\nmethods = [\"GET\"]\n",
+        )
+        .expect_err("same match");
+        assert_eq!(err.key.as_deref(), Some("route[1].name"));
+        assert_eq!(err.line, Some(5), "the route's header: it has no name line");
+        assert!(err.message.contains("never used"), "{err}");
+        let err = parse_config("[[route]]\nname = \"default\"\n").expect_err("reserved");
+        assert_eq!(err.key.as_deref(), Some("route[0].name"));
+        parse_config("[[route]]\npath = \"/a/\"\n[[route]]\nmethods = [\"GET\"]\npath = \"/a/\"\n")
+            .expect("other methods: another name");
+    }
+
+    #[test]
+    fn route_keys_are_named_route_n_key_with_their_line() {
+        let two = |second: &str| {
+            format!("[[route]]\npath = \"/a/\"\nread = \"cache-first\"\n\n[[route]]\n{second}\n")
+        };
+        let err = parse_config(&two("path = \"/b/\"\nread = \"bogus\"")).expect_err("read");
+        assert_eq!(err.key.as_deref(), Some("route[1].read"));
+        assert_eq!(err.line, Some(7));
+        let err = parse_config(&two("read = \"network-first\"\npath = \"b/\"")).expect_err("path");
+        assert_eq!(err.key.as_deref(), Some("route[1].path"));
+        assert_eq!(
+            err.line,
+            Some(7),
+            "the second route's path, not the first's"
+        );
+        let err = parse_config(&two("pathh = \"/b/\"")).expect_err("unknown key");
+        assert_eq!(err.key.as_deref(), Some("route[1].pathh"));
+        assert_eq!(err.line, Some(6));
+        let err = parse_config(&two("[route.classify]\nconflict = \"409\"")).expect_err("type");
+        assert_eq!(err.key.as_deref(), Some("route[1].classify.conflict"));
+        assert_eq!(err.line, Some(7));
+    }
+
+    /// Issue #15 point 7: route names are unique (queued mutations find their rules by it).
+    #[test]
+    fn security_keys_have_defaults_and_are_validated() {
+        let c = parse_config("").expect("defaults");
+        assert_eq!(c.proxy.max_connections, 10_000);
+        assert_eq!(c.admin.max_connections, 64);
+        assert_eq!(
+            c.cache.identity_headers,
+            ["Authorization", "Cookie", "X-Api-Key", "Api-Key"]
+        );
+        let c = parse_config(
+            "[cache]\nidentity_headers = [\"X-Tenant\"]\n[admin]\nallowed_hosts = [\"outpost.lan\"]\n\
+             [[route]]\npath = \"/a/\"\nidentity_headers = []\n",
+        )
+        .expect("valid");
+        assert_eq!(c.routes[0].identity_headers.as_deref(), Some(&[][..]));
+        let err =
+            parse_config("[cache]\nidentity_headers = [\"bad header\"]\n").expect_err("bad name");
+        assert_eq!(err.key.as_deref(), Some("cache.identity_headers"));
+        assert_eq!(err.line, Some(2));
+        let err = parse_config("[[route]]\nidentity_headers = [\"a:b\"]\n").expect_err("bad");
+        assert_eq!(err.key.as_deref(), Some("route[0].identity_headers"));
+        let err = parse_config("[proxy]\nmax_connections = 0\n").expect_err("zero");
+        assert_eq!(err.key.as_deref(), Some("proxy.max_connections"));
+        let err = parse_config("[admin]\nallowed_hosts = [\"http://x\"]\n").expect_err("url");
+        assert_eq!(err.key.as_deref(), Some("admin.allowed_hosts"));
+    }
+
+    /// Issue #15 point 7: a typo'd method is refused, naming the key and its line.
+    #[test]
+    fn unknown_methods_are_refused_naming_the_key() {
+        let text = "[[route]]\npath = \"/a/\"\n\n[[route]]\npath = \"/b/\"\nmethods = [\"GET\", \"GTE\"]\n";
+        let err = parse_config(text).expect_err("GTE is not a method");
+        assert_eq!(err.key.as_deref(), Some("route[1].methods"));
+        assert_eq!(err.line, Some(6));
+        assert!(
+            err.message.contains("\"GTE\" is not an HTTP method"),
+            "{err}"
+        );
+        let err = parse_config("[[route]]\nmethods = [\"get\"]\n").expect_err("case");
+        assert!(err.message.contains("write \"GET\""), "{err}");
+        for m in KNOWN_METHODS {
+            parse_config(&format!("[[route]]\nmethods = [\"{m}\"]\n")).expect(m);
+        }
+    }
+
+    /// Issue #15 point 7: classification lists hold status codes 100–599 only.
 
     #[test]
     fn first_matching_route_wins() {
@@ -183,6 +396,58 @@ mod tests {
         assert_eq!(table.resolve(&Method::POST, "/api/v1/items").name, "api");
         assert_eq!(table.resolve(&Method::GET, "/api/v1/x/items").name, "api");
         assert_eq!(table.resolve(&Method::GET, "/other").name, "default");
+    }
+
+    /// Issue #15 point 7: an unnamed route's name comes from what it matches, so a route
+    /// inserted before it does not hand its rules to mutations queued under it.
+    #[test]
+    fn inserting_a_route_keeps_the_rules_of_queued_items() {
+        let before =
+            Config::parse("[[route]]\npath=\"/orders/\"\n[route.classify]\nconflict=[418]\n")
+                .expect("config");
+        let queued_under = RouteTable::new(&before)
+            .expect("routes")
+            .resolve(&Method::POST, "/orders/1")
+            .name
+            .clone();
+        assert_eq!(queued_under, "* /orders/");
+        let after = Config::parse(
+            "[[route]]\npath=\"/other/\"\nwrite=\"pass-through\"\n\
+             [[route]]\npath=\"/orders/\"\n[route.classify]\nconflict=[418]\n",
+        )
+        .expect("config");
+        let table = RouteTable::new(&after).expect("routes");
+        assert_eq!(table.by_name(&queued_under).classify.conflict, [418]);
+        assert_eq!(
+            table.resolve(&Method::GET, "/other/x").name,
+            "* /other/",
+            "derived from what it matches"
+        );
+        let named = Config::parse(
+            "[[route]]\nmethods=[\"PUT\", \"GET\", \"GET\"]\npath=\"/a/\"\n\
+             [[route]]\nname=\"b\"\npath=\"/b/\"\n[[route]]\nmethods=[\"GET\"]\n",
+        )
+        .expect("config");
+        let names: Vec<_> = named.routes.iter().map(|r| r.effective_name()).collect();
+        assert_eq!(names, ["GET,PUT /a/", "b", "GET *"]);
+    }
+
+    #[test]
+    fn positional_names_of_earlier_releases_still_find_unnamed_routes() {
+        let config = Config::parse(
+            "[[route]]\nname=\"a\"\npath=\"/a/\"\n\
+             [[route]]\npath=\"/b/\"\n[route.classify]\nconflict=[418]\n",
+        )
+        .expect("config");
+        let table = RouteTable::new(&config).expect("routes");
+        assert_eq!(table.by_name("route[1]").name, "* /b/");
+        assert_eq!(
+            table.by_name("route[0]").name,
+            "default",
+            "route[0] has a name"
+        );
+        assert_eq!(table.by_name("route[7]").name, "default");
+        assert_eq!(table.by_name("gone").name, "default");
     }
 
     #[test]

@@ -1,9 +1,19 @@
 //! The storage interface the rest of outpost sees, and the records it stores.
 //!
-//! Two backends implement [`Store`]: [`embedded::EmbeddedStore`] (one data directory, redb) and
-//! [`redis::RedisStore`] (shared by several instances). Both pass the same conformance suite
-//! (`store/conformance.rs`). The proxy, cache and replay code hold an `Arc<dyn Store>` and never
-//! know which one they run on.
+//! The store plays three roles, one trait each, so that code and tests name the role they use:
+//! - [`Queue`]: the durable queue of mutations: enqueue, the replayer's reads and progress
+//!   (peek, update, finish), dead letters, the operator's retry, edit and drop, retention.
+//! - [`ResponseStore`]: the durable tier of the read cache.
+//! - [`Coordination`]: what instances sharing one store agree on: partition leases, and fresh
+//!   credentials for mutations waiting after a 401.
+//!
+//! [`Store`] is the three together. The proxy, cache, replay and admin code hold an
+//! `Arc<dyn Store>` and never know which backend they run on. Three backends implement every
+//! role: [`embedded::EmbeddedStore`] (one data directory, redb, one process),
+//! [`redis::RedisStore`] (shared by several instances) and [`memory::MemoryStore`] (process
+//! memory, nothing durable: for tests of the code above the store). All three pass the same
+//! conformance suite (`store/conformance.rs`, one module per role; built for tests and with the
+//! `conformance` feature only).
 //!
 //! What is stored:
 //! - **Mutation records**, by idempotency key: the request (method, URI, headers, body), its
@@ -16,14 +26,17 @@
 //!
 //! Invariants every backend keeps:
 //! - `enqueue` returns only after the record is durable (fsync, or acknowledged by Redis and
-//!   its replicas as configured); an error means nothing was acknowledged.
+//!   its replicas as configured; the in-memory store, for tests, has nothing durable to wait
+//!   for); an error means nothing was acknowledged.
 //! - `enqueue` of an existing key changes nothing and returns the existing record.
 //! - Sequence numbers are strictly increasing in acceptance order across the whole store.
 //! - Only the holder of a partition's [`Lease`] finishes or updates its items.
 
 pub mod codec;
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod embedded;
+pub mod memory;
 pub mod redis;
 
 use std::time::Duration;
@@ -121,7 +134,7 @@ pub struct MutationRecord {
     pub fingerprint: [u8; 32],
     /// Ordering partition.
     pub partition: String,
-    /// Global acceptance order; assigned by [`Store::enqueue`].
+    /// Global acceptance order; assigned by [`Queue::enqueue`].
     pub seq: u64,
     /// When outpost accepted it (Unix ms).
     pub accepted_at_ms: u64,
@@ -176,11 +189,11 @@ impl MutationRecord {
     }
 }
 
-/// An operator's edit of a dead letter ([`Store::edit_dead_letter`]).
+/// An operator's edit of a dead letter ([`Queue::edit_dead_letter`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum DeadLetterEdit {
     /// The body is unchanged: its request headers become these and it goes back to the tail of
-    /// its partition under the same key, like [`Store::retry_dead_letter`].
+    /// its partition under the same key, like [`Queue::retry_dead_letter`].
     Headers(Vec<(String, Bytes)>),
     /// The body was edited, and the edited request was enqueued under this new key: the dead
     /// letter leaves the list and is finished (`rejected`, outcome `edited: retried as <key>`),
@@ -195,7 +208,7 @@ pub const EDITED_FROM_HEADER: &str = "outpost-edited-from";
 /// The outcome of a dead letter an operator edited and retried under a new key, before that key.
 pub const SUPERSEDED_PREFIX: &str = "edited: retried as ";
 
-/// What [`Store::enqueue`] did.
+/// What [`Queue::enqueue`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Enqueued {
     /// Stored durably with this sequence number.
@@ -216,7 +229,27 @@ pub struct Lease {
     pub token: u64,
 }
 
-/// Counters for status pages and metrics.
+/// Counters of the durable queue, for status pages and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct QueueStats {
+    /// Pending mutations across all partitions.
+    pub queue_depth: u64,
+    /// Acceptance time of the oldest pending mutation (Unix ms).
+    pub oldest_pending_ms: Option<u64>,
+    /// Items on the dead-letter list.
+    pub dead_letters: u64,
+}
+
+/// Counters of the durable cache tier, for status pages and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CacheStats {
+    /// Cache entries in the durable tier.
+    pub cache_entries: u64,
+    /// Bytes of cache entries in the durable tier.
+    pub cache_bytes: u64,
+}
+
+/// Counters for status pages and metrics: [`QueueStats`] and [`CacheStats`] together.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct StoreStats {
     /// Pending mutations across all partitions.
@@ -231,9 +264,10 @@ pub struct StoreStats {
     pub cache_bytes: u64,
 }
 
-/// The storage interface both backends implement.
+/// The durable queue of mutations: accepting them, the replayer's reads and progress, and the
+/// operator's actions. Every backend implements it with the same invariants (module docs).
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Queue: Send + Sync + 'static {
     /// Store a new pending mutation durably, assigning its sequence number; or, if the key
     /// exists, return the existing record and change nothing.
     async fn enqueue(&self, record: MutationRecord) -> Result<Enqueued, StoreError>;
@@ -255,20 +289,9 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `limit` oldest pending items of `partition`, in order.
     async fn peek(&self, partition: &str, limit: usize) -> Result<Vec<MutationRecord>, StoreError>;
 
-    /// Take the right to replay `partition` (None when another instance holds it).
-    async fn acquire(&self, partition: &str) -> Result<Option<Lease>, StoreError>;
-
-    /// Extend a lease; false when it was lost (another instance took over).
-    async fn renew(&self, lease: &Lease) -> Result<bool, StoreError>;
-
-    /// Give a lease back.
-    async fn release(&self, lease: &Lease) -> Result<(), StoreError>;
-
     /// Whether writes can be recorded right now (false while the embedded store reopens after
     /// an I/O error). Replay sends nothing it could not record the answer of.
-    fn writable(&self) -> bool {
-        true
-    }
+    fn writable(&self) -> bool;
 
     /// Save a pending item's new state (attempts, next attempt, status, headers).
     /// [`StoreError::NotQueued`] when the item is no longer on its queue with that sequence
@@ -291,79 +314,118 @@ pub trait Store: Send + Sync + 'static {
     /// it carries. False when the key is not pending.
     async fn retry_pending(&self, key: &str) -> Result<bool, StoreError>;
 
-    /// An operator's edited retry of a dead letter (see [`DeadLetterEdit`]). False when the key
-    /// is not a dead letter.
-    async fn edit_dead_letter(&self, key: &str, edit: DeadLetterEdit) -> Result<bool, StoreError>;
-
     /// An operator's drop of a pending item or a dead letter: it leaves its partition or the
     /// dead-letter list and is kept as a finished record (`rejected`, outcome "dropped by
     /// operator") for the retention period, so its key still answers. False when the key is
     /// neither pending nor a dead letter.
     async fn drop_mutation(&self, key: &str) -> Result<bool, StoreError>;
 
+    /// An operator's edited retry of a dead letter (see [`DeadLetterEdit`]). False when the key
+    /// is not on the dead-letter list.
+    async fn edit_dead_letter(&self, key: &str, edit: DeadLetterEdit) -> Result<bool, StoreError>;
+
     /// Forget finished records finished before `before_ms` (dead letters are kept).
     async fn purge_finished(&self, before_ms: u64) -> Result<u64, StoreError>;
 
-    /// Share credentials the app offered for `principal` at `at_ms` with the other instances,
-    /// for mutations waiting after a 401 that another instance replays. A store that is not
-    /// shared keeps nothing: the offering instance's own memory is enough.
-    async fn share_credentials(
-        &self,
-        _principal: &str,
-        _credentials: &[(String, Bytes)],
-        _at_ms: u64,
-    ) -> Result<(), StoreError> {
-        Ok(())
-    }
+    /// Queue depth, oldest pending item and dead letters.
+    async fn queue_stats(&self) -> Result<QueueStats, StoreError>;
 
-    /// Credentials another instance shared for `principal` after `since_ms` (`*`: anyone's).
-    async fn shared_credentials(
-        &self,
-        _principal: &str,
-        _since_ms: u64,
-    ) -> Result<Option<Vec<(String, Bytes)>>, StoreError> {
-        Ok(None)
-    }
+    /// Pending items per partition that holds any (partitions without pending items are left
+    /// out), for metrics.
+    async fn partition_depths(&self) -> Result<Vec<(String, u64)>, StoreError>;
+}
 
-    /// Announce for `ttl` that a mutation waits for fresh credentials, so that the other
-    /// instances share what the app offers them.
-    async fn announce_waiting(&self, _ttl: Duration) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    /// Whether another instance announced a mutation waiting for credentials.
-    async fn anyone_waiting(&self) -> Result<bool, StoreError> {
-        Ok(false)
-    }
-
-    /// A cache blob.
+/// The durable tier of the read cache: opaque blobs by opaque key, bounded by a byte budget.
+#[async_trait]
+pub trait ResponseStore: Send + Sync + 'static {
+    /// A cache blob, unless it is missing or expired.
     async fn cache_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError>;
 
     /// Store a cache blob for at most `ttl` (evicting least recently used ones over the size
     /// budget). Not fsynced: a lost cache entry costs a refetch.
     async fn cache_put(&self, key: &[u8], value: Bytes, ttl: Duration) -> Result<(), StoreError>;
 
-    /// Counters.
-    async fn stats(&self) -> Result<StoreStats, StoreError>;
+    /// Entries and bytes in the durable tier.
+    async fn cache_stats(&self) -> Result<CacheStats, StoreError>;
+}
 
-    /// Pending items per partition that holds any, for metrics. The default reads every
-    /// pending record; backends that count cheaply override it.
-    async fn partition_depths(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut depths = Vec::new();
-        for partition in self.pending_partitions().await? {
-            let n = self.peek(&partition, usize::MAX).await?.len() as u64;
-            depths.push((partition, n));
-        }
-        Ok(depths)
+/// What instances sharing one store agree on: who replays a partition ([`Lease`]s), and fresh
+/// credentials for mutations waiting after a 401. A store that only one process opens still
+/// implements it, and says in its docs why its answers are trivially right there.
+#[async_trait]
+pub trait Coordination: Send + Sync + 'static {
+    /// Take the right to replay `partition` (None when another instance holds it). Acquiring a
+    /// partition this store already holds succeeds with a lease that supersedes the earlier one.
+    async fn acquire(&self, partition: &str) -> Result<Option<Lease>, StoreError>;
+
+    /// Extend a lease; false when it was lost (another instance took over).
+    async fn renew(&self, lease: &Lease) -> Result<bool, StoreError>;
+
+    /// Give a lease back.
+    async fn release(&self, lease: &Lease) -> Result<(), StoreError>;
+
+    /// Share credentials the app offered for `principal` at `at_ms` with the other instances,
+    /// for mutations waiting after a 401 that another instance replays.
+    async fn share_credentials(
+        &self,
+        principal: &str,
+        credentials: &[(String, Bytes)],
+        at_ms: u64,
+    ) -> Result<(), StoreError>;
+
+    /// Credentials another instance shared for `principal` after `since_ms` (`*`: anyone's).
+    async fn shared_credentials(
+        &self,
+        principal: &str,
+        since_ms: u64,
+    ) -> Result<Option<Vec<(String, Bytes)>>, StoreError>;
+
+    /// Announce for `ttl` that a mutation waits for fresh credentials, so that the other
+    /// instances share what the app offers them.
+    async fn announce_waiting(&self, ttl: Duration) -> Result<(), StoreError>;
+
+    /// Whether another instance announced a mutation waiting for credentials.
+    async fn anyone_waiting(&self) -> Result<bool, StoreError>;
+}
+
+/// Everything outpost stores, in its three roles: what the rest of the code holds as
+/// `Arc<dyn Store>`. Implemented for every type that implements the three roles.
+#[async_trait]
+pub trait Store: Queue + ResponseStore + Coordination {
+    /// The counters of both [`Queue::queue_stats`] and [`ResponseStore::cache_stats`].
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        let queue = self.queue_stats().await?;
+        let cache = self.cache_stats().await?;
+        Ok(StoreStats {
+            queue_depth: queue.queue_depth,
+            oldest_pending_ms: queue.oldest_pending_ms,
+            dead_letters: queue.dead_letters,
+            cache_entries: cache.cache_entries,
+            cache_bytes: cache.cache_bytes,
+        })
     }
 }
 
-/// Milliseconds since the Unix epoch.
+impl<T: Queue + ResponseStore + Coordination + ?Sized> Store for T {}
+
+/// Milliseconds since the Unix epoch, on the runtime's clock: the wall clock read once, then
+/// advanced by tokio's monotonic clock. In production that is the wall time (and never goes
+/// backwards when the system clock is stepped); under tokio's paused test clock it moves with
+/// `tokio::time::advance`, so that backoff and expiry, which compare these stamps, can be
+/// tested in virtual time.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    static BASE: std::sync::OnceLock<(u64, std::time::Instant)> = std::sync::OnceLock::new();
+    let (wall, at) = *BASE.get_or_init(|| {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        (wall, std::time::Instant::now())
+    });
+    let elapsed = tokio::time::Instant::now()
+        .into_std()
+        .saturating_duration_since(at);
+    wall.saturating_add(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// RFC 3339 with milliseconds, UTC.

@@ -51,21 +51,29 @@ pub fn call(
     service.clone().oneshot(req)
 }
 
-/// Why a request did not get an upstream answer.
+/// Why a request did not get an upstream answer. Each kind says whether the upstream may have
+/// received the request ([`Self::may_have_been_sent`]): what decides between sending a
+/// mutation again at once and treating it as ambiguous. The client's error is kept as the
+/// source; log it with [`crate::error::report`] to see the whole chain.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
     /// No connection could be made: the request was certainly not sent.
-    #[error("connect: {0}")]
-    Connect(String),
+    #[error("could not connect to the upstream")]
+    Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// No answer within `upstream.request_timeout`: the request may have been applied.
-    #[error("timed out after {0:?}")]
+    #[error("no answer within {0:?}")]
     Timeout(Duration),
     /// The connection failed after the request was (maybe) sent.
-    #[error("transport: {0}")]
-    Transport(TransportError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
 }
 
 impl ForwardError {
+    /// Whether the upstream may have received (and applied) the request.
+    pub fn may_have_been_sent(&self) -> bool {
+        !matches!(self, ForwardError::Connect(_))
+    }
+
     /// Whether the app's own request body failed while it was being sent (cut off at
     /// `proxy.max_body_bytes`, or the app went away): no sign of an upstream outage.
     pub fn request_body_failed(&self) -> bool {
@@ -86,9 +94,10 @@ impl ForwardError {
 
 /// A failure on an established upstream connection, and whether the app's body caused it.
 #[derive(Debug, thiserror::Error)]
-#[error("{message}")]
+#[error("the upstream exchange broke")]
 pub struct TransportError {
-    message: String,
+    #[source]
+    source: hyper_util::client::legacy::Error,
     request_body: Option<RequestBodyFault>,
 }
 
@@ -99,9 +108,9 @@ enum RequestBodyFault {
 }
 
 impl TransportError {
-    fn of(e: &hyper_util::client::legacy::Error) -> Self {
+    fn of(e: hyper_util::client::legacy::Error) -> Self {
         let mut request_body = None;
-        let mut source = std::error::Error::source(e);
+        let mut source = std::error::Error::source(&e);
         while let Some(inner) = source {
             if inner.is::<http_body_util::LengthLimitError>() {
                 request_body = Some(RequestBodyFault::TooLarge);
@@ -116,16 +125,63 @@ impl TransportError {
             source = inner.source();
         }
         Self {
-            message: error_chain(e),
+            source: e,
             request_body,
         }
     }
 }
 
-/// A failure to set up the upstream client.
+/// Why a stored mutation cannot be sent: it would not be the request the app made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnsendableRequest {
+    /// The stored method is not an HTTP method (sending it as another would change it).
+    #[error("the stored method {0:?} is not an HTTP method")]
+    Method(String),
+    /// The stored path is not a valid request target.
+    #[error("the stored path {0:?} is not a valid request target")]
+    Path(String),
+    /// A stored header's name or value is not valid HTTP.
+    #[error("the stored header {0:?} is not valid HTTP")]
+    Header(String),
+}
+
+/// A failure to set up the upstream client (exit 2 or 1 at start).
 #[derive(Debug, thiserror::Error)]
-#[error("upstream: {0}")]
-pub struct SetupError(String);
+pub enum SetupError {
+    /// `upstream.url` does not parse.
+    #[error("upstream.url is not a URL")]
+    BadUrl(#[source] http::uri::InvalidUri),
+    /// `upstream.url` names no host.
+    #[error("upstream.url has no host")]
+    NoHost,
+    /// The host is not a valid `Host` header value.
+    #[error("upstream.url has a host that is not a valid Host header")]
+    BadHost(#[source] http::header::InvalidHeaderValue),
+    /// `upstream.ca_file` could not be read.
+    #[error("upstream.ca_file {path}: cannot read")]
+    CaFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `upstream.ca_file` holds a certificate that cannot be used.
+    #[error("upstream.ca_file {path}: bad certificate")]
+    CaCertificate {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// `upstream.ca_file` holds no PEM certificate.
+    #[error("upstream.ca_file {0}: no PEM certificates found")]
+    NoCertificates(std::path::PathBuf),
+    /// rustls refused the TLS configuration.
+    #[error("TLS configuration")]
+    Tls(#[source] rustls::Error),
+}
 
 /// The upstream: base URL, pooled keep-alive client, timeouts.
 #[derive(Clone)]
@@ -146,18 +202,11 @@ pub struct Upstream {
 impl Upstream {
     /// Build the client for `config` (TLS roots: webpki, the system's, and `ca_file`).
     pub fn new(config: &UpstreamConfig) -> Result<Self, SetupError> {
-        let uri: Uri = config
-            .url
-            .parse()
-            .map_err(|e| SetupError(format!("bad url: {e}")))?;
+        let uri: Uri = config.url.parse().map_err(SetupError::BadUrl)?;
         let scheme = uri.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP);
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| SetupError("url has no host".into()))?;
+        let authority = uri.authority().cloned().ok_or(SetupError::NoHost)?;
         let base_path = uri.path().trim_end_matches('/').to_string();
-        let host = HeaderValue::from_str(authority.as_str())
-            .map_err(|e| SetupError(format!("bad host: {e}")))?;
+        let host = HeaderValue::from_str(authority.as_str()).map_err(SetupError::BadHost)?;
 
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -222,40 +271,53 @@ impl Upstream {
         } else {
             "/"
         };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(format!("{}{}", self.base_path, pq))
-            .build()
+        self.try_uri_for(pq)
             .unwrap_or_else(|_| Uri::from_static("/"))
     }
 
+    /// The upstream URI for `path_and_query`, or why there is none.
+    fn try_uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(format!("{}{}", self.base_path, path_and_query))
+            .build()
+    }
+
     /// Rebuild a stored mutation as an upstream request (headers as stored, `Host` set),
-    /// with `extra` headers replacing stored ones of the same name.
+    /// with `extra` headers replacing stored ones of the same name. A record that cannot be
+    /// rebuilt exactly (a method, path or header that is not valid HTTP: a damaged or
+    /// hand-edited store) is an error, never a different request.
     pub fn request_from_stored(
         &self,
         stored: &crate::store::StoredRequest,
         extra: &[(HeaderName, HeaderValue)],
-    ) -> Request<ProxyBody> {
+    ) -> Result<Request<ProxyBody>, UnsendableRequest> {
+        let method = http::Method::from_bytes(stored.method.as_bytes())
+            .map_err(|_| UnsendableRequest::Method(stored.method.clone()))?;
+        let pq = &stored.path_and_query;
+        let uri = pq
+            .starts_with('/')
+            .then(|| self.try_uri_for(pq).ok())
+            .flatten()
+            .ok_or_else(|| UnsendableRequest::Path(pq.clone()))?;
         let mut req = Request::new(crate::body::full(stored.body.clone()));
-        *req.method_mut() =
-            http::Method::from_bytes(stored.method.as_bytes()).unwrap_or(http::Method::POST);
-        *req.uri_mut() = self.uri_for(&stored.path_and_query);
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
         let headers = req.headers_mut();
         for (name, value) in &stored.headers {
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_bytes(value),
-            ) {
-                headers.append(n, v);
-            }
+            let n = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| UnsendableRequest::Header(name.clone()))?;
+            let v = HeaderValue::from_bytes(value)
+                .map_err(|_| UnsendableRequest::Header(name.clone()))?;
+            headers.append(n, v);
         }
         for (name, value) in extra {
             headers.insert(name.clone(), value.clone());
         }
         headers.remove(header::CONTENT_LENGTH);
         headers.insert(header::HOST, self.host.clone());
-        req
+        Ok(req)
     }
 
     /// This upstream as a tower [`Service`](tower::Service) that sends prepared requests
@@ -273,12 +335,18 @@ impl Upstream {
     }
 
     /// Send a prepared request; the response head must arrive within the request timeout.
+    /// The answer's version is the app connection's business, not the upstream's: it comes
+    /// back as HTTP/1.1, so that an HTTP/1.0 upstream does not make hyper answer the app in
+    /// HTTP/1.0 and close its keep-alive connection (an HTTP/1.0 app still gets HTTP/1.0).
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ForwardError> {
         match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
             Err(_) => Err(ForwardError::Timeout(self.request_timeout)),
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) if e.is_connect() => Err(ForwardError::Connect(error_chain(&e))),
-            Ok(Err(e)) => Err(ForwardError::Transport(TransportError::of(&e))),
+            Ok(Ok(mut resp)) => {
+                *resp.version_mut() = Version::HTTP_11;
+                Ok(resp)
+            }
+            Ok(Err(e)) if e.is_connect() => Err(ForwardError::Connect(Box::new(e))),
+            Ok(Err(e)) => Err(ForwardError::Transport(TransportError::of(e))),
         }
     }
 
@@ -400,17 +468,6 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             })
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
-}
-
 fn tls_config(config: &UpstreamConfig) -> Result<rustls::ClientConfig, SetupError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -419,28 +476,73 @@ fn tls_config(config: &UpstreamConfig) -> Result<rustls::ClientConfig, SetupErro
         let _ = roots.add(cert);
     }
     if let Some(path) = &config.ca_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| SetupError(format!("upstream.ca_file {}: {e}", path.display())))?;
+        let pem = std::fs::read(path).map_err(|source| SetupError::CaFile {
+            path: path.clone(),
+            source,
+        })?;
+        let bad = |source: Box<dyn std::error::Error + Send + Sync>| SetupError::CaCertificate {
+            path: path.clone(),
+            source,
+        };
         let mut added = 0;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| SetupError(format!("upstream.ca_file: {e}")))?;
-            roots
-                .add(cert)
-                .map_err(|e| SetupError(format!("upstream.ca_file: {e}")))?;
+            let cert = cert.map_err(|e| bad(Box::new(e)))?;
+            roots.add(cert).map_err(|e| bad(Box::new(e)))?;
             added += 1;
         }
         if added == 0 {
-            return Err(SetupError(format!(
-                "upstream.ca_file {}: no PEM certificates found",
-                path.display()
-            )));
+            return Err(SetupError::NoCertificates(path.clone()));
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| SetupError(e.to_string()))?
+        .map_err(SetupError::Tls)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(tls)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoredRequest;
+
+    fn stored(method: &str, path: &str, headers: Vec<(String, bytes::Bytes)>) -> StoredRequest {
+        StoredRequest {
+            method: method.into(),
+            path_and_query: path.into(),
+            headers,
+            body: bytes::Bytes::from_static(b"{}"),
+        }
+    }
+
+    #[test]
+    fn a_stored_request_is_rebuilt_exactly_or_not_at_all() {
+        let upstream = Upstream::new(&UpstreamConfig::default()).expect("upstream");
+        let ok = upstream
+            .request_from_stored(
+                &stored("PATCH", "/a?b=1", vec![("x-y".into(), "z".into())]),
+                &[],
+            )
+            .expect("a valid record");
+        assert_eq!(ok.method(), http::Method::PATCH);
+        assert_eq!(ok.uri().to_string(), "http://127.0.0.1:3000/a?b=1");
+        assert_eq!(ok.headers()["x-y"], "z");
+
+        let bad_method = upstream.request_from_stored(&stored("PO ST", "/a", vec![]), &[]);
+        assert_eq!(
+            bad_method.err(),
+            Some(UnsendableRequest::Method("PO ST".into())),
+            "never sent as a POST"
+        );
+        let bad_path = upstream.request_from_stored(&stored("PUT", "a b", vec![]), &[]);
+        assert_eq!(bad_path.err(), Some(UnsendableRequest::Path("a b".into())));
+        let bad_header = upstream
+            .request_from_stored(&stored("PUT", "/a", vec![("x".into(), "\n".into())]), &[]);
+        assert_eq!(
+            bad_header.err(),
+            Some(UnsendableRequest::Header("x".into()))
+        );
+    }
 }

@@ -537,9 +537,11 @@ async fn forwarded_mutation_whose_answer_is_lost_to_a_timeout_is_queued_and_appl
             .all(|r| r.header("idempotency-key") == Some("lost-1")),
         "both with the same key"
     );
-    // Give the held original time to be answered, if the upstream still answers it.
-    let held_until = requests[0].at + Duration::from_millis(2300);
-    tokio::time::sleep(held_until.saturating_duration_since(Instant::now())).await;
+    // Both exchanges have ended at the upstream (the held original answered or abandoned):
+    // whatever it applied is in.
+    s.upstream
+        .wait_endings("/apply/lost/", 2, REPLAY_TIMEOUT)
+        .await;
     let applied = s.upstream.applied();
     assert_eq!(applied.len(), 1, "applied once");
     assert_eq!(applied[0].key, "lost-1");
@@ -745,8 +747,10 @@ async fn replay_whose_answer_is_lost_to_a_sigkill_is_sent_again_with_the_same_ke
             .all(|r| r.header("idempotency-key") == Some("held-1")),
         "always with the same key"
     );
-    // Let the held original finish too, if the upstream still answers it.
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    // Every exchange has ended at the upstream (the held original answered or abandoned).
+    s.upstream
+        .wait_endings("/apply/held/", requests.len(), REPLAY_TIMEOUT)
+        .await;
     let applied: Vec<String> = s.upstream.applied().into_iter().map(|a| a.key).collect();
     assert_eq!(applied, ["held-1", "held-2"], "applied once each, in order");
 }
@@ -1682,7 +1686,7 @@ async fn pass_through_route_offline_answers_504_and_queues_nothing() {
         s.admin_status().await["online"] == true
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Nothing was queued (depth 0 above), so there is nothing to replay.
     assert!(
         s.upstream.requests_to("/apply/").is_empty(),
         "nothing replayed"

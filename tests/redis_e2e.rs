@@ -181,12 +181,14 @@ async fn wait_queue_depth(instance: &Instance, http: &reqwest::Client, depth: u6
     .await;
 }
 
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn writes_accepted_by_three_instances_offline_are_applied_once_in_acceptance_order_after_the_replaying_one_is_sigkilled()
  {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let upstream = Upstream::start().await;
     upstream.stop().await;
     // Each instance probes its own path. B's and C's probes fail (503) until the test lets them
@@ -342,11 +344,13 @@ async fn writes_accepted_by_three_instances_offline_are_applied_once_in_acceptan
     }
 }
 
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_cached_through_one_instance_is_served_offline_by_another_only_to_the_same_caller() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let upstream = Upstream::start().await;
     let a = Instance::start("a", &redis, &upstream, "").await;
     let b = Instance::start("b", &redis, &upstream, "").await;
@@ -369,12 +373,11 @@ async fn a_read_cached_through_one_instance_is_served_offline_by_another_only_to
         header(&headers, "cache-status"),
         Some("outpost; fwd=uri-miss; stored")
     );
-    // The durable tier is written in the background: wait until Redis holds the entry and its
-    // Vary names.
+    // The durable tier is written in the background: wait until Redis holds the entry.
     eventually(
         Duration::from_secs(10),
         "the cache entry reached Redis",
-        || async { b.status(&http).await["cache_entries"].as_u64().unwrap_or(0) >= 2 },
+        || async { b.status(&http).await["cache_entries"].as_u64().unwrap_or(0) >= 1 },
     )
     .await;
     upstream.stop().await;
@@ -426,12 +429,14 @@ async fn a_read_cached_through_one_instance_is_served_offline_by_another_only_to
     );
 }
 
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn while_redis_is_down_mutations_get_503_and_reads_come_from_memory_and_outpost_recovers_without_losing_an_acknowledged_write()
  {
-    let Some(mut redis) = RedisServer::start() else {
-        return;
-    };
+    let mut redis = RedisServer::start();
     let upstream = Upstream::start().await;
     let a = Instance::start("a", &redis, &upstream, "").await;
     let http = client();
@@ -538,11 +543,13 @@ async fn while_redis_is_down_mutations_get_503_and_reads_come_from_memory_and_ou
     }
 }
 
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn one_idempotency_key_sent_to_two_instances_is_queued_once_and_applied_once() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let upstream = Upstream::start().await;
     upstream.stop().await;
     let a = Instance::start("a", &redis, &upstream, "").await;
@@ -635,12 +642,14 @@ async fn one_idempotency_key_sent_to_two_instances_is_queued_once_and_applied_on
     assert_eq!(upstream.applied().len(), 1 + racing.len());
 }
 
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replay_slower_than_the_lease_keeps_its_partition_and_no_other_instance_sends_the_item_meanwhile()
  {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let upstream = Upstream::start().await;
     upstream.stop().await;
     let a = Instance::start("a", &redis, &upstream, "").await;
@@ -702,11 +711,13 @@ async fn a_replay_slower_than_the_lease_keeps_its_partition_and_no_other_instanc
 
 /// After a 401 on replay, the item waits for fresh credentials; the app's next request may reach
 /// any instance, not only the one replaying the partition.
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
 #[tokio::test]
 async fn fresh_credentials_offered_to_another_instance_release_a_mutation_waiting_after_a_401() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let upstream = Upstream::start().await;
     upstream.script(
         "/apply/orders",

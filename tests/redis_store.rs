@@ -1,6 +1,7 @@
 //! The Redis store against a real, private `redis-server` (never port 6379): the shared
-//! conformance suite, lease exclusivity between two instances, behaviour while Redis is down
-//! and after it comes back, durability across a Redis crash, and the `WAIT` replica check.
+//! conformance suite (one store, and two instances of one), lease exclusivity between two
+//! instances, behaviour while Redis is down and after it comes back, durability across a Redis
+//! crash, and the `WAIT` replica check.
 //!
 //! Each test starts its own server (see `tests/common/redis_server.rs`); without a
 //! `redis-server` binary the tests print a loud SKIPPED notice, or fail when `CI` is set.
@@ -18,7 +19,9 @@ use common::{RedisOptions, RedisServer};
 use outpost::config::{Backend, StoreConfig};
 use outpost::store::conformance::{self, record};
 use outpost::store::redis::RedisStore;
-use outpost::store::{Enqueued, MutationStatus, Store, StoreError, now_ms};
+use outpost::store::{
+    Coordination, Enqueued, MutationStatus, Queue, ResponseStore, Store, StoreError, now_ms,
+};
 
 fn config(redis: &RedisServer) -> StoreConfig {
     StoreConfig {
@@ -35,20 +38,32 @@ async fn connect(config: &StoreConfig) -> RedisStore {
         .expect("connect to the test redis")
 }
 
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_store_passes_the_conformance_suite() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let store = connect(&config(&redis)).await;
     conformance::run_all(Arc::new(store)).await;
 }
 
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
+#[tokio::test(flavor = "multi_thread")]
+async fn two_redis_stores_pass_the_shared_coordination_suite() {
+    let redis = RedisServer::start();
+    let cfg = config(&redis);
+    let (a, b) = (connect(&cfg).await, connect(&cfg).await);
+    conformance::coordination::shared_between(&a, &b).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn only_one_instance_holds_a_partition_lease_and_stale_tokens_are_refused() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let mut cfg = config(&redis);
     cfg.redis_lease = Duration::from_millis(500);
     let a = connect(&cfg).await;
@@ -129,11 +144,13 @@ async fn only_one_instance_holds_a_partition_lease_and_stale_tokens_are_refused(
     assert!(!b.partition_has_pending("p").await.expect("pending"));
 }
 
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn unreachable_redis_fails_fast_and_the_same_store_recovers_after_restart() {
-    let Some(mut redis) = RedisServer::start() else {
-        return;
-    };
+    let mut redis = RedisServer::start();
     let store = connect(&config(&redis)).await;
     store.enqueue(record("before", "p")).await.expect("enqueue");
 
@@ -182,14 +199,16 @@ async fn unreachable_redis_fails_fast_and_the_same_store_recovers_after_restart(
     assert_eq!(keys, ["before", "after"]);
 }
 
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hung_redis_makes_calls_fail_within_seconds_not_hang() {
-    let Some(redis) = RedisServer::start_with(RedisOptions {
+    let redis = RedisServer::start_with(RedisOptions {
         extra_args: vec!["--enable-debug-command".into(), "yes".into()],
         ..RedisOptions::default()
-    }) else {
-        return;
-    };
+    });
     let store = connect(&config(&redis)).await;
     store.enqueue(record("before", "p")).await.expect("enqueue");
     // Redis stops answering anyone for 6 s (like a stalled host), without closing sockets.
@@ -224,11 +243,13 @@ async fn a_hung_redis_makes_calls_fail_within_seconds_not_hang() {
     store.enqueue(record("after", "p")).await.expect("enqueue");
 }
 
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn acknowledged_enqueue_survives_a_redis_crash_with_appendfsync_always() {
-    let Some(mut redis) = RedisServer::start() else {
-        return;
-    };
+    let mut redis = RedisServer::start();
     let store = connect(&config(&redis)).await;
     for i in 0..20 {
         store
@@ -244,11 +265,13 @@ async fn acknowledged_enqueue_survives_a_redis_crash_with_appendfsync_always() {
     assert_eq!(items[19].key, "k19");
 }
 
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn connect_fails_fast_when_redis_is_down() {
-    let Some(mut redis) = RedisServer::start() else {
-        return;
-    };
+    let mut redis = RedisServer::start();
     let cfg = config(&redis);
     redis.stop();
     let started = Instant::now();
@@ -264,11 +287,13 @@ async fn connect_fails_fast_when_redis_is_down() {
     assert!(e.to_string().contains("cannot connect"), "{e}");
 }
 
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn too_few_replicas_fail_the_enqueue_with_a_replicas_error() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let mut cfg = config(&redis);
     cfg.redis_min_replicas = 1;
     cfg.redis_replica_timeout = Duration::from_millis(200);
@@ -284,11 +309,13 @@ async fn too_few_replicas_fail_the_enqueue_with_a_replicas_error() {
     ));
 }
 
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_enqueues_from_several_instances_keep_one_ordered_queue() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let cfg = config(&redis);
     let mut stores: Vec<Arc<dyn Store>> = Vec::new();
     for _ in 0..4 {
@@ -325,11 +352,13 @@ async fn concurrent_enqueues_from_several_instances_keep_one_ordered_queue() {
     assert_eq!(stores[1].stats().await.expect("stats").queue_depth, 400);
 }
 
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_key_used_in_another_partition_returns_the_existing_record() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let store = connect(&config(&redis)).await;
     let first = store
         .enqueue(record("shared", "we{ir}d"))
@@ -364,11 +393,13 @@ async fn a_key_used_in_another_partition_returns_the_existing_record() {
     );
 }
 
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn cache_is_bounded_by_evicting_least_recently_used() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let store = RedisStore::connect(&config(&redis), 3000)
         .await
         .expect("connect");
@@ -405,11 +436,13 @@ async fn cache_is_bounded_by_evicting_least_recently_used() {
     );
 }
 
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn purge_works_after_redis_forgets_its_scripts() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let store = connect(&config(&redis)).await;
     let mut forwarded = record("f1", "p");
     forwarded.status = MutationStatus::Succeeded;

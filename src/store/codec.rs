@@ -9,14 +9,38 @@
 //! - **Version 1** (current): a `0x00` marker, the version byte, then the postcard encoding of
 //!   [`MutationRecord`] (adds `identity`, the caller the key belongs to).
 //!
+//! Cache blobs (cached responses and `Vary` name lists, [`encode_cached`]/[`decode_cached`])
+//! carry a version the same way: version 0 (unmarked) and version 1 (marker, version, postcard)
+//! hold the same layout; a blob of a newer version is not read (the cache treats it as a miss).
+//!
 //! A record of a newer version than this build knows is refused with
 //! [`StoreError::NewerFormat`] naming both versions, never guessed at. Golden-bytes tests below
 //! pin each version's encoding; `tests/fixtures/` holds a store written by an earlier release
 //! that the test suite opens and drains.
 
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use super::{MutationRecord, MutationStatus, StoreError, StoredRequest, StoredResponse};
+
+/// The layout of a data directory or a Redis key prefix (tables, keys) this build writes:
+/// stored in the store itself (`meta.layout_version`, `<prefix>:layout`). Version 0 is the
+/// layout of 2026-11-23, which had no marker; opening one marks it version 1 (the tables and
+/// keys are the same, the records inside are upgraded on read). A newer one is refused.
+pub const LAYOUT_VERSION: u64 = 1;
+
+/// Whether a store whose layout is `found` (`None`: unmarked, version 0) can be used, and the
+/// version to mark it with.
+pub fn check_layout(what: &'static str, found: Option<u64>) -> Result<u64, StoreError> {
+    match found {
+        Some(v) if v > LAYOUT_VERSION => Err(StoreError::NewerFormat {
+            what,
+            found: u32::try_from(v).unwrap_or(u32::MAX),
+            supported: LAYOUT_VERSION as u32,
+        }),
+        _ => Ok(LAYOUT_VERSION),
+    }
+}
 
 /// The record format this build writes.
 pub const RECORD_VERSION: u8 = 1;
@@ -41,6 +65,31 @@ pub fn decode(bytes: &[u8]) -> Result<MutationRecord, StoreError> {
             supported: u32::from(RECORD_VERSION),
         }),
         _ => Ok(postcard::from_bytes::<RecordV0>(bytes)?.into()),
+    }
+}
+
+/// The cache blob format this build writes.
+pub const CACHE_VERSION: u8 = 1;
+
+/// Encode a cache blob (a cached response or a `Vary` list) in the current format.
+pub fn encode_cached<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    let mut out = vec![MARKER, CACHE_VERSION];
+    out.extend_from_slice(&postcard::to_stdvec(value)?);
+    Ok(out)
+}
+
+/// Decode a cache blob of the current or an earlier format.
+pub fn decode_cached<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    match bytes {
+        [MARKER, 1, rest @ ..] => Ok(postcard::from_bytes(rest)?),
+        // A version-0 blob starts with a length or a status, and is a lone 0x00 only as an
+        // empty list: two bytes or more after a marker are a versioned blob.
+        [MARKER, version, ..] => Err(StoreError::NewerFormat {
+            what: "cache entry",
+            found: u32::from(*version),
+            supported: u32::from(CACHE_VERSION),
+        }),
+        _ => Ok(postcard::from_bytes(bytes)?),
     }
 }
 
@@ -144,6 +193,25 @@ mod tests {
         let mut expected = sample();
         expected.identity = None;
         assert_eq!(record, expected);
+    }
+
+    #[test]
+    fn cache_blobs_of_both_versions_decode() {
+        let vary = vec!["accept".to_string()];
+        let v1 = encode_cached(&vary).expect("encode");
+        assert_eq!(&v1[..2], [MARKER, CACHE_VERSION]);
+        assert_eq!(decode_cached::<Vec<String>>(&v1).expect("v1"), vary);
+        let v0 = postcard::to_stdvec(&vary).expect("v0");
+        assert_eq!(decode_cached::<Vec<String>>(&v0).expect("v0"), vary);
+        let empty_v0 = postcard::to_stdvec(&Vec::<String>::new()).expect("v0");
+        assert_eq!(empty_v0, [0]);
+        assert!(
+            decode_cached::<Vec<String>>(&empty_v0)
+                .expect("v0")
+                .is_empty()
+        );
+        let newer = [MARKER, CACHE_VERSION + 1, 0];
+        assert!(decode_cached::<Vec<String>>(&newer).is_err());
     }
 
     #[test]

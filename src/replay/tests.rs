@@ -1,0 +1,338 @@
+//! Replay without sockets: the in-memory store, a scripted upstream service, and tokio's paused
+//! clock, so that backoff schedules, `Retry-After`, pause/resume, waiting after a 401 and lease
+//! renewal are checked in virtual time (each test runs in milliseconds of real time).
+
+use std::collections::VecDeque;
+use std::sync::Mutex as StdMutex;
+
+use http::{Request, Response};
+use tokio::time::Instant as TokioInstant;
+use tower::util::BoxCloneSyncService;
+
+use super::*;
+use crate::body::ProxyBody;
+use crate::store::conformance::record;
+use crate::store::memory::MemoryStore;
+use crate::store::{Coordination, Queue};
+
+/// One scripted answer of the fake upstream.
+#[derive(Clone)]
+enum Answer {
+    /// A status, with headers.
+    Status(u16, Vec<(&'static str, &'static str)>),
+    /// A status after a delay.
+    Slow(u16, Duration),
+    /// No answer in time (ambiguous: may have been applied).
+    Timeout,
+    /// Connection refused (not sent).
+    Refused,
+}
+
+/// When a request came, and its `Authorization`.
+type Call = (TokioInstant, Option<String>);
+
+/// A fake upstream: answers from a script (the last answer repeats) and records when each
+/// request came and with which `Authorization`.
+#[derive(Clone, Default)]
+struct Fake {
+    script: Arc<StdMutex<VecDeque<Answer>>>,
+    seen: Arc<StdMutex<Vec<Call>>>,
+}
+
+impl Fake {
+    fn new(answers: Vec<Answer>) -> Self {
+        Fake {
+            script: Arc::new(StdMutex::new(answers.into())),
+            ..Fake::default()
+        }
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.seen.lock().expect("seen").clone()
+    }
+
+    fn service(&self) -> UpstreamService {
+        let fake = self.clone();
+        BoxCloneSyncService::new(tower::service_fn(move |req: Request<ProxyBody>| {
+            let fake = fake.clone();
+            async move {
+                let auth = req
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                fake.seen
+                    .lock()
+                    .expect("seen")
+                    .push((TokioInstant::now(), auth));
+                let answer = {
+                    let mut script = fake.script.lock().expect("script");
+                    if script.len() > 1 {
+                        script.pop_front()
+                    } else {
+                        script.front().cloned()
+                    }
+                };
+                let (status, headers) = match answer.unwrap_or(Answer::Status(201, vec![])) {
+                    Answer::Status(s, h) => (s, h),
+                    Answer::Slow(s, wait) => {
+                        tokio::time::sleep(wait).await;
+                        (s, vec![])
+                    }
+                    Answer::Timeout => return Err(ForwardError::Timeout(Duration::from_secs(30))),
+                    Answer::Refused => return Err(ForwardError::Connect("refused".into())),
+                };
+                let mut resp = Response::builder().status(status);
+                for (n, v) in headers {
+                    resp = resp.header(n, v);
+                }
+                Ok(resp
+                    .body(crate::body::full("{}"))
+                    .expect("a valid scripted answer"))
+            }
+        }))
+    }
+}
+
+/// A replayer over an in-memory store with `extra` config, sending to `fake`; the probe says
+/// "online" every 100 ms while the upstream is marked offline.
+struct Rig {
+    store: Arc<MemoryStore>,
+    replayer: Arc<Replayer>,
+    parts: Parts,
+    shutdown: Shutdown,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Rig {
+    fn start(extra: &str, fake: &Fake, store: Option<Arc<MemoryStore>>) -> Rig {
+        let text = format!(
+            "[replay]\nrate_limit = 0\ninitial_backoff = \"1s\"\nmax_backoff = \"60s\"\n{extra}"
+        );
+        let config = Arc::new(Config::parse(&text).expect("config"));
+        let routes = Arc::new(RouteTable::new(&config).expect("routes"));
+        let store =
+            store.unwrap_or_else(|| Arc::new(MemoryStore::new(1 << 20, config.store.redis_lease)));
+        let upstream = Upstream::new(&config.upstream).expect("upstream client");
+        let parts = Parts::new(config, routes, store.clone(), upstream, Events::new());
+        let shutdown = Shutdown::new();
+        let replayer = Arc::new(Replayer::with_service(
+            &parts,
+            fake.service(),
+            shutdown.clone(),
+        ));
+        let probe = parts.health.clone().run_probe_with(
+            Duration::from_millis(100),
+            Duration::from_millis(100),
+            shutdown.clone(),
+            || async { Ok(()) },
+        );
+        let tasks = vec![tokio::spawn(replayer.clone().run()), tokio::spawn(probe)];
+        Rig {
+            store,
+            replayer,
+            parts,
+            shutdown,
+            tasks,
+        }
+    }
+
+    async fn queue(&self, key: &str, principal: Option<&str>, auth: &str) {
+        let mut r = record(key, "p");
+        r.principal = principal.map(str::to_string);
+        r.request
+            .headers
+            .push(("authorization".into(), Bytes::from(auth.to_string())));
+        self.store.enqueue(r).await.expect("enqueue");
+        self.parts.activity.wake();
+    }
+
+    async fn mutation(&self, key: &str) -> MutationRecord {
+        self.store
+            .mutation(key)
+            .await
+            .expect("read")
+            .expect("the record")
+    }
+
+    /// Let virtual time pass (every timer due in it fires).
+    async fn run_for(&self, d: Duration) {
+        tokio::time::sleep(d).await;
+    }
+
+    async fn stop(self) {
+        self.shutdown.trigger();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ambiguous_failure_waits_out_its_own_backoff_and_is_dead_lettered_after_max_attempts() {
+    let fake = Fake::new(vec![Answer::Timeout]);
+    let rig = Rig::start("max_attempts = 3", &fake, None);
+    rig.queue("poison", None, "Bearer t").await;
+    rig.queue("next", None, "Bearer t").await;
+    let mut waits = Vec::new();
+    for attempt in 1..=2usize {
+        while fake.calls().len() < attempt {
+            rig.run_for(Duration::from_millis(50)).await;
+        }
+        let item = rig.mutation("poison").await;
+        assert_eq!(item.attempts as usize, attempt);
+        assert!(
+            item.outcome
+                .as_deref()
+                .unwrap_or("")
+                .contains("maybe applied")
+        );
+        waits.push(item.next_attempt_at_ms);
+    }
+    // Timeouts mark the upstream offline and the probe brings it back at once: the item still
+    // waited for its own next attempt every time (no tight loop).
+    rig.run_for(Duration::from_secs(120)).await;
+    let calls = fake.calls();
+    let poison: Vec<TokioInstant> = calls.iter().take(3).map(|(t, _)| *t).collect();
+    assert_eq!(poison.len(), 3);
+    let start = poison[0];
+    let first_wall = rig.mutation("next").await.accepted_at_ms;
+    for (i, next_at) in waits.iter().enumerate() {
+        let due = Duration::from_millis(next_at.saturating_sub(first_wall));
+        assert!(
+            poison[i + 1] + Duration::from_millis(50)
+                >= start + due.saturating_sub(Duration::from_millis(50)),
+            "attempt {} came before its backoff",
+            i + 2
+        );
+    }
+    let item = rig.mutation("poison").await;
+    assert_eq!(item.status, MutationStatus::Rejected);
+    assert_eq!(item.attempts, 3);
+    assert!(
+        item.outcome
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("gave up after 3 attempts"),
+        "{:?}",
+        item.outcome
+    );
+    // The partition went on: the next item was sent (and failed the same way, on its own).
+    assert!(calls.len() > 3);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_a_floor_for_the_next_attempt() {
+    let fake = Fake::new(vec![
+        Answer::Status(503, vec![("retry-after", "30")]),
+        Answer::Status(201, vec![]),
+    ]);
+    let rig = Rig::start("", &fake, None);
+    rig.queue("k", None, "Bearer t").await;
+    rig.run_for(Duration::from_secs(120)).await;
+    let calls = fake.calls();
+    let t0 = calls[0].0;
+    let offsets: Vec<Duration> = calls.iter().map(|(t, _)| *t - t0).collect();
+    assert_eq!(
+        calls.len(),
+        2,
+        "once refused, once applied: {offsets:?} {:?}",
+        rig.mutation("k").await
+    );
+    assert!(calls[1].0 - calls[0].0 >= Duration::from_secs(30));
+    assert_eq!(rig.mutation("k").await.status, MutationStatus::Succeeded);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_connection_is_not_an_attempt_and_the_item_goes_once_the_upstream_is_back() {
+    let fake = Fake::new(vec![Answer::Refused, Answer::Status(201, vec![])]);
+    let rig = Rig::start("", &fake, None);
+    rig.queue("k", None, "Bearer t").await;
+    rig.run_for(Duration::from_secs(5)).await;
+    let calls = fake.calls();
+    assert_eq!(calls.len(), 2);
+    // Sent again as soon as the probe saw the upstream (every 100 ms here), not after a backoff.
+    assert!(calls[1].0 - calls[0].0 <= Duration::from_millis(1200));
+    let item = rig.mutation("k").await;
+    assert_eq!(item.status, MutationStatus::Succeeded);
+    assert_eq!(
+        item.attempts, 1,
+        "the refused connection was not an attempt"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn pause_holds_replay_until_resume() {
+    let fake = Fake::new(vec![Answer::Status(201, vec![])]);
+    let rig = Rig::start("", &fake, None);
+    rig.replayer.pause();
+    rig.queue("k", None, "Bearer t").await;
+    // Twenty supervisor ticks pass: each had the chance to start a drain.
+    rig.run_for(Duration::from_secs(10)).await;
+    assert!(fake.calls().is_empty(), "nothing is sent while paused");
+    rig.replayer.resume();
+    rig.run_for(Duration::from_secs(1)).await;
+    assert_eq!(fake.calls().len(), 1);
+    assert_eq!(rig.mutation("k").await.status, MutationStatus::Succeeded);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_401_waits_for_fresh_credentials_of_its_own_principal() {
+    let fake = Fake::new(vec![
+        Answer::Status(401, vec![]),
+        Answer::Status(201, vec![]),
+    ]);
+    let rig = Rig::start("auth_principal = \"header:x-user\"", &fake, None);
+    rig.queue("k", Some("alice"), "Bearer alice-old").await;
+    rig.run_for(Duration::from_secs(2)).await;
+    assert_eq!(rig.mutation("k").await.status, MutationStatus::AuthRequired);
+    let offer = |user: &str, token: &str| {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-user", HeaderValue::from_str(user).expect("value"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(token).expect("value"),
+        );
+        rig.parts.credentials.offer(&h);
+    };
+    offer("bob", "Bearer bob");
+    rig.run_for(Duration::from_secs(5)).await;
+    assert_eq!(
+        fake.calls().len(),
+        1,
+        "bob's credentials do not release alice's write"
+    );
+    offer("alice", "Bearer alice-new");
+    rig.run_for(Duration::from_secs(2)).await;
+    let calls = fake.calls();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[1].1.as_deref(), Some("Bearer alice-new"));
+    assert_eq!(rig.mutation("k").await.status, MutationStatus::Succeeded);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_lease_is_renewed_while_a_slow_answer_is_awaited() {
+    let fake = Fake::new(vec![Answer::Slow(201, Duration::from_secs(20))]);
+    let rig = Rig::start("[store]\nredis_lease = \"3s\"", &fake, None);
+    let other = rig.store.another_instance().expect("second instance");
+    rig.queue("k", None, "Bearer t").await;
+    rig.run_for(Duration::from_millis(500)).await;
+    assert_eq!(fake.calls().len(), 1, "in flight");
+    // Far beyond the 3 s lease, the other instance still cannot take the partition.
+    for _ in 0..5 {
+        rig.run_for(Duration::from_secs(3)).await;
+        assert!(
+            other.acquire("p").await.expect("acquire").is_none(),
+            "the lease was renewed while the answer was awaited"
+        );
+    }
+    rig.run_for(Duration::from_secs(10)).await;
+    assert_eq!(rig.mutation("k").await.status, MutationStatus::Succeeded);
+    assert_eq!(fake.calls().len(), 1, "sent once");
+    rig.stop().await;
+}

@@ -1,0 +1,395 @@
+//! The embedded queue: the [`Queue`] role over the `mutations`, `queue`, `dead` and `finished`
+//! tables. Writes are transactions the writer thread applies in its group commits (each
+//! returns the [`Effect`] on the in-memory counters); reads open their own read transaction.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redb::{Database, ReadableDatabase, ReadableTable, WriteTransaction};
+
+use super::writer::{Effect, Op};
+use super::{DEAD, EmbeddedStore, FINISHED, META, MUTATIONS, QUEUE, current};
+use crate::store::codec::{decode, encode};
+use crate::store::{
+    DeadLetterEdit, Enqueued, Lease, MutationRecord, MutationStatus, Queue, QueueStats, StoreError,
+    now_ms,
+};
+
+fn get_record(db: &Database, key: &str) -> Result<Option<MutationRecord>, StoreError> {
+    let read = db.begin_read()?;
+    let table = read.open_table(MUTATIONS)?;
+    let value = table.get(key)?;
+    value.map(|v| decode(v.value())).transpose()
+}
+
+#[async_trait]
+impl Queue for EmbeddedStore {
+    async fn enqueue(&self, record: MutationRecord) -> Result<Enqueued, StoreError> {
+        self.call(|r| Op::Enqueue(Box::new(record), r)).await
+    }
+
+    async fn record_forwarded(&self, record: MutationRecord) -> Result<(), StoreError> {
+        self.call(|r| Op::RecordForwarded(Box::new(record), r))
+            .await
+    }
+
+    async fn mutation(&self, key: &str) -> Result<Option<MutationRecord>, StoreError> {
+        let key = key.to_string();
+        self.read(move |db| get_record(db, &key)).await
+    }
+
+    async fn pending_partitions(&self) -> Result<Vec<String>, StoreError> {
+        let counters = self.counters.lock().map_err(|_| StoreError::Closed)?;
+        Ok(counters
+            .pending
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(p, _)| p.clone())
+            .collect())
+    }
+
+    async fn partition_has_pending(&self, partition: &str) -> Result<bool, StoreError> {
+        let counters = self.counters.lock().map_err(|_| StoreError::Closed)?;
+        Ok(counters.pending.get(partition).is_some_and(|n| *n > 0))
+    }
+
+    async fn peek(&self, partition: &str, limit: usize) -> Result<Vec<MutationRecord>, StoreError> {
+        let partition = partition.to_string();
+        self.read(move |db| {
+            let read = db.begin_read()?;
+            let queue = read.open_table(QUEUE)?;
+            let mutations = read.open_table(MUTATIONS)?;
+            let mut out = Vec::new();
+            for item in queue.range((partition.as_str(), 0)..=(partition.as_str(), u64::MAX))? {
+                let (_, key) = item?;
+                if let Some(v) = mutations.get(key.value())? {
+                    out.push(decode(v.value())?);
+                }
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    fn writable(&self) -> bool {
+        current(&self.db).is_ok()
+    }
+
+    async fn update(&self, _lease: &Lease, record: &MutationRecord) -> Result<(), StoreError> {
+        self.call(|r| Op::Update(Box::new(record.clone()), r)).await
+    }
+
+    async fn finish(&self, _lease: &Lease, record: &MutationRecord) -> Result<(), StoreError> {
+        self.call(|r| Op::Finish(Box::new(record.clone()), r)).await
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<MutationRecord>, StoreError> {
+        self.read(move |db| {
+            let read = db.begin_read()?;
+            let dead = read.open_table(DEAD)?;
+            let mutations = read.open_table(MUTATIONS)?;
+            let mut out = Vec::new();
+            for item in dead.iter()?.take(limit) {
+                let (_, key) = item?;
+                if let Some(v) = mutations.get(key.value())? {
+                    out.push(decode(v.value())?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn retry_dead_letter(&self, key: &str) -> Result<bool, StoreError> {
+        let key = key.to_string();
+        self.call(|r| Op::RetryDeadLetter(key, r)).await
+    }
+
+    async fn retry_pending(&self, key: &str) -> Result<bool, StoreError> {
+        let key = key.to_string();
+        self.call(|r| Op::RetryPending(key, r)).await
+    }
+
+    async fn drop_mutation(&self, key: &str) -> Result<bool, StoreError> {
+        let key = key.to_string();
+        self.call(|r| Op::Drop(key, r)).await
+    }
+
+    async fn edit_dead_letter(&self, key: &str, edit: DeadLetterEdit) -> Result<bool, StoreError> {
+        let key = key.to_string();
+        self.call(|r| Op::EditDeadLetter(key, edit, r)).await
+    }
+
+    async fn purge_finished(&self, before_ms: u64) -> Result<u64, StoreError> {
+        self.call(|r| Op::Purge(before_ms, r)).await
+    }
+
+    async fn partition_depths(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let counters = self.counters.lock().map_err(|_| StoreError::Closed)?;
+        Ok(counters
+            .pending
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(p, n)| (p.clone(), *n))
+            .collect())
+    }
+
+    async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
+        let (depth, partitions, dead) = {
+            let c = self.counters.lock().map_err(|_| StoreError::Closed)?;
+            (
+                c.pending.values().sum::<u64>(),
+                c.pending
+                    .iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(p, _)| p.clone())
+                    .collect::<Vec<_>>(),
+                c.dead_letters,
+            )
+        };
+        let oldest = self
+            .read(move |db| {
+                let read = db.begin_read()?;
+                let queue = read.open_table(QUEUE)?;
+                let mutations = read.open_table(MUTATIONS)?;
+                let mut oldest: Option<u64> = None;
+                for p in &partitions {
+                    let first = queue
+                        .range((p.as_str(), 0)..=(p.as_str(), u64::MAX))?
+                        .next()
+                        .transpose()?;
+                    if let Some((_, key)) = first
+                        && let Some(v) = mutations.get(key.value())?
+                    {
+                        let at = decode(v.value())?.accepted_at_ms;
+                        oldest = Some(oldest.map_or(at, |o| o.min(at)));
+                    }
+                }
+                Ok(oldest)
+            })
+            .await?;
+        Ok(QueueStats {
+            queue_depth: depth,
+            oldest_pending_ms: oldest,
+            dead_letters: dead,
+        })
+    }
+}
+
+fn next_seq(txn: &WriteTransaction) -> Result<u64, StoreError> {
+    let mut meta = txn.open_table(META)?;
+    let seq = meta.get("seq")?.map(|v| v.value()).unwrap_or(0) + 1;
+    meta.insert("seq", seq)?;
+    Ok(seq)
+}
+
+fn put_record(txn: &WriteTransaction, record: &MutationRecord) -> Result<(), StoreError> {
+    let bytes = encode(record)?;
+    txn.open_table(MUTATIONS)?
+        .insert(record.key.as_str(), bytes.as_slice())?;
+    Ok(())
+}
+
+pub(super) fn enqueue(
+    txn: &WriteTransaction,
+    mut record: MutationRecord,
+) -> Result<(Effect, Enqueued), StoreError> {
+    {
+        let mutations = txn.open_table(MUTATIONS)?;
+        if let Some(existing) = mutations.get(record.key.as_str())? {
+            return Ok((
+                Effect::None,
+                Enqueued::Existing(Box::new(decode(existing.value())?)),
+            ));
+        }
+    }
+    let seq = next_seq(txn)?;
+    record.seq = seq;
+    put_record(txn, &record)?;
+    txn.open_table(QUEUE)?
+        .insert((record.partition.as_str(), seq), record.key.as_str())?;
+    Ok((
+        Effect::Queued(record.partition.clone()),
+        Enqueued::Accepted { seq },
+    ))
+}
+
+/// Save a pending item's new state, only while it is still on its queue under the same
+/// sequence number: an item an operator dropped (or that was finished) is never written back.
+pub(super) fn update(txn: &WriteTransaction, record: &MutationRecord) -> Result<(), StoreError> {
+    if !is_queued(txn, record)? {
+        return Err(StoreError::NotQueued {
+            key: record.key.clone(),
+        });
+    }
+    put_record(txn, record)
+}
+
+pub(super) fn record_forwarded(
+    txn: &WriteTransaction,
+    record: &MutationRecord,
+) -> Result<(), StoreError> {
+    let exists = txn
+        .open_table(MUTATIONS)?
+        .get(record.key.as_str())?
+        .is_some();
+    if exists {
+        return Ok(());
+    }
+    put_record(txn, record)?;
+    let at = record.finished_at_ms.unwrap_or_else(now_ms);
+    txn.open_table(FINISHED)?
+        .insert((at, record.key.as_str()), ())?;
+    Ok(())
+}
+
+pub(super) fn finish(
+    txn: &WriteTransaction,
+    record: &MutationRecord,
+) -> Result<Effect, StoreError> {
+    let removed = txn
+        .open_table(QUEUE)?
+        .remove((record.partition.as_str(), record.seq))?
+        .is_some();
+    if !removed {
+        // Already finished (e.g. by an operator); keep what is stored.
+        return Ok(Effect::None);
+    }
+    let mut stored = record.clone();
+    if record.status.is_dead_letter() {
+        put_record(txn, &stored)?;
+        txn.open_table(DEAD)?
+            .insert(record.seq, record.key.as_str())?;
+        return Ok(Effect::DeadLettered(record.partition.clone()));
+    }
+    stored.forget_request();
+    put_record(txn, &stored)?;
+    let at = record.finished_at_ms.unwrap_or_else(now_ms);
+    txn.open_table(FINISHED)?
+        .insert((at, record.key.as_str()), ())?;
+    Ok(Effect::Unqueued(record.partition.clone()))
+}
+
+/// Back to the tail of its partition; with `headers`, an operator's edit of its headers.
+pub(super) fn retry_dead_letter(
+    txn: &WriteTransaction,
+    key: &str,
+    headers: Option<Vec<(String, Bytes)>>,
+) -> Result<Option<Effect>, StoreError> {
+    let Some(mut record) = txn
+        .open_table(MUTATIONS)?
+        .get(key)?
+        .map(|v| decode(v.value()))
+        .transpose()?
+    else {
+        return Ok(None);
+    };
+    // Only what is on the dead-letter list (a forwarded mutation the upstream rejected has a
+    // dead-letter status but was answered to the app directly: nothing to retry).
+    if !is_dead_letter(txn, &record)? {
+        return Ok(None);
+    }
+    txn.open_table(DEAD)?.remove(record.seq)?;
+    let seq = next_seq(txn)?;
+    record.seq = seq;
+    record.status = MutationStatus::Queued;
+    record.attempts = 0;
+    record.next_attempt_at_ms = 0;
+    record.finished_at_ms = None;
+    if let Some(headers) = headers {
+        record.request.headers = headers;
+    }
+    put_record(txn, &record)?;
+    txn.open_table(QUEUE)?
+        .insert((record.partition.as_str(), seq), key)?;
+    Ok(Some(Effect::DeadRevived(record.partition)))
+}
+
+fn is_dead_letter(txn: &WriteTransaction, record: &MutationRecord) -> Result<bool, StoreError> {
+    Ok(txn
+        .open_table(DEAD)?
+        .get(record.seq)?
+        .is_some_and(|k| k.value() == record.key))
+}
+
+fn is_queued(txn: &WriteTransaction, record: &MutationRecord) -> Result<bool, StoreError> {
+    Ok(txn
+        .open_table(QUEUE)?
+        .get((record.partition.as_str(), record.seq))?
+        .is_some_and(|k| k.value() == record.key))
+}
+
+fn get_for_update(txn: &WriteTransaction, key: &str) -> Result<Option<MutationRecord>, StoreError> {
+    txn.open_table(MUTATIONS)?
+        .get(key)?
+        .map(|v| decode(v.value()))
+        .transpose()
+}
+
+pub(super) fn retry_pending(txn: &WriteTransaction, key: &str) -> Result<bool, StoreError> {
+    let Some(mut record) = get_for_update(txn, key)? else {
+        return Ok(false);
+    };
+    if !record.status.is_pending() || !is_queued(txn, &record)? {
+        return Ok(false);
+    }
+    record.status = MutationStatus::Queued;
+    record.next_attempt_at_ms = 0;
+    put_record(txn, &record)?;
+    Ok(true)
+}
+
+/// An operator's drop of a pending item or dead letter; with `superseded_by`, only of a dead
+/// letter, retried under that new key.
+pub(super) fn drop_mutation(
+    txn: &WriteTransaction,
+    key: &str,
+    superseded_by: Option<&str>,
+) -> Result<Option<Effect>, StoreError> {
+    let Some(mut record) = get_for_update(txn, key)? else {
+        return Ok(None);
+    };
+    let effect = if superseded_by.is_none() && is_queued(txn, &record)? {
+        txn.open_table(QUEUE)?
+            .remove((record.partition.as_str(), record.seq))?;
+        Effect::Unqueued(record.partition.clone())
+    } else if is_dead_letter(txn, &record)? {
+        txn.open_table(DEAD)?.remove(record.seq)?;
+        Effect::DeadDropped
+    } else {
+        return Ok(None);
+    };
+    let now = now_ms();
+    match superseded_by {
+        Some(new_key) => record.mark_superseded(now, new_key),
+        None => record.mark_dropped(now),
+    }
+    put_record(txn, &record)?;
+    txn.open_table(FINISHED)?.insert((now, key), ())?;
+    Ok(Some(effect))
+}
+
+pub(super) fn purge(txn: &WriteTransaction, before_ms: u64) -> Result<u64, StoreError> {
+    let mut finished = txn.open_table(FINISHED)?;
+    let mut mutations = txn.open_table(MUTATIONS)?;
+    let mut purged = 0;
+    let expired: Vec<(u64, String)> = finished
+        .range((0, "")..(before_ms, ""))?
+        .map(|item| item.map(|(k, _)| (k.value().0, k.value().1.to_string())))
+        .collect::<Result<_, _>>()?;
+    for (at, key) in expired {
+        finished.remove((at, key.as_str()))?;
+        let finished_record = mutations
+            .get(key.as_str())?
+            .map(|v| decode(v.value()))
+            .transpose()?
+            .is_some_and(|r| !r.status.is_pending());
+        if finished_record {
+            mutations.remove(key.as_str())?;
+            purged += 1;
+        }
+    }
+    Ok(purged)
+}
