@@ -11,6 +11,7 @@
 
 pub mod process;
 pub mod redis_server;
+pub mod tmpfs;
 pub mod upstream;
 
 use std::future::Future;
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 
 pub use process::{OUTPOST_BIN, OutpostProcess, OutputExt, run_outpost, run_outpost_timeout};
 pub use redis_server::{RedisOptions, RedisServer};
+pub use tmpfs::Tmpfs;
 pub use upstream::{
     Applied, BYTES_CHUNK, Ending, Fault, RecordedRequest, RequestEnd, ScriptedResponse, TestPki,
     Upstream, pattern_byte, pattern_bytes,
