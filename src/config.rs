@@ -547,7 +547,23 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// The text of a config file (an error naming the file when it cannot be read).
+pub fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: Some(path.to_path_buf()),
+        line: None,
+        key: None,
+        message: format!("cannot read: {e}"),
+    })
+}
+
 impl ConfigError {
+    /// The same error, said of the config file `path`.
+    pub fn in_file(mut self, path: &Path) -> Self {
+        self.file = Some(path.to_path_buf());
+        self
+    }
+
     /// Find the line of the error's key in the config `text` it came from.
     pub fn located_in(mut self, text: &str) -> Self {
         if self.line.is_none()
@@ -572,16 +588,8 @@ impl ConfigError {
 impl Config {
     /// Read and validate a config file (routes: see [`crate::route::load`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: Some(path.to_path_buf()),
-            line: None,
-            key: None,
-            message: format!("cannot read: {e}"),
-        })?;
-        Self::parse(&text).map_err(|mut e| {
-            e.file = Some(path.to_path_buf());
-            e
-        })
+        let text = read_file(path)?;
+        Self::parse(&text).map_err(|e| e.in_file(path))
     }
 
     /// Parse and validate config text (errors carry line and key, not the file). The

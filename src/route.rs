@@ -194,16 +194,8 @@ pub fn parse(text: &str) -> Result<(Config, RouteTable), ConfigError> {
 
 /// Read, parse and validate a config file, routes included (errors name file, line, key).
 pub fn load(path: &Path) -> Result<(Config, RouteTable), ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: Some(path.to_path_buf()),
-        line: None,
-        key: None,
-        message: format!("cannot read: {e}"),
-    })?;
-    parse(&text).map_err(|mut e| {
-        e.file = Some(path.to_path_buf());
-        e
-    })
+    let text = crate::config::read_file(path)?;
+    parse(&text).map_err(|e| e.in_file(path))
 }
 
 /// What the types of `[[route]]` entries cannot say: methods, paths, names, headers, rules.

@@ -348,48 +348,6 @@ impl Drop for OnlineWatch {
 // 1. Disk full during replay
 // ---------------------------------------------------------------------------------------------
 
-/// A tmpfs mounted for one test, unmounted (lazily) on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Result<Tmpfs, String> {
-        let dir = temp_dir();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .map_err(|e| format!("run mount: {e}"))?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
-        }
-        Ok(Tmpfs { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn resize(&self, size: &str) {
-        let status = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(self.dir.path())
-            .status()
-            .expect("run mount -o remount");
-        assert!(status.success(), "remount the tmpfs with size={size}");
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
 /// Writes `path` until the file system is full (chunks of 64 KiB, then of 4 KiB); returns
 /// the bytes written.
 fn fill_with_a_file(path: &Path) -> u64 {

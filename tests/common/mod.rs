@@ -13,6 +13,7 @@
 pub mod browser;
 pub mod process;
 pub mod redis_server;
+pub mod tmpfs;
 pub mod upstream;
 
 use std::future::Future;
@@ -24,6 +25,7 @@ pub use process::{
     OUTPOST_BIN, OutpostProcess, OutputExt, run_outpost, run_outpost_timeout, run_outpost_with_env,
 };
 pub use redis_server::{RedisOptions, RedisServer};
+pub use tmpfs::Tmpfs;
 pub use upstream::{
     Applied, BYTES_CHUNK, Ending, Fault, RecordedRequest, RequestEnd, ScriptedResponse, TestPki,
     Upstream, pattern_byte, pattern_bytes,
