@@ -3,7 +3,7 @@
 //! Guarantees:
 //! - Every mutation forwarded upstream carries an `Idempotency-Key`: the app's (1–255 visible
 //!   ASCII characters, else 400) or a generated UUIDv7.
-//! - A 202 is sent only after [`Store::enqueue`] returned, i.e. after the commit that holds the
+//! - A 202 is sent only after [`Queue::enqueue`](crate::store::Queue::enqueue) returned, i.e. after the commit that holds the
 //!   mutation was fsynced (embedded) or acknowledged by Redis. A failure to store is a 503.
 //! - While a partition holds queued items, new mutations to it are queued behind them, so a
 //!   mutation never overtakes an earlier one of its partition.

@@ -4,7 +4,7 @@
 //! proxied (CONNECT, absolute-form requests for other hosts), removes dot-segments from the
 //! path (refusing paths that climb above the root, see [`path`]) before anything looks at it,
 //! answers the reserved prefix itself, builds the [`RequestContext`], and then:
-//! - GET/HEAD → [`Proxy::read`]: per the route's [`ReadStrategy`], from the cache or upstream,
+//! - GET/HEAD → `Proxy::read`: per the route's [`ReadStrategy`], from the cache or upstream,
 //!   storing what may be stored, and falling back to the cache when the upstream is unreachable;
 //! - POST/PUT/PATCH/DELETE → [`crate::outbox::Outbox::write`];
 //! - anything else (OPTIONS, upgrades) → forwarded as is.

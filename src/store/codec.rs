@@ -4,7 +4,7 @@
 //! [`decode`], which upgrades records written by earlier versions in this one place:
 //!
 //! - **Version 0** (outpost up to 2026-11-23, unmarked): the postcard encoding of the record
-//!   as it was then ([`RecordV0`], no `identity`). It starts with the key's length, never 0,
+//!   as it was then (`RecordV0`, no `identity`). It starts with the key's length, never 0,
 //!   since keys are 1–255 characters.
 //! - **Version 1** (current): a `0x00` marker, the version byte, then the postcard encoding of
 //!   [`MutationRecord`] (adds `identity`, the caller the key belongs to).

@@ -2,7 +2,7 @@
 //!
 //! **Durability.** All writes go through one writer thread (`embedded/writer.rs`) that commits
 //! in *groups*: it takes every operation waiting in its channel (up to
-//! [`MAX_BATCH`](writer::MAX_BATCH)), applies them in one write transaction and commits once.
+//! `MAX_BATCH`), applies them in one write transaction and commits once.
 //! Each op has a durability class:
 //! - *now*: enqueues and operator actions (retry, edit, drop). A group holding one commits with
 //!   `Durability::Immediate` (redb fsyncs before `commit` returns); only then are its callers
@@ -16,7 +16,7 @@
 //!   commit covers them, which the writer makes at the latest one window after the first such
 //!   commit (whatever else keeps arriving): a crash re-delivers at most one window's answers.
 //! - *lazy*: cache blobs and LRU touches, not answered; made durable by the next durable commit
-//!   or at the latest [`LAZY_FLUSH`](writer::LAZY_FLUSH) after the first of them. Losing one
+//!   or at the latest `LAZY_FLUSH` (1 s) after the first of them. Losing one
 //!   costs a refetch.
 //!
 //! A caller is told "done" only once its op is durable (or, for lazy ops, never), and told the
