@@ -299,6 +299,9 @@ pub struct ReplayConfig {
     /// retryable statuses other than 429 and 503) is dead-lettered with its last reason
     /// instead of blocking its partition; 0 = never.
     pub max_attempts: u32,
+    /// The header that tells the upstream when outpost accepted a replayed mutation (RFC 3339,
+    /// ms); empty: not sent.
+    pub accepted_at_header: String,
 }
 
 impl Default for ReplayConfig {
@@ -314,6 +317,7 @@ impl Default for ReplayConfig {
             classify: ClassifyConfig::default(),
             progress_sync: Duration::ZERO,
             max_attempts: 25,
+            accepted_at_header: "Outpost-Accepted-At".into(),
         }
     }
 }
@@ -483,6 +487,25 @@ pub struct RouteConfig {
     pub classify: Option<ClassifyConfig>,
     /// Overrides `cache.identity_headers` for this route (ignored when `public`).
     pub identity_headers: Option<Vec<String>>,
+    /// What a replayed mutation's conflict (409, 412) leads to.
+    pub conflict: ConflictPolicy,
+    /// JSON pointer of a field that a replayed mutation's JSON body gets set to the time outpost
+    /// accepted it (RFC 3339, ms), for upstreams that do last-write-wins by a field; empty: none.
+    pub accepted_at_field: String,
+}
+
+/// What a route does when the upstream answers a replayed mutation with a conflict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConflictPolicy {
+    /// Keep it as a dead letter with the upstream's answer, for the app or an operator.
+    #[default]
+    DeadLetter,
+    /// The server's state stands: record the conflict (`conflict`, not a dead letter) and go on.
+    ServerWins,
+    /// Send it once more without its preconditions (`If-Match`, `If-Unmodified-Since`,
+    /// `If-None-Match`); a conflict without preconditions, or a second one, is a dead letter.
+    ClientWins,
 }
 
 impl RouteConfig {
@@ -682,6 +705,14 @@ impl Config {
             return Err(ConfigError::key(
                 "replay.progress_sync",
                 "must be at most 10s (it bounds what a crash re-sends)",
+            ));
+        }
+        if !self.replay.accepted_at_header.is_empty()
+            && http::HeaderName::from_bytes(self.replay.accepted_at_header.as_bytes()).is_err()
+        {
+            return Err(ConfigError::key(
+                "replay.accepted_at_header",
+                "must be a header name (or empty to send none)",
             ));
         }
         if self.replay.concurrency == 0 {

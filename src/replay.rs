@@ -35,7 +35,7 @@ use tokio::task::JoinSet;
 
 use crate::activity::Activity;
 use crate::body::{self, Collected};
-use crate::config::Config;
+use crate::config::{Config, ConflictPolicy};
 use crate::credentials::Credentials;
 use crate::error::report;
 use crate::events::{Event, Events};
@@ -44,15 +44,13 @@ use crate::parts::Parts;
 use crate::route::RouteTable;
 use crate::shutdown::Shutdown;
 use crate::store::{
-    Lease, MutationRecord, MutationStatus, Store, StoreError, StoredResponse, now_ms, rfc3339_ms,
+    Lease, MutationRecord, MutationStatus, SERVER_WINS, Store, StoreError, StoredRequest,
+    StoredResponse, now_ms, rfc3339_ms,
 };
 use crate::upstream::{
     ForwardError, IDEMPOTENCY_KEY, UnsendableRequest, Upstream, UpstreamService, header_pairs,
 };
 use classify::Outcome;
-
-/// `Outpost-Accepted-At`: when outpost accepted a replayed mutation.
-pub static OUTPOST_ACCEPTED_AT: HeaderName = HeaderName::from_static("outpost-accepted-at");
 
 /// Items read from a partition at a time.
 const PEEK_BATCH: usize = 64;
@@ -126,6 +124,8 @@ pub struct Replayer {
     credentials: Arc<Credentials>,
     activity: Arc<Activity>,
     limiter: Option<DefaultDirectRateLimiter>,
+    /// `replay.accepted_at_header` (`None` when empty).
+    accepted_at_header: Option<HeaderName>,
     paused: AtomicBool,
     shutdown: Shutdown,
 }
@@ -154,6 +154,10 @@ impl Replayer {
             credentials: parts.credentials.clone(),
             activity: parts.activity.clone(),
             limiter,
+            accepted_at_header: HeaderName::from_bytes(
+                parts.config.replay.accepted_at_header.as_bytes(),
+            )
+            .ok(),
             paused: AtomicBool::new(false),
             shutdown,
         }
@@ -471,7 +475,12 @@ impl Replayer {
                     .await?;
                 Ok(Step::Next)
             }
-            Outcome::Validation | Outcome::Conflict => {
+            Outcome::Conflict => {
+                self.health.report_success();
+                item.response = Some(response);
+                self.resolve_conflict(lease, item, finishing).await
+            }
+            Outcome::Validation => {
                 self.health.report_success();
                 item.status = outcome.final_status().unwrap_or(MutationStatus::Rejected);
                 item.outcome = Some(outcome.class().into());
@@ -529,6 +538,60 @@ impl Replayer {
                 .await
             }
         }
+    }
+
+    /// A conflict (409, 412), acted on as the item's route says (`conflict`).
+    async fn resolve_conflict(
+        &self,
+        lease: &Lease,
+        item: &mut MutationRecord,
+        finishing: &mut Finishing,
+    ) -> Result<Step, StoreError> {
+        let now = now_ms();
+        item.status = MutationStatus::Conflict;
+        item.finished_at_ms = Some(now);
+        match self.routes.by_name(&item.route).conflict {
+            ConflictPolicy::DeadLetter => {
+                item.outcome = Some("conflict".into());
+                self.dead_letter(lease, item, finishing).await?;
+            }
+            ConflictPolicy::ServerWins => {
+                item.outcome = Some(SERVER_WINS.into());
+                self.record(lease, item, Progress::Finish, finishing)
+                    .await?;
+                tracing::info!(key = %item.key, "conflict: the server's state stands (server-wins)");
+            }
+            ConflictPolicy::ClientWins => {
+                let before = item.request.headers.len();
+                item.request
+                    .headers
+                    .retain(|(name, _)| !PRECONDITIONS.contains(&name.as_str()));
+                if item.request.headers.len() == before {
+                    // Nothing to drop: sending it again would meet the same conflict.
+                    item.outcome = Some(
+                        "conflict (client-wins: no precondition to drop, kept as a dead letter)"
+                            .into(),
+                    );
+                    self.dead_letter(lease, item, finishing).await?;
+                    return Ok(Step::Next);
+                }
+                item.status = MutationStatus::Queued;
+                item.finished_at_ms = None;
+                item.next_attempt_at_ms = now;
+                item.outcome =
+                    Some("conflict: client wins, sent again without its preconditions".into());
+                if !self
+                    .record(lease, item, Progress::Update, finishing)
+                    .await?
+                {
+                    return Ok(Step::Next);
+                }
+                tracing::info!(key = %item.key, "conflict: sent again without preconditions (client-wins)");
+                // The same item goes again at once (the next peek finds it at the head).
+                return Ok(Step::Wait(now));
+            }
+        }
+        Ok(Step::Next)
     }
 
     /// Try the item again after its backoff (at least `after`), or dead-letter it when its
@@ -718,15 +781,25 @@ impl Replayer {
 
     /// Send a stored mutation; classify the answer.
     async fn send(&self, item: &MutationRecord) -> Sent {
-        let mut extra = vec![(
-            OUTPOST_ACCEPTED_AT.clone(),
-            HeaderValue::from_str(&rfc3339_ms(item.accepted_at_ms))
-                .unwrap_or(HeaderValue::from_static("")),
-        )];
+        let route = self.routes.by_name(&item.route);
+        let accepted_at = rfc3339_ms(item.accepted_at_ms);
+        let mut extra = Vec::with_capacity(2);
+        if let Some(name) = &self.accepted_at_header
+            && let Ok(value) = HeaderValue::from_str(&accepted_at)
+        {
+            extra.push((name.clone(), value));
+        }
         if let Ok(key) = HeaderValue::from_str(&item.key) {
             extra.push((IDEMPOTENCY_KEY.clone(), key));
         }
-        let req = match self.upstream.request_from_stored(&item.request, &extra) {
+        let stamped;
+        let request = if route.accepted_at_field.is_empty() {
+            &item.request
+        } else {
+            stamped = stamp_body(&item.request, &route.accepted_at_field, &accepted_at);
+            &stamped
+        };
+        let req = match self.upstream.request_from_stored(request, &extra) {
             Ok(req) => req,
             Err(e) => return Sent::Unsendable(e),
         };
@@ -804,6 +877,30 @@ impl Replayer {
             Err(e) => tracing::warn!("purge failed: {e}"),
         }
     }
+}
+
+/// Request headers that make a write conditional (dropped by `conflict = "client-wins"`).
+const PRECONDITIONS: [&str; 3] = ["if-match", "if-unmodified-since", "if-none-match"];
+
+/// The request with the JSON pointer `pointer` of its JSON object body set to `value` (the body
+/// unchanged when it is not JSON or the pointer's parent is not an object).
+fn stamp_body(request: &StoredRequest, pointer: &str, value: &str) -> StoredRequest {
+    let mut stamped = request.clone();
+    let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&request.body) else {
+        return stamped;
+    };
+    let (parent, field) = match pointer.rsplit_once('/') {
+        Some((parent, field)) => (parent, field.replace("~1", "/").replace("~0", "~")),
+        None => return stamped,
+    };
+    let Some(serde_json::Value::Object(object)) = json.pointer_mut(parent) else {
+        return stamped;
+    };
+    object.insert(field, serde_json::Value::String(value.to_string()));
+    if let Ok(body) = serde_json::to_vec(&json) {
+        stamped.body = Bytes::from(body);
+    }
+    stamped
 }
 
 /// Milliseconds of `d`, saturating (upstream-controlled delays can be huge).

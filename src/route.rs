@@ -12,8 +12,8 @@ use globset::{GlobBuilder, GlobMatcher};
 use http::{HeaderName, Method};
 
 use crate::config::{
-    ClassifyConfig, Config, ConfigError, DEFAULT_ROUTE_NAME, PartitionBy, ReadStrategy,
-    RouteConfig, WriteMode, check_classify, check_header_names, check_method,
+    ClassifyConfig, Config, ConfigError, ConflictPolicy, DEFAULT_ROUTE_NAME, PartitionBy,
+    ReadStrategy, RouteConfig, WriteMode, check_classify, check_header_names, check_method,
 };
 
 /// How a route's `path` is matched.
@@ -79,6 +79,10 @@ pub struct Route {
     pub classify: ClassifyConfig,
     /// Request headers whose values identify the caller (empty on public routes).
     pub identity_headers: Vec<HeaderName>,
+    /// What a replayed mutation's conflict leads to.
+    pub conflict: ConflictPolicy,
+    /// JSON pointer set to the acceptance time in replayed JSON bodies (empty: none).
+    pub accepted_at_field: String,
 }
 
 impl Route {
@@ -113,6 +117,8 @@ impl Route {
                 .clone()
                 .unwrap_or_else(|| config.replay.classify.clone()),
             identity_headers,
+            conflict: rc.conflict,
+            accepted_at_field: rc.accepted_at_field.clone(),
         })
     }
 
@@ -205,6 +211,12 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
         let at = |key: &str| format!("route[{i}].{key}");
         for m in &route.methods {
             check_method(m).map_err(|message| ConfigError::key(at("methods"), message))?;
+        }
+        if !route.accepted_at_field.is_empty() && !route.accepted_at_field.starts_with('/') {
+            return Err(ConfigError::key(
+                at("accepted_at_field"),
+                "a JSON pointer starts with '/' (e.g. \"/client_time\")",
+            ));
         }
         if !route.path.is_empty() && !route.path.starts_with('/') {
             return Err(ConfigError::key(at("path"), "must start with '/'"));

@@ -181,6 +181,13 @@ impl MutationRecord {
         self.forget_request();
     }
 
+    /// Whether finishing the record puts it on the dead-letter list: a rejection or a conflict,
+    /// except a conflict the route resolved for the server ([`SERVER_WINS`]), which is only
+    /// recorded.
+    pub fn goes_to_dead_letters(&self) -> bool {
+        self.status.is_dead_letter() && self.outcome.as_deref() != Some(SERVER_WINS)
+    }
+
     /// Like [`Self::mark_dropped`], for a dead letter an operator edited and retried as
     /// `new_key`: the outcome points to it.
     pub fn mark_superseded(&mut self, now_ms: u64, new_key: &str) {
@@ -204,6 +211,10 @@ pub enum DeadLetterEdit {
 /// The request header of a retry an operator edited, naming the key it was edited from (kept
 /// when the record is finished).
 pub const EDITED_FROM_HEADER: &str = "outpost-edited-from";
+
+/// The outcome of a conflict a `conflict = "server-wins"` route resolved: the server's state
+/// stands, the mutation is recorded as `conflict` and not kept as a dead letter.
+pub const SERVER_WINS: &str = "conflict: server wins (not applied)";
 
 /// The outcome of a dead letter an operator edited and retried under a new key, before that key.
 pub const SUPERSEDED_PREFIX: &str = "edited: retried as ";

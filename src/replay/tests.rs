@@ -336,3 +336,18 @@ async fn the_lease_is_renewed_while_a_slow_answer_is_awaited() {
     assert_eq!(fake.calls().len(), 1, "sent once");
     rig.stop().await;
 }
+
+#[test]
+fn the_acceptance_time_is_set_in_json_object_bodies_only() {
+    let mut r = record("k", "p").request;
+    r.body = Bytes::from_static(br#"{"a":{"b":1}}"#);
+    let stamped = stamp_body(&r, "/a/at", "2026-11-27T00:00:00.000Z");
+    let json: serde_json::Value = serde_json::from_slice(&stamped.body).expect("json");
+    assert_eq!(json["a"]["at"], "2026-11-27T00:00:00.000Z");
+    assert_eq!(json["a"]["b"], 1);
+    // Not JSON, or no object where the pointer points: unchanged.
+    r.body = Bytes::from_static(b"plain text");
+    assert_eq!(stamp_body(&r, "/at", "t").body, r.body);
+    r.body = Bytes::from_static(br#"{"a":[1]}"#);
+    assert_eq!(stamp_body(&r, "/a/at", "t").body, r.body);
+}

@@ -258,7 +258,7 @@ pub(super) fn finish(
         return Ok(Effect::None);
     }
     let mut stored = record.clone();
-    if record.status.is_dead_letter() {
+    if record.goes_to_dead_letters() {
         put_record(txn, &stored)?;
         txn.open_table(DEAD)?
             .insert(record.seq, record.key.as_str())?;

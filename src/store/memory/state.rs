@@ -132,7 +132,7 @@ impl State {
         }
         self.unqueue(&record.partition, record.seq);
         let mut stored = record.clone();
-        if record.status.is_dead_letter() {
+        if record.goes_to_dead_letters() {
             self.dead.insert(record.seq, record.key.clone());
             self.records.insert(record.key.clone(), stored);
             return;

@@ -149,7 +149,7 @@ impl Shared {
         check_lease_partition(lease, record)?;
         let mut conn = self.conn.clone();
         let pk = self.keys.partition(&record.partition);
-        let (list, score, blob) = if record.status.is_dead_letter() {
+        let (list, score, blob) = if record.goes_to_dead_letters() {
             (pk.dead(), record.seq, encode(record)?)
         } else {
             let mut stored = record.clone();
