@@ -3,51 +3,24 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
 
-const CONFIG: &str = r#"
-[upstream]
-connect_timeout = "500ms"
-probe_interval = "50ms"
-probe_interval_max = "500ms"
+/// The test's outpost, with helpers for requests as one caller or another.
+struct Setup(Outpost);
 
-[replay]
-initial_backoff = "100ms"
-max_backoff = "1s"
-"#;
-
-struct Setup {
-    upstream: Upstream,
-    outpost: OutpostProcess,
-    http: reqwest::Client,
-    _dirs: (tempfile::TempDir, tempfile::TempDir),
+impl std::ops::Deref for Setup {
+    type Target = Outpost;
+    fn deref(&self) -> &Outpost {
+        &self.0
+    }
 }
 
 impl Setup {
     async fn offline() -> Setup {
-        let upstream = Upstream::start().await;
-        upstream.stop().await;
-        let config_dir = temp_dir();
-        let config = config_dir.path().join("outpost.toml");
-        std::fs::write(&config, CONFIG).expect("config");
-        let data = temp_dir();
-        let config_arg = config.display().to_string();
-        let url = upstream.url();
-        let outpost = OutpostProcess::start(
-            &["--config", &config_arg, "--upstream", &url],
-            Path::new(data.path()),
-        )
-        .await;
-        Setup {
-            upstream,
-            outpost,
-            http: client(),
-            _dirs: (config_dir, data),
-        }
+        Setup(Outpost::offline(FAST).await)
     }
 
     async fn post(&self, path: &str, key: &str, auth: Option<&str>, body: &str) -> (u16, Value) {

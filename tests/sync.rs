@@ -9,45 +9,21 @@ use std::time::Duration;
 use common::*;
 use serde_json::{Value, json};
 
-const BASE: &str = r#"
-[upstream]
-connect_timeout = "500ms"
-probe_interval = "50ms"
-probe_interval_max = "500ms"
+/// The test's outpost, with helpers for queueing and reading status documents.
+struct Setup(Outpost);
 
-[replay]
-initial_backoff = "100ms"
-max_backoff = "1s"
-"#;
-
-struct Setup {
-    upstream: Upstream,
-    outpost: OutpostProcess,
-    http: reqwest::Client,
-    _dirs: (tempfile::TempDir, tempfile::TempDir),
+impl std::ops::Deref for Setup {
+    type Target = Outpost;
+    fn deref(&self) -> &Outpost {
+        &self.0
+    }
 }
 
 impl Setup {
-    /// Upstream down, outpost started with `BASE` (its `[replay]` extended by `replay`) and
+    /// Upstream down, outpost started with [`FAST`] (its `[replay]` extended by `replay`) and
     /// `routes`.
     async fn offline(replay: &str, routes: &str) -> Setup {
-        let upstream = Upstream::start().await;
-        upstream.stop().await;
-        let dir = temp_dir();
-        let config = dir.path().join("outpost.toml");
-        let text = BASE.replace("[replay]\n", &format!("[replay]\n{replay}\n"));
-        std::fs::write(&config, format!("{text}\n{routes}")).expect("config");
-        let data = temp_dir();
-        let (config_arg, url) = (config.display().to_string(), upstream.url());
-        let outpost =
-            OutpostProcess::start(&["--config", &config_arg, "--upstream", &url], data.path())
-                .await;
-        Setup {
-            upstream,
-            outpost,
-            http: client(),
-            _dirs: (dir, data),
-        }
+        Setup(Outpost::offline(&config_with_replay(replay, routes)).await)
     }
 
     async fn queue(

@@ -13,6 +13,7 @@
 pub mod browser;
 pub mod process;
 pub mod redis_server;
+pub mod setup;
 pub mod tmpfs;
 pub mod upstream;
 
@@ -25,6 +26,7 @@ pub use process::{
     OUTPOST_BIN, OutpostProcess, OutputExt, run_outpost, run_outpost_timeout, run_outpost_with_env,
 };
 pub use redis_server::{RedisOptions, RedisServer};
+pub use setup::{FAST, Outpost, config_with_replay};
 pub use tmpfs::Tmpfs;
 pub use upstream::{
     Applied, BYTES_CHUNK, Ending, Fault, RecordedRequest, RequestEnd, ScriptedResponse, TestPki,
