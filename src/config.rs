@@ -183,6 +183,10 @@ pub struct StoreConfig {
     /// How long a replaying instance holds a partition without renewing its lease.
     #[serde(with = "humantime_serde")]
     pub redis_lease: Duration,
+    /// Redis Sentinels (`host:port`) to ask for the current primary; empty = use `redis_url`.
+    pub redis_sentinels: Vec<String>,
+    /// The master name the Sentinels monitor (required with `redis_sentinels`).
+    pub redis_sentinel_master: String,
 }
 
 impl Default for StoreConfig {
@@ -196,6 +200,8 @@ impl Default for StoreConfig {
             redis_min_replicas: 0,
             redis_replica_timeout: Duration::from_secs(1),
             redis_lease: Duration::from_secs(10),
+            redis_sentinels: Vec::new(),
+            redis_sentinel_master: String::new(),
         }
     }
 }
@@ -706,6 +712,7 @@ impl Config {
             check_redis_url(&self.store.redis_url)
                 .map_err(|message| ConfigError::key("store.redis_url", message))?;
         }
+        check_sentinels(&self.store)?;
         check_classify("replay.classify", &self.replay.classify)?;
         if self.proxy.max_connections == 0 {
             return Err(ConfigError::key(
@@ -784,6 +791,44 @@ pub(crate) fn check_classify(prefix: &str, c: &ClassifyConfig) -> Result<(), Con
 }
 
 /// What is wrong with a Redis URL, said so an operator can fix it.
+/// Sentinel settings: both keys or neither, `host:port` addresses, and no explicit URL as well.
+fn check_sentinels(store: &StoreConfig) -> Result<(), ConfigError> {
+    if store.redis_sentinels.is_empty() {
+        if !store.redis_sentinel_master.is_empty() {
+            return Err(ConfigError::key(
+                "store.redis_sentinel_master",
+                "is set but store.redis_sentinels is empty",
+            ));
+        }
+        return Ok(());
+    }
+    if store.redis_sentinel_master.is_empty() {
+        return Err(ConfigError::key(
+            "store.redis_sentinel_master",
+            "must name the monitored master when store.redis_sentinels is set",
+        ));
+    }
+    if store.redis_url != StoreConfig::default().redis_url {
+        return Err(ConfigError::key(
+            "store.redis_sentinels",
+            "contradicts store.redis_url: with Sentinels the primary is asked of them; \
+             remove store.redis_url",
+        ));
+    }
+    for addr in &store.redis_sentinels {
+        let port_ok = addr
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !port_ok {
+            return Err(ConfigError::key(
+                "store.redis_sentinels",
+                format!("{addr:?} is not host:port"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_redis_url(url: &str) -> Result<(), String> {
     const FORM: &str =
         "expected redis://[user:password@]host[:port][/db] or unix:///path/to/redis.sock";
