@@ -10,9 +10,14 @@
 //!   202 is applied exactly once after the drain, each writer's writes in the order of their
 //!   202s, and no key reaches the upstream twice (no partition replayed by two instances at
 //!   once). The 503 window is measured and printed;
-//! - `/status` names the primary in use and counts the failover.
+//! - `/status` names the primary in use and counts the failover;
+//! - a lease taken before the failover (confirmed by a replica) still holds on the promoted
+//!   replica, so no second instance takes the partition; after its release the next token is
+//!   larger, and the old lease is fenced off (`LeaseLost`).
 //!
 //! Without a `redis-server` binary the tests are built as ignored (see `build.rs`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -23,6 +28,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use outpost::config::{Backend, StoreConfig};
+use outpost::store::redis::RedisStore;
+use outpost::store::{Coordination, Queue, StoreError, conformance};
 use serde_json::{Value, json};
 
 /// The master name the Sentinels monitor.
@@ -412,4 +420,102 @@ async fn sentinel_failover_under_steady_writes_loses_no_acknowledged_write_and_o
     }
     let twice: Vec<_> = sent.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "sent more than once: {twice:?}");
+}
+
+/// A store connected through the Sentinels of `site` (leases of `lease`, one replica must
+/// confirm).
+async fn sentinel_store(site: &SentinelSite, lease: Duration) -> RedisStore {
+    let config = StoreConfig {
+        backend: Backend::Redis,
+        redis_sentinels: site.sentinel_addrs(),
+        redis_sentinel_master: MASTER.to_owned(),
+        redis_min_replicas: 1,
+        redis_replica_timeout: Duration::from_millis(500),
+        redis_lease: lease,
+        ..StoreConfig::default()
+    };
+    RedisStore::connect(&config, 1 << 20)
+        .await
+        .expect("connect through the sentinels")
+}
+
+/// Retries `call` while it fails (the failover window), for up to 15 s.
+async fn through_failover<T, F, Fut>(what: &str, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match call().await {
+            Ok(value) => return value,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("{what}: {e} (retrying)");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{what}: still failing after the failover: {e}"),
+        }
+    }
+}
+
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_taken_before_a_failover_holds_on_the_promoted_replica_and_fencing_tokens_keep_increasing()
+ {
+    let mut site = SentinelSite::start().await;
+    let lease = Duration::from_secs(10);
+    let a = sentinel_store(&site, lease).await;
+    let b = sentinel_store(&site, lease).await;
+    a.enqueue(conformance::record("m1", "p"))
+        .await
+        .expect("enqueue");
+    let lease_a = a
+        .acquire("p")
+        .await
+        .expect("acquire")
+        .expect("a gets the lease");
+
+    let old_primary = site.servers[0].port();
+    site.servers[0].kill9();
+    eventually(Duration::from_secs(15), "a replica is promoted", || {
+        let moved = site.sentinels[0]
+            .primary_port()
+            .is_some_and(|p| p != old_primary);
+        async move { moved }
+    })
+    .await;
+
+    // The lease was confirmed by a replica before `acquire` returned: the promoted replica
+    // still gives the partition to a, not b.
+    let taken = through_failover("b acquires", || b.acquire("p")).await;
+    assert!(taken.is_none(), "b must not take a's partition: {taken:?}");
+    assert!(
+        through_failover("a renews", || a.renew(&lease_a)).await,
+        "a's lease survived the failover"
+    );
+
+    // Released on the new primary: b takes over with a larger token, and a is fenced off.
+    through_failover("a releases", || a.release(&lease_a)).await;
+    let lease_b = through_failover("b acquires", || b.acquire("p"))
+        .await
+        .expect("b gets the partition after the release");
+    assert!(
+        lease_b.token > lease_a.token,
+        "fencing tokens increase across the failover: {} then {}",
+        lease_a.token,
+        lease_b.token
+    );
+    let mut head = a.peek("p", 1).await.expect("peek");
+    let mut record = head.pop().expect("m1 is still queued");
+    record.attempts += 1;
+    let stale = a.update(&lease_a, &record).await;
+    assert!(
+        matches!(stale, Err(StoreError::LeaseLost { .. })),
+        "a's stale lease must be refused: {stale:?}"
+    );
+    let fresh = b.update(&lease_b, &record).await;
+    assert!(fresh.is_ok(), "b's lease writes: {fresh:?}");
 }

@@ -138,6 +138,26 @@ impl Conn {
         }
     }
 
+    /// The manager to use now: when another connection of this store already followed a
+    /// failover, this one moves to the same primary first (so it does not fail a call on the
+    /// old primary before noticing).
+    async fn current(&self) -> ConnectionManager {
+        if self.inner.sentinels.is_some() {
+            let shared = match self.inner.info.lock() {
+                Ok(info) => info.primary.clone(),
+                Err(poisoned) => poisoned.into_inner().primary.clone(),
+            };
+            if !shared.is_empty() && shared != self.addr() {
+                if let Ok(_guard) = self.inner.resolving.try_lock() {
+                    if shared != self.addr() {
+                        self.switch_to(shared).await;
+                    }
+                }
+            }
+        }
+        self.manager()
+    }
+
     /// After `error`, ask the Sentinels whether the primary moved, and follow it.
     async fn after_error(&self, error: &RedisError) {
         let Some(sentinels) = &self.inner.sentinels else {
@@ -154,7 +174,6 @@ impl Conn {
             return;
         }
         *last = Some(Instant::now());
-        let old = self.addr();
         let primary = match sentinels.primary().await {
             Ok(primary) => primary,
             Err(e) => {
@@ -162,9 +181,15 @@ impl Conn {
                 return;
             }
         };
-        if primary == old {
+        if primary == self.addr() {
             return;
         }
+        self.switch_to(primary).await;
+    }
+
+    /// Replace the manager by one to `primary` (the caller holds `resolving`).
+    async fn switch_to(&self, primary: String) {
+        let old = self.addr();
         let url = format!("redis://{primary}/");
         match open_manager(&url, &primary, self.inner.config.clone()).await {
             Ok(manager) => {
@@ -207,7 +232,7 @@ fn needs_resolve(error: &RedisError) -> bool {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let mut manager = self.manager();
+            let mut manager = self.current().await;
             let result = manager.req_packed_command(cmd).await;
             if let Err(e) = &result {
                 self.after_error(e).await;
@@ -223,7 +248,7 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let mut manager = self.manager();
+            let mut manager = self.current().await;
             let result = manager.req_packed_commands(cmd, offset, count).await;
             match &result {
                 Err(e) => self.after_error(e).await,
