@@ -1097,6 +1097,41 @@ mod tests {
     }
 
     #[test]
+    fn contradictory_sentinel_settings_name_the_key() {
+        for (store, key, needle) in [
+            (
+                "redis_sentinels = [\"10.0.0.1:26379\"]\nredis_sentinel_master = \"m\"\nredis_url = \"redis://10.0.0.2/\"",
+                "store.redis_sentinels",
+                "contradicts store.redis_url",
+            ),
+            (
+                "redis_sentinels = [\"10.0.0.1:26379\"]",
+                "store.redis_sentinel_master",
+                "must name",
+            ),
+            (
+                "redis_sentinel_master = \"m\"",
+                "store.redis_sentinel_master",
+                "redis_sentinels is empty",
+            ),
+            (
+                "redis_sentinels = [\"10.0.0.1\"]\nredis_sentinel_master = \"m\"",
+                "store.redis_sentinels",
+                "host:port",
+            ),
+        ] {
+            let text = format!("[store]\nbackend = \"redis\"\n{store}\n");
+            let err = Config::parse(&text).expect_err(store);
+            assert_eq!(err.key.as_deref(), Some(key), "{store}");
+            assert!(err.message.contains(needle), "{store}: {}", err.message);
+        }
+        let ok = "[store]\nbackend = \"redis\"\nredis_sentinels = [\"a:26379\", \"b:26379\"]\n\
+                  redis_sentinel_master = \"m\"\n";
+        let config = Config::parse(ok).expect("sentinels alone are valid");
+        assert_eq!(config.store.redis_sentinels.len(), 2);
+    }
+
+    #[test]
     fn bad_redis_urls_say_what_is_wrong() {
         for (url, says) in [
             ("localhost:6379", "is not a URL"),
