@@ -10,6 +10,8 @@
 //!   202 is applied exactly once after the drain, each writer's writes in the order of their
 //!   202s, and no key reaches the upstream twice (no partition replayed by two instances at
 //!   once). The 503 window is measured and printed;
+//! - the same while the queue is being replayed when the primary dies: replay pauses and
+//!   resumes by itself; at most the item in flight is sent again (same key, applied once);
 //! - `/status` names the primary in use and counts the failover;
 //! - a lease taken before the failover (confirmed by a replica) still holds on the promoted
 //!   replica, so no second instance takes the partition; after its release the next token is
@@ -264,6 +266,22 @@ struct Outcomes {
 #[tokio::test(flavor = "multi_thread")]
 async fn sentinel_failover_under_steady_writes_loses_no_acknowledged_write_and_outposts_follow_the_new_primary()
  {
+    failover_under_steady_writes(false).await;
+}
+
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
+#[tokio::test(flavor = "multi_thread")]
+async fn sentinel_failover_while_the_queue_is_replayed_pauses_replay_and_resumes_it_without_loss() {
+    failover_under_steady_writes(true).await;
+}
+
+/// Two outposts take writes steadily (the upstream down, so they queue); the primary is
+/// SIGKILLed. With `replay_during`, the upstream comes back (each answer 30 ms late) just
+/// before the kill, so the queue is being replayed when the primary dies.
+async fn failover_under_steady_writes(replay_during: bool) {
     let mut site = SentinelSite::start().await;
     let upstream = Upstream::start().await;
     upstream.stop().await;
@@ -300,7 +318,8 @@ async fn sentinel_failover_under_steady_writes_loses_no_acknowledged_write_and_o
                     .send()
                     .await;
                 let status = resp.map(|r| r.status().as_u16()).unwrap_or(0);
-                if status == 202 {
+                // 202 queued, or 2xx forwarded and applied at once (the queue was empty).
+                if (200..300).contains(&status) {
                     o.acknowledged.push(key);
                     o.last_acknowledged = Some(Instant::now());
                 } else {
@@ -313,6 +332,16 @@ async fn sentinel_failover_under_steady_writes_loses_no_acknowledged_write_and_o
     }
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    if replay_during {
+        upstream.script(
+            "/apply",
+            vec![ScriptedResponse::passthrough().delay(Duration::from_millis(30))],
+        );
+        upstream.restart().await;
+        upstream
+            .wait_requests("/apply", 3, Duration::from_secs(10))
+            .await;
+    }
     site.servers[0].kill9();
     let killed_at = Instant::now();
 
@@ -377,7 +406,10 @@ async fn sentinel_failover_under_steady_writes_loses_no_acknowledged_write_and_o
     }
 
     // The upstream comes back: everything acknowledged is applied exactly once.
-    upstream.restart().await;
+    if !replay_during {
+        upstream.restart().await;
+    }
+    upstream.clear_script("/apply");
     upstream
         .wait_applied(acknowledged.len(), Duration::from_secs(30))
         .await;
@@ -418,8 +450,12 @@ async fn sentinel_failover_under_steady_writes_loses_no_acknowledged_write_and_o
             *sent.entry(key.to_owned()).or_default() += 1;
         }
     }
+    // When replay was under way, the item each instance had in flight as the primary died may
+    // go again (its answer could not be recorded), with its key: the upstream applied it once.
     let twice: Vec<_> = sent.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "sent more than once: {twice:?}");
+    let allowed = if replay_during { 2 } else { 0 };
+    eprintln!("keys sent more than once: {twice:?}");
+    assert!(twice.len() <= allowed, "sent more than once: {twice:?}");
 }
 
 /// A store connected through the Sentinels of `site` (leases of `lease`, one replica must
