@@ -802,6 +802,12 @@ fn check_sentinels(store: &StoreConfig) -> Result<(), ConfigError> {
         }
         return Ok(());
     }
+    if store.backend != Backend::Redis {
+        return Err(ConfigError::key(
+            "store.redis_sentinels",
+            "is set but store.backend is not \"redis\"",
+        ));
+    }
     if store.redis_sentinel_master.is_empty() {
         return Err(ConfigError::key(
             "store.redis_sentinel_master",
@@ -1110,6 +1116,11 @@ mod tests {
                 "must name",
             ),
             (
+                "backend = \"embedded\"\nredis_sentinels = [\"10.0.0.1:26379\"]",
+                "store.redis_sentinels",
+                "store.backend",
+            ),
+            (
                 "redis_sentinel_master = \"m\"",
                 "store.redis_sentinel_master",
                 "redis_sentinels is empty",
@@ -1120,7 +1131,11 @@ mod tests {
                 "host:port",
             ),
         ] {
-            let text = format!("[store]\nbackend = \"redis\"\n{store}\n");
+            let text = if store.starts_with("backend") {
+                format!("[store]\n{store}\n")
+            } else {
+                format!("[store]\nbackend = \"redis\"\n{store}\n")
+            };
             let err = Config::parse(&text).expect_err(store);
             assert_eq!(err.key.as_deref(), Some(key), "{store}");
             assert!(err.message.contains(needle), "{store}: {}", err.message);
