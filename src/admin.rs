@@ -376,6 +376,7 @@ async fn status(state: &AdminState) -> Response<ProxyBody> {
                     "framing_refusals": proxy.framing_refusals,
                     "admin_connections": admin,
                     "last_event_id": state.events.newest_id(),
+                    "store_servers": state.store.servers(),
                 }),
             )
         }

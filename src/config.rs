@@ -183,6 +183,10 @@ pub struct StoreConfig {
     /// How long a replaying instance holds a partition without renewing its lease.
     #[serde(with = "humantime_serde")]
     pub redis_lease: Duration,
+    /// Redis Sentinels (`host:port`) to ask for the current primary; empty = use `redis_url`.
+    pub redis_sentinels: Vec<String>,
+    /// The master name the Sentinels monitor (required with `redis_sentinels`).
+    pub redis_sentinel_master: String,
 }
 
 impl Default for StoreConfig {
@@ -196,6 +200,8 @@ impl Default for StoreConfig {
             redis_min_replicas: 0,
             redis_replica_timeout: Duration::from_secs(1),
             redis_lease: Duration::from_secs(10),
+            redis_sentinels: Vec::new(),
+            redis_sentinel_master: String::new(),
         }
     }
 }
@@ -737,6 +743,7 @@ impl Config {
             check_redis_url(&self.store.redis_url)
                 .map_err(|message| ConfigError::key("store.redis_url", message))?;
         }
+        check_sentinels(&self.store)?;
         check_classify("replay.classify", &self.replay.classify)?;
         if self.proxy.max_connections == 0 {
             return Err(ConfigError::key(
@@ -815,6 +822,50 @@ pub(crate) fn check_classify(prefix: &str, c: &ClassifyConfig) -> Result<(), Con
 }
 
 /// What is wrong with a Redis URL, said so an operator can fix it.
+/// Sentinel settings: both keys or neither, `host:port` addresses, and no explicit URL as well.
+fn check_sentinels(store: &StoreConfig) -> Result<(), ConfigError> {
+    if store.redis_sentinels.is_empty() {
+        if !store.redis_sentinel_master.is_empty() {
+            return Err(ConfigError::key(
+                "store.redis_sentinel_master",
+                "is set but store.redis_sentinels is empty",
+            ));
+        }
+        return Ok(());
+    }
+    if store.backend != Backend::Redis {
+        return Err(ConfigError::key(
+            "store.redis_sentinels",
+            "is set but store.backend is not \"redis\"",
+        ));
+    }
+    if store.redis_sentinel_master.is_empty() {
+        return Err(ConfigError::key(
+            "store.redis_sentinel_master",
+            "must name the monitored master when store.redis_sentinels is set",
+        ));
+    }
+    if store.redis_url != StoreConfig::default().redis_url {
+        return Err(ConfigError::key(
+            "store.redis_sentinels",
+            "contradicts store.redis_url: with Sentinels the primary is asked of them; \
+             remove store.redis_url",
+        ));
+    }
+    for addr in &store.redis_sentinels {
+        let port_ok = addr
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !port_ok {
+            return Err(ConfigError::key(
+                "store.redis_sentinels",
+                format!("{addr:?} is not host:port"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_redis_url(url: &str) -> Result<(), String> {
     const FORM: &str =
         "expected redis://[user:password@]host[:port][/db] or unix:///path/to/redis.sock";
@@ -1080,6 +1131,50 @@ mod tests {
         let err = Config::parse("[upstream]\n\nurl = \"ftp://x\"\n").expect_err("bad scheme");
         assert_eq!(err.key.as_deref(), Some("upstream.url"));
         assert_eq!(err.line, Some(3));
+    }
+
+    #[test]
+    fn contradictory_sentinel_settings_name_the_key() {
+        for (store, key, needle) in [
+            (
+                "redis_sentinels = [\"10.0.0.1:26379\"]\nredis_sentinel_master = \"m\"\nredis_url = \"redis://10.0.0.2/\"",
+                "store.redis_sentinels",
+                "contradicts store.redis_url",
+            ),
+            (
+                "redis_sentinels = [\"10.0.0.1:26379\"]",
+                "store.redis_sentinel_master",
+                "must name",
+            ),
+            (
+                "backend = \"embedded\"\nredis_sentinels = [\"10.0.0.1:26379\"]",
+                "store.redis_sentinels",
+                "store.backend",
+            ),
+            (
+                "redis_sentinel_master = \"m\"",
+                "store.redis_sentinel_master",
+                "redis_sentinels is empty",
+            ),
+            (
+                "redis_sentinels = [\"10.0.0.1\"]\nredis_sentinel_master = \"m\"",
+                "store.redis_sentinels",
+                "host:port",
+            ),
+        ] {
+            let text = if store.starts_with("backend") {
+                format!("[store]\n{store}\n")
+            } else {
+                format!("[store]\nbackend = \"redis\"\n{store}\n")
+            };
+            let err = Config::parse(&text).expect_err(store);
+            assert_eq!(err.key.as_deref(), Some(key), "{store}");
+            assert!(err.message.contains(needle), "{store}: {}", err.message);
+        }
+        let ok = "[store]\nbackend = \"redis\"\nredis_sentinels = [\"a:26379\", \"b:26379\"]\n\
+                  redis_sentinel_master = \"m\"\n";
+        let config = Config::parse(ok).expect("sentinels alone are valid");
+        assert_eq!(config.store.redis_sentinels.len(), 2);
     }
 
     #[test]

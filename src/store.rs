@@ -397,6 +397,12 @@ pub trait Coordination: Send + Sync + 'static {
 
     /// Whether another instance announced a mutation waiting for credentials.
     async fn anyone_waiting(&self) -> Result<bool, StoreError>;
+
+    /// What `/status` shows of the backend's servers (for Redis: the primary in use and the
+    /// failovers followed); `None` when there is nothing to say.
+    fn servers(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// Everything outpost stores, in its three roles: what the rest of the code holds as

@@ -46,6 +46,7 @@ mod enqueue;
 mod housekeeping;
 mod keys;
 mod operator;
+mod primary;
 mod replay;
 mod scripts;
 
@@ -56,13 +57,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use redis::ErrorKind;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 use tokio::sync::Semaphore;
 
 use self::answers::{redis_error, timed_out};
 use self::cache::CACHE_PUTS_IN_FLIGHT;
 use self::enqueue::EnqueueQueue;
 use self::keys::Keys;
+pub use self::primary::FailoverInfo;
+use self::primary::{Conn, Sentinels};
 use super::{
     CacheStats, Coordination, DeadLetterEdit, Enqueued, Lease, MutationRecord, Queue, QueueStats,
     ResponseStore, StoreError, codec,
@@ -84,9 +87,9 @@ pub struct RedisStore {
 /// What every call needs: connections, key names, settings.
 struct Shared {
     /// Everything but enqueues: reads, replay progress, leases, cache.
-    conn: ConnectionManager,
+    conn: Conn,
     /// Enqueues and dead-letter retries, followed by `WAIT` when replicas must confirm.
-    durable: ConnectionManager,
+    durable: Conn,
     keys: Keys,
     /// This store's identity in lease values (`<instance>:<token>`).
     instance: String,
@@ -95,6 +98,10 @@ struct Shared {
     lease_ms: u64,
     cache_budget: u64,
     cache_puts: Arc<Semaphore>,
+    /// The primary in use and the failovers followed (for `/status`).
+    info: Arc<std::sync::Mutex<FailoverInfo>>,
+    /// Whether the primary is the one Sentinel names (and followed across failovers).
+    sentinel: bool,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -124,8 +131,6 @@ impl RedisStore {
                 format!("store.redis_key_prefix {prefix:?} must not contain '{{' or '}}'"),
             ));
         }
-        let client = redis::Client::open(config.redis_url.as_str())?;
-        let addr = client.get_connection_info().addr().to_string();
         // WAIT 0 would block forever.
         let replica_timeout = config.redis_replica_timeout.max(Duration::from_millis(1));
         let manager_config = ConnectionManagerConfig::new()
@@ -139,31 +144,26 @@ impl RedisStore {
         let durable_config = manager_config
             .clone()
             .set_response_timeout(Some(COMMAND_TIMEOUT + replica_timeout));
+        let (url, addr, sentinels) = if config.redis_sentinels.is_empty() {
+            let client = redis::Client::open(config.redis_url.as_str())?;
+            let addr = client.get_connection_info().addr().to_string();
+            (config.redis_url.clone(), addr, None)
+        } else {
+            let sentinels = Sentinels {
+                addrs: config.redis_sentinels.clone(),
+                master: config.redis_sentinel_master.clone(),
+            };
+            let addr = sentinels.primary().await?;
+            (format!("redis://{addr}/"), addr, Some(Arc::new(sentinels)))
+        };
+        let info = Arc::new(std::sync::Mutex::new(FailoverInfo::default()));
         let open = |config: ConnectionManagerConfig| {
-            let client = client.clone();
-            let addr = addr.clone();
-            async move {
-                match tokio::time::timeout(
-                    CALL_DEADLINE,
-                    ConnectionManager::new_with_config(client, config),
-                )
-                .await
-                {
-                    Ok(Ok(conn)) => Ok(conn),
-                    Ok(Err(e)) => Err(redis_error(
-                        e.kind(),
-                        "cannot connect to redis",
-                        format!("{addr}: {e}"),
-                    )),
-                    Err(_) => Err(redis_error(
-                        ErrorKind::Io,
-                        "cannot connect to redis",
-                        format!("{addr}: no answer within {CALL_DEADLINE:?}"),
-                    )),
-                }
-            }
+            Conn::open(&url, addr.clone(), config, sentinels.clone(), info.clone())
         };
         let mut conn = open(manager_config).await?;
+        if sentinels.is_some() {
+            tracing::info!(primary = %addr, "redis: primary named by the sentinels");
+        }
         let durable = open(durable_config).await?;
         warn_if_not_persistent(&mut conn, &addr).await;
         let keys = Keys { prefix };
@@ -178,6 +178,8 @@ impl RedisStore {
             lease_ms: (config.redis_lease.as_millis() as u64).max(1),
             cache_budget,
             cache_puts: Arc::new(Semaphore::new(CACHE_PUTS_IN_FLIGHT)),
+            info,
+            sentinel: !config.redis_sentinels.is_empty(),
         };
         Ok(RedisStore {
             shared: Arc::new(shared),
@@ -188,7 +190,7 @@ impl RedisStore {
 
 /// Refuse a key prefix written by a newer outpost; mark an unmarked (or older) one with this
 /// build's layout version. `SET NX` first, so that instances starting together agree.
-async fn check_layout(conn: &mut ConnectionManager, keys: &Keys) -> Result<(), StoreError> {
+async fn check_layout(conn: &mut Conn, keys: &Keys) -> Result<(), StoreError> {
     let key = keys.layout();
     let _: bool = redis::cmd("SET")
         .arg(&key)
@@ -211,7 +213,7 @@ async fn check_layout(conn: &mut ConnectionManager, keys: &Keys) -> Result<(), S
 
 impl Shared {
     /// Wait for `store.redis_min_replicas` to confirm this connection's writes.
-    async fn confirm_replicas(&self, conn: &mut ConnectionManager) -> Result<(), StoreError> {
+    async fn confirm_replicas(&self, conn: &mut Conn) -> Result<(), StoreError> {
         if self.min_replicas <= 0 {
             return Ok(());
         }
@@ -472,6 +474,19 @@ impl Coordination for RedisStore {
         )
         .await
     }
+
+    fn servers(&self) -> Option<serde_json::Value> {
+        let info = match self.shared.info.lock() {
+            Ok(info) => info.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        Some(serde_json::json!({
+            "redis_primary": info.primary,
+            "redis_sentinel": self.shared.sentinel,
+            "redis_failovers": info.failovers,
+            "redis_last_failover_at": info.last_failover_ms.map(super::rfc3339_ms),
+        }))
+    }
 }
 
 /// Run one store call under [`CALL_DEADLINE`] (plus `extra`).
@@ -489,7 +504,7 @@ async fn within<T>(
 
 /// Log a warning when Redis would lose acknowledged mutations on a crash (best effort:
 /// `CONFIG` may be disabled on managed Redis).
-async fn warn_if_not_persistent(conn: &mut ConnectionManager, addr: &str) {
+async fn warn_if_not_persistent(conn: &mut Conn, addr: &str) {
     let answer: Result<Vec<String>, _> = redis::cmd("CONFIG")
         .arg("GET")
         .arg("appendonly")

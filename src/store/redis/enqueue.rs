@@ -33,7 +33,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use super::primary::Conn;
 use redis::{ErrorKind, Value};
 use tokio::sync::oneshot;
 
@@ -144,7 +144,7 @@ impl Shared {
     /// Make sure `key` is enqueued (or recorded) under `partition` and no other (module docs).
     async fn claim(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         key: &str,
         partition: &str,
     ) -> Result<Claim, StoreError> {
@@ -263,7 +263,7 @@ impl Shared {
     /// [`Self::claim`]; one another partition holds a record under answers with that record.
     async fn claim_keys(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         records: &[MutationRecord],
     ) -> Result<Answers, StoreError> {
         let mut answers: Answers = records.iter().map(|_| None).collect();
@@ -292,7 +292,7 @@ impl Shared {
     /// (another instance) is renumbered and written again. True when a record was stored.
     async fn number_and_write(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         records: &mut [MutationRecord],
         answers: &mut Answers,
     ) -> Result<bool, StoreError> {
@@ -353,7 +353,7 @@ impl Shared {
     /// on the multiplexed connection, they travel as one pipeline. One answer per partition.
     async fn write_partitions(
         &self,
-        conn: &ConnectionManager,
+        conn: &Conn,
         records: &[MutationRecord],
         groups: &[(String, Vec<usize>)],
     ) -> Vec<Result<Value, StoreError>> {

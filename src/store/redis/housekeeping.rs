@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use super::primary::Conn;
 use redis::{ErrorKind, Value};
 
 use super::Shared;
@@ -26,7 +26,7 @@ impl Shared {
     /// Note `partition` in the registry (before anything is written to it).
     pub(super) async fn register(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         partition: &str,
     ) -> Result<(), StoreError> {
         let _: i64 = REGISTER
@@ -38,10 +38,7 @@ impl Shared {
     }
 
     /// Every registered partition and its registration time.
-    pub(super) async fn registry(
-        &self,
-        conn: &mut ConnectionManager,
-    ) -> Result<Vec<(String, f64)>, StoreError> {
+    pub(super) async fn registry(&self, conn: &mut Conn) -> Result<Vec<(String, f64)>, StoreError> {
         let v: Value = redis::cmd("ZRANGE")
             .arg(self.keys.partitions())
             .arg(0)
@@ -105,7 +102,7 @@ impl Shared {
     /// Drop an empty partition from the registry once it has been idle for [`PARTITION_IDLE`].
     async fn forget_if_idle(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         partition: &str,
         registered: f64,
     ) -> Result<(), StoreError> {

@@ -19,8 +19,8 @@
 //! enqueued under a new key, a drop of the dead letter only (`DROP` with `dead`: never of a
 //! pending item) whose outcome names that key.
 
+use super::primary::Conn;
 use bytes::Bytes;
-use redis::aio::ConnectionManager;
 use redis::{ErrorKind, Value};
 
 use super::Shared;
@@ -35,7 +35,7 @@ use crate::store::{MutationRecord, MutationStatus, QueueStats, StoreError, now_m
 const CAS_ATTEMPTS: usize = 8;
 
 impl Shared {
-    async fn next_seq(&self, conn: &mut ConnectionManager) -> Result<u64, StoreError> {
+    async fn next_seq(&self, conn: &mut Conn) -> Result<u64, StoreError> {
         Ok(redis::cmd("INCR")
             .arg(self.keys.seq())
             .query_async(conn)
@@ -141,7 +141,7 @@ impl Shared {
     /// The partition and stored blob of `key` (for a compare-and-set write).
     async fn raw_record(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         key: &str,
     ) -> Result<Option<(String, Vec<u8>)>, StoreError> {
         let partition: Option<String> = redis::cmd("GET")

@@ -11,6 +11,15 @@
 //! partition gets [`StoreError::LeaseLost`] instead of overwriting its successor's work. A killed
 //! instance's lease simply expires after `store.redis_lease` and another instance acquires it.
 //! Expiry uses Redis's clock only; instance clocks do not matter.
+//!
+//! **Across a Sentinel failover.** With `store.redis_min_replicas >= 1`, `acquire` returns a
+//! lease only after `WAIT` saw a replica hold it and its `INCR`ed token, so the promoted replica
+//! has both: the lease is still ours (or expires and is re-taken with a fresh, larger token),
+//! and no other instance can take the partition meanwhile. Progress (`update`, `finish`) is
+//! guarded by the lease value inside its script, so an instance whose lease did not survive the
+//! failover gets [`StoreError::LeaseLost`] instead of writing. With 0 replicas a write the old
+//! primary had not yet shipped can be lost, including a lease; the upstream's idempotency key
+//! then dedups an item sent twice.
 
 use redis::Value;
 
@@ -74,7 +83,10 @@ impl Shared {
     }
 
     pub(super) async fn acquire_inner(&self, partition: &str) -> Result<Option<Lease>, StoreError> {
-        let mut conn = self.conn.clone();
+        // On the durable connection, followed by `WAIT`: with replicas required, a lease (and
+        // its fencing token) is used only once a replica holds it, so a promoted replica
+        // neither hands the partition to a second instance nor reissues a token.
+        let mut conn = self.durable.clone();
         let token: u64 = redis::cmd("INCR")
             .arg(self.keys.fence())
             .query_async(&mut conn)
@@ -90,7 +102,11 @@ impl Shared {
             .arg(self.lease_ms)
             .invoke_async(&mut conn)
             .await?;
-        Ok((taken == 1).then_some(lease))
+        if taken != 1 {
+            return Ok(None);
+        }
+        self.confirm_replicas(&mut conn).await?;
+        Ok(Some(lease))
     }
 
     pub(super) async fn renew_inner(&self, lease: &Lease) -> Result<bool, StoreError> {
