@@ -483,6 +483,17 @@ pub struct RouteConfig {
     pub classify: Option<ClassifyConfig>,
     /// Overrides `cache.identity_headers` for this route (ignored when `public`).
     pub identity_headers: Option<Vec<String>>,
+    /// Read your own writes: JSON reads reflect the caller's pending mutations on this route.
+    pub overlay: bool,
+    /// The item URI template, e.g. `/orders/{id}`; the collection is the template without its
+    /// last segment. Required when `overlay` is on.
+    pub item: Option<String>,
+    /// The field of an item that holds its id (matched against the `{id}` segment).
+    pub id_field: Option<String>,
+    /// JSON pointer of the array in a collection answer; empty: the root.
+    pub list_pointer: Option<String>,
+    /// Mark overlaid elements with `_outpost: {"pending": true, "key": …}`.
+    pub overlay_marker: bool,
 }
 
 impl RouteConfig {

@@ -22,6 +22,9 @@ const KEY_IN_PATH: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'~');
 
+/// The most pending items of one partition `GET /_outpost/mutations` looks at.
+const LIST_LIMIT: usize = 1000;
+
 /// Status documents of mutations.
 pub struct MutationDocs {
     store: Arc<dyn Store>,
@@ -69,6 +72,9 @@ impl MutationDocs {
         headers: &HeaderMap,
     ) -> Response<ProxyBody> {
         let rest = &path[self.prefix.len().min(path.len())..];
+        if rest == "mutations" || rest == "mutations/" {
+            return self.list_pending(method, headers).await;
+        }
         let Some(encoded) = rest.strip_prefix("mutations/") else {
             return ProxyError::NotFound.into_response();
         };
@@ -88,6 +94,46 @@ impl MutationDocs {
             Ok(_) => ProxyError::NotFound.into_response(),
             Err(e) => ProxyError::NotStored(e).into_response(),
         }
+    }
+
+    /// `GET /_outpost/mutations`: the caller's own pending mutations, oldest first, as
+    /// `{"mutations": [document + "method", "path"]}`.
+    async fn list_pending(&self, method: &Method, headers: &HeaderMap) -> Response<ProxyBody> {
+        if method != Method::GET && method != Method::HEAD {
+            return json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &serde_json::json!({"error": "method_not_allowed"}),
+            );
+        }
+        let caller = self.owner(headers);
+        let mut records = Vec::new();
+        let partitions = match self.store.pending_partitions().await {
+            Ok(p) => p,
+            Err(e) => return ProxyError::NotStored(e).into_response(),
+        };
+        for partition in partitions {
+            match self.store.peek(&partition, LIST_LIMIT).await {
+                Ok(found) => records.extend(
+                    found
+                        .into_iter()
+                        .filter(|r| r.status.is_pending() && r.identity == Some(caller.0)),
+                ),
+                Err(e) => return ProxyError::NotStored(e).into_response(),
+            }
+        }
+        records.sort_by_key(|r| r.seq);
+        let list: Vec<serde_json::Value> = records
+            .iter()
+            .map(|r| {
+                let mut doc = self.document(r);
+                if let Some(map) = doc.as_object_mut() {
+                    map.insert("method".into(), r.request.method.clone().into());
+                    map.insert("path".into(), r.request.path_and_query.clone().into());
+                }
+                doc
+            })
+            .collect();
+        json_response(StatusCode::OK, &serde_json::json!({ "mutations": list }))
     }
 
     /// The JSON status document of a mutation.

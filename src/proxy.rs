@@ -26,11 +26,12 @@ use crate::cache::{self, CACHE_STATUS, Cache, PrimaryKey, status, with_cache_sta
 use crate::config::{Config, ReadStrategy};
 use crate::context::ClientInfo;
 use crate::context::{Identity, RequestContext, Source};
-use crate::error::{ProxyError, report};
+use crate::error::{ProxyError, json_response, report};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::mutations::MutationDocs;
 use crate::outbox::Outbox;
+use crate::overlay::{OUTPOST_PENDING, Overlaid, PendingWrite, PendingWrites, Target};
 use crate::parts::Parts;
 use crate::route::RouteTable;
 use crate::store::now_ms;
@@ -45,6 +46,7 @@ pub struct Proxy {
     cache: Arc<Cache>,
     outbox: Arc<Outbox>,
     docs: Arc<MutationDocs>,
+    pending: PendingWrites,
     metrics: Arc<Metrics>,
 }
 
@@ -60,6 +62,7 @@ impl Proxy {
             cache,
             outbox,
             docs: parts.docs.clone(),
+            pending: PendingWrites::new(parts.store.clone()),
             metrics: parts.metrics.clone(),
         }
     }
@@ -169,8 +172,145 @@ impl Proxy {
         Ok(())
     }
 
-    /// The read path (GET, HEAD).
+    /// The read path (GET, HEAD), with the caller's pending writes applied on `overlay` routes.
     async fn read(&self, ctx: &mut RequestContext, req: Request<ProxyBody>) -> Response<ProxyBody> {
+        let pending = if ctx.method == Method::GET {
+            self.pending_for_read(ctx, req.headers()).await
+        } else {
+            None
+        };
+        let resp = self.read_through(ctx, req).await;
+        match pending {
+            Some((target, writes)) if !writes.is_empty() => {
+                self.overlay(ctx, resp, &target, &writes).await
+            }
+            _ => resp,
+        }
+    }
+
+    /// The caller's pending writes this read should reflect (`overlay` routes only).
+    async fn pending_for_read(
+        &self,
+        ctx: &RequestContext,
+        headers: &HeaderMap,
+    ) -> Option<(Target, Vec<PendingWrite>)> {
+        let shape = ctx.route.overlay.as_ref()?;
+        let target = shape.target(&ctx.path_and_query)?;
+        let collection = shape.collection_path(&ctx.path_and_query, &target);
+        // Mutations belong to the identity of `cache.identity_headers` (see `outbox`).
+        let owner = (!ctx.route.public).then(|| self.docs.owner(headers));
+        match self
+            .pending
+            .for_read(shape, &collection, owner.as_ref())
+            .await
+        {
+            Ok(writes) => {
+                let writes = writes
+                    .into_iter()
+                    .filter(|w| target == Target::Collection || w.target == target)
+                    .collect();
+                Some((target, writes))
+            }
+            Err(e) => {
+                tracing::warn!(path = %ctx.path_and_query, "pending writes unavailable: {e}");
+                None
+            }
+        }
+    }
+
+    /// Apply pending `writes` to a read's answer (JSON only; anything else passes unchanged,
+    /// with `Outpost-Pending`).
+    async fn overlay(
+        &self,
+        ctx: &mut RequestContext,
+        resp: Response<ProxyBody>,
+        target: &Target,
+        writes: &[PendingWrite],
+    ) -> Response<ProxyBody> {
+        let Some(shape) = ctx.route.overlay.as_ref() else {
+            return resp;
+        };
+        let pending = HeaderValue::from(writes.len());
+        let (mut parts, body) = resp.into_parts();
+        parts.headers.insert(OUTPOST_PENDING.clone(), pending);
+        let is_json = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.to_ascii_lowercase().contains("json"));
+        let encoded = parts.headers.contains_key(header::CONTENT_ENCODING);
+        let absent = matches!(
+            parts.status,
+            StatusCode::NOT_FOUND | StatusCode::GATEWAY_TIMEOUT
+        );
+        let usable = parts.status.is_success() && is_json && !encoded;
+        if !usable && !absent {
+            return Response::from_parts(parts, body);
+        }
+        let bytes = match body::collect_limited(body, self.cache.max_entry_bytes()).await {
+            Ok(body::Collected::Whole(bytes)) => bytes,
+            Ok(body::Collected::TooLarge { prefix, rest }) => {
+                return Response::from_parts(parts, body::chain(prefix, rest));
+            }
+            Err(e) => {
+                tracing::debug!(path = %ctx.path_and_query, "answer failed under overlay: {e}");
+                return Response::from_parts(parts, body::empty());
+            }
+        };
+        let base = if usable {
+            match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                Ok(v) => Some(v),
+                Err(_) => return Response::from_parts(parts, body::full(bytes)),
+            }
+        } else {
+            None
+        };
+        let offline = ctx.source == Source::Stale;
+        let cache_status = if offline {
+            status::HIT_OFFLINE
+        } else if ctx.source == Source::Cache {
+            status::HIT_OVERLAY
+        } else {
+            status::FWD_OVERLAY
+        };
+        let changed = match shape.apply(target, base, writes) {
+            Overlaid::Unchanged => return Response::from_parts(parts, body::full(bytes)),
+            Overlaid::Deleted => {
+                let mut resp = json_response(
+                    StatusCode::NOT_FOUND,
+                    &serde_json::json!({"error": "not_found", "pending": "deleted"}),
+                );
+                resp.headers_mut()
+                    .insert(OUTPOST_PENDING.clone(), HeaderValue::from(writes.len()));
+                resp.headers_mut()
+                    .insert(CACHE_STATUS.clone(), HeaderValue::from_static(cache_status));
+                return resp;
+            }
+            Overlaid::Changed(v) => v,
+        };
+        if !usable {
+            // Built from pending writes alone (say a PUT of an item never fetched).
+            parts.status = StatusCode::OK;
+            parts.headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+        for stale in [header::CONTENT_LENGTH, header::ETAG, header::LAST_MODIFIED] {
+            parts.headers.remove(stale);
+        }
+        parts
+            .headers
+            .insert(CACHE_STATUS.clone(), HeaderValue::from_static(cache_status));
+        Response::from_parts(parts, body::full(bytes::Bytes::from(changed.to_string())))
+    }
+
+    /// The read path proper: cache and upstream per the route's read strategy.
+    async fn read_through(
+        &self,
+        ctx: &mut RequestContext,
+        req: Request<ProxyBody>,
+    ) -> Response<ProxyBody> {
         let cacheable = self.cache.enabled()
             && ctx.route.read != ReadStrategy::NetworkOnly
             && !req.headers().contains_key(header::RANGE);
