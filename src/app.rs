@@ -119,12 +119,15 @@ impl App {
             proxy_listeners,
             tls,
             || {
-                Arc::new(Proxy::new(
-                    &parts,
-                    upstream.with_own_pool(),
-                    cache.clone(),
-                    outbox.clone(),
-                ))
+                Arc::new(
+                    Proxy::new(
+                        &parts,
+                        upstream.with_own_pool(),
+                        cache.clone(),
+                        outbox.clone(),
+                    )
+                    .with_shutdown(shutdown.clone()),
+                )
             },
             &proxy_connections,
             &config.proxy,

@@ -4,16 +4,19 @@
 //! A document is made from the stored record and the replayer's [`Activity`] (an item being
 //! sent right now is reported `in_flight`, which the store does not record).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use http::header::{HeaderMap, HeaderName};
 use http::{Method, Response, StatusCode};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 
 use crate::activity::Activity;
+use crate::admin::stream::EventFilter;
 use crate::body::ProxyBody;
 use crate::context::Identity;
 use crate::error::{ProxyError, json_response};
+use crate::events::Event;
 use crate::store::{MutationRecord, MutationStatus, Store, rfc3339_ms};
 
 const KEY_IN_PATH: &AsciiSet = &NON_ALPHANUMERIC
@@ -134,6 +137,47 @@ impl MutationDocs {
             })
             .collect();
         json_response(StatusCode::OK, &serde_json::json!({ "mutations": list }))
+    }
+
+    /// The filter of the app-facing event stream (`GET /_outpost/events`): online and offline,
+    /// and the events of the caller's own mutations (looked up by key, once per key).
+    pub fn event_filter(&self, headers: &HeaderMap) -> EventFilter {
+        let owner = self.owner(headers);
+        let store = self.store.clone();
+        let known: Arc<Mutex<HashMap<String, bool>>> = Arc::default();
+        Arc::new(move |event: &Event| {
+            let key = match event {
+                Event::Online | Event::Offline { .. } => return Box::pin(async { true }),
+                Event::Paused | Event::Resumed => return Box::pin(async { false }),
+                Event::Queued { key, .. }
+                | Event::ReplayAttempt { key, .. }
+                | Event::Classified { key, .. }
+                | Event::DeadLettered { key, .. }
+                | Event::AuthRequired { key, .. }
+                | Event::Expired { key }
+                | Event::Operator { key, .. } => key.clone(),
+            };
+            let store = store.clone();
+            let known = known.clone();
+            Box::pin(async move {
+                let cached = known.lock().ok().and_then(|k| k.get(&key).copied());
+                if let Some(mine) = cached {
+                    return mine;
+                }
+                let mine = matches!(
+                    store.mutation(&key).await,
+                    Ok(Some(r)) if r.identity == Some(owner.0)
+                );
+                if let Ok(mut k) = known.lock() {
+                    // Bounded: a long-lived stream forgets what it learnt rather than grow.
+                    if k.len() >= 4096 {
+                        k.clear();
+                    }
+                    k.insert(key, mine);
+                }
+                mine
+            })
+        })
     }
 
     /// The JSON status document of a mutation.

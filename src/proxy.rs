@@ -21,12 +21,14 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 
+use crate::admin::stream;
 use crate::body::{self, ProxyBody};
 use crate::cache::{self, CACHE_STATUS, Cache, PrimaryKey, status, with_cache_status};
 use crate::config::{Config, ReadStrategy};
 use crate::context::ClientInfo;
 use crate::context::{Identity, RequestContext, Source};
 use crate::error::{ProxyError, json_response, report};
+use crate::events::Events;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::mutations::MutationDocs;
@@ -34,6 +36,7 @@ use crate::outbox::Outbox;
 use crate::overlay::{OUTPOST_PENDING, Overlaid, PendingWrite, PendingWrites, Target};
 use crate::parts::Parts;
 use crate::route::RouteTable;
+use crate::shutdown::Shutdown;
 use crate::store::now_ms;
 use crate::upstream::{self, ForwardError, Upstream};
 
@@ -47,6 +50,8 @@ pub struct Proxy {
     outbox: Arc<Outbox>,
     docs: Arc<MutationDocs>,
     pending: PendingWrites,
+    events: Events,
+    shutdown: Shutdown,
     metrics: Arc<Metrics>,
 }
 
@@ -63,8 +68,17 @@ impl Proxy {
             outbox,
             docs: parts.docs.clone(),
             pending: PendingWrites::new(parts.store.clone()),
+            events: parts.events.clone(),
+            shutdown: Shutdown::new(),
             metrics: parts.metrics.clone(),
         }
+    }
+
+    /// End the app-facing event streams when `shutdown` triggers (without it they end only
+    /// when their client goes away).
+    pub fn with_shutdown(mut self, shutdown: Shutdown) -> Self {
+        self.shutdown = shutdown;
+        self
     }
 
     /// Answer one request from the app.
@@ -91,6 +105,11 @@ impl Proxy {
             .path()
             .starts_with(&self.config.proxy.reserved_prefix)
         {
+            if req.uri().path()[self.config.proxy.reserved_prefix.len()..] == *"events"
+                && req.method() == Method::GET
+            {
+                return self.app_events(&req);
+            }
             let resp = self
                 .docs
                 .answer(req.method(), req.uri().path(), req.headers())
@@ -150,6 +169,22 @@ impl Proxy {
             "request"
         );
         resp
+    }
+
+    /// `GET /_outpost/events`: server-sent events of online/offline and of the caller's own
+    /// mutations (queued, replay attempts, classified, dead-lettered, …); `Last-Event-ID`
+    /// resumes as on the admin API.
+    fn app_events(&self, req: &Request<ProxyBody>) -> Response<ProxyBody> {
+        let after = stream::start_after(req.headers(), req.uri().query(), &self.events);
+        let filter = self.docs.event_filter(req.headers());
+        let resp = stream::filtered(
+            self.events.clone(),
+            after,
+            self.config.admin.events_heartbeat,
+            self.shutdown.clone(),
+            Some(filter),
+        );
+        with_cache_status(resp, status::BYPASS)
     }
 
     /// Refuse CONNECT and absolute-form requests for hosts other than the upstream.

@@ -81,32 +81,51 @@ impl OrdersApi {
             up: up.clone(),
             applied: applied.clone(),
         };
+        let mut listener = Some(listener);
         tokio::spawn(async move {
+            let mut up_rx = up.subscribe();
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let mut up_rx = up.subscribe();
-                if !*up_rx.borrow() {
-                    drop(stream);
-                    continue;
+                if up_rx.wait_for(|up| *up).await.is_err() {
+                    return;
                 }
-                let state = state.clone();
-                let applied = applied.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let state = state.clone();
-                        let applied = applied.clone();
-                        async move { Ok::<_, Infallible>(handle(req, &state, &applied).await) }
+                // Down means connection refused: the listener is closed, and bound again.
+                let listener = match listener.take() {
+                    Some(l) => l,
+                    None => match tokio::net::TcpListener::bind(addr).await {
+                        Ok(l) => l,
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    },
+                };
+                loop {
+                    let stream = tokio::select! {
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, _)) => stream,
+                            Err(_) => continue,
+                        },
+                        _ = up_rx.wait_for(|up| !*up) => break,
+                    };
+                    let mut conn_up = up.subscribe();
+                    let state = state.clone();
+                    let applied = applied.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req| {
+                            let state = state.clone();
+                            let applied = applied.clone();
+                            async move { Ok::<_, Infallible>(handle(req, &state, &applied).await) }
+                        });
+                        let conn =
+                            hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                                .serve_connection(TokioIo::new(stream), service)
+                                .into_owned();
+                        tokio::select! {
+                            _ = conn => {}
+                            _ = conn_up.wait_for(|up| !*up) => {}
+                        }
                     });
-                    let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .into_owned();
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = up_rx.wait_for(|up| !*up) => {}
-                    }
-                });
+                }
             }
         });
         api
@@ -467,4 +486,78 @@ async fn put_replaces_an_item_and_its_element_in_the_collection() {
     let list = s.get("alice", "/orders").await;
     assert_eq!(find(&list.body, "2").expect("2")["qty"], 20, "{list:?}");
     assert_eq!(ids(&list.body), ["1", "2"], "replaced in place: {list:?}");
+}
+
+/// Reads an SSE stream until its text holds every one of `needles`; returns the text.
+async fn read_until(resp: &mut reqwest::Response, needles: &[&str]) -> String {
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !needles.iter().all(|n| text.contains(n)) {
+        let chunk = tokio::time::timeout_at(deadline, resp.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {needles:?} in:\n{text}"))
+            .expect("stream read")
+            .unwrap_or_else(|| panic!("stream ended before {needles:?}:\n{text}"));
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text
+}
+
+#[tokio::test]
+async fn the_app_event_stream_reports_the_callers_own_queued_write_and_its_replay() {
+    let s = Setup::start("").await;
+    assert_eq!(s.get("alice", "/orders").await.status, 200);
+    let open = |who: &'static str| {
+        s.http
+            .get(format!("{}/_outpost/events", s.outpost.url()))
+            .header("Authorization", format!("Bearer {who}"))
+            .send()
+    };
+    let mut alice = open("alice").await.expect("alice's stream");
+    assert_eq!(alice.status(), 200);
+    assert!(
+        alice
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"))
+    );
+    let mut bob = open("bob").await.expect("bob's stream");
+    read_until(&mut alice, &["outpost events"]).await;
+    read_until(&mut bob, &["outpost events"]).await;
+
+    s.go_offline("alice", "/orders").await;
+    let post = |who: &'static str, key: &'static str| {
+        s.http
+            .post(format!("{}/orders", s.outpost.url()))
+            .header("Authorization", format!("Bearer {who}"))
+            .header("Idempotency-Key", key)
+            .header("Content-Type", "application/json")
+            .body(json!({"id": key, "qty": 1}).to_string())
+            .send()
+    };
+    assert_eq!(post("alice", "alice-1").await.expect("post").status(), 202);
+    assert_eq!(post("bob", "bob-1").await.expect("post").status(), 202);
+    let queued = read_until(&mut alice, &["\"type\":\"offline\"", "\"type\":\"queued\""]).await;
+    assert!(queued.contains("alice-1"), "{queued}");
+
+    s.api.set_up(true);
+    eventually(TIMEOUT, "the outbox drained", || async {
+        s.queue_depth().await == 0
+    })
+    .await;
+    let replayed = read_until(
+        &mut alice,
+        &["\"type\":\"online\"", "\"type\":\"classified\""],
+    )
+    .await;
+    assert!(
+        replayed.contains("\"key\":\"alice-1\",\"class\":\"success\""),
+        "{replayed}"
+    );
+    let theirs = read_until(&mut bob, &["\"key\":\"bob-1\",\"class\":\"success\""]).await;
+    let all_alice = format!("{queued}{replayed}");
+    assert!(!all_alice.contains("bob-1"), "{all_alice}");
+    assert!(!theirs.contains("alice-1"), "{theirs}");
+    assert_eq!(s.api.applied.load(Ordering::SeqCst), 2);
 }
