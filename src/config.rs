@@ -494,6 +494,14 @@ pub struct RouteConfig {
     pub list_pointer: Option<String>,
     /// Mark overlaid elements with `_outpost: {"pending": true, "key": …}`.
     pub overlay_marker: bool,
+    /// Poor links: a read with a cached copy waits at most this long for the upstream, then
+    /// gets the copy (the late answer still refreshes the cache). Unset: no limit of its own.
+    #[serde(with = "humantime_serde::option")]
+    pub network_timeout: Option<Duration>,
+    /// Poor links: a forwarded mutation slower than this is answered `202` under its key and
+    /// settles in the background (never sent twice). Unset: the app waits for the answer.
+    #[serde(with = "humantime_serde::option")]
+    pub write_timeout: Option<Duration>,
 }
 
 impl RouteConfig {

@@ -383,6 +383,30 @@ impl Proxy {
         if !self.health.is_online() {
             return self.serve_offline(ctx, &primary, req.headers()).await;
         }
+        if let Some(limit) = ctx.route.network_timeout
+            && ctx.route.read == ReadStrategy::NetworkFirst
+            && !head_only
+            && let Some(hit) = self.cache.get(&primary, req.headers()).await
+        {
+            let request_headers = req.headers().clone();
+            let answer = self.fetch_detached(ctx, primary, req);
+            return match tokio::time::timeout(limit, answer).await {
+                Ok(Ok(Ok(resp))) => {
+                    ctx.source = Source::Upstream;
+                    resp
+                }
+                Ok(Ok(Err(e))) if e.request_body_failed() => {
+                    ctx.source = Source::Outpost;
+                    self.request_body_error(&e).into_response()
+                }
+                Ok(_) => self.serve_offline(ctx, &primary, &request_headers).await,
+                Err(_) => {
+                    // The upstream is slow, not gone: the copy now, the answer for next time.
+                    ctx.source = Source::Cache;
+                    hit.to_response(false, status::HIT_NETWORK_TIMEOUT)
+                }
+            };
+        }
         let request_headers = req.headers().clone();
         match self.fetch(ctx, req).await {
             Ok(resp) => self.store_while_streaming(ctx, primary, request_headers, resp),
@@ -509,6 +533,71 @@ impl Proxy {
             HeaderValue::from_static(status::STORED),
         );
         Response::from_parts(parts, body)
+    }
+
+    /// Fetch a GET in a task of its own that stores the answer when it may be stored, whether
+    /// or not anyone still waits for it (`network_timeout`: the late answer refreshes the
+    /// cache). The answer comes whole (up to the cache's entry limit) through the channel.
+    fn fetch_detached(
+        &self,
+        ctx: &RequestContext,
+        primary: PrimaryKey,
+        req: Request<ProxyBody>,
+    ) -> tokio::sync::oneshot::Receiver<Result<Response<ProxyBody>, ForwardError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let request_headers = req.headers().clone();
+        let (mut parts, b) = req.into_parts();
+        self.upstream.prepare(&mut parts, &ctx.client, false);
+        let req = Request::from_parts(parts, b);
+        let upstream = self.upstream.clone();
+        let health = self.health.clone();
+        let cache = self.cache.clone();
+        let public = ctx.route.public;
+        let ttl = ctx.route.cache_ttl;
+        let max_stale = ctx.route.max_stale;
+        tokio::spawn(async move {
+            let result = upstream.send(req).await;
+            health.observe(&result);
+            let resp = match result {
+                Ok(resp) => resp,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let (mut parts, incoming) = resp.into_parts();
+            upstream::strip_hop_by_hop(&mut parts.headers);
+            let terms =
+                cache::storable(&request_headers, parts.status, &parts.headers, public, ttl);
+            let (body, cache_status) =
+                match body::collect_limited(incoming, cache.max_entry_bytes()).await {
+                    Ok(body::Collected::Whole(bytes)) => match terms {
+                        Some(terms) => {
+                            cache.put(
+                                primary,
+                                &request_headers,
+                                parts.status.as_u16(),
+                                &parts.headers,
+                                bytes.clone(),
+                                terms,
+                                max_stale,
+                            );
+                            (body::full(bytes), status::STORED)
+                        }
+                        None => (body::full(bytes), status::MISS),
+                    },
+                    Ok(body::Collected::TooLarge { prefix, rest }) => {
+                        (body::chain(prefix, rest), status::MISS)
+                    }
+                    // The answer broke: whoever waits serves the cached copy.
+                    Err(_) => return,
+                };
+            parts
+                .headers
+                .insert(CACHE_STATUS.clone(), HeaderValue::from_static(cache_status));
+            let _ = tx.send(Ok(Response::from_parts(parts, body)));
+        });
+        rx
     }
 
     /// Stale-while-revalidate: refresh the entry without making the app wait.

@@ -83,6 +83,10 @@ pub struct Route {
     pub identity_headers: Vec<HeaderName>,
     /// Read your own writes (`overlay = true`): the item shape pending writes are applied to.
     pub overlay: Option<OverlayShape>,
+    /// Longest wait for the upstream when a cached copy could answer (`network_timeout`).
+    pub network_timeout: Option<Duration>,
+    /// Longest wait for a forwarded mutation before a 202 (`write_timeout`).
+    pub write_timeout: Option<Duration>,
 }
 
 impl Route {
@@ -118,6 +122,8 @@ impl Route {
                 .unwrap_or_else(|| config.replay.classify.clone()),
             identity_headers,
             overlay: overlay_shape(rc)?,
+            network_timeout: rc.network_timeout,
+            write_timeout: rc.write_timeout,
         })
     }
 

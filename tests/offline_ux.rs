@@ -59,6 +59,8 @@ struct OrdersApi {
     up: watch::Sender<bool>,
     /// How many mutations were applied (each key once).
     applied: Arc<AtomicU64>,
+    /// How long every answer waits (ms): a slow link.
+    delay_ms: Arc<AtomicU64>,
 }
 
 impl OrdersApi {
@@ -75,11 +77,13 @@ impl OrdersApi {
         let state = Arc::new(Mutex::new(state));
         let (up, _) = watch::channel(true);
         let applied = Arc::new(AtomicU64::new(0));
+        let delay_ms = Arc::new(AtomicU64::new(0));
         let api = OrdersApi {
             addr,
             state: state.clone(),
             up: up.clone(),
             applied: applied.clone(),
+            delay_ms: delay_ms.clone(),
         };
         let mut listener = Some(listener);
         tokio::spawn(async move {
@@ -110,11 +114,16 @@ impl OrdersApi {
                     let mut conn_up = up.subscribe();
                     let state = state.clone();
                     let applied = applied.clone();
+                    let delay_ms = delay_ms.clone();
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |req| {
                             let state = state.clone();
                             let applied = applied.clone();
-                            async move { Ok::<_, Infallible>(handle(req, &state, &applied).await) }
+                            let delay = Duration::from_millis(delay_ms.load(Ordering::SeqCst));
+                            async move {
+                                tokio::time::sleep(delay).await;
+                                Ok::<_, Infallible>(handle(req, &state, &applied).await)
+                            }
                         });
                         let conn =
                             hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -137,6 +146,14 @@ impl OrdersApi {
 
     fn set_up(&self, up: bool) {
         self.up.send_replace(up);
+    }
+
+    fn set_order(&self, id: &str, order: Value) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .orders
+            .insert(id.to_owned(), order);
     }
 
     fn order(&self, id: &str) -> Option<Value> {
@@ -560,4 +577,62 @@ async fn the_app_event_stream_reports_the_callers_own_queued_write_and_its_repla
     assert!(!all_alice.contains("bob-1"), "{all_alice}");
     assert!(!theirs.contains("alice-1"), "{theirs}");
     assert_eq!(s.api.applied.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn on_a_slow_link_reads_get_the_cached_copy_and_writes_a_202_applied_once() {
+    let s = Setup::start("network_timeout = \"1s\"\nwrite_timeout = \"1s\"\n").await;
+    let first = s.get("alice", "/orders/1").await;
+    assert_eq!(first.status, 200, "{first:?}");
+    assert!(first.cache_status.contains("stored"), "{first:?}");
+
+    // The upstream now takes 5 s, and has a newer version of order 1.
+    s.api
+        .set_order("1", json!({"id": 1, "qty": 1, "note": "fresh"}));
+    s.api.delay_ms.store(5000, Ordering::SeqCst);
+    let read = s.get("alice", "/orders/1").await;
+    assert_eq!(read.status, 200, "{read:?}");
+    assert!(
+        read.cache_status.contains("detail=network-timeout"),
+        "{read:?}"
+    );
+    assert_eq!(read.body["note"], "first", "the cached copy: {read:?}");
+
+    let resp = s
+        .http
+        .patch(format!("{}/orders/1", s.outpost.url()))
+        .header("Authorization", "Bearer alice")
+        .header("Idempotency-Key", "slow-1")
+        .header("Content-Type", "application/json")
+        .body(json!({"qty": 7}).to_string())
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(resp.status(), 202);
+    let accepted: Value = resp.json().await.expect("202 JSON");
+    assert_eq!(accepted["idempotency_key"], "slow-1", "{accepted}");
+
+    eventually(TIMEOUT, "the slow write settled under its key", || async {
+        let doc = s.get("alice", "/_outpost/mutations/slow-1").await;
+        doc.status == 200 && doc.body["status"] == "succeeded"
+    })
+    .await;
+    assert_eq!(s.api.applied.load(Ordering::SeqCst), 1, "applied once");
+    assert_eq!(s.api.order("1").expect("1")["qty"], 7);
+
+    // The late answer to the timed-out read refreshed the cache: offline, it is served.
+    s.api.delay_ms.store(0, Ordering::SeqCst);
+    s.go_offline("alice", "/orders/1").await;
+    let offline = s.get("alice", "/orders/1").await;
+    assert!(
+        offline.cache_status.contains("detail=offline"),
+        "{offline:?}"
+    );
+    assert_eq!(offline.body["note"], "fresh", "{offline:?}");
+    s.api.set_up(true);
+    eventually(TIMEOUT, "nothing left to replay", || async {
+        s.queue_depth().await == 0
+    })
+    .await;
+    assert_eq!(s.api.applied.load(Ordering::SeqCst), 1, "never sent twice");
 }
