@@ -32,6 +32,28 @@ pub struct Config {
     /// Per-route settings, matched in order; the first match wins.
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
+    /// `[[warm]]`: URLs fetched at start and kept fresh while online.
+    pub warm: Vec<WarmConfig>,
+}
+
+/// `[[warm]]`: a URL outpost fetches at start and again every `interval` while the upstream is
+/// online, so that it is served offline without the app having asked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmConfig {
+    /// Path and query to fetch, e.g. `/api/products?page=1`.
+    pub path: String,
+    /// Request headers to send (they choose the identity it is cached for, e.g.
+    /// `Authorization`); `Host` defaults to the proxy's listen address.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// How often it is fetched again while online.
+    #[serde(with = "humantime_serde", default = "default_warm_interval")]
+    pub interval: Duration,
+}
+
+fn default_warm_interval() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// `[proxy]`: the listener the app talks to.

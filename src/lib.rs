@@ -45,3 +45,4 @@ pub mod shutdown;
 pub mod stack;
 pub mod store;
 pub mod upstream;
+pub mod warm;

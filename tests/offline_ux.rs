@@ -50,6 +50,8 @@ struct State {
     orders: BTreeMap<String, Value>,
     keys: HashSet<String>,
     next_id: u64,
+    /// GET requests answered.
+    gets: u64,
 }
 
 /// A JSON orders API that can be taken down and brought back.
@@ -156,6 +158,10 @@ impl OrdersApi {
             .insert(id.to_owned(), order);
     }
 
+    fn gets(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).gets
+    }
+
     fn order(&self, id: &str) -> Option<Value> {
         self.state
             .lock()
@@ -203,6 +209,9 @@ async fn handle(
         .unwrap_or_default();
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+    if method == Method::GET {
+        s.gets += 1;
+    }
     if method != Method::GET && method != Method::HEAD {
         if let Some(key) = &key
             && !s.keys.insert(key.clone())
@@ -260,6 +269,11 @@ struct Setup {
 
 impl Setup {
     async fn start(extra: &str) -> Setup {
+        Self::start_with(extra, "").await
+    }
+
+    /// `route` goes into the `[[route]]` table, `tail` after it (other tables).
+    async fn start_with(route: &str, tail: &str) -> Setup {
         let api = OrdersApi::start(&[
             json!({"id": 1, "qty": 1, "note": "first"}),
             json!({"id": 2, "qty": 2}),
@@ -267,7 +281,7 @@ impl Setup {
         .await;
         let config_dir = temp_dir();
         let config = config_dir.path().join("outpost.toml");
-        std::fs::write(&config, format!("{CONFIG}\n{extra}")).expect("write config");
+        std::fs::write(&config, format!("{CONFIG}\n{route}\n{tail}")).expect("write config");
         let data_dir = temp_dir();
         let config_arg = config.display().to_string();
         let url = api.url();
@@ -635,4 +649,24 @@ async fn on_a_slow_link_reads_get_the_cached_copy_and_writes_a_202_applied_once(
     })
     .await;
     assert_eq!(s.api.applied.load(Ordering::SeqCst), 1, "never sent twice");
+}
+
+#[tokio::test]
+async fn a_warmed_url_is_served_offline_without_the_app_having_asked() {
+    let s = Setup::start_with(
+        "",
+        "[[warm]]\npath = \"/orders/2\"\nheaders = { Authorization = \"Bearer alice\" }\ninterval = \"1s\"\n",
+    )
+    .await;
+    eventually(TIMEOUT, "the warm fetch and one refresh", || async {
+        s.api.gets() >= 2
+    })
+    .await;
+    s.api.set_up(false);
+    let r = s.get("alice", "/orders/2").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.cache_status.contains("detail=offline"), "{r:?}");
+    assert_eq!(r.body["qty"], 2, "{r:?}");
+    let other = s.get("bob", "/orders/2").await;
+    assert_eq!(other.status, 504, "warmed for alice only: {other:?}");
 }
