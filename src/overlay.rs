@@ -174,10 +174,12 @@ impl OverlayShape {
         let mut current = body;
         let mut changed = false;
         for w in writes {
-            if w.target != Target::Item(id.to_string()) {
+            if !self.concerns(&Target::Item(id.to_string()), w) {
                 continue;
             }
             match (&w.method, &w.body) {
+                // A POST to the collection that sent the item's id created it.
+                (&Method::POST, Some(new)) => current = Some(self.marked(new.clone(), &w.key)),
                 (&Method::DELETE, _) => current = None,
                 (&Method::PUT, Some(new)) => current = Some(self.marked(new.clone(), &w.key)),
                 (&Method::PATCH, Some(patch)) => {
@@ -239,6 +241,21 @@ impl OverlayShape {
             Overlaid::Changed(body)
         } else {
             Overlaid::Unchanged
+        }
+    }
+
+    /// Whether pending write `w` changes what a read of `target` answers: every write of the
+    /// collection for a collection read; for an item, its own writes and a POST to the
+    /// collection that sent its id.
+    pub fn concerns(&self, target: &Target, w: &PendingWrite) -> bool {
+        match target {
+            Target::Collection => true,
+            Target::Item(id) => {
+                w.target == *target
+                    || (w.method == Method::POST
+                        && w.target == Target::Collection
+                        && w.body.as_ref().is_some_and(|b| self.has_id(b, id)))
+            }
         }
     }
 
@@ -474,7 +491,20 @@ mod tests {
             s.apply(&item, base.clone(), &[patch, del]),
             Overlaid::Deleted
         );
+        let posted = write(
+            "k5",
+            Method::POST,
+            Target::Collection,
+            Some(json!({"id": 7, "qty": 4})),
+        );
+        assert!(s.concerns(&item, &posted));
+        assert_eq!(
+            s.apply(&item, None, std::slice::from_ref(&posted)),
+            Overlaid::Changed(json!({"id": 7, "qty": 4})),
+            "a POST that sent the item's id created it"
+        );
         let other = write("k4", Method::DELETE, Target::Item("8".into()), None);
+        assert!(!s.concerns(&item, &other));
         assert_eq!(s.apply(&item, base, &[other]), Overlaid::Unchanged);
     }
 

@@ -242,7 +242,7 @@ impl Proxy {
             Ok(writes) => {
                 let writes = writes
                     .into_iter()
-                    .filter(|w| target == Target::Collection || w.target == target)
+                    .filter(|w| shape.concerns(&target, w))
                     .collect();
                 Some((target, writes))
             }

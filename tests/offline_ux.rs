@@ -430,7 +430,11 @@ async fn offline_writes_show_in_their_callers_reads_until_the_upstream_applies_t
         true
     );
 
-    // The items.
+    // The items, the posted one included.
+    let created = s.get("alice", "/orders/n1").await;
+    assert_eq!(created.status, 200, "{created:?}");
+    assert_eq!(created.body["qty"], 3, "{created:?}");
+    assert_eq!(created.pending.as_deref(), Some("1"), "{created:?}");
     let item = s.get("alice", "/orders/1").await;
     assert_eq!(item.status, 200, "{item:?}");
     assert_eq!(item.pending.as_deref(), Some("1"), "{item:?}");
