@@ -119,12 +119,15 @@ impl App {
             proxy_listeners,
             tls,
             || {
-                Arc::new(Proxy::new(
-                    &parts,
-                    upstream.with_own_pool(),
-                    cache.clone(),
-                    outbox.clone(),
-                ))
+                Arc::new(
+                    Proxy::new(
+                        &parts,
+                        upstream.with_own_pool(),
+                        cache.clone(),
+                        outbox.clone(),
+                    )
+                    .with_shutdown(shutdown.clone()),
+                )
             },
             &proxy_connections,
             &config.proxy,
@@ -132,6 +135,26 @@ impl App {
         )?;
 
         let mut tasks = JoinSet::new();
+        if !config.warm.is_empty() {
+            let proxy = Arc::new(
+                Proxy::new(
+                    &parts,
+                    upstream.with_own_pool(),
+                    cache.clone(),
+                    outbox.clone(),
+                )
+                .with_shutdown(shutdown.clone()),
+            );
+            for entry in &config.warm {
+                tasks.spawn(crate::warm::run(
+                    entry.clone(),
+                    proxy.clone(),
+                    health.clone(),
+                    proxy_addr,
+                    shutdown.clone(),
+                ));
+            }
+        }
         tasks.spawn(log_events(events.clone(), shutdown.clone()));
         tasks.spawn(parts.metrics.clone().run(events.clone(), shutdown.clone()));
         tasks.spawn(admin::serve(

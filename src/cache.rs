@@ -183,6 +183,12 @@ pub mod status {
     pub const HIT: &str = "outpost; hit";
     /// Served from cache because the upstream is unreachable.
     pub const HIT_OFFLINE: &str = "outpost; hit; detail=offline";
+    /// Served from cache, changed by the caller's pending writes.
+    pub const HIT_OVERLAY: &str = "outpost; hit; detail=overlay";
+    /// Fetched upstream, changed by the caller's pending writes.
+    pub const FWD_OVERLAY: &str = "outpost; fwd=uri-miss; detail=overlay";
+    /// Served from cache because the upstream took longer than the route's `network_timeout`.
+    pub const HIT_NETWORK_TIMEOUT: &str = "outpost; hit; detail=network-timeout";
     /// Served stale while a background refresh runs.
     pub const HIT_STALE: &str = "outpost; hit; detail=stale-while-revalidate";
     /// The route or request bypasses the cache.

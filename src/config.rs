@@ -32,6 +32,28 @@ pub struct Config {
     /// Per-route settings, matched in order; the first match wins.
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
+    /// `[[warm]]`: URLs fetched at start and kept fresh while online.
+    pub warm: Vec<WarmConfig>,
+}
+
+/// `[[warm]]`: a URL outpost fetches at start and again every `interval` while the upstream is
+/// online, so that it is served offline without the app having asked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmConfig {
+    /// Path and query to fetch, e.g. `/api/products?page=1`.
+    pub path: String,
+    /// Request headers to send (they choose the identity it is cached for, e.g.
+    /// `Authorization`); `Host` defaults to the proxy's listen address.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// How often it is fetched again while online.
+    #[serde(with = "humantime_serde", default = "default_warm_interval")]
+    pub interval: Duration,
+}
+
+fn default_warm_interval() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// `[proxy]`: the listener the app talks to.
@@ -498,6 +520,25 @@ pub struct RouteConfig {
     /// JSON pointer of a field that a replayed mutation's JSON body gets set to the time outpost
     /// accepted it (RFC 3339, ms), for upstreams that do last-write-wins by a field; empty: none.
     pub accepted_at_field: String,
+    /// Read your own writes: JSON reads reflect the caller's pending mutations on this route.
+    pub overlay: bool,
+    /// The item URI template, e.g. `/orders/{id}`; the collection is the template without its
+    /// last segment. Required when `overlay` is on.
+    pub item: Option<String>,
+    /// The field of an item that holds its id (matched against the `{id}` segment).
+    pub id_field: Option<String>,
+    /// JSON pointer of the array in a collection answer; empty: the root.
+    pub list_pointer: Option<String>,
+    /// Mark overlaid elements with `_outpost: {"pending": true, "key": …}`.
+    pub overlay_marker: bool,
+    /// Poor links: a read with a cached copy waits at most this long for the upstream, then
+    /// gets the copy (the late answer still refreshes the cache). Unset: no limit of its own.
+    #[serde(with = "humantime_serde::option")]
+    pub network_timeout: Option<Duration>,
+    /// Poor links: a forwarded mutation slower than this is answered `202` under its key and
+    /// settles in the background (never sent twice). Unset: the app waits for the answer.
+    #[serde(with = "humantime_serde::option")]
+    pub write_timeout: Option<Duration>,
 }
 
 /// What a route does when the upstream answers a replayed mutation with a conflict.

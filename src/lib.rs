@@ -8,7 +8,8 @@
 //! 2. [`proxy`] resolves the request's [`route`] into a [`context::RequestContext`] and sends it
 //!    down the read path or the write path.
 //! 3. Reads (GET, HEAD) go upstream through [`upstream`] and are stored in [`cache`]; while
-//!    [`health`] says the upstream is unreachable they are answered from the cache.
+//!    [`health`] says the upstream is unreachable they are answered from the cache; on
+//!    `overlay` routes [`overlay`] applies the caller's pending writes to JSON answers.
 //! 4. Mutations go upstream while it answers; otherwise [`outbox`] stores them durably in the
 //!    [`store`] (embedded redb, or Redis shared by several instances) and answers 202.
 //! 5. [`replay`] drains the outbox per partition, in order, with backoff and a rate limit, and
@@ -34,6 +35,7 @@ pub mod health;
 pub mod metrics;
 pub mod mutations;
 pub mod outbox;
+pub mod overlay;
 pub mod parts;
 pub mod proxy;
 pub mod replay;
@@ -43,3 +45,4 @@ pub mod shutdown;
 pub mod stack;
 pub mod store;
 pub mod upstream;
+pub mod warm;

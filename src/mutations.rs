@@ -4,16 +4,19 @@
 //! A document is made from the stored record and the replayer's [`Activity`] (an item being
 //! sent right now is reported `in_flight`, which the store does not record).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use http::header::{HeaderMap, HeaderName};
 use http::{Method, Response, StatusCode};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 
 use crate::activity::Activity;
+use crate::admin::stream::EventFilter;
 use crate::body::ProxyBody;
 use crate::context::Identity;
 use crate::error::{ProxyError, json_response};
+use crate::events::Event;
 use crate::store::{MutationRecord, MutationStatus, Store, rfc3339_ms};
 
 const KEY_IN_PATH: &AsciiSet = &NON_ALPHANUMERIC
@@ -21,6 +24,9 @@ const KEY_IN_PATH: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'.')
     .remove(b'~');
+
+/// The most pending items of one partition `GET /_outpost/mutations` looks at.
+const LIST_LIMIT: usize = 1000;
 
 /// Status documents of mutations.
 pub struct MutationDocs {
@@ -69,6 +75,9 @@ impl MutationDocs {
         headers: &HeaderMap,
     ) -> Response<ProxyBody> {
         let rest = &path[self.prefix.len().min(path.len())..];
+        if rest == "mutations" || rest == "mutations/" {
+            return self.list_pending(method, headers).await;
+        }
         let Some(encoded) = rest.strip_prefix("mutations/") else {
             return ProxyError::NotFound.into_response();
         };
@@ -88,6 +97,87 @@ impl MutationDocs {
             Ok(_) => ProxyError::NotFound.into_response(),
             Err(e) => ProxyError::NotStored(e).into_response(),
         }
+    }
+
+    /// `GET /_outpost/mutations`: the caller's own pending mutations, oldest first, as
+    /// `{"mutations": [document + "method", "path"]}`.
+    async fn list_pending(&self, method: &Method, headers: &HeaderMap) -> Response<ProxyBody> {
+        if method != Method::GET && method != Method::HEAD {
+            return json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &serde_json::json!({"error": "method_not_allowed"}),
+            );
+        }
+        let caller = self.owner(headers);
+        let mut records = Vec::new();
+        let partitions = match self.store.pending_partitions().await {
+            Ok(p) => p,
+            Err(e) => return ProxyError::NotStored(e).into_response(),
+        };
+        for partition in partitions {
+            match self.store.peek(&partition, LIST_LIMIT).await {
+                Ok(found) => records.extend(
+                    found
+                        .into_iter()
+                        .filter(|r| r.status.is_pending() && r.identity == Some(caller.0)),
+                ),
+                Err(e) => return ProxyError::NotStored(e).into_response(),
+            }
+        }
+        records.sort_by_key(|r| r.seq);
+        let list: Vec<serde_json::Value> = records
+            .iter()
+            .map(|r| {
+                let mut doc = self.document(r);
+                if let Some(map) = doc.as_object_mut() {
+                    map.insert("method".into(), r.request.method.clone().into());
+                    map.insert("path".into(), r.request.path_and_query.clone().into());
+                }
+                doc
+            })
+            .collect();
+        json_response(StatusCode::OK, &serde_json::json!({ "mutations": list }))
+    }
+
+    /// The filter of the app-facing event stream (`GET /_outpost/events`): online and offline,
+    /// and the events of the caller's own mutations (looked up by key, once per key).
+    pub fn event_filter(&self, headers: &HeaderMap) -> EventFilter {
+        let owner = self.owner(headers);
+        let store = self.store.clone();
+        let known: Arc<Mutex<HashMap<String, bool>>> = Arc::default();
+        Arc::new(move |event: &Event| {
+            let key = match event {
+                Event::Online | Event::Offline { .. } => return Box::pin(async { true }),
+                Event::Paused | Event::Resumed => return Box::pin(async { false }),
+                Event::Queued { key, .. }
+                | Event::ReplayAttempt { key, .. }
+                | Event::Classified { key, .. }
+                | Event::DeadLettered { key, .. }
+                | Event::AuthRequired { key, .. }
+                | Event::Expired { key }
+                | Event::Operator { key, .. } => key.clone(),
+            };
+            let store = store.clone();
+            let known = known.clone();
+            Box::pin(async move {
+                let cached = known.lock().ok().and_then(|k| k.get(&key).copied());
+                if let Some(mine) = cached {
+                    return mine;
+                }
+                let mine = matches!(
+                    store.mutation(&key).await,
+                    Ok(Some(r)) if r.identity == Some(owner.0)
+                );
+                if let Ok(mut k) = known.lock() {
+                    // Bounded: a long-lived stream forgets what it learnt rather than grow.
+                    if k.len() >= 4096 {
+                        k.clear();
+                    }
+                    k.insert(key, mine);
+                }
+                mine
+            })
+        })
     }
 
     /// The JSON status document of a mutation.

@@ -220,10 +220,29 @@ impl Outbox {
         // that its retry with the same key gets the answer instead of a second send.
         let this = self.clone();
         let rules = ctx.route.classify.clone();
-        let forward = tokio::spawn(async move {
+        let mut forward = tokio::spawn(async move {
             this.forward_and_record(record, fingerprint, mode, rules, guard)
                 .await
         });
+        if let Some(limit) = ctx.route.write_timeout
+            && mode != WriteMode::PassThrough
+        {
+            match tokio::time::timeout(limit, &mut forward).await {
+                Ok(joined) => {
+                    let (result, source) = joined
+                        .map_err(|e| ProxyError::BadGateway(format!("forward task failed: {e}")))?;
+                    ctx.source = source;
+                    return result;
+                }
+                Err(_) => {
+                    // The forward goes on in its task and settles under the key (its answer
+                    // kept, or queued when none comes): the app's retry with the key finds it.
+                    tracing::info!(key = %key, "forward slower than write_timeout; answered 202");
+                    ctx.source = Source::Queued;
+                    return Ok(self.accepted_response(&key));
+                }
+            }
+        }
         let (result, source) = forward
             .await
             .map_err(|e| ProxyError::BadGateway(format!("forward task failed: {e}")))?;

@@ -21,18 +21,22 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 
+use crate::admin::stream;
 use crate::body::{self, ProxyBody};
 use crate::cache::{self, CACHE_STATUS, Cache, PrimaryKey, status, with_cache_status};
 use crate::config::{Config, ReadStrategy};
 use crate::context::ClientInfo;
 use crate::context::{Identity, RequestContext, Source};
-use crate::error::{ProxyError, report};
+use crate::error::{ProxyError, json_response, report};
+use crate::events::Events;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::mutations::MutationDocs;
 use crate::outbox::Outbox;
+use crate::overlay::{OUTPOST_PENDING, Overlaid, PendingWrite, PendingWrites, Target};
 use crate::parts::Parts;
 use crate::route::RouteTable;
+use crate::shutdown::Shutdown;
 use crate::store::now_ms;
 use crate::upstream::{self, ForwardError, Upstream};
 
@@ -45,6 +49,9 @@ pub struct Proxy {
     cache: Arc<Cache>,
     outbox: Arc<Outbox>,
     docs: Arc<MutationDocs>,
+    pending: PendingWrites,
+    events: Events,
+    shutdown: Shutdown,
     metrics: Arc<Metrics>,
 }
 
@@ -60,8 +67,18 @@ impl Proxy {
             cache,
             outbox,
             docs: parts.docs.clone(),
+            pending: PendingWrites::new(parts.store.clone()),
+            events: parts.events.clone(),
+            shutdown: Shutdown::new(),
             metrics: parts.metrics.clone(),
         }
+    }
+
+    /// End the app-facing event streams when `shutdown` triggers (without it they end only
+    /// when their client goes away).
+    pub fn with_shutdown(mut self, shutdown: Shutdown) -> Self {
+        self.shutdown = shutdown;
+        self
     }
 
     /// Answer one request from the app.
@@ -88,6 +105,11 @@ impl Proxy {
             .path()
             .starts_with(&self.config.proxy.reserved_prefix)
         {
+            if req.uri().path()[self.config.proxy.reserved_prefix.len()..] == *"events"
+                && req.method() == Method::GET
+            {
+                return self.app_events(&req);
+            }
             let resp = self
                 .docs
                 .answer(req.method(), req.uri().path(), req.headers())
@@ -149,6 +171,22 @@ impl Proxy {
         resp
     }
 
+    /// `GET /_outpost/events`: server-sent events of online/offline and of the caller's own
+    /// mutations (queued, replay attempts, classified, dead-lettered, …); `Last-Event-ID`
+    /// resumes as on the admin API.
+    fn app_events(&self, req: &Request<ProxyBody>) -> Response<ProxyBody> {
+        let after = stream::start_after(req.headers(), req.uri().query(), &self.events);
+        let filter = self.docs.event_filter(req.headers());
+        let resp = stream::filtered(
+            self.events.clone(),
+            after,
+            self.config.admin.events_heartbeat,
+            self.shutdown.clone(),
+            Some(filter),
+        );
+        with_cache_status(resp, status::BYPASS)
+    }
+
     /// Refuse CONNECT and absolute-form requests for hosts other than the upstream.
     fn check_target(&self, req: &Request<ProxyBody>) -> Result<(), ProxyError> {
         if req.method() == Method::CONNECT {
@@ -169,8 +207,145 @@ impl Proxy {
         Ok(())
     }
 
-    /// The read path (GET, HEAD).
+    /// The read path (GET, HEAD), with the caller's pending writes applied on `overlay` routes.
     async fn read(&self, ctx: &mut RequestContext, req: Request<ProxyBody>) -> Response<ProxyBody> {
+        let pending = if ctx.method == Method::GET {
+            self.pending_for_read(ctx, req.headers()).await
+        } else {
+            None
+        };
+        let resp = self.read_through(ctx, req).await;
+        match pending {
+            Some((target, writes)) if !writes.is_empty() => {
+                self.overlay(ctx, resp, &target, &writes).await
+            }
+            _ => resp,
+        }
+    }
+
+    /// The caller's pending writes this read should reflect (`overlay` routes only).
+    async fn pending_for_read(
+        &self,
+        ctx: &RequestContext,
+        headers: &HeaderMap,
+    ) -> Option<(Target, Vec<PendingWrite>)> {
+        let shape = ctx.route.overlay.as_ref()?;
+        let target = shape.target(&ctx.path_and_query)?;
+        let collection = shape.collection_path(&ctx.path_and_query, &target);
+        // Mutations belong to the identity of `cache.identity_headers` (see `outbox`).
+        let owner = (!ctx.route.public).then(|| self.docs.owner(headers));
+        match self
+            .pending
+            .for_read(shape, &collection, owner.as_ref())
+            .await
+        {
+            Ok(writes) => {
+                let writes = writes
+                    .into_iter()
+                    .filter(|w| shape.concerns(&target, w))
+                    .collect();
+                Some((target, writes))
+            }
+            Err(e) => {
+                tracing::warn!(path = %ctx.path_and_query, "pending writes unavailable: {e}");
+                None
+            }
+        }
+    }
+
+    /// Apply pending `writes` to a read's answer (JSON only; anything else passes unchanged,
+    /// with `Outpost-Pending`).
+    async fn overlay(
+        &self,
+        ctx: &mut RequestContext,
+        resp: Response<ProxyBody>,
+        target: &Target,
+        writes: &[PendingWrite],
+    ) -> Response<ProxyBody> {
+        let Some(shape) = ctx.route.overlay.as_ref() else {
+            return resp;
+        };
+        let pending = HeaderValue::from(writes.len());
+        let (mut parts, body) = resp.into_parts();
+        parts.headers.insert(OUTPOST_PENDING.clone(), pending);
+        let is_json = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.to_ascii_lowercase().contains("json"));
+        let encoded = parts.headers.contains_key(header::CONTENT_ENCODING);
+        let absent = matches!(
+            parts.status,
+            StatusCode::NOT_FOUND | StatusCode::GATEWAY_TIMEOUT
+        );
+        let usable = parts.status.is_success() && is_json && !encoded;
+        if !usable && !absent {
+            return Response::from_parts(parts, body);
+        }
+        let bytes = match body::collect_limited(body, self.cache.max_entry_bytes()).await {
+            Ok(body::Collected::Whole(bytes)) => bytes,
+            Ok(body::Collected::TooLarge { prefix, rest }) => {
+                return Response::from_parts(parts, body::chain(prefix, rest));
+            }
+            Err(e) => {
+                tracing::debug!(path = %ctx.path_and_query, "answer failed under overlay: {e}");
+                return Response::from_parts(parts, body::empty());
+            }
+        };
+        let base = if usable {
+            match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                Ok(v) => Some(v),
+                Err(_) => return Response::from_parts(parts, body::full(bytes)),
+            }
+        } else {
+            None
+        };
+        let offline = ctx.source == Source::Stale;
+        let cache_status = if offline {
+            status::HIT_OFFLINE
+        } else if ctx.source == Source::Cache {
+            status::HIT_OVERLAY
+        } else {
+            status::FWD_OVERLAY
+        };
+        let changed = match shape.apply(target, base, writes) {
+            Overlaid::Unchanged => return Response::from_parts(parts, body::full(bytes)),
+            Overlaid::Deleted => {
+                let mut resp = json_response(
+                    StatusCode::NOT_FOUND,
+                    &serde_json::json!({"error": "not_found", "pending": "deleted"}),
+                );
+                resp.headers_mut()
+                    .insert(OUTPOST_PENDING.clone(), HeaderValue::from(writes.len()));
+                resp.headers_mut()
+                    .insert(CACHE_STATUS.clone(), HeaderValue::from_static(cache_status));
+                return resp;
+            }
+            Overlaid::Changed(v) => v,
+        };
+        if !usable {
+            // Built from pending writes alone (say a PUT of an item never fetched).
+            parts.status = StatusCode::OK;
+            parts.headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+        for stale in [header::CONTENT_LENGTH, header::ETAG, header::LAST_MODIFIED] {
+            parts.headers.remove(stale);
+        }
+        parts
+            .headers
+            .insert(CACHE_STATUS.clone(), HeaderValue::from_static(cache_status));
+        Response::from_parts(parts, body::full(bytes::Bytes::from(changed.to_string())))
+    }
+
+    /// The read path proper: cache and upstream per the route's read strategy.
+    async fn read_through(
+        &self,
+        ctx: &mut RequestContext,
+        req: Request<ProxyBody>,
+    ) -> Response<ProxyBody> {
         let cacheable = self.cache.enabled()
             && ctx.route.read != ReadStrategy::NetworkOnly
             && !req.headers().contains_key(header::RANGE);
@@ -207,6 +382,30 @@ impl Proxy {
         }
         if !self.health.is_online() {
             return self.serve_offline(ctx, &primary, req.headers()).await;
+        }
+        if let Some(limit) = ctx.route.network_timeout
+            && ctx.route.read == ReadStrategy::NetworkFirst
+            && !head_only
+            && let Some(hit) = self.cache.get(&primary, req.headers()).await
+        {
+            let request_headers = req.headers().clone();
+            let answer = self.fetch_detached(ctx, primary, req);
+            return match tokio::time::timeout(limit, answer).await {
+                Ok(Ok(Ok(resp))) => {
+                    ctx.source = Source::Upstream;
+                    resp
+                }
+                Ok(Ok(Err(e))) if e.request_body_failed() => {
+                    ctx.source = Source::Outpost;
+                    self.request_body_error(&e).into_response()
+                }
+                Ok(_) => self.serve_offline(ctx, &primary, &request_headers).await,
+                Err(_) => {
+                    // The upstream is slow, not gone: the copy now, the answer for next time.
+                    ctx.source = Source::Cache;
+                    hit.to_response(false, status::HIT_NETWORK_TIMEOUT)
+                }
+            };
         }
         let request_headers = req.headers().clone();
         match self.fetch(ctx, req).await {
@@ -334,6 +533,71 @@ impl Proxy {
             HeaderValue::from_static(status::STORED),
         );
         Response::from_parts(parts, body)
+    }
+
+    /// Fetch a GET in a task of its own that stores the answer when it may be stored, whether
+    /// or not anyone still waits for it (`network_timeout`: the late answer refreshes the
+    /// cache). The answer comes whole (up to the cache's entry limit) through the channel.
+    fn fetch_detached(
+        &self,
+        ctx: &RequestContext,
+        primary: PrimaryKey,
+        req: Request<ProxyBody>,
+    ) -> tokio::sync::oneshot::Receiver<Result<Response<ProxyBody>, ForwardError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let request_headers = req.headers().clone();
+        let (mut parts, b) = req.into_parts();
+        self.upstream.prepare(&mut parts, &ctx.client, false);
+        let req = Request::from_parts(parts, b);
+        let upstream = self.upstream.clone();
+        let health = self.health.clone();
+        let cache = self.cache.clone();
+        let public = ctx.route.public;
+        let ttl = ctx.route.cache_ttl;
+        let max_stale = ctx.route.max_stale;
+        tokio::spawn(async move {
+            let result = upstream.send(req).await;
+            health.observe(&result);
+            let resp = match result {
+                Ok(resp) => resp,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let (mut parts, incoming) = resp.into_parts();
+            upstream::strip_hop_by_hop(&mut parts.headers);
+            let terms =
+                cache::storable(&request_headers, parts.status, &parts.headers, public, ttl);
+            let (body, cache_status) =
+                match body::collect_limited(incoming, cache.max_entry_bytes()).await {
+                    Ok(body::Collected::Whole(bytes)) => match terms {
+                        Some(terms) => {
+                            cache.put(
+                                primary,
+                                &request_headers,
+                                parts.status.as_u16(),
+                                &parts.headers,
+                                bytes.clone(),
+                                terms,
+                                max_stale,
+                            );
+                            (body::full(bytes), status::STORED)
+                        }
+                        None => (body::full(bytes), status::MISS),
+                    },
+                    Ok(body::Collected::TooLarge { prefix, rest }) => {
+                        (body::chain(prefix, rest), status::MISS)
+                    }
+                    // The answer broke: whoever waits serves the cached copy.
+                    Err(_) => return,
+                };
+            parts
+                .headers
+                .insert(CACHE_STATUS.clone(), HeaderValue::from_static(cache_status));
+            let _ = tx.send(Ok(Response::from_parts(parts, body)));
+        });
+        rx
     }
 
     /// Stale-while-revalidate: refresh the entry without making the app wait.

@@ -11,6 +11,8 @@ use std::time::Duration;
 use globset::{GlobBuilder, GlobMatcher};
 use http::{HeaderName, Method};
 
+use crate::overlay::OverlayShape;
+
 use crate::config::{
     ClassifyConfig, Config, ConfigError, ConflictPolicy, DEFAULT_ROUTE_NAME, PartitionBy,
     ReadStrategy, RouteConfig, WriteMode, check_classify, check_header_names, check_method,
@@ -83,6 +85,12 @@ pub struct Route {
     pub conflict: ConflictPolicy,
     /// JSON pointer set to the acceptance time in replayed JSON bodies (empty: none).
     pub accepted_at_field: String,
+    /// Read your own writes (`overlay = true`): the item shape pending writes are applied to.
+    pub overlay: Option<OverlayShape>,
+    /// Longest wait for the upstream when a cached copy could answer (`network_timeout`).
+    pub network_timeout: Option<Duration>,
+    /// Longest wait for a forwarded mutation before a 202 (`write_timeout`).
+    pub write_timeout: Option<Duration>,
 }
 
 impl Route {
@@ -119,6 +127,9 @@ impl Route {
             identity_headers,
             conflict: rc.conflict,
             accepted_at_field: rc.accepted_at_field.clone(),
+            overlay: overlay_shape(rc)?,
+            network_timeout: rc.network_timeout,
+            write_timeout: rc.write_timeout,
         })
     }
 
@@ -228,6 +239,7 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
         if let Some(classify) = &route.classify {
             check_classify(&at("classify"), classify)?;
         }
+        check_overlay(route, &at)?;
         let name = route.effective_name();
         if name == DEFAULT_ROUTE_NAME {
             return Err(ConfigError::key(
@@ -252,6 +264,76 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
             return Err(ConfigError::key(at("name"), message));
         }
         names.push(name);
+    }
+    Ok(())
+}
+
+/// The compiled overlay of a route (`overlay = true`), if on.
+fn overlay_shape(rc: &RouteConfig) -> Result<Option<OverlayShape>, String> {
+    match (&rc.item, rc.overlay) {
+        (Some(item), true) => OverlayShape::new(
+            item,
+            rc.id_field.as_deref(),
+            rc.list_pointer.as_deref(),
+            rc.overlay_marker,
+        )
+        .map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// Overlay keys that only make sense together: `overlay` needs `item` (and a route path that
+/// matches it); `item`, `id_field`, `list_pointer`, `overlay_marker` need `overlay`.
+fn check_overlay(route: &RouteConfig, at: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    if !route.overlay {
+        let stray = [
+            ("item", route.item.is_some()),
+            ("id_field", route.id_field.is_some()),
+            ("list_pointer", route.list_pointer.is_some()),
+            ("overlay_marker", route.overlay_marker),
+        ];
+        if let Some((key, _)) = stray.iter().find(|(_, set)| *set) {
+            return Err(ConfigError::key(
+                at(key),
+                "is only used with overlay = true on the same route",
+            ));
+        }
+        return Ok(());
+    }
+    let Some(item) = &route.item else {
+        return Err(ConfigError::key(
+            at("overlay"),
+            "needs item = \"/collection/{id}\" to know which paths are items and which the \
+             collection",
+        ));
+    };
+    let shape = overlay_shape(route).map_err(|e| {
+        let key = if e.starts_with("list_pointer") {
+            "list_pointer"
+        } else {
+            "item"
+        };
+        ConfigError::key(at(key), e)
+    })?;
+    if let Some(shape) = shape {
+        let (sample_item, collection) = shape.sample_paths();
+        let matcher = PathMatcher::new(&route.path).map_err(|e| ConfigError::key(at("path"), e))?;
+        if !matcher.matches(&sample_item) || !matcher.matches(&collection) {
+            return Err(ConfigError::key(
+                at("item"),
+                format!(
+                    "{item:?}: this route's path {:?} does not match both its items ({sample_item}) \
+                     and its collection ({collection}), so its reads or writes would not be overlaid",
+                    route.path
+                ),
+            ));
+        }
+        if route.write == WriteMode::PassThrough {
+            return Err(ConfigError::key(
+                at("overlay"),
+                "write = \"pass-through\" never queues, so there is nothing pending to overlay",
+            ));
+        }
     }
     Ok(())
 }
@@ -387,6 +469,29 @@ mod tests {
     }
 
     /// Issue #15 point 7: classification lists hold status codes 100–599 only.
+
+    #[test]
+    fn inconsistent_overlay_setups_are_named() {
+        let err =
+            parse_config("[[route]]\npath = \"/orders\"\noverlay = true\n").expect_err("no item");
+        assert_eq!(err.key.as_deref(), Some("route[0].overlay"));
+        let err = parse_config("[[route]]\npath = \"/orders\"\nid_field = \"oid\"\n")
+            .expect_err("no overlay");
+        assert_eq!(err.key.as_deref(), Some("route[0].id_field"));
+        let err =
+            parse_config("[[route]]\npath = \"/shop/\"\noverlay = true\nitem = \"/orders/{id}\"\n")
+                .expect_err("path does not match");
+        assert_eq!(err.key.as_deref(), Some("route[0].item"));
+        let err = parse_config(
+            "[[route]]\npath = \"/orders\"\noverlay = true\nitem = \"/orders/{id}\"\nlist_pointer = \"x\"\n",
+        )
+        .expect_err("pointer");
+        assert_eq!(err.key.as_deref(), Some("route[0].list_pointer"));
+        let (_, table) =
+            parse("[[route]]\npath = \"/orders\"\noverlay = true\nitem = \"/orders/{id}\"\n")
+                .expect("valid");
+        assert!(table.resolve(&Method::GET, "/orders/1").overlay.is_some());
+    }
 
     #[test]
     fn first_matching_route_wins() {

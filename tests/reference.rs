@@ -12,7 +12,7 @@ use std::path::Path;
 use outpost::config::Config;
 
 /// Every table of the config, as the reference names it, and a header that opens it.
-const TABLES: [(&str, &str); 11] = [
+const TABLES: [(&str, &str); 12] = [
     ("", ""),
     ("proxy", "[proxy]"),
     ("upstream", "[upstream]"),
@@ -24,6 +24,7 @@ const TABLES: [(&str, &str); 11] = [
     ("replay.classify.body[]", "[[replay.classify.body]]"),
     ("admin", "[admin]"),
     ("route[]", "[[route]]"),
+    ("warm[]", "[[warm]]"),
 ];
 
 fn read(relative: &str) -> String {

@@ -12,15 +12,17 @@
 //! through a `watch` of the newest id, and a client too slow to keep up simply falls behind
 //! in the journal (and is told what it missed). The stream ends when outpost shuts down.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
+use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, StreamBody};
 
 use crate::body::{BoxError, ProxyBody};
-use crate::events::{Events, Stamped};
+use crate::events::{Event, Events, Stamped};
 use crate::shutdown::Shutdown;
 
 /// Most events written in one chunk.
@@ -41,12 +43,27 @@ pub fn start_after(headers: &HeaderMap, query: Option<&str>, events: &Events) ->
     from_header.or(from_query).unwrap_or(newest).min(newest)
 }
 
+/// Decides whether one event goes to a stream (the app-facing stream shows a caller only the
+/// events of its own mutations).
+pub type EventFilter = Arc<dyn Fn(&Event) -> BoxFuture<'static, bool> + Send + Sync>;
+
 /// The SSE response for a client that saw everything up to `after`.
 pub fn response(
     events: Events,
     after: u64,
     heartbeat: Duration,
     shutdown: Shutdown,
+) -> Response<ProxyBody> {
+    filtered(events, after, heartbeat, shutdown, None)
+}
+
+/// Like [`response`], writing only the events `filter` lets through (all without one).
+pub fn filtered(
+    events: Events,
+    after: u64,
+    heartbeat: Duration,
+    shutdown: Shutdown,
+    filter: Option<EventFilter>,
 ) -> Response<ProxyBody> {
     let heartbeat = heartbeat.max(Duration::from_millis(10));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
@@ -58,6 +75,7 @@ pub fn response(
         tick,
         shutdown,
         greeted: false,
+        filter,
     };
     let stream = futures_util::stream::unfold(state, |mut w| async move {
         let chunk = w.next_chunk().await?;
@@ -85,6 +103,7 @@ struct Writer {
     tick: tokio::time::Interval,
     shutdown: Shutdown,
     greeted: bool,
+    filter: Option<EventFilter>,
 }
 
 impl Writer {
@@ -110,12 +129,20 @@ impl Writer {
                     ));
                 }
                 for e in &since.events {
+                    if let Some(filter) = &self.filter
+                        && !filter(&e.event).await
+                    {
+                        continue;
+                    }
                     write_event(&mut out, e);
                 }
                 self.after = match since.events.last() {
                     Some(e) => e.id,
                     None => self.events.newest_id(),
                 };
+                if out.is_empty() {
+                    continue;
+                }
                 return Some(Bytes::from(out));
             }
             tokio::select! {
@@ -140,7 +167,6 @@ fn write_event(out: &mut String, e: &Stamped) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::Event;
     use http_body_util::BodyExt;
 
     async fn next_text(body: &mut ProxyBody) -> String {

@@ -1,0 +1,676 @@
+//! End-to-end tests of the offline experience for apps (issue #19): the real `outpost` binary in
+//! front of a small JSON orders API on loopback.
+//!
+//! [`OrdersApi`] keeps orders in memory (`GET /orders` → `{"items": [...]}`, `GET /orders/{id}`,
+//! `POST /orders`, `PUT|PATCH|DELETE /orders/{id}`), applies each `Idempotency-Key` once, and
+//! can be taken "down": new connections are closed at once and open ones are dropped, so
+//! outpost sees transport errors, as with a lost link.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+const CONFIG: &str = r#"
+[upstream]
+connect_timeout = "500ms"
+request_timeout = "10s"
+probe_interval = "50ms"
+probe_interval_max = "300ms"
+
+[replay]
+initial_backoff = "100ms"
+max_backoff = "500ms"
+
+[[route]]
+name = "orders"
+path = "/orders"
+overlay = true
+item = "/orders/{id}"
+list_pointer = "/items"
+overlay_marker = true
+"#;
+
+const TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Default)]
+struct State {
+    orders: BTreeMap<String, Value>,
+    keys: HashSet<String>,
+    next_id: u64,
+    /// GET requests answered.
+    gets: u64,
+}
+
+/// A JSON orders API that can be taken down and brought back.
+struct OrdersApi {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    up: watch::Sender<bool>,
+    /// How many mutations were applied (each key once).
+    applied: Arc<AtomicU64>,
+    /// How long every answer waits (ms): a slow link.
+    delay_ms: Arc<AtomicU64>,
+}
+
+impl OrdersApi {
+    async fn start(orders: &[Value]) -> OrdersApi {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut state = State::default();
+        for o in orders {
+            state.orders.insert(id_text(&o["id"]), o.clone());
+        }
+        state.next_id = 100;
+        let state = Arc::new(Mutex::new(state));
+        let (up, _) = watch::channel(true);
+        let applied = Arc::new(AtomicU64::new(0));
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let api = OrdersApi {
+            addr,
+            state: state.clone(),
+            up: up.clone(),
+            applied: applied.clone(),
+            delay_ms: delay_ms.clone(),
+        };
+        let mut listener = Some(listener);
+        tokio::spawn(async move {
+            let mut up_rx = up.subscribe();
+            loop {
+                if up_rx.wait_for(|up| *up).await.is_err() {
+                    return;
+                }
+                // Down means connection refused: the listener is closed, and bound again.
+                let listener = match listener.take() {
+                    Some(l) => l,
+                    None => match tokio::net::TcpListener::bind(addr).await {
+                        Ok(l) => l,
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    },
+                };
+                loop {
+                    let stream = tokio::select! {
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, _)) => stream,
+                            Err(_) => continue,
+                        },
+                        _ = up_rx.wait_for(|up| !*up) => break,
+                    };
+                    let mut conn_up = up.subscribe();
+                    let state = state.clone();
+                    let applied = applied.clone();
+                    let delay_ms = delay_ms.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req| {
+                            let state = state.clone();
+                            let applied = applied.clone();
+                            let delay = Duration::from_millis(delay_ms.load(Ordering::SeqCst));
+                            async move {
+                                tokio::time::sleep(delay).await;
+                                Ok::<_, Infallible>(handle(req, &state, &applied).await)
+                            }
+                        });
+                        let conn =
+                            hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                                .serve_connection(TokioIo::new(stream), service)
+                                .into_owned();
+                        tokio::select! {
+                            _ = conn => {}
+                            _ = conn_up.wait_for(|up| !*up) => {}
+                        }
+                    });
+                }
+            }
+        });
+        api
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.send_replace(up);
+    }
+
+    fn set_order(&self, id: &str, order: Value) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .orders
+            .insert(id.to_owned(), order);
+    }
+
+    fn gets(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).gets
+    }
+
+    fn order(&self, id: &str) -> Option<Value> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .orders
+            .get(id)
+            .cloned()
+    }
+}
+
+fn id_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn json_answer(status: u16, body: &Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = StatusCode::from_u16(status).expect("status");
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    state: &Mutex<State>,
+    applied: &AtomicU64,
+) -> Response<Full<Bytes>> {
+    let method = req.method().clone();
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let key = req
+        .headers()
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+    if method == Method::GET {
+        s.gets += 1;
+    }
+    if method != Method::GET && method != Method::HEAD {
+        if let Some(key) = &key
+            && !s.keys.insert(key.clone())
+        {
+            return json_answer(200, &json!({"replayed": key}));
+        }
+        applied.fetch_add(1, Ordering::SeqCst);
+    }
+    let id = path.strip_prefix("/orders/").map(str::to_owned);
+    match (method, path.as_str(), id) {
+        (Method::GET, "/orders", _) => {
+            let items: Vec<Value> = s.orders.values().cloned().collect();
+            json_answer(200, &json!({ "items": items }))
+        }
+        (Method::POST, "/orders", _) => {
+            let mut order = body;
+            if order.get("id").is_none() {
+                s.next_id += 1;
+                order["id"] = json!(s.next_id);
+            }
+            s.orders.insert(id_text(&order["id"]), order.clone());
+            json_answer(201, &order)
+        }
+        (Method::GET, _, Some(id)) => match s.orders.get(&id) {
+            Some(o) => json_answer(200, o),
+            None => json_answer(404, &json!({"error": "no such order"})),
+        },
+        (Method::PUT, _, Some(id)) => {
+            s.orders.insert(id, body.clone());
+            json_answer(200, &body)
+        }
+        (Method::PATCH, _, Some(id)) => match s.orders.get_mut(&id) {
+            Some(o) => {
+                outpost::overlay::merge_patch(o, &body);
+                let o = o.clone();
+                json_answer(200, &o)
+            }
+            None => json_answer(404, &json!({"error": "no such order"})),
+        },
+        (Method::DELETE, _, Some(id)) => {
+            s.orders.remove(&id);
+            json_answer(204, &Value::Null)
+        }
+        _ => json_answer(404, &json!({"error": "not found"})),
+    }
+}
+
+struct Setup {
+    api: OrdersApi,
+    outpost: OutpostProcess,
+    http: reqwest::Client,
+    _config_dir: tempfile::TempDir,
+    _data_dir: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn start(extra: &str) -> Setup {
+        Self::start_with(extra, "").await
+    }
+
+    /// `route` goes into the `[[route]]` table, `tail` after it (other tables).
+    async fn start_with(route: &str, tail: &str) -> Setup {
+        let api = OrdersApi::start(&[
+            json!({"id": 1, "qty": 1, "note": "first"}),
+            json!({"id": 2, "qty": 2}),
+        ])
+        .await;
+        let config_dir = temp_dir();
+        let config = config_dir.path().join("outpost.toml");
+        std::fs::write(&config, format!("{CONFIG}\n{route}\n{tail}")).expect("write config");
+        let data_dir = temp_dir();
+        let config_arg = config.display().to_string();
+        let url = api.url();
+        let outpost = OutpostProcess::start(
+            &["--config", &config_arg, "--upstream", &url],
+            &data_dir.path().join("data"),
+        )
+        .await;
+        Setup {
+            api,
+            outpost,
+            http: client(),
+            _config_dir: config_dir,
+            _data_dir: data_dir,
+        }
+    }
+
+    async fn send(&self, who: &str, method: Method, path: &str, body: Option<Value>) -> Reply {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.outpost.url()))
+            .header("Authorization", format!("Bearer {who}"));
+        if let Some(body) = body {
+            req = req
+                .header("Content-Type", "application/json")
+                .body(body.to_string());
+        }
+        let resp = req.send().await.expect("request through outpost");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.expect("body");
+        Reply {
+            status,
+            pending: headers
+                .get("outpost-pending")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            cache_status: headers
+                .get("cache-status")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned(),
+            body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        }
+    }
+
+    async fn get(&self, who: &str, path: &str) -> Reply {
+        self.send(who, Method::GET, path, None).await
+    }
+
+    async fn queue_depth(&self) -> u64 {
+        let status: Value = self
+            .http
+            .get(format!("{}/status", self.outpost.admin_url()))
+            .send()
+            .await
+            .expect("admin /status")
+            .json()
+            .await
+            .expect("admin /status JSON");
+        status["queue_depth"].as_u64().unwrap_or(u64::MAX)
+    }
+
+    /// Take the API down and wait until outpost has noticed (a read is served offline).
+    async fn go_offline(&self, who: &str, path: &str) {
+        self.api.set_up(false);
+        eventually(TIMEOUT, "a read served offline", || async {
+            self.get(who, path)
+                .await
+                .cache_status
+                .contains("detail=offline")
+        })
+        .await;
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    pending: Option<String>,
+    cache_status: String,
+    body: Value,
+}
+
+fn ids(list: &Value) -> Vec<String> {
+    list["items"]
+        .as_array()
+        .map(|a| a.iter().map(|o| id_text(&o["id"])).collect())
+        .unwrap_or_default()
+}
+
+fn find<'a>(list: &'a Value, id: &str) -> Option<&'a Value> {
+    list["items"]
+        .as_array()
+        .and_then(|a| a.iter().find(|o| id_text(&o["id"]) == id))
+}
+
+#[tokio::test]
+async fn offline_writes_show_in_their_callers_reads_until_the_upstream_applies_them() {
+    let s = Setup::start("").await;
+    for who in ["alice", "bob"] {
+        for path in ["/orders", "/orders/1", "/orders/2"] {
+            let r = s.get(who, path).await;
+            assert_eq!(r.status, 200, "{path}: {r:?}");
+            assert_eq!(r.pending, None, "nothing pending yet: {r:?}");
+        }
+    }
+    s.go_offline("alice", "/orders").await;
+
+    let posted = s
+        .send(
+            "alice",
+            Method::POST,
+            "/orders",
+            Some(json!({"id": "n1", "qty": 3})),
+        )
+        .await;
+    assert_eq!(posted.status, 202, "{posted:?}");
+    let patched = s
+        .send(
+            "alice",
+            Method::PATCH,
+            "/orders/1",
+            Some(json!({"qty": 5, "note": null})),
+        )
+        .await;
+    assert_eq!(patched.status, 202, "{patched:?}");
+    let deleted = s.send("alice", Method::DELETE, "/orders/2", None).await;
+    assert_eq!(deleted.status, 202, "{deleted:?}");
+
+    // The collection: the POST added, the PATCH merged, the DELETE removed.
+    let list = s.get("alice", "/orders").await;
+    assert_eq!(list.status, 200, "{list:?}");
+    assert_eq!(list.pending.as_deref(), Some("3"), "{list:?}");
+    assert!(list.cache_status.contains("detail=offline"), "{list:?}");
+    assert_eq!(ids(&list.body), ["1", "n1"], "{list:?}");
+    let one = find(&list.body, "1").expect("order 1");
+    assert_eq!(one["qty"], 5, "{list:?}");
+    assert!(
+        one.get("note").is_none(),
+        "merge patch removed note: {list:?}"
+    );
+    assert_eq!(one["_outpost"]["pending"], true, "marker: {list:?}");
+    assert_eq!(
+        find(&list.body, "n1").expect("n1")["_outpost"]["pending"],
+        true
+    );
+
+    // The items, the posted one included.
+    let created = s.get("alice", "/orders/n1").await;
+    assert_eq!(created.status, 200, "{created:?}");
+    assert_eq!(created.body["qty"], 3, "{created:?}");
+    assert_eq!(created.pending.as_deref(), Some("1"), "{created:?}");
+    let item = s.get("alice", "/orders/1").await;
+    assert_eq!(item.status, 200, "{item:?}");
+    assert_eq!(item.pending.as_deref(), Some("1"), "{item:?}");
+    assert_eq!(item.body["qty"], 5, "{item:?}");
+    assert!(item.body.get("note").is_none(), "{item:?}");
+    let gone = s.get("alice", "/orders/2").await;
+    assert_eq!(gone.status, 404, "{gone:?}");
+    assert_eq!(gone.pending.as_deref(), Some("1"), "{gone:?}");
+    assert!(gone.cache_status.contains("detail="), "{gone:?}");
+
+    // Another caller sees none of it.
+    let theirs = s.get("bob", "/orders").await;
+    assert_eq!(theirs.status, 200, "{theirs:?}");
+    assert_eq!(theirs.pending, None, "{theirs:?}");
+    assert_eq!(ids(&theirs.body), ["1", "2"], "{theirs:?}");
+    assert_eq!(find(&theirs.body, "1").expect("1")["qty"], 1);
+    assert_eq!(s.get("bob", "/orders/2").await.status, 200);
+
+    // The app-facing list of pending mutations: the caller's own only.
+    let mine = s.get("alice", "/_outpost/mutations").await;
+    assert_eq!(mine.status, 200, "{mine:?}");
+    let listed: Vec<(String, String)> = mine.body["mutations"]
+        .as_array()
+        .expect("mutations array")
+        .iter()
+        .map(|m| {
+            assert_eq!(m["status"], "queued", "{m}");
+            (
+                m["method"].as_str().unwrap_or("").to_owned(),
+                m["path"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("POST".to_owned(), "/orders".to_owned()),
+            ("PATCH".to_owned(), "/orders/1".to_owned()),
+            ("DELETE".to_owned(), "/orders/2".to_owned()),
+        ]
+    );
+    let others = s.get("bob", "/_outpost/mutations").await;
+    assert_eq!(others.body["mutations"], json!([]), "{others:?}");
+
+    // Back online: replayed once each, and the upstream's own answers are served.
+    s.api.set_up(true);
+    eventually(TIMEOUT, "the outbox drained", || async {
+        s.queue_depth().await == 0
+    })
+    .await;
+    assert_eq!(s.api.applied.load(Ordering::SeqCst), 3);
+    assert_eq!(s.api.order("1").expect("order 1")["qty"], 5);
+    assert!(s.api.order("2").is_none());
+    let list = s.get("alice", "/orders").await;
+    assert_eq!(list.pending, None, "{list:?}");
+    assert!(!list.cache_status.contains("overlay"), "{list:?}");
+    assert_eq!(ids(&list.body), ["1", "n1"], "{list:?}");
+    assert!(
+        find(&list.body, "1").expect("1").get("_outpost").is_none(),
+        "the upstream's answer, unmarked: {list:?}"
+    );
+    let mine = s.get("alice", "/_outpost/mutations").await;
+    assert_eq!(mine.body["mutations"], json!([]), "{mine:?}");
+}
+
+#[tokio::test]
+async fn put_replaces_an_item_and_its_element_in_the_collection() {
+    let s = Setup::start("").await;
+    assert_eq!(s.get("alice", "/orders").await.status, 200);
+    assert_eq!(s.get("alice", "/orders/2").await.status, 200);
+    s.go_offline("alice", "/orders").await;
+    let put = s
+        .send(
+            "alice",
+            Method::PUT,
+            "/orders/2",
+            Some(json!({"id": 2, "qty": 20})),
+        )
+        .await;
+    assert_eq!(put.status, 202, "{put:?}");
+    let item = s.get("alice", "/orders/2").await;
+    assert_eq!(item.body["qty"], 20, "{item:?}");
+    assert_eq!(item.pending.as_deref(), Some("1"));
+    let list = s.get("alice", "/orders").await;
+    assert_eq!(find(&list.body, "2").expect("2")["qty"], 20, "{list:?}");
+    assert_eq!(ids(&list.body), ["1", "2"], "replaced in place: {list:?}");
+}
+
+/// Reads an SSE stream until its text holds every one of `needles`; returns the text.
+async fn read_until(resp: &mut reqwest::Response, needles: &[&str]) -> String {
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !needles.iter().all(|n| text.contains(n)) {
+        let chunk = tokio::time::timeout_at(deadline, resp.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {needles:?} in:\n{text}"))
+            .expect("stream read")
+            .unwrap_or_else(|| panic!("stream ended before {needles:?}:\n{text}"));
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text
+}
+
+#[tokio::test]
+async fn the_app_event_stream_reports_the_callers_own_queued_write_and_its_replay() {
+    let s = Setup::start("").await;
+    assert_eq!(s.get("alice", "/orders").await.status, 200);
+    let open = |who: &'static str| {
+        s.http
+            .get(format!("{}/_outpost/events", s.outpost.url()))
+            .header("Authorization", format!("Bearer {who}"))
+            .send()
+    };
+    let mut alice = open("alice").await.expect("alice's stream");
+    assert_eq!(alice.status(), 200);
+    assert!(
+        alice
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"))
+    );
+    let mut bob = open("bob").await.expect("bob's stream");
+    read_until(&mut alice, &["outpost events"]).await;
+    read_until(&mut bob, &["outpost events"]).await;
+
+    s.go_offline("alice", "/orders").await;
+    let post = |who: &'static str, key: &'static str| {
+        s.http
+            .post(format!("{}/orders", s.outpost.url()))
+            .header("Authorization", format!("Bearer {who}"))
+            .header("Idempotency-Key", key)
+            .header("Content-Type", "application/json")
+            .body(json!({"id": key, "qty": 1}).to_string())
+            .send()
+    };
+    assert_eq!(post("alice", "alice-1").await.expect("post").status(), 202);
+    assert_eq!(post("bob", "bob-1").await.expect("post").status(), 202);
+    let queued = read_until(&mut alice, &["\"type\":\"offline\"", "\"type\":\"queued\""]).await;
+    assert!(queued.contains("alice-1"), "{queued}");
+
+    s.api.set_up(true);
+    eventually(TIMEOUT, "the outbox drained", || async {
+        s.queue_depth().await == 0
+    })
+    .await;
+    let replayed = read_until(
+        &mut alice,
+        &["\"type\":\"online\"", "\"type\":\"classified\""],
+    )
+    .await;
+    assert!(
+        replayed.contains("\"key\":\"alice-1\",\"class\":\"success\""),
+        "{replayed}"
+    );
+    let theirs = read_until(&mut bob, &["\"key\":\"bob-1\",\"class\":\"success\""]).await;
+    let all_alice = format!("{queued}{replayed}");
+    assert!(!all_alice.contains("bob-1"), "{all_alice}");
+    assert!(!theirs.contains("alice-1"), "{theirs}");
+    assert_eq!(s.api.applied.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn on_a_slow_link_reads_get_the_cached_copy_and_writes_a_202_applied_once() {
+    let s = Setup::start("network_timeout = \"1s\"\nwrite_timeout = \"1s\"\n").await;
+    let first = s.get("alice", "/orders/1").await;
+    assert_eq!(first.status, 200, "{first:?}");
+    assert!(first.cache_status.contains("stored"), "{first:?}");
+
+    // The upstream now takes 5 s, and has a newer version of order 1.
+    s.api
+        .set_order("1", json!({"id": 1, "qty": 1, "note": "fresh"}));
+    s.api.delay_ms.store(5000, Ordering::SeqCst);
+    let read = s.get("alice", "/orders/1").await;
+    assert_eq!(read.status, 200, "{read:?}");
+    assert!(
+        read.cache_status.contains("detail=network-timeout"),
+        "{read:?}"
+    );
+    assert_eq!(read.body["note"], "first", "the cached copy: {read:?}");
+
+    let resp = s
+        .http
+        .patch(format!("{}/orders/1", s.outpost.url()))
+        .header("Authorization", "Bearer alice")
+        .header("Idempotency-Key", "slow-1")
+        .header("Content-Type", "application/json")
+        .body(json!({"qty": 7}).to_string())
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(resp.status(), 202);
+    let accepted: Value = resp.json().await.expect("202 JSON");
+    assert_eq!(accepted["idempotency_key"], "slow-1", "{accepted}");
+
+    eventually(TIMEOUT, "the slow write settled under its key", || async {
+        let doc = s.get("alice", "/_outpost/mutations/slow-1").await;
+        doc.status == 200 && doc.body["status"] == "succeeded"
+    })
+    .await;
+    assert_eq!(s.api.applied.load(Ordering::SeqCst), 1, "applied once");
+    assert_eq!(s.api.order("1").expect("1")["qty"], 7);
+
+    // The late answer to the timed-out read refreshed the cache: offline, it is served.
+    s.api.delay_ms.store(0, Ordering::SeqCst);
+    s.go_offline("alice", "/orders/1").await;
+    let offline = s.get("alice", "/orders/1").await;
+    assert!(
+        offline.cache_status.contains("detail=offline"),
+        "{offline:?}"
+    );
+    assert_eq!(offline.body["note"], "fresh", "{offline:?}");
+    s.api.set_up(true);
+    eventually(TIMEOUT, "nothing left to replay", || async {
+        s.queue_depth().await == 0
+    })
+    .await;
+    assert_eq!(s.api.applied.load(Ordering::SeqCst), 1, "never sent twice");
+}
+
+#[tokio::test]
+async fn a_warmed_url_is_served_offline_without_the_app_having_asked() {
+    let s = Setup::start_with(
+        "",
+        "[[warm]]\npath = \"/orders/2\"\nheaders = { Authorization = \"Bearer alice\" }\ninterval = \"1s\"\n",
+    )
+    .await;
+    eventually(TIMEOUT, "the warm fetch and one refresh", || async {
+        s.api.gets() >= 2
+    })
+    .await;
+    s.api.set_up(false);
+    let r = s.get("alice", "/orders/2").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.cache_status.contains("detail=offline"), "{r:?}");
+    assert_eq!(r.body["qty"], 2, "{r:?}");
+    let other = s.get("bob", "/orders/2").await;
+    assert_eq!(other.status, 504, "warmed for alice only: {other:?}");
+}
