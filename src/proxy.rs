@@ -46,6 +46,7 @@ pub struct Proxy {
     outbox: Arc<Outbox>,
     docs: Arc<MutationDocs>,
     metrics: Arc<Metrics>,
+    recorder: Option<Arc<crate::record::Recorder>>,
 }
 
 impl Proxy {
@@ -61,22 +62,45 @@ impl Proxy {
             outbox,
             docs: parts.docs.clone(),
             metrics: parts.metrics.clone(),
+            recorder: parts.recorder.clone(),
         }
     }
 
-    /// Answer one request from the app.
+    /// Answer one request from the app (recorded as a HAR entry when recording is on).
     pub async fn handle(
         self: Arc<Self>,
         req: Request<ProxyBody>,
         client: ClientInfo,
     ) -> Response<ProxyBody> {
+        match self.recorder.clone() {
+            None => self.answer(req, client).await.0,
+            Some(recorder) => {
+                let (req, pending) = recorder.begin(req);
+                let (resp, source) = self.answer(req, client).await;
+                recorder.finish(pending, resp, source)
+            }
+        }
+    }
+
+    /// Answer one request, and say where the answer came from.
+    async fn answer(
+        self: Arc<Self>,
+        req: Request<ProxyBody>,
+        client: ClientInfo,
+    ) -> (Response<ProxyBody>, Source) {
         let started = Instant::now();
         if let Err(e) = self.check_target(&req) {
-            return with_cache_status(e.into_response(), status::BYPASS);
+            return (
+                with_cache_status(e.into_response(), status::BYPASS),
+                Source::Outpost,
+            );
         }
         let mut req = req;
         if let Err(e) = normalize_uri(req.uri_mut()) {
-            return with_cache_status(e.into_response(), status::BYPASS);
+            return (
+                with_cache_status(e.into_response(), status::BYPASS),
+                Source::Outpost,
+            );
         }
         let path_and_query = req
             .uri()
@@ -92,7 +116,7 @@ impl Proxy {
                 .docs
                 .answer(req.method(), req.uri().path(), req.headers())
                 .await;
-            return with_cache_status(resp, status::BYPASS);
+            return (with_cache_status(resp, status::BYPASS), Source::Outpost);
         }
         let route = self.routes.resolve(req.method(), req.uri().path());
         let identity = if route.public {
@@ -146,7 +170,7 @@ impl Proxy {
             micros = elapsed.as_micros() as u64,
             "request"
         );
-        resp
+        (resp, ctx.source)
     }
 
     /// Refuse CONNECT and absolute-form requests for hosts other than the upstream.
