@@ -98,6 +98,17 @@ async fn recorded_har_is_redacted_replays_and_is_repaired_when_cut() {
             .expect("POST");
         resp.bytes().await.expect("body");
     }
+    // Set-Cookie in an answer is redacted too.
+    let resp = client
+        .get(format!(
+            "{}/echo/cookie?header=Set-Cookie:sid%3Dabc",
+            proxy.url()
+        ))
+        .send()
+        .await
+        .expect("GET cookie");
+    assert!(resp.headers().contains_key("set-cookie"));
+    resp.bytes().await.expect("body");
     // A body over record_max_body_bytes (64 KiB) is cut and marked.
     let big = "x".repeat(100 * 1024);
     let resp = client
@@ -108,13 +119,22 @@ async fn recorded_har_is_redacted_replays_and_is_repaired_when_cut() {
         .expect("POST big");
     resp.bytes().await.expect("body");
     // Entries are flushed as they happen, before shutdown.
-    common::eventually(Duration::from_secs(5), "7 entries flushed", || async {
+    common::eventually(Duration::from_secs(5), "8 entries flushed", || async {
         std::fs::read_to_string(&har)
-            .map(|t| t.matches("\"startedDateTime\"").count() >= 7)
+            .map(|t| t.matches("\"startedDateTime\"").count() >= 8)
             .unwrap_or(false)
     })
     .await;
     let flushed = std::fs::read_to_string(&har).expect("read HAR");
+    let status: Value = client
+        .get(format!("{}/status", proxy.admin_url()))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("status JSON");
+    assert_eq!(status["record_dropped"], 0, "{status}");
     proxy.terminate();
     proxy.wait_exit().await;
 
@@ -128,7 +148,7 @@ async fn recorded_har_is_redacted_replays_and_is_repaired_when_cut() {
     assert!(text.contains("[redacted]"));
     let doc: Value = serde_json::from_str(&text).expect("closed HAR is JSON");
     let entries = doc["log"]["entries"].as_array().expect("entries");
-    assert_eq!(entries.len(), 7, "{text}");
+    assert_eq!(entries.len(), 8, "{text}");
     assert_eq!(doc["log"]["version"], "1.2");
     let first = &entries[0];
     assert_eq!(
@@ -146,7 +166,13 @@ async fn recorded_har_is_redacted_replays_and_is_repaired_when_cut() {
     let post = &entries[1];
     assert_eq!(post["request"]["method"], "POST");
     assert_eq!(post["request"]["postData"]["text"], "{\"n\":0}");
-    let big = &entries[6];
+    let cookie = &entries[6];
+    let set_cookie = cookie["response"]["headers"]
+        .as_array()
+        .and_then(|h| h.iter().find(|h| h["name"] == "set-cookie"))
+        .expect("set-cookie recorded");
+    assert_eq!(set_cookie["value"], "[redacted]");
+    let big = &entries[7];
     assert_eq!(big["request"]["postData"]["_truncated"], true, "{big:.300}");
     assert_eq!(
         big["request"]["postData"]["text"]
@@ -161,10 +187,10 @@ async fn recorded_har_is_redacted_replays_and_is_repaired_when_cut() {
     let out = replay(&har, &upstream.url(), &report).await;
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let r = read_json(&report);
-    assert_eq!(r["requests"], 7, "{r}");
+    assert_eq!(r["requests"], 8, "{r}");
     assert_eq!(r["errors"], 0, "{r}");
     let seen = upstream.requests().len();
-    assert_eq!(seen, 14, "recorded 7 + replayed 7");
+    assert_eq!(seen, 16, "recorded 8 + replayed 8");
 
     // Cut mid-entry, as a crash leaves it: the loader keeps the complete entries.
     let cut = dir.path().join("cut.har");
@@ -172,7 +198,7 @@ async fn recorded_har_is_redacted_replays_and_is_repaired_when_cut() {
     std::fs::write(&cut, &flushed[..at]).expect("write cut HAR");
     let out = replay(&cut, &upstream.url(), &report).await;
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    assert_eq!(read_json(&report)["requests"], 6);
+    assert_eq!(read_json(&report)["requests"], 7);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,6 +232,22 @@ async fn chrome_firefox_and_mitmproxy_exports_load_and_replay() {
             }
         }
     }
+    // --speed keeps the recorded pacing (the POST was 400 ms after the GET), scaled.
+    let out = outpost(vec![
+        "loadtest".into(),
+        "--har".into(),
+        fixture("chrome.har").display().to_string(),
+        "--target".into(),
+        upstream.url(),
+        "--speed".into(),
+        "2".into(),
+        "--report".into(),
+        report.display().to_string(),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let ms = read_json(&report)["duration_ms"].as_u64().unwrap_or(0);
+    assert!((200..2000).contains(&ms), "400 ms at speed 2 took {ms} ms");
     // --only-host keeps only that host's entries.
     let out = outpost(vec![
         "loadtest".into(),
