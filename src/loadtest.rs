@@ -14,6 +14,7 @@
 
 pub mod har;
 pub mod mock;
+pub mod plot;
 pub mod report;
 
 use std::collections::HashSet;
@@ -78,6 +79,9 @@ pub struct LoadtestArgs {
     /// Write the report as JSON to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Write `latency.svg` and `throughput.svg` (per second, outages shaded) to this directory.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }
 
 /// One outage of the mock upstream: down at `at` after the start, for `length`.
@@ -305,10 +309,8 @@ pub async fn run(args: LoadtestArgs) -> Result<bool, LoadtestError> {
     let elapsed = start.elapsed();
     progress.finish();
 
-    let mut report = {
-        let stats = shared.stats.lock().map(|s| s.clone()).unwrap_or_default();
-        Report::new(&stats, elapsed)
-    };
+    let stats = shared.stats.lock().map(|s| s.clone()).unwrap_or_default();
+    let mut report = Report::new(&stats, elapsed);
     report.outages_ms = outages
         .iter()
         .map(|o| {
@@ -357,6 +359,14 @@ pub async fn run(args: LoadtestArgs) -> Result<bool, LoadtestError> {
         report.mutations = Some(m);
     }
     print!("{}", report.table());
+    if let Some(dir) = &args.plot {
+        plot::write(dir, &stats, &report.outages_ms).map_err(|e| {
+            LoadtestError::Io(std::io::Error::other(format!(
+                "--plot {}: {e}",
+                dir.display()
+            )))
+        })?;
+    }
     if let Some(path) = &args.report {
         let json = serde_json::to_vec_pretty(&report).map_err(std::io::Error::other)?;
         std::fs::write(path, json)?;

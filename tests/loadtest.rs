@@ -323,9 +323,18 @@ async fn two_outages_through_outpost_lose_nothing_and_apply_nothing_twice() {
         "15s".into(),
         "--report".into(),
         report.display().to_string(),
+        "--plot".into(),
+        dir.path().join("plots").display().to_string(),
     ])
     .await;
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    for svg in ["latency.svg", "throughput.svg"] {
+        let text = std::fs::read_to_string(dir.path().join("plots").join(svg)).expect(svg);
+        assert!(
+            text.contains("<svg") && text.contains("upstream down"),
+            "{svg}"
+        );
+    }
     let r = read_json(&report);
     for field in [
         "requests",

@@ -21,6 +21,8 @@ pub struct Stats {
     pub status_counts: BTreeMap<u16, u64>,
     /// Answers by outpost's source (from `Cache-Status`), `none` when there was none.
     pub sources: BTreeMap<String, u64>,
+    /// Latencies per second of the run (by when the answer came), for `--plot`.
+    pub timeline: Vec<Histogram<u64>>,
 }
 
 impl Default for Stats {
@@ -41,6 +43,31 @@ impl Stats {
             errors: 0,
             status_counts: BTreeMap::new(),
             sources: BTreeMap::new(),
+            timeline: Vec::new(),
+        }
+    }
+
+    /// Like [`Stats::record`], also noting the answer in second `at` of the run's timeline.
+    pub fn record_at(
+        &mut self,
+        at: Duration,
+        latency: Duration,
+        answer: Option<(u16, Option<&str>)>,
+    ) {
+        self.record(latency, answer);
+        let second = usize::try_from(at.as_secs())
+            .unwrap_or(usize::MAX)
+            .min(86_400);
+        while self.timeline.len() <= second {
+            let empty =
+                Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds");
+            self.timeline.push(empty);
+        }
+        if let Some(h) = self.timeline.get_mut(second) {
+            let us = u64::try_from(latency.as_micros())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            h.saturating_record(us);
         }
     }
 
