@@ -18,6 +18,9 @@ pub enum PlotError {
     Draw(String),
 }
 
+/// One line of a chart: its name, points (second, value) and colour.
+type Series<'a> = (&'a str, Vec<(f64, f64)>, RGBColor);
+
 fn draw_err<E: std::fmt::Display>(e: E) -> PlotError {
     PlotError::Draw(e.to_string())
 }
@@ -76,7 +79,7 @@ fn chart(
     seconds: f64,
     top: f64,
     outages_ms: &[[u64; 2]],
-    series: &[(&str, Vec<(f64, f64)>, RGBColor)],
+    series: &[Series<'_>],
 ) -> Result<(), PlotError> {
     let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err)?;
