@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks for outpost on this machine (loopback only). Not a test: prints figures.
 #
-#   bash bench/run.sh [proxy|outbox|drain|redis|all]    (default: all)
+#   bash bench/run.sh [proxy|outbox|drain|redis|loadtest|all]    (default: all)
 #
 # proxy:  requests/s and p50/p99 with wrk (2 threads, 64 connections, 10 s) against a fast
 #         upstream (nginx returning a small JSON), directly, through nginx as a plain reverse
@@ -14,6 +14,9 @@
 #         partition's next send) and with replay.progress_sync = "10ms", for one partition and
 #         for 16 partitions (DRAIN_ITEMS items queued each time, default 20 000).
 # redis:  acknowledged writes/s against the Redis backend, appendfsync always and everysec.
+# loadtest: `outpost loadtest` replaying tests/fixtures/har/chrome.har (a GET and a POST) through
+#         outpost into the built-in mock upstream, closed loop (32 in flight) for $DURATION,
+#         without and with two outages; req/s, p50/p99 and the mutation accounting.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -279,6 +282,30 @@ bench_redis() {
   echo
 }
 
+bench_loadtest() {
+  echo "## outpost loadtest through outpost into its mock upstream (chrome.har, --concurrency 32, $DURATION)"
+  echo "| setup | req/s | p50 ms | p99 ms | acknowledged | lost | applied twice | drain ms |"
+  echo "|---|---|---|---|---|---|---|---|"
+  local secs=${DURATION%s}
+  for outages in "" "--outage $((secs / 5))s+$((secs / 5))s --outage $((secs * 3 / 5))s+$((secs / 10 + 1))s"; do
+    local mock; mock=$(free_port)
+    rm -rf "$WORK/data-lt"
+    start_outpost --upstream "http://127.0.0.1:$mock" --data-dir "$WORK/data-lt"
+    # shellcheck disable=SC2086
+    "$OUTPOST" loadtest --har "$ROOT/tests/fixtures/har/chrome.har" --target "http://127.0.0.1:$OUTPOST_PORT" \
+      --mock-upstream "127.0.0.1:$mock" $outages --duration "$DURATION" --concurrency 32 \
+      --admin "http://127.0.0.1:$ADMIN_PORT" --report "$WORK/lt.json" > /dev/null 2>&1 || true
+    python3 - "$WORK/lt.json" "${outages:-no outage}" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1])); m = r.get("mutations", {})
+print(f"| {sys.argv[2]:44} | {r['throughput_rps']:>8,.0f} | {r['latency_ms']['p50']:.2f} | {r['latency_ms']['p99']:.2f} "
+      f"| {m.get('acknowledged')} | {m.get('lost')} | {m.get('applied_twice')} | {m.get('drain_ms')} |")
+PY
+    stop_outpost
+  done
+  echo
+}
+
 echo "# outpost benchmarks — $(date -u +%F), $(nproc) cores, $(uname -r)"
 echo
 case "$WHAT" in
@@ -286,6 +313,7 @@ case "$WHAT" in
   outbox) bench_outbox ;;
   drain) bench_drain ;;
   redis) bench_redis ;;
-  all) bench_proxy; bench_outbox; bench_drain; bench_redis ;;
-  *) echo "usage: $0 [proxy|outbox|drain|redis|all]" >&2; exit 2 ;;
+  loadtest) bench_loadtest ;;
+  all) bench_proxy; bench_outbox; bench_drain; bench_redis; bench_loadtest ;;
+  *) echo "usage: $0 [proxy|outbox|drain|redis|loadtest|all]" >&2; exit 2 ;;
 esac

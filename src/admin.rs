@@ -92,6 +92,8 @@ pub struct AdminState {
     pub admin_connections: Arc<Connections>,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// The HAR recorder, if recording (for `/status` `record_dropped`).
+    pub recorder: Option<Arc<crate::record::Recorder>>,
     /// How often `/events` sends a keep-alive comment (`admin.events_heartbeat`).
     pub events_heartbeat: Duration,
     /// Largest edit accepted with a dead letter's retry (`queue.max_body_bytes` plus room for
@@ -377,6 +379,7 @@ async fn status(state: &AdminState) -> Response<ProxyBody> {
                     "admin_connections": admin,
                     "last_event_id": state.events.newest_id(),
                     "store_servers": state.store.servers(),
+                    "record_dropped": state.recorder.as_ref().map_or(0, |r| r.dropped()),
                 }),
             )
         }

@@ -17,6 +17,7 @@ use crate::events::{Event, Events};
 use crate::outbox::Outbox;
 use crate::parts::Parts;
 use crate::proxy::Proxy;
+use crate::record::Recorder;
 use crate::replay::Replayer;
 use crate::route::RouteTable;
 use crate::server::{self, Connections};
@@ -44,6 +45,9 @@ pub enum StartError {
     /// The proxy listener's TLS could not be set up.
     #[error("proxy listener")]
     Tls(#[from] server::TlsError),
+    /// The HAR recording could not be started.
+    #[error("recording")]
+    Record(#[from] crate::record::RecordError),
     /// `outpost demo` failed.
     #[error("demo")]
     Demo(#[source] crate::demo::DemoError),
@@ -84,13 +88,24 @@ impl App {
             };
         let upstream = Upstream::new(&config.upstream)?;
         let tls = server::tls_acceptor(&config.proxy)?;
-        let parts = Parts::new(
+        let mut parts = Parts::new(
             config.clone(),
             routes.clone(),
             store.clone(),
             upstream.clone(),
             events.clone(),
         );
+        let mut recording = None;
+        if let Some(path) = &config.proxy.record_har {
+            let (recorder, writer) = Recorder::start(
+                path,
+                config.proxy.record_max_body_bytes,
+                &config.proxy.record_redact_headers,
+                shutdown.clone(),
+            )?;
+            parts.recorder = Some(recorder);
+            recording = Some(writer);
+        }
         let health = parts.health.clone();
         let cache = Arc::new(Cache::new(&config.cache, store.clone()));
         let outbox = Arc::new(Outbox::new(&parts));
@@ -155,6 +170,9 @@ impl App {
                 ));
             }
         }
+        if let Some(writer) = recording {
+            tasks.spawn(writer);
+        }
         tasks.spawn(log_events(events.clone(), shutdown.clone()));
         tasks.spawn(parts.metrics.clone().run(events.clone(), shutdown.clone()));
         tasks.spawn(admin::serve(
@@ -175,6 +193,7 @@ impl App {
                 proxy_connections,
                 admin_connections,
                 metrics: parts.metrics.clone(),
+                recorder: parts.recorder.clone(),
                 events_heartbeat: config.admin.events_heartbeat,
                 max_body_bytes: config.queue.max_body_bytes.saturating_mul(2) + 64 * 1024,
                 shutdown: shutdown.clone(),

@@ -89,6 +89,13 @@ pub struct ProxyConfig {
     /// Lowered at start when the open-file limit cannot hold it (two descriptors per
     /// connection: the app's and the upstream's).
     pub max_connections: usize,
+    /// Record the traffic as HAR 1.2 to this file (`serve --record`); unset: no recording.
+    pub record_har: Option<PathBuf>,
+    /// Largest request or response body kept in a recorded entry; longer ones are cut and
+    /// marked `_truncated`.
+    pub record_max_body_bytes: u64,
+    /// Headers written as `[redacted]` besides `Authorization`, `Cookie` and `Set-Cookie`.
+    pub record_redact_headers: Vec<String>,
 }
 
 impl Default for ProxyConfig {
@@ -104,6 +111,9 @@ impl Default for ProxyConfig {
             shutdown_grace: Duration::from_secs(10),
             workers: 0,
             max_connections: 10_000,
+            record_har: None,
+            record_max_body_bytes: 64 * 1024,
+            record_redact_headers: Vec::new(),
         }
     }
 }
@@ -807,6 +817,10 @@ impl Config {
             }
         }
         check_header_names("cache.identity_headers", &self.cache.identity_headers)?;
+        check_header_names(
+            "proxy.record_redact_headers",
+            &self.proxy.record_redact_headers,
+        )?;
         if !self.admin.listen.ip().is_loopback() && self.admin.token.is_none() {
             return Err(ConfigError::key(
                 "admin.token",

@@ -46,6 +46,9 @@ enum Command {
     /// Operate on a running instance through its admin API (token from OUTPOST_ADMIN_TOKEN).
     /// Exit codes: 0 done, 1 not found / refused / unreachable, 2 usage.
     Queue(QueueArgs),
+    /// Replay a HAR file as load against a target (exit 2 on a bad file or flags, 1 when a
+    /// mutation was lost or applied twice).
+    Loadtest(outpost::loadtest::LoadtestArgs),
 }
 
 #[derive(clap::Args)]
@@ -114,12 +117,18 @@ struct ServeArgs {
     /// Use the Redis backend at this URL (sets store.backend = "redis").
     #[arg(long)]
     redis: Option<String>,
+    /// Record the traffic as HAR 1.2 to this file (sets proxy.record_har).
+    #[arg(long, value_name = "FILE.har")]
+    record: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo narrates on stdout; its logs stay quiet unless RUST_LOG asks.
-    let default_level = if matches!(cli.command, Command::Demo | Command::Queue(_)) {
+    let default_level = if matches!(
+        cli.command,
+        Command::Demo | Command::Queue(_) | Command::Loadtest(_)
+    ) {
         "error"
     } else {
         "info"
@@ -153,6 +162,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Queue(args) => queue(args),
+        Command::Loadtest(args) => ExitCode::from(outpost::loadtest::main(args)),
         Command::Demo => run(|| async { outpost::demo::run().await.map_err(StartError::Demo) }),
     }
 }
@@ -267,6 +277,9 @@ fn build_config(args: ServeArgs) -> Result<Config, outpost::config::ConfigError>
     }
     if let Some(dir) = args.data_dir {
         config.store.data_dir = dir;
+    }
+    if let Some(path) = args.record {
+        config.proxy.record_har = Some(path);
     }
     if let Some(url) = args.redis {
         config.store.backend = Backend::Redis;

@@ -39,6 +39,8 @@ pub struct Parts {
     pub docs: Arc<MutationDocs>,
     /// Prometheus metrics (handles registered per route).
     pub metrics: Arc<Metrics>,
+    /// The HAR recorder, when `proxy.record_har` is set (set by `app` after start).
+    pub recorder: Option<Arc<crate::record::Recorder>>,
 }
 
 impl Parts {
@@ -77,6 +79,7 @@ impl Parts {
             activity,
             docs,
             metrics,
+            recorder: None,
         }
     }
 }

@@ -53,6 +53,7 @@ pub struct Proxy {
     events: Events,
     shutdown: Shutdown,
     metrics: Arc<Metrics>,
+    recorder: Option<Arc<crate::record::Recorder>>,
 }
 
 impl Proxy {
@@ -71,6 +72,7 @@ impl Proxy {
             events: parts.events.clone(),
             shutdown: Shutdown::new(),
             metrics: parts.metrics.clone(),
+            recorder: parts.recorder.clone(),
         }
     }
 
@@ -81,19 +83,41 @@ impl Proxy {
         self
     }
 
-    /// Answer one request from the app.
+    /// Answer one request from the app (recorded as a HAR entry when recording is on).
     pub async fn handle(
         self: Arc<Self>,
         req: Request<ProxyBody>,
         client: ClientInfo,
     ) -> Response<ProxyBody> {
+        match self.recorder.clone() {
+            None => self.answer(req, client).await.0,
+            Some(recorder) => {
+                let (req, pending) = recorder.begin(req);
+                let (resp, source) = self.answer(req, client).await;
+                recorder.finish(pending, resp, source)
+            }
+        }
+    }
+
+    /// Answer one request, and say where the answer came from.
+    async fn answer(
+        self: Arc<Self>,
+        req: Request<ProxyBody>,
+        client: ClientInfo,
+    ) -> (Response<ProxyBody>, Source) {
         let started = Instant::now();
         if let Err(e) = self.check_target(&req) {
-            return with_cache_status(e.into_response(), status::BYPASS);
+            return (
+                with_cache_status(e.into_response(), status::BYPASS),
+                Source::Outpost,
+            );
         }
         let mut req = req;
         if let Err(e) = normalize_uri(req.uri_mut()) {
-            return with_cache_status(e.into_response(), status::BYPASS);
+            return (
+                with_cache_status(e.into_response(), status::BYPASS),
+                Source::Outpost,
+            );
         }
         let path_and_query = req
             .uri()
@@ -108,13 +132,13 @@ impl Proxy {
             if req.uri().path()[self.config.proxy.reserved_prefix.len()..] == *"events"
                 && req.method() == Method::GET
             {
-                return self.app_events(&req);
+                return (self.app_events(&req), Source::Outpost);
             }
             let resp = self
                 .docs
                 .answer(req.method(), req.uri().path(), req.headers())
                 .await;
-            return with_cache_status(resp, status::BYPASS);
+            return (with_cache_status(resp, status::BYPASS), Source::Outpost);
         }
         let route = self.routes.resolve(req.method(), req.uri().path());
         let identity = if route.public {
@@ -168,7 +192,7 @@ impl Proxy {
             micros = elapsed.as_micros() as u64,
             "request"
         );
-        resp
+        (resp, ctx.source)
     }
 
     /// `GET /_outpost/events`: server-sent events of online/offline and of the caller's own
