@@ -183,14 +183,12 @@ impl Shared {
                 .arg(encode(&record)?)
                 .invoke_async(&mut conn)
                 .await?;
-            match answer {
-                1 => {
-                    self.confirm_replicas(&mut conn).await?;
-                    return Ok(true);
-                }
-                0 => return Ok(false),
-                -1 => continue,
-                other => return Err(unexpected("retry_pending", &Value::Int(other))),
+            match self
+                .operator_answer(&mut conn, "retry_pending", answer)
+                .await?
+            {
+                Some(done) => return Ok(done),
+                None => continue,
             }
         }
         Err(kept_changing("retry_pending", key))
@@ -243,17 +241,35 @@ impl Shared {
                 })
                 .invoke_async(&mut conn)
                 .await?;
-            match answer {
-                1 => {
-                    self.confirm_replicas(&mut conn).await?;
-                    return Ok(true);
-                }
-                0 => return Ok(false),
-                -1 => continue,
-                other => return Err(unexpected("drop_mutation", &Value::Int(other))),
+            match self
+                .operator_answer(&mut conn, "drop_mutation", answer)
+                .await?
+            {
+                Some(done) => return Ok(done),
+                None => continue,
             }
         }
         Err(kept_changing("drop_mutation", key))
+    }
+
+    /// What a compare-and-set operator script answered: `Some(true)` done (once the replicas
+    /// confirm it), `Some(false)` nothing to do, `None` the record changed meanwhile (read it
+    /// again).
+    async fn operator_answer(
+        &self,
+        conn: &mut Conn,
+        what: &'static str,
+        answer: i64,
+    ) -> Result<Option<bool>, StoreError> {
+        match answer {
+            1 => {
+                self.confirm_replicas(conn).await?;
+                Ok(Some(true))
+            }
+            0 => Ok(Some(false)),
+            -1 => Ok(None),
+            other => Err(unexpected(what, &Value::Int(other))),
+        }
     }
 
     /// Pending items per partition that holds any: one `ZCARD` per registered partition.

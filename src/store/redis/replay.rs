@@ -36,22 +36,9 @@ impl Shared {
     }
 
     pub(super) async fn pending_partitions_inner(&self) -> Result<Vec<String>, StoreError> {
-        let mut conn = self.conn.clone();
-        let registry = self.registry(&mut conn).await?;
-        if registry.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for (p, _) in &registry {
-            pipe.cmd("ZCARD").arg(self.keys.partition(p).queue());
-        }
-        let counts: Vec<u64> = pipe.query_async(&mut conn).await?;
-        Ok(registry
-            .into_iter()
-            .zip(counts)
-            .filter(|(_, n)| *n > 0)
-            .map(|((p, _), _)| p)
-            .collect())
+        // The partitions with a non-zero depth: the same one-ZCARD-per-partition read.
+        let depths = self.partition_depths_inner().await?;
+        Ok(depths.into_iter().map(|(p, _)| p).collect())
     }
 
     pub(super) async fn peek_inner(
