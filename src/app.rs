@@ -102,6 +102,7 @@ impl App {
                 config.proxy.record_max_body_bytes,
                 &config.proxy.record_redact_headers,
                 shutdown.clone(),
+                config.proxy.shutdown_grace,
             )?;
             parts.recorder = Some(recorder);
             recording = Some(writer);

@@ -20,7 +20,7 @@ pub mod report;
 use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -76,6 +76,9 @@ pub struct LoadtestArgs {
     /// How long to wait for the queue to drain.
     #[arg(long, value_parser = humantime_serde::re::humantime::parse_duration, default_value = "60s")]
     pub drain_timeout: Duration,
+    /// Extra CA certificates (PEM) to trust for an `https://` target, besides the system's.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
     /// Write the report as JSON to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -175,7 +178,7 @@ struct Shared {
     entries: Vec<HarEntry>,
     scheme: String,
     authority: String,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
     next: AtomicU64,
     limit: u64,
     deadline: Option<Instant>,
@@ -214,9 +217,9 @@ pub async fn run(args: LoadtestArgs) -> Result<bool, LoadtestError> {
             args.target
         )));
     };
-    if scheme != "http" {
+    if scheme != "http" && scheme != "https" {
         return Err(LoadtestError::Usage(format!(
-            "--target {}: only http:// targets are supported",
+            "--target {}: the scheme must be http or https",
             args.target
         )));
     }
@@ -241,8 +244,7 @@ pub async fn run(args: LoadtestArgs) -> Result<bool, LoadtestError> {
     };
     let start = Instant::now();
     let span_ms = entries.iter().map(|e| e.offset_ms).fold(0.0, f64::max) + 1.0;
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
+    let connector = connector(args.ca_file.as_deref())?;
     let shared = Arc::new(Shared {
         entries,
         scheme: scheme.to_owned(),
@@ -472,9 +474,39 @@ impl Shared {
     }
 }
 
+/// The load client's connector: plain HTTP, or TLS (HTTP/1.1 or HTTP/2 by ALPN) for an
+/// `https://` target.
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+fn connector(ca_file: Option<&Path>) -> Result<Connector, LoadtestError> {
+    use crate::upstream::SetupError;
+    let tls = crate::upstream::tls_config(ca_file).map_err(|e| {
+        LoadtestError::Usage(match e {
+            SetupError::CaFile { path, source } => {
+                format!("--ca-file {}: cannot read: {source}", path.display())
+            }
+            SetupError::CaCertificate { path, source } => {
+                format!("--ca-file {}: bad certificate: {source}", path.display())
+            }
+            SetupError::NoCertificates(path) => {
+                format!("--ca-file {}: no PEM certificates found", path.display())
+            }
+            other => format!("TLS set-up: {}", crate::error::report(&other)),
+        })
+    })?;
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(http))
+}
+
 /// Poll the admin `/status` until `queue_depth` is 0; when it was, or `None` at the deadline.
 async fn wait_for_drain(
-    client: &Client<HttpConnector, Full<Bytes>>,
+    client: &Client<Connector, Full<Bytes>>,
     admin: &str,
     timeout: Duration,
 ) -> Option<Instant> {

@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::{Bytes, BytesMut};
@@ -70,12 +70,14 @@ pub enum RecordError {
 
 impl Recorder {
     /// Create `path` (truncating it), write the HAR head, and return the recorder and the
-    /// writer task, which runs until `shutdown` and then closes the file.
+    /// writer task, which runs until `shutdown`, records what finishes within `grace` after
+    /// it (the requests the proxy is still answering), and then closes the file.
     pub fn start(
         path: &Path,
         max_body: u64,
         redact: &[String],
         shutdown: Shutdown,
+        grace: Duration,
     ) -> Result<
         (
             Arc<Recorder>,
@@ -102,7 +104,7 @@ impl Recorder {
             redact: redact.iter().map(|h| h.to_ascii_lowercase()).collect(),
         });
         let path = path.to_owned();
-        Ok((recorder, write_entries(file, path, rx, shutdown)))
+        Ok((recorder, write_entries(file, path, rx, shutdown, grace)))
     }
 
     /// Entries dropped because the writer lagged.
@@ -283,6 +285,7 @@ async fn write_entries(
     path: PathBuf,
     mut rx: mpsc::Receiver<Value>,
     shutdown: Shutdown,
+    grace: Duration,
 ) {
     let mut out = std::io::BufWriter::new(file);
     let mut first = true;
@@ -307,7 +310,16 @@ async fn write_entries(
             _ = shutdown.wait() => break,
         }
     }
+    // Requests still running in the shutdown grace are recorded as they finish: keep writing
+    // until every sender is gone (the proxies have stopped) or the grace is over.
     let mut res = Ok(());
+    let deadline = tokio::time::Instant::now() + grace;
+    while res.is_ok() {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(entry)) => res = write(&mut out, entry).and_then(|()| out.flush()),
+            Ok(None) | Err(_) => break,
+        }
+    }
     while let Ok(more) = rx.try_recv() {
         res = res.and_then(|()| write(&mut out, more));
     }

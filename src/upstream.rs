@@ -213,7 +213,7 @@ impl Upstream {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
-        let tls = tls_config(config)?;
+        let tls = tls_config(config.ca_file.as_deref())?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -468,20 +468,24 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             })
 }
 
-fn tls_config(config: &UpstreamConfig) -> Result<rustls::ClientConfig, SetupError> {
+/// The rustls client configuration outpost uses for `https://`: webpki and system roots, plus
+/// the PEM certificates of `ca_file` when given.
+pub(crate) fn tls_config(
+    ca_file: Option<&std::path::Path>,
+) -> Result<rustls::ClientConfig, SetupError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
         let _ = roots.add(cert);
     }
-    if let Some(path) = &config.ca_file {
+    if let Some(path) = ca_file {
         let pem = std::fs::read(path).map_err(|source| SetupError::CaFile {
-            path: path.clone(),
+            path: path.to_owned(),
             source,
         })?;
         let bad = |source: Box<dyn std::error::Error + Send + Sync>| SetupError::CaCertificate {
-            path: path.clone(),
+            path: path.to_owned(),
             source,
         };
         let mut added = 0;
@@ -491,7 +495,7 @@ fn tls_config(config: &UpstreamConfig) -> Result<rustls::ClientConfig, SetupErro
             added += 1;
         }
         if added == 0 {
-            return Err(SetupError::NoCertificates(path.clone()));
+            return Err(SetupError::NoCertificates(path.to_owned()));
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());

@@ -364,3 +364,94 @@ async fn two_outages_through_outpost_lose_nothing_and_apply_nothing_twice() {
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("mut. lost"), "{table}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_targets_replay_with_a_ca_file_and_a_bad_ca_file_is_a_usage_error() {
+    let upstream = Upstream::start_tls().await;
+    let dir = temp_dir();
+    let report = dir.path().join("report.json");
+    let ca = upstream.ca_pem_path().display().to_string();
+    let args = |ca_file: Option<&str>| {
+        let mut args = vec![
+            "loadtest".to_owned(),
+            "--har".into(),
+            fixture("chrome.har").display().to_string(),
+            "--target".into(),
+            upstream.url(),
+            "--report".into(),
+            report.display().to_string(),
+        ];
+        if let Some(ca) = ca_file {
+            args.extend(["--ca-file".to_owned(), ca.to_owned()]);
+        }
+        args
+    };
+    let out = outpost(args(Some(&ca))).await;
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let r = read_json(&report);
+    assert_eq!(r["requests"], 2, "{r}");
+    assert_eq!(r["errors"], 0, "{r}");
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 2, "both entries reached the TLS upstream");
+    let post = seen.iter().find(|r| r.method == "POST").expect("POST");
+    assert_eq!(post.body_str(), "{\"item\":\"tea\"}");
+
+    // Without the CA the certificate is not trusted: every request is an error, none arrives.
+    upstream.clear_requests();
+    let out = outpost(args(None)).await;
+    assert_eq!(read_json(&report)["errors"], 2, "{}", describe(&out));
+    assert!(upstream.requests().is_empty());
+
+    let missing = dir.path().join("no-such-ca.pem").display().to_string();
+    let out = outpost(args(Some(&missing))).await;
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--ca-file") && stderr.contains("no-such-ca.pem"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_answered_during_the_shutdown_grace_is_recorded() {
+    let upstream = Upstream::start().await;
+    let dir = temp_dir();
+    let har = dir.path().join("traffic.har");
+    let mut proxy = OutpostProcess::start(
+        &[
+            "--upstream",
+            &upstream.url(),
+            "--record",
+            &har.display().to_string(),
+        ],
+        &dir.path().join("data"),
+    )
+    .await;
+    // Stop outpost while the slow GET (3 s) is in flight.
+    let url = format!("{}/slow?ms=3000", proxy.url());
+    let slow = tokio::spawn(async move { common::client().get(url).send().await });
+    common::eventually(
+        Duration::from_secs(5),
+        "the slow GET reached the upstream",
+        || async { !upstream.requests_to("/slow").is_empty() },
+    )
+    .await;
+    assert!(!slow.is_finished(), "still in flight");
+    proxy.terminate();
+    let resp = slow
+        .await
+        .expect("join")
+        .expect("the slow GET is answered in the grace");
+    assert_eq!(resp.status(), 200);
+    let status = proxy.wait_exit().await;
+    assert!(status.success(), "{status:?}");
+    let text = std::fs::read_to_string(&har).expect("read HAR");
+    let har: Value = serde_json::from_str(&text).expect("the HAR is closed and parses");
+    let entries = har["log"]["entries"].as_array().expect("entries");
+    assert!(
+        entries.iter().any(|e| e["request"]["url"]
+            .as_str()
+            .is_some_and(|u| u.contains("/slow"))),
+        "the request finished in the grace is in the HAR: {text}"
+    );
+}
