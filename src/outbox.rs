@@ -529,7 +529,7 @@ fn valid_key(v: &HeaderValue) -> Result<String, ProxyError> {
 }
 
 /// A request body that could not be read: over `limit` (413), or broken (400).
-fn body_error(e: crate::body::BoxError, limit: u64) -> ProxyError {
+pub(crate) fn body_error(e: crate::body::BoxError, limit: u64) -> ProxyError {
     if e.downcast_ref::<http_body_util::LengthLimitError>()
         .is_some()
     {

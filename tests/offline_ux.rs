@@ -4,7 +4,9 @@
 //! [`OrdersApi`] keeps orders in memory (`GET /orders` → `{"items": [...]}`, `GET /orders/{id}`,
 //! `POST /orders`, `PUT|PATCH|DELETE /orders/{id}`), applies each `Idempotency-Key` once, and
 //! can be taken "down": new connections are closed at once and open ones are dropped, so
-//! outpost sees transport errors, as with a lost link.
+//! outpost sees transport errors, as with a lost link. It also speaks a little GraphQL
+//! (`POST /graphql`: a `mutation` document applies once per key, anything else is a query
+//! answered with a counter and its variables) and answers `QUERY /search` with its body.
 
 mod common;
 
@@ -52,6 +54,12 @@ struct State {
     next_id: u64,
     /// GET requests answered.
     gets: u64,
+    /// GraphQL queries answered.
+    graphql_reads: u64,
+    /// GraphQL mutations applied (each key once).
+    graphql_mutations: u64,
+    /// `QUERY` requests answered.
+    query_reads: u64,
 }
 
 /// A JSON orders API that can be taken down and brought back.
@@ -207,8 +215,19 @@ async fn handle(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+    if method.as_str() == "QUERY" {
+        s.query_reads += 1;
+        let n = s.query_reads;
+        return json_answer(
+            200,
+            &json!({"n": n, "search": String::from_utf8_lossy(&body)}),
+        );
+    }
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if path == "/graphql" {
+        return graphql_answer(&mut s, &body, key.as_deref());
+    }
     if method == Method::GET {
         s.gets += 1;
     }
@@ -257,6 +276,29 @@ async fn handle(
         }
         _ => json_answer(404, &json!({"error": "not found"})),
     }
+}
+
+/// The test upstream's GraphQL: a `mutation` applies once per idempotency key; anything else
+/// is a query, answered with a counter (which answer is this?) and its variables.
+fn graphql_answer(s: &mut State, body: &Value, key: Option<&str>) -> Response<Full<Bytes>> {
+    let query = body["query"].as_str().unwrap_or("");
+    if query.trim_start().starts_with("mutation") {
+        if let Some(key) = key
+            && !s.keys.insert(key.to_owned())
+        {
+            return json_answer(200, &json!({"data": {"replayed": key}}));
+        }
+        s.graphql_mutations += 1;
+        return json_answer(
+            200,
+            &json!({"data": {"addOrder": {"id": s.graphql_mutations}}}),
+        );
+    }
+    s.graphql_reads += 1;
+    json_answer(
+        200,
+        &json!({"data": {"n": s.graphql_reads, "variables": body["variables"]}}),
+    )
 }
 
 struct Setup {
@@ -310,22 +352,28 @@ impl Setup {
                 .body(body.to_string());
         }
         let resp = req.send().await.expect("request through outpost");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let text = resp.text().await.expect("body");
-        Reply {
-            status,
-            pending: headers
-                .get("outpost-pending")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
-            cache_status: headers
-                .get("cache-status")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned(),
-            body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        }
+        Reply::of(resp).await
+    }
+
+    /// A request with a raw body and content type.
+    async fn send_raw(
+        &self,
+        who: &str,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: &str,
+    ) -> Reply {
+        let resp = self
+            .http
+            .request(method, format!("{}{path}", self.outpost.url()))
+            .header("Authorization", format!("Bearer {who}"))
+            .header("Content-Type", content_type)
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("request through outpost");
+        Reply::of(resp).await
     }
 
     async fn get(&self, who: &str, path: &str) -> Reply {
@@ -358,9 +406,35 @@ impl Setup {
     }
 }
 
+impl Reply {
+    async fn of(resp: reqwest::Response) -> Reply {
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.expect("body");
+        Reply {
+            status,
+            key: headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            pending: headers
+                .get("outpost-pending")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            cache_status: headers
+                .get("cache-status")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned(),
+            body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Reply {
     status: u16,
+    key: Option<String>,
     pending: Option<String>,
     cache_status: String,
     body: Value,
@@ -673,4 +747,173 @@ async fn a_warmed_url_is_served_offline_without_the_app_having_asked() {
     assert_eq!(r.body["qty"], 2, "{r:?}");
     let other = s.get("bob", "/orders/2").await;
     assert_eq!(other.status, 504, "warmed for alice only: {other:?}");
+}
+
+const GRAPHQL_ROUTE: &str = "[[route]]\nname = \"graphql\"\npath = \"/graphql\"\ngraphql = true\n";
+
+fn graphql(query: &str, variables: Value) -> String {
+    json!({"query": query, "variables": variables}).to_string()
+}
+
+/// Issue #19 point 4: on a `graphql = true` route a query over POST is a read (cached under
+/// its normalised body, per caller, served offline) and a mutation a write (queued offline,
+/// applied once); `QUERY` is a read with a body on every route.
+#[tokio::test]
+async fn a_graphql_query_over_post_is_served_offline_and_a_mutation_is_queued() {
+    let s = Setup::start_with("", GRAPHQL_ROUTE).await;
+    let json = "application/json";
+    let query = "query Orders($min: Int) { orders(min: $min) { id qty } }";
+    // The same request laid out differently: comments, commas, whitespace, key order.
+    let same = r##"{"variables": {"min": 1}, "query": "# mine\nquery Orders( $min :Int ){\n  orders(min: $min) { id, qty }\n}"}"##;
+    assert_eq!(s.get("alice", "/orders").await.status, 200);
+    let first = s
+        .send_raw(
+            "alice",
+            Method::POST,
+            "/graphql",
+            json,
+            &graphql(query, json!({"min": 1})),
+        )
+        .await;
+    assert_eq!(first.status, 200, "{first:?}");
+    assert!(first.cache_status.contains("stored"), "{first:?}");
+    assert_eq!(first.body["data"]["n"], 1, "{first:?}");
+    assert_eq!(
+        first.key, None,
+        "a read carries no idempotency key: {first:?}"
+    );
+    let search = s
+        .send_raw(
+            "alice",
+            Method::from_bytes(b"QUERY").expect("QUERY"),
+            "/search",
+            "text/plain",
+            "qty > 1",
+        )
+        .await;
+    assert_eq!(search.status, 200, "{search:?}");
+    assert!(search.cache_status.contains("stored"), "{search:?}");
+    assert_eq!(search.body, json!({"n": 1, "search": "qty > 1"}));
+
+    s.go_offline("alice", "/orders").await;
+    let offline = s
+        .send_raw("alice", Method::POST, "/graphql", json, same)
+        .await;
+    assert_eq!(offline.status, 200, "{offline:?}");
+    assert!(
+        offline.cache_status.contains("hit; detail=offline"),
+        "{offline:?}"
+    );
+    assert_eq!(offline.body, first.body, "the stored answer: {offline:?}");
+    let other_variables = s
+        .send_raw(
+            "alice",
+            Method::POST,
+            "/graphql",
+            json,
+            &graphql(query, json!({"min": 2})),
+        )
+        .await;
+    assert_eq!(other_variables.status, 504, "{other_variables:?}");
+    assert_eq!(other_variables.body["cached"], false, "{other_variables:?}");
+    let theirs = s
+        .send_raw("bob", Method::POST, "/graphql", json, same)
+        .await;
+    assert_eq!(
+        theirs.status, 504,
+        "alice's answer is not bob's: {theirs:?}"
+    );
+    let query_method = Method::from_bytes(b"QUERY").expect("QUERY");
+    let again = s
+        .send_raw(
+            "alice",
+            query_method.clone(),
+            "/search",
+            "text/plain",
+            "qty > 1",
+        )
+        .await;
+    assert_eq!(again.status, 200, "{again:?}");
+    assert!(again.cache_status.contains("detail=offline"), "{again:?}");
+    assert_eq!(again.body, search.body);
+    let other_search = s
+        .send_raw(
+            "alice",
+            query_method.clone(),
+            "/search",
+            "text/plain",
+            "qty > 2",
+        )
+        .await;
+    assert_eq!(other_search.status, 504, "{other_search:?}");
+    let bobs_search = s
+        .send_raw("bob", query_method, "/search", "text/plain", "qty > 1")
+        .await;
+    assert_eq!(bobs_search.status, 504, "{bobs_search:?}");
+    let subscription = s
+        .send_raw(
+            "alice",
+            Method::POST,
+            "/graphql",
+            json,
+            &graphql("subscription { changed { id } }", Value::Null),
+        )
+        .await;
+    assert_eq!(subscription.status, 504, "passed through: {subscription:?}");
+
+    // A mutation is queued (and so is a body that is not a GraphQL request).
+    let mutation = s
+        .send_raw(
+            "alice",
+            Method::POST,
+            "/graphql",
+            json,
+            &graphql("mutation Add { addOrder(qty: 9) { id } }", Value::Null),
+        )
+        .await;
+    assert_eq!(mutation.status, 202, "{mutation:?}");
+    assert!(mutation.key.is_some(), "{mutation:?}");
+    let mine = s.get("alice", "/_outpost/mutations").await;
+    let listed = mine.body["mutations"].as_array().expect("mutations");
+    assert_eq!(listed.len(), 1, "{mine:?}");
+    assert_eq!(listed[0]["path"], "/graphql", "{mine:?}");
+    let not_graphql = s
+        .send_raw(
+            "alice",
+            Method::POST,
+            "/graphql",
+            json,
+            r#"{"query": "{ broken"}"#,
+        )
+        .await;
+    assert_eq!(not_graphql.status, 202, "an ordinary POST: {not_graphql:?}");
+    assert_eq!(s.queue_depth().await, 2);
+
+    s.api.set_up(true);
+    eventually(TIMEOUT, "the outbox drained", || async {
+        s.queue_depth().await == 0
+    })
+    .await;
+    let state = |f: fn(&State) -> u64| f(&s.api.state.lock().unwrap_or_else(|e| e.into_inner()));
+    assert_eq!(
+        state(|s| s.graphql_mutations),
+        1,
+        "the mutation applied once"
+    );
+    let key = mutation.key.expect("key");
+    let doc = s.get("alice", &format!("/_outpost/mutations/{key}")).await;
+    assert_eq!(doc.body["status"], "succeeded", "{doc:?}");
+    // Queries never went upstream while it was down, and now go again (network-first).
+    assert_eq!(
+        state(|s| s.graphql_reads),
+        2,
+        "the broken one was replayed as a POST"
+    );
+    let fresh = s
+        .send_raw("alice", Method::POST, "/graphql", json, same)
+        .await;
+    assert_eq!(fresh.status, 200, "{fresh:?}");
+    assert!(fresh.cache_status.contains("stored"), "{fresh:?}");
+    assert_eq!(fresh.body["data"]["n"], 3, "{fresh:?}");
+    assert_eq!(state(|s| s.query_reads), 1);
 }
