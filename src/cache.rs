@@ -6,9 +6,10 @@
 //!   routes) + for reads with a body (GraphQL queries over POST, `QUERY`) a digest of the
 //!   normalised body ([`crate::graphql`]), and then the request's values of the headers
 //!   named by the stored response's `Vary`.
-//! - **Policy**: only answers to GET (and to reads with a body) with a cacheable status are stored; `no-store` (request or
-//!   response) never is; `Vary: *` never is; `private` answers only under an identity key;
-//!   on public routes answers that set cookies are not stored, and stored copies never
+//! - **Policy**: only answers to GET (and to reads with a body) with a cacheable status are
+//!   stored; `no-store` (request or response) never is; `Vary: *` never is; `private`
+//!   answers only under an identity key; on public routes answers that set cookies are not
+//!   stored, and stored copies never
 //!   replay `Set-Cookie`. Freshness: `s-maxage`/`max-age`/`Expires`, else the route's TTL;
 //!   `no-cache` makes a copy stale at once (it is still served while offline).
 //! - **Tiers**: a moka cache in memory, weighted by bytes, over the store's durable tier (redb

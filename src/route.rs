@@ -522,6 +522,27 @@ mod tests {
     }
 
     #[test]
+    fn graphql_routes_take_posts_and_cache() {
+        let err =
+            parse_config("[[route]]\npath = \"/graphql\"\nmethods = [\"GET\"]\ngraphql = true\n")
+                .expect_err("no POST");
+        assert_eq!(err.key.as_deref(), Some("route[0].graphql"));
+        assert_eq!(err.line, Some(4));
+        assert!(err.message.contains("POST"), "{err}");
+        let err = parse_config(
+            "[[route]]\npath = \"/graphql\"\nread = \"network-only\"\ngraphql = true\n",
+        )
+        .expect_err("never cached");
+        assert_eq!(err.key.as_deref(), Some("route[0].graphql"));
+        let (_, table) = parse(
+            "[[route]]\npath = \"/graphql\"\nmethods = [\"POST\", \"GET\"]\ngraphql = true\n",
+        )
+        .expect("valid");
+        assert!(table.resolve(&Method::POST, "/graphql").graphql);
+        assert!(!table.resolve(&Method::POST, "/other").graphql);
+    }
+
+    #[test]
     fn first_matching_route_wins() {
         let config = Config::parse(
             "[[route]]\nname=\"items\"\nmethods=[\"GET\"]\npath=\"/api/*/items\"\nread=\"cache-first\"\n\
