@@ -73,7 +73,7 @@ impl Proxy {
             cache,
             outbox,
             docs: parts.docs.clone(),
-            pending: PendingWrites::new(parts.store.clone()),
+            pending: PendingWrites::new(parts.store.clone(), parts.activity.clone()),
             events: parts.events.clone(),
             shutdown: Shutdown::new(),
             metrics: parts.metrics.clone(),

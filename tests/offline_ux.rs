@@ -71,6 +71,10 @@ struct OrdersApi {
     applied: Arc<AtomicU64>,
     /// How long every answer waits (ms): a slow link.
     delay_ms: Arc<AtomicU64>,
+    /// While true, mutations wait (reads do not): a write that takes as long as the test wants.
+    hold_writes: watch::Sender<bool>,
+    /// How many of the next mutations get a `503` without being applied.
+    fail_writes: Arc<AtomicU64>,
 }
 
 impl OrdersApi {
@@ -88,12 +92,16 @@ impl OrdersApi {
         let (up, _) = watch::channel(true);
         let applied = Arc::new(AtomicU64::new(0));
         let delay_ms = Arc::new(AtomicU64::new(0));
+        let (hold_writes, _) = watch::channel(false);
+        let fail_writes = Arc::new(AtomicU64::new(0));
         let api = OrdersApi {
             addr,
             state: state.clone(),
             up: up.clone(),
             applied: applied.clone(),
             delay_ms: delay_ms.clone(),
+            hold_writes: hold_writes.clone(),
+            fail_writes: fail_writes.clone(),
         };
         let mut listener = Some(listener);
         tokio::spawn(async move {
@@ -125,13 +133,32 @@ impl OrdersApi {
                     let state = state.clone();
                     let applied = applied.clone();
                     let delay_ms = delay_ms.clone();
+                    let hold_writes = hold_writes.clone();
+                    let fail_writes = fail_writes.clone();
                     tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |req| {
+                        let service = hyper::service::service_fn(move |req: Request<_>| {
                             let state = state.clone();
                             let applied = applied.clone();
                             let delay = Duration::from_millis(delay_ms.load(Ordering::SeqCst));
+                            let mut hold = hold_writes.subscribe();
+                            let fail_writes = fail_writes.clone();
                             async move {
                                 tokio::time::sleep(delay).await;
+                                let write = !matches!(*req.method(), Method::GET | Method::HEAD);
+                                if write {
+                                    let _ = hold.wait_for(|held| !*held).await;
+                                    let fail = fail_writes.fetch_update(
+                                        Ordering::SeqCst,
+                                        Ordering::SeqCst,
+                                        |n| n.checked_sub(1),
+                                    );
+                                    if fail.is_ok() {
+                                        return Ok::<_, Infallible>(json_answer(
+                                            503,
+                                            &json!({"error": "try later"}),
+                                        ));
+                                    }
+                                }
                                 Ok::<_, Infallible>(handle(req, &state, &applied).await)
                             }
                         });
@@ -426,6 +453,10 @@ impl Reply {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_owned(),
+            content_length: headers
+                .get("content-length")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
             body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
         }
     }
@@ -437,6 +468,7 @@ struct Reply {
     key: Option<String>,
     pending: Option<String>,
     cache_status: String,
+    content_length: Option<String>,
     body: Value,
 }
 
@@ -916,4 +948,144 @@ async fn a_graphql_query_over_post_is_served_offline_and_a_mutation_is_queued() 
     assert!(fresh.cache_status.contains("stored"), "{fresh:?}");
     assert_eq!(fresh.body["data"]["n"], 3, "{fresh:?}");
     assert_eq!(state(|s| s.query_reads), 1);
+}
+
+/// HEAD on an overlay route answers as the GET would (status, `Outpost-Pending`, the overlaid
+/// body's length), without a body.
+#[tokio::test]
+async fn head_requests_reflect_the_callers_pending_writes() {
+    let s = Setup::start("").await;
+    for path in ["/orders", "/orders/1", "/orders/2"] {
+        assert_eq!(s.get("alice", path).await.status, 200);
+        assert_eq!(s.get("bob", path).await.status, 200);
+    }
+    s.go_offline("alice", "/orders").await;
+    let deleted = s.send("alice", Method::DELETE, "/orders/2", None).await;
+    assert_eq!(deleted.status, 202, "{deleted:?}");
+    let posted = s
+        .send(
+            "alice",
+            Method::POST,
+            "/orders",
+            Some(json!({"id": "n1", "qty": 3})),
+        )
+        .await;
+    assert_eq!(posted.status, 202, "{posted:?}");
+
+    let gone = s.send("alice", Method::HEAD, "/orders/2", None).await;
+    assert_eq!(gone.status, 404, "{gone:?}");
+    assert_eq!(gone.pending.as_deref(), Some("1"), "{gone:?}");
+    assert_eq!(gone.body, json!(""), "no body: {gone:?}");
+    let list = s.get("alice", "/orders").await;
+    assert_eq!(ids(&list.body), ["1", "n1"], "{list:?}");
+    let head = s.send("alice", Method::HEAD, "/orders", None).await;
+    assert_eq!(head.status, 200, "{head:?}");
+    assert_eq!(head.pending.as_deref(), Some("2"), "{head:?}");
+    assert!(head.cache_status.contains("detail=offline"), "{head:?}");
+    assert_eq!(head.body, json!(""), "no body: {head:?}");
+    assert_eq!(
+        head.content_length,
+        Some(list.body.to_string().len().to_string()),
+        "the overlaid GET's length: {head:?} vs {list:?}"
+    );
+    let created = s.send("alice", Method::HEAD, "/orders/n1", None).await;
+    assert_eq!(created.status, 200, "{created:?}");
+    assert_eq!(created.pending.as_deref(), Some("1"), "{created:?}");
+    // Nothing pending there, or for that caller: the plain cached answer.
+    let untouched = s.send("alice", Method::HEAD, "/orders/1", None).await;
+    assert_eq!(untouched.status, 200, "{untouched:?}");
+    assert_eq!(untouched.pending, None, "{untouched:?}");
+    let theirs = s.send("bob", Method::HEAD, "/orders/2", None).await;
+    assert_eq!(theirs.status, 200, "{theirs:?}");
+    assert_eq!(theirs.pending, None, "{theirs:?}");
+}
+
+/// A write answered `202` by `write_timeout` is pending for its caller (overlaid, listed,
+/// `in_flight`) until its forward settles; a transient answer after the 202 queues it instead
+/// of losing it.
+#[tokio::test]
+async fn a_write_still_settling_after_its_202_is_pending_for_its_caller() {
+    let s = Setup::start("write_timeout = \"300ms\"\n").await;
+    assert_eq!(s.get("alice", "/orders").await.status, 200);
+    s.api.hold_writes.send_replace(true);
+    let patch = |key: &'static str, qty: u64| {
+        s.http
+            .patch(format!("{}/orders/1", s.outpost.url()))
+            .header("Authorization", "Bearer alice")
+            .header("Idempotency-Key", key)
+            .header("Content-Type", "application/json")
+            .body(json!({ "qty": qty }).to_string())
+            .send()
+    };
+    let resp = patch("settle-1", 8).await.expect("patch");
+    assert_eq!(
+        resp.status(),
+        202,
+        "held upstream: answered after write_timeout"
+    );
+
+    let item = s.get("alice", "/orders/1").await;
+    assert_eq!(item.status, 200, "{item:?}");
+    assert_eq!(item.body["qty"], 8, "overlaid while settling: {item:?}");
+    assert_eq!(item.pending.as_deref(), Some("1"), "{item:?}");
+    assert!(item.cache_status.contains("detail=overlay"), "{item:?}");
+    let list = s.get("alice", "/orders").await;
+    assert_eq!(find(&list.body, "1").expect("1")["qty"], 8, "{list:?}");
+    let head = s.send("alice", Method::HEAD, "/orders/1", None).await;
+    assert_eq!(head.pending.as_deref(), Some("1"), "{head:?}");
+    let mine = s.get("alice", "/_outpost/mutations").await;
+    let listed = mine.body["mutations"]
+        .as_array()
+        .expect("mutations")
+        .clone();
+    assert_eq!(listed.len(), 1, "{mine:?}");
+    assert_eq!(listed[0]["idempotency_key"], "settle-1");
+    assert_eq!(listed[0]["status"], "in_flight");
+    assert_eq!(listed[0]["method"], "PATCH");
+    let doc = s.get("alice", "/_outpost/mutations/settle-1").await;
+    assert_eq!(doc.status, 200, "{doc:?}");
+    assert_eq!(doc.body["status"], "in_flight", "{doc:?}");
+    // Another caller sees none of it.
+    assert_eq!(s.get("bob", "/orders/1").await.body["qty"], 1);
+    assert_eq!(s.get("bob", "/orders/1").await.pending, None);
+    let theirs = s.get("bob", "/_outpost/mutations").await;
+    assert_eq!(theirs.body["mutations"], json!([]), "{theirs:?}");
+    assert_eq!(
+        s.get("bob", "/_outpost/mutations/settle-1").await.status,
+        404
+    );
+
+    s.api.hold_writes.send_replace(false);
+    eventually(TIMEOUT, "the write settled", || async {
+        s.get("alice", "/_outpost/mutations/settle-1").await.body["status"] == "succeeded"
+    })
+    .await;
+    assert_eq!(s.api.applied.load(Ordering::SeqCst), 1);
+    let item = s.get("alice", "/orders/1").await;
+    assert_eq!(item.body["qty"], 8, "the upstream's own answer: {item:?}");
+    assert_eq!(item.pending, None, "{item:?}");
+    let mine = s.get("alice", "/_outpost/mutations").await;
+    assert_eq!(mine.body["mutations"], json!([]), "{mine:?}");
+
+    // The upstream answers 503 after the 202: the write is queued and replayed, once.
+    s.api.fail_writes.store(1, Ordering::SeqCst);
+    s.api.hold_writes.send_replace(true);
+    let resp = patch("settle-2", 9).await.expect("patch");
+    assert_eq!(resp.status(), 202);
+    s.api.hold_writes.send_replace(false);
+    eventually(TIMEOUT, "the 503 replayed", || async {
+        s.get("alice", "/_outpost/mutations/settle-2").await.body["status"] == "succeeded"
+    })
+    .await;
+    assert_eq!(
+        s.api.fail_writes.load(Ordering::SeqCst),
+        0,
+        "the 503 was sent"
+    );
+    assert_eq!(
+        s.api.applied.load(Ordering::SeqCst),
+        2,
+        "applied once after the 503"
+    );
+    assert_eq!(s.api.order("1").expect("1")["qty"], 9);
 }
