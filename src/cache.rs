@@ -238,7 +238,8 @@ pub struct Storable {
     pub initial_age_s: u64,
 }
 
-/// Decide whether an answer to a GET may be stored (see the module docs).
+/// Decide whether an answer to a GET (or to a read with a body) may be stored (see the module
+/// docs).
 pub fn storable(
     request: &HeaderMap,
     status: StatusCode,

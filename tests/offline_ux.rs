@@ -1089,3 +1089,43 @@ async fn a_write_still_settling_after_its_202_is_pending_for_its_caller() {
     );
     assert_eq!(s.api.order("1").expect("1")["qty"], 9);
 }
+
+/// A GraphQL query on a stale-while-revalidate route is refreshed in the background with its
+/// own method and body (not as a bodiless GET), under its own key.
+#[tokio::test]
+async fn a_stale_graphql_query_is_revalidated_with_its_body() {
+    let s = Setup::start_with(
+        "",
+        "[[route]]\nname = \"graphql\"\npath = \"/graphql\"\ngraphql = true\n\
+         read = \"stale-while-revalidate\"\ncache_ttl = \"0s\"\n",
+    )
+    .await;
+    let body = graphql(
+        "query Q($min: Int) { orders(min: $min) { id } }",
+        json!({"min": 1}),
+    );
+    let ask = || s.send_raw("alice", Method::POST, "/graphql", "application/json", &body);
+    let first = ask().await;
+    assert!(first.cache_status.contains("stored"), "{first:?}");
+    assert_eq!(first.body["data"]["n"], 1, "{first:?}");
+    let stale = ask().await;
+    assert!(
+        stale.cache_status.contains("stale-while-revalidate"),
+        "{stale:?}"
+    );
+    assert_eq!(stale.body, first.body, "{stale:?}");
+    eventually(TIMEOUT, "the background refresh stored", || async {
+        ask().await.body["data"]["n"].as_u64().unwrap_or(0) >= 2
+    })
+    .await;
+    let refreshed = ask().await;
+    assert!(
+        refreshed.body["data"]["n"].as_u64().unwrap_or(0) >= 2,
+        "{refreshed:?}"
+    );
+    assert_eq!(
+        refreshed.body["data"]["variables"],
+        json!({"min": 1}),
+        "refreshed with the query's own body: {refreshed:?}"
+    );
+}
