@@ -1129,3 +1129,46 @@ async fn a_stale_graphql_query_is_revalidated_with_its_body() {
         "refreshed with the query's own body: {refreshed:?}"
     );
 }
+
+/// Bodies are looked at up to `queue.max_body_bytes`: a larger GraphQL POST is a write (it
+/// streams through online, `413` when it would have to be queued) and a larger `QUERY` is
+/// forwarded uncached (`504` offline).
+#[tokio::test]
+async fn reads_with_a_body_keep_the_body_limits() {
+    let s = Setup::start_with(
+        "",
+        &format!("{GRAPHQL_ROUTE}\n[queue]\nmax_body_bytes = 2048\n"),
+    )
+    .await;
+    let json = "application/json";
+    let big = graphql(
+        &format!(
+            "query {{ orders(note: \"{}\") {{ id }} }}",
+            "x".repeat(4096)
+        ),
+        Value::Null,
+    );
+    let query_method = Method::from_bytes(b"QUERY").expect("QUERY");
+    let online = s
+        .send_raw("alice", Method::POST, "/graphql", json, &big)
+        .await;
+    assert_eq!(online.status, 200, "streamed through: {online:?}");
+    assert!(!online.cache_status.contains("stored"), "{online:?}");
+    let search = s
+        .send_raw("alice", query_method.clone(), "/search", "text/plain", &big)
+        .await;
+    assert_eq!(search.status, 200, "{search:?}");
+    assert!(search.cache_status.contains("bypass"), "{search:?}");
+    assert_eq!(s.get("alice", "/orders").await.status, 200);
+
+    s.go_offline("alice", "/orders").await;
+    let refused = s
+        .send_raw("alice", Method::POST, "/graphql", json, &big)
+        .await;
+    assert_eq!(refused.status, 413, "too large to queue: {refused:?}");
+    let search = s
+        .send_raw("alice", query_method, "/search", "text/plain", &big)
+        .await;
+    assert_eq!(search.status, 504, "{search:?}");
+    assert_eq!(s.queue_depth().await, 0, "nothing queued");
+}
