@@ -3,11 +3,13 @@
 //! - **Key**: method (HEAD shares GET's entries) + the host the app asked for (forwarded as
 //!   `X-Forwarded-Host`, so the upstream may answer by it) + path and query (dot-segments
 //!   removed) + the caller's [`Identity`] (the route's identity headers; none on public
-//!   routes), and then the request's values of the headers
+//!   routes) + for reads with a body (GraphQL queries over POST, `QUERY`) a digest of the
+//!   normalised body ([`crate::graphql`]), and then the request's values of the headers
 //!   named by the stored response's `Vary`.
-//! - **Policy**: only GET answers with a cacheable status are stored; `no-store` (request or
-//!   response) never is; `Vary: *` never is; `private` answers only under an identity key;
-//!   on public routes answers that set cookies are not stored, and stored copies never
+//! - **Policy**: only answers to GET (and to reads with a body) with a cacheable status are
+//!   stored; `no-store` (request or response) never is; `Vary: *` never is; `private`
+//!   answers only under an identity key; on public routes answers that set cookies are not
+//!   stored, and stored copies never
 //!   replay `Set-Cookie`. Freshness: `s-maxage`/`max-age`/`Expires`, else the route's TTL;
 //!   `no-cache` makes a copy stale at once (it is still served while offline).
 //! - **Tiers**: a moka cache in memory, weighted by bytes, over the store's durable tier (redb
@@ -64,6 +66,16 @@ impl PrimaryKey {
         h.update(path_and_query.as_bytes());
         h.update(b"\0");
         h.update(identity.0);
+        PrimaryKey(h.finalize().into())
+    }
+
+    /// The key of a read that carries a body (a GraphQL query over POST, `QUERY`): this key
+    /// with the digest of the (normalised) body, so each body has entries of its own.
+    pub fn with_body(&self, digest: &[u8; 32]) -> Self {
+        let mut h = Sha256::new();
+        h.update(self.0);
+        h.update(b"\0body\0");
+        h.update(digest);
         PrimaryKey(h.finalize().into())
     }
 
@@ -226,7 +238,8 @@ pub struct Storable {
     pub initial_age_s: u64,
 }
 
-/// Decide whether an answer to a GET may be stored (see the module docs).
+/// Decide whether an answer to a GET (or to a read with a body) may be stored (see the module
+/// docs).
 pub fn storable(
     request: &HeaderMap,
     status: StatusCode,

@@ -549,6 +549,9 @@ pub struct RouteConfig {
     /// settles in the background (never sent twice). Unset: the app waits for the answer.
     #[serde(with = "humantime_serde::option")]
     pub write_timeout: Option<Duration>,
+    /// GraphQL over POST: a POST whose operation is a `query` is a read (cached under a hash of
+    /// the normalised body); a `mutation` is a write.
+    pub graphql: bool,
 }
 
 /// What a route does when the upstream answers a replayed mutation with a conflict.

@@ -107,6 +107,17 @@ pub struct RequestContext {
     pub source: Source,
     /// When the request arrived.
     pub started: Instant,
+    /// A read that carries a body (a GraphQL query over POST, `QUERY`), buffered.
+    pub read_body: Option<ReadBody>,
+}
+
+/// The body of a read that carries one: what is forwarded, and what its cache key holds.
+#[derive(Debug, Clone)]
+pub struct ReadBody {
+    /// The body as the app sent it (forwarded unchanged).
+    pub bytes: bytes::Bytes,
+    /// The digest of its normalised form (see [`crate::graphql`]).
+    pub digest: [u8; 32],
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@
 //! 3. Reads (GET, HEAD) go upstream through [`upstream`] and are stored in [`cache`]; while
 //!    [`health`] says the upstream is unreachable they are answered from the cache; on
 //!    `overlay` routes [`overlay`] applies the caller's pending writes to JSON answers.
+//!    GraphQL queries over POST (`graphql = true` routes) and `QUERY` requests are reads too,
+//!    keyed by their body ([`graphql`]).
 //! 4. Mutations go upstream while it answers; otherwise [`outbox`] stores them durably in the
 //!    [`store`] (embedded redb, or Redis shared by several instances) and answers 202.
 //! 5. [`replay`] drains the outbox per partition, in order, with backoff and a rate limit, and
@@ -31,6 +33,7 @@ pub mod credentials;
 pub mod demo;
 pub mod error;
 pub mod events;
+pub mod graphql;
 pub mod health;
 pub mod loadtest;
 pub mod metrics;

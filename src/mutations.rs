@@ -89,7 +89,11 @@ impl MutationDocs {
         }
         let key = percent_decode_str(encoded).decode_utf8_lossy().to_string();
         let caller = self.owner(headers);
-        match self.store.mutation(&key).await {
+        let found = match self.store.mutation(&key).await {
+            Ok(None) => Ok(self.activity.settling_record(&key)),
+            other => other,
+        };
+        match found {
             // Only the caller that sent it sees it (the operator sees all on the admin API).
             Ok(Some(record)) if record.identity == Some(caller.0) => {
                 json_response(StatusCode::OK, &self.document(&record))
@@ -100,7 +104,8 @@ impl MutationDocs {
     }
 
     /// `GET /_outpost/mutations`: the caller's own pending mutations, oldest first, as
-    /// `{"mutations": [document + "method", "path"]}`.
+    /// `{"mutations": [document + "method", "path"]}`: forwards still settling after a
+    /// `write_timeout` 202 (`in_flight`), then the queued ones.
     async fn list_pending(&self, method: &Method, headers: &HeaderMap) -> Response<ProxyBody> {
         if method != Method::GET && method != Method::HEAD {
             return json_response(
@@ -109,22 +114,31 @@ impl MutationDocs {
             );
         }
         let caller = self.owner(headers);
-        let mut records = Vec::new();
+        let mut records: Vec<MutationRecord> = self
+            .activity
+            .settling()
+            .into_iter()
+            .filter(|r| r.identity == Some(caller.0))
+            .collect();
+        let settling = records.len();
         let partitions = match self.store.pending_partitions().await {
             Ok(p) => p,
             Err(e) => return ProxyError::NotStored(e).into_response(),
         };
         for partition in partitions {
             match self.store.peek(&partition, LIST_LIMIT).await {
-                Ok(found) => records.extend(
-                    found
-                        .into_iter()
-                        .filter(|r| r.status.is_pending() && r.identity == Some(caller.0)),
-                ),
+                Ok(found) => {
+                    for r in found {
+                        let listed = records[..settling].iter().any(|s| s.key == r.key);
+                        if r.status.is_pending() && r.identity == Some(caller.0) && !listed {
+                            records.push(r);
+                        }
+                    }
+                }
                 Err(e) => return ProxyError::NotStored(e).into_response(),
             }
         }
-        records.sort_by_key(|r| r.seq);
+        records[settling..].sort_by_key(|r| r.seq);
         let list: Vec<serde_json::Value> = records
             .iter()
             .map(|r| {
@@ -144,6 +158,7 @@ impl MutationDocs {
     pub fn event_filter(&self, headers: &HeaderMap) -> EventFilter {
         let owner = self.owner(headers);
         let store = self.store.clone();
+        let activity = self.activity.clone();
         let known: Arc<Mutex<HashMap<String, bool>>> = Arc::default();
         Arc::new(move |event: &Event| {
             let key = match event {
@@ -159,15 +174,17 @@ impl MutationDocs {
             };
             let store = store.clone();
             let known = known.clone();
+            let activity = activity.clone();
             Box::pin(async move {
                 let cached = known.lock().ok().and_then(|k| k.get(&key).copied());
                 if let Some(mine) = cached {
                     return mine;
                 }
-                let mine = matches!(
-                    store.mutation(&key).await,
-                    Ok(Some(r)) if r.identity == Some(owner.0)
-                );
+                let record = match store.mutation(&key).await {
+                    Ok(None) => activity.settling_record(&key),
+                    found => found.ok().flatten(),
+                };
+                let mine = record.is_some_and(|r| r.identity == Some(owner.0));
                 if let Ok(mut k) = known.lock() {
                     // Bounded: a long-lived stream forgets what it learnt rather than grow.
                     if k.len() >= 4096 {

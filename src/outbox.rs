@@ -220,6 +220,13 @@ impl Outbox {
         // that its retry with the same key gets the answer instead of a second send.
         let this = self.clone();
         let rules = ctx.route.classify.clone();
+        let detachable = ctx.route.write_timeout.is_some() && mode != WriteMode::PassThrough;
+        let guard = if detachable {
+            self.activity.forwarding(&record);
+            guard.settles(self.activity.clone())
+        } else {
+            guard
+        };
         let mut forward = tokio::spawn(async move {
             this.forward_and_record(record, fingerprint, mode, rules, guard)
                 .await
@@ -234,12 +241,21 @@ impl Outbox {
                     ctx.source = source;
                     return result;
                 }
-                Err(_) => {
+                Err(_) if self.activity.acknowledge(&key) => {
                     // The forward goes on in its task and settles under the key (its answer
-                    // kept, or queued when none comes): the app's retry with the key finds it.
+                    // kept, or queued when none or a transient one comes): the app's retry
+                    // with the key finds it, and until then it is pending for the app.
                     tracing::info!(key = %key, "forward slower than write_timeout; answered 202");
                     ctx.source = Source::Queued;
                     return Ok(self.accepted_response(&key));
+                }
+                Err(_) => {
+                    // The answer came just now: the app gets it, not a 202.
+                    let (result, source) = forward
+                        .await
+                        .map_err(|e| ProxyError::BadGateway(format!("forward task failed: {e}")))?;
+                    ctx.source = source;
+                    return result;
                 }
             }
         }
@@ -268,7 +284,26 @@ impl Outbox {
         };
         let result = self.upstream.send(req).await;
         self.health.observe_for(&result, Some(&record.key));
+        // Whether the app already holds a 202 (`write_timeout`): nobody waits for this answer.
+        let detached = self.activity.claim(&record.key);
         let e = match result {
+            Ok(resp) if detached && classify::is_transient(&rules, resp.status()) => {
+                // Passing it on would lose the write: it is replayed like a queued one.
+                let mut record = record;
+                let delay = crate::replay::backoff::delay(&self.config.replay, 1, None);
+                record.attempts = 1;
+                record.next_attempt_at_ms =
+                    now_ms().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+                record.outcome = Some(format!(
+                    "retryable: answered {} after its 202",
+                    resp.status().as_u16()
+                ));
+                tracing::info!(key = %record.key, status = resp.status().as_u16(), "a settling forward got a transient answer; queued");
+                let mut source = Source::Queued;
+                let result = self.enqueue_record(record, &fingerprint, &mut source).await;
+                drop(guard);
+                return (result, source);
+            }
             Ok(resp) => {
                 return (
                     Ok(self.answer_forwarded(record, resp, rules, guard).await),
@@ -497,6 +532,8 @@ impl Outbox {
 pub struct InProgress {
     set: Arc<Mutex<HashSet<String>>>,
     key: String,
+    /// A forward that may outlive `write_timeout`: it has settled when the guard goes.
+    settling: Option<Arc<Activity>>,
 }
 
 impl InProgress {
@@ -505,12 +542,23 @@ impl InProgress {
         guard.insert(key.to_string()).then(|| InProgress {
             set: set.clone(),
             key: key.to_string(),
+            settling: None,
         })
+    }
+
+    /// Tell `activity` that the forward has settled when this guard goes (its answer recorded,
+    /// or the mutation queued, by then).
+    fn settles(mut self, activity: Arc<Activity>) -> Self {
+        self.settling = Some(activity);
+        self
     }
 }
 
 impl Drop for InProgress {
     fn drop(&mut self) {
+        if let Some(activity) = &self.settling {
+            activity.settled(&self.key);
+        }
         if let Ok(mut set) = self.set.lock() {
             set.remove(&self.key);
         }
@@ -529,7 +577,7 @@ fn valid_key(v: &HeaderValue) -> Result<String, ProxyError> {
 }
 
 /// A request body that could not be read: over `limit` (413), or broken (400).
-fn body_error(e: crate::body::BoxError, limit: u64) -> ProxyError {
+pub(crate) fn body_error(e: crate::body::BoxError, limit: u64) -> ProxyError {
     if e.downcast_ref::<http_body_util::LengthLimitError>()
         .is_some()
     {

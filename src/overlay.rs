@@ -12,6 +12,8 @@
 //! upstream's answer or the cached copy). Once the upstream has applied a write it is no
 //! longer pending, and the upstream's own answer is served unchanged. Only the caller's own
 //! writes count (the identity hash recorded with each mutation), unless the route is `public`.
+//! Pending includes a forward answered `202` by the route's `write_timeout` that has not
+//! settled yet (held by [`Activity`], not yet by the store).
 //! Bodies that are not JSON, or shapes that do not match, pass unchanged.
 
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use std::sync::Arc;
 use http::Method;
 use serde_json::{Map, Value};
 
+use crate::activity::Activity;
 use crate::context::Identity;
 use crate::store::{MutationRecord, Store, StoreError};
 
@@ -341,15 +344,17 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-/// Finds the pending writes of a caller on a route in the store.
+/// Finds the pending writes of a caller on a route in the store (and among the forwards
+/// still settling after a `write_timeout` 202).
 pub struct PendingWrites {
     store: Arc<dyn Store>,
+    activity: Arc<Activity>,
 }
 
 impl PendingWrites {
-    /// Pending writes as `store` holds them.
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+    /// Pending writes as `store` and `activity` hold them.
+    pub fn new(store: Arc<dyn Store>, activity: Arc<Activity>) -> Self {
+        Self { store, activity }
     }
 
     /// The pending writes, oldest first, of `identity` (anyone's on a public route, `None`)
@@ -360,7 +365,12 @@ impl PendingWrites {
         collection: &str,
         identity: Option<&Identity>,
     ) -> Result<Vec<PendingWrite>, StoreError> {
-        let mut records: Vec<MutationRecord> = Vec::new();
+        let mine = |r: &MutationRecord| identity.is_none_or(|i| r.identity == Some(i.0));
+        // Settling forwards came before anything queued behind them (a partition with queued
+        // items queues new mutations instead of forwarding them).
+        let mut records: Vec<MutationRecord> =
+            self.activity.settling().into_iter().filter(mine).collect();
+        let settling = records.len();
         for partition in self.store.pending_partitions().await? {
             for record in self.store.peek(&partition, PEEK_LIMIT).await? {
                 if !record.status.is_pending() {
@@ -371,10 +381,14 @@ impl PendingWrites {
                 {
                     continue;
                 }
+                // Queued just now after its forward failed, and not yet let go as settling.
+                if records[..settling].iter().any(|r| r.key == record.key) {
+                    continue;
+                }
                 records.push(record);
             }
         }
-        records.sort_by_key(|r| r.seq);
+        records[settling..].sort_by_key(|r| r.seq);
         Ok(records
             .iter()
             .filter_map(|r| shape.pending_write(r, collection))

@@ -6,6 +6,10 @@
 //! answers the reserved prefix itself, builds the [`RequestContext`], and then:
 //! - GET/HEAD → `Proxy::read`: per the route's [`ReadStrategy`], from the cache or upstream,
 //!   storing what may be stored, and falling back to the cache when the upstream is unreachable;
+//! - reads with a body → `Proxy::read` too, keyed by their body ([`crate::graphql`]): `QUERY`
+//!   everywhere, and on `graphql = true` routes a POST whose GraphQL operation is a `query`
+//!   (a `mutation`, or a body that is no GraphQL request, is a write; a `subscription`
+//!   passes through);
 //! - POST/PUT/PATCH/DELETE → [`crate::outbox::Outbox::write`];
 //! - anything else (OPTIONS, upgrades) → forwarded as is.
 //!
@@ -26,9 +30,10 @@ use crate::body::{self, ProxyBody};
 use crate::cache::{self, CACHE_STATUS, Cache, PrimaryKey, status, with_cache_status};
 use crate::config::{Config, ReadStrategy};
 use crate::context::ClientInfo;
-use crate::context::{Identity, RequestContext, Source};
+use crate::context::{Identity, ReadBody, RequestContext, Source};
 use crate::error::{ProxyError, json_response, report};
 use crate::events::Events;
+use crate::graphql::{self, OperationKind, QUERY_METHOD};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::mutations::MutationDocs;
@@ -68,7 +73,7 @@ impl Proxy {
             cache,
             outbox,
             docs: parts.docs.clone(),
-            pending: PendingWrites::new(parts.store.clone()),
+            pending: PendingWrites::new(parts.store.clone(), parts.activity.clone()),
             events: parts.events.clone(),
             shutdown: Shutdown::new(),
             metrics: parts.metrics.clone(),
@@ -158,6 +163,7 @@ impl Proxy {
             idempotency_key: None,
             source: Source::Upstream,
             started,
+            read_body: None,
         };
         let resp = match *req.method() {
             // A WebSocket handshake is a GET, but neither a read to cache nor one to answer
@@ -166,14 +172,17 @@ impl Proxy {
                 self.pass_through(&mut ctx, req, status::BYPASS).await
             }
             Method::GET | Method::HEAD => self.read(&mut ctx, req).await,
+            Method::POST if ctx.route.graphql => self.graphql(&mut ctx, req).await,
             Method::POST | Method::PUT | Method::PATCH | Method::DELETE => {
                 self.outbox.write(&mut ctx, req).await
             }
+            _ if req.method().as_str() == QUERY_METHOD => self.query_method(&mut ctx, req).await,
             _ => self.pass_through(&mut ctx, req, status::BYPASS).await,
         };
         let resp = with_cache_status(resp, status::BYPASS);
         let elapsed = ctx.started.elapsed();
-        let cacheable_read = matches!(ctx.method, Method::GET | Method::HEAD)
+        let cacheable_read = (matches!(ctx.method, Method::GET | Method::HEAD)
+            || ctx.read_body.is_some())
             && ctx.route.read != ReadStrategy::NetworkOnly;
         self.metrics.observe_request(
             &ctx.route.name,
@@ -231,20 +240,131 @@ impl Proxy {
         Ok(())
     }
 
-    /// The read path (GET, HEAD), with the caller's pending writes applied on `overlay` routes.
-    async fn read(&self, ctx: &mut RequestContext, req: Request<ProxyBody>) -> Response<ProxyBody> {
-        let pending = if ctx.method == Method::GET {
+    /// A POST on a `graphql = true` route: its body decides. A GraphQL `query` is a read keyed
+    /// by its normalised body; a `mutation`, or a body that is not a GraphQL request (or is too
+    /// large to buffer, over `queue.max_body_bytes`), is a write; a `subscription` passes through.
+    async fn graphql(
+        &self,
+        ctx: &mut RequestContext,
+        req: Request<ProxyBody>,
+    ) -> Response<ProxyBody> {
+        let (parts, body) = req.into_parts();
+        let bytes = match self.buffer_body(body).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(whole)) => {
+                return self
+                    .outbox
+                    .write(ctx, Request::from_parts(parts, whole))
+                    .await;
+            }
+            Err(e) => {
+                ctx.source = Source::Outpost;
+                return with_cache_status(e.into_response(), status::METHOD);
+            }
+        };
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let request = graphql::classify(content_type, &bytes);
+        let req = Request::from_parts(parts, body::full(bytes.clone()));
+        match request {
+            Some(gq) if gq.kind == OperationKind::Query => {
+                ctx.read_body = Some(ReadBody {
+                    bytes,
+                    digest: gq.digest(),
+                });
+                self.read(ctx, req).await
+            }
+            Some(gq) if gq.kind == OperationKind::Subscription => {
+                self.pass_through(ctx, req, status::BYPASS).await
+            }
+            _ => self.outbox.write(ctx, req).await,
+        }
+    }
+
+    /// A `QUERY` request: a read keyed by its body (never queued). A body too large to buffer
+    /// (over `queue.max_body_bytes`) is forwarded uncached.
+    async fn query_method(
+        &self,
+        ctx: &mut RequestContext,
+        req: Request<ProxyBody>,
+    ) -> Response<ProxyBody> {
+        let (parts, body) = req.into_parts();
+        let bytes = match self.buffer_body(body).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(whole)) => {
+                let req = Request::from_parts(parts, whole);
+                return self.pass_through(ctx, req, status::BYPASS).await;
+            }
+            Err(e) => {
+                ctx.source = Source::Outpost;
+                return with_cache_status(e.into_response(), status::BYPASS);
+            }
+        };
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        ctx.read_body = Some(ReadBody {
+            digest: graphql::query_method_digest(content_type, &bytes),
+            bytes: bytes.clone(),
+        });
+        self.read(ctx, Request::from_parts(parts, body::full(bytes)))
+            .await
+    }
+
+    /// Buffer a request body up to `queue.max_body_bytes` (what outpost keeps of a request):
+    /// the bytes, or over that limit the whole body again (read part and unread rest), or
+    /// the body's own failure (over `proxy.max_body_bytes`: 413).
+    async fn buffer_body(
+        &self,
+        body: ProxyBody,
+    ) -> Result<Result<bytes::Bytes, ProxyBody>, ProxyError> {
+        match body::collect_limited(body, self.config.queue.max_body_bytes).await {
+            Ok(body::Collected::Whole(bytes)) => Ok(Ok(bytes)),
+            Ok(body::Collected::TooLarge { prefix, rest }) => Ok(Err(body::chain(prefix, rest))),
+            Err(e) => Err(crate::outbox::body_error(
+                e,
+                self.config.proxy.max_body_bytes,
+            )),
+        }
+    }
+
+    /// The read path (GET, HEAD, reads with a body), with the caller's pending writes applied
+    /// on `overlay` routes. A HEAD with pending writes is answered as the GET would be (the
+    /// overlaid status and headers, `Content-Length` of the overlaid body), without the body.
+    async fn read(
+        &self,
+        ctx: &mut RequestContext,
+        mut req: Request<ProxyBody>,
+    ) -> Response<ProxyBody> {
+        let pending = if ctx.read_body.is_none() {
             self.pending_for_read(ctx, req.headers()).await
         } else {
             None
         };
-        let resp = self.read_through(ctx, req).await;
-        match pending {
-            Some((target, writes)) if !writes.is_empty() => {
-                self.overlay(ctx, resp, &target, &writes).await
-            }
-            _ => resp,
+        let Some((target, writes)) = pending.filter(|(_, writes)| !writes.is_empty()) else {
+            return self.read_through(ctx, req).await;
+        };
+        let head = ctx.method == Method::HEAD;
+        if head {
+            *req.method_mut() = Method::GET;
+            ctx.method = Method::GET;
         }
+        let resp = self.read_through(ctx, req).await;
+        let resp = self.overlay(ctx, resp, &target, &writes).await;
+        if !head {
+            return resp;
+        }
+        ctx.method = Method::HEAD;
+        let (mut parts, body) = resp.into_parts();
+        if let Some(len) = body.size_hint().exact() {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        Response::from_parts(parts, body::empty())
     }
 
     /// The caller's pending writes this read should reflect (`overlay` routes only).
@@ -377,7 +497,11 @@ impl Proxy {
             return self.pass_through(ctx, req, status::BYPASS).await;
         }
         let head_only = ctx.method == Method::HEAD;
-        let primary = PrimaryKey::new(&ctx.method, &ctx.host, &ctx.path_and_query, &ctx.identity);
+        let mut primary =
+            PrimaryKey::new(&ctx.method, &ctx.host, &ctx.path_and_query, &ctx.identity);
+        if let Some(read_body) = &ctx.read_body {
+            primary = primary.with_body(&read_body.digest);
+        }
         let now = now_ms();
         match ctx.route.read {
             ReadStrategy::CacheFirst => {
@@ -466,9 +590,10 @@ impl Proxy {
         )
     }
 
-    /// Forward a read upstream, reporting health either way. A read without a body is safe
-    /// to repeat: after a reset (say, a keep-alive connection the upstream closed under it) it
-    /// gets one more try on another connection before anything is concluded.
+    /// Forward a read upstream, reporting health either way. A read is safe to repeat: after a
+    /// reset (say, a keep-alive connection the upstream closed under it) one without a body,
+    /// or with a buffered one, gets one more try on another connection before anything is
+    /// concluded.
     async fn fetch(
         &self,
         ctx: &RequestContext,
@@ -476,8 +601,9 @@ impl Proxy {
     ) -> Result<Response<Incoming>, ForwardError> {
         let (mut parts, body) = req.into_parts();
         self.upstream.prepare(&mut parts, &ctx.client, false);
-        let again = body.is_end_stream().then(|| {
-            let mut again = Request::new(body::empty());
+        let buffered = ctx.read_body.as_ref().map(|b| b.bytes.clone());
+        let again = (buffered.is_some() || body.is_end_stream()).then(|| {
+            let mut again = Request::new(buffered.map_or_else(body::empty, body::full));
             *again.method_mut() = parts.method.clone();
             *again.uri_mut() = parts.uri.clone();
             *again.headers_mut() = parts.headers.clone();
@@ -516,7 +642,7 @@ impl Proxy {
         ctx.source = Source::Upstream;
         let (mut parts, incoming) = resp.into_parts();
         upstream::strip_hop_by_hop(&mut parts.headers);
-        let terms = if ctx.method == Method::GET {
+        let terms = if ctx.method != Method::HEAD {
             cache::storable(
                 &request_headers,
                 parts.status,
@@ -631,7 +757,12 @@ impl Proxy {
         primary: PrimaryKey,
         headers: HeaderMap,
     ) {
-        let mut req = Request::new(body::empty());
+        let mut req = Request::new(
+            ctx.read_body
+                .as_ref()
+                .map_or_else(body::empty, |b| body::full(b.bytes.clone())),
+        );
+        *req.method_mut() = ctx.method.clone();
         *req.uri_mut() = self.upstream.uri_for(&ctx.path_and_query);
         *req.headers_mut() = headers.clone();
         let (mut parts, b) = req.into_parts();

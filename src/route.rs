@@ -91,6 +91,8 @@ pub struct Route {
     pub network_timeout: Option<Duration>,
     /// Longest wait for a forwarded mutation before a 202 (`write_timeout`).
     pub write_timeout: Option<Duration>,
+    /// GraphQL over POST: `query` operations are reads (`graphql = true`).
+    pub graphql: bool,
 }
 
 impl Route {
@@ -130,6 +132,7 @@ impl Route {
             overlay: overlay_shape(rc)?,
             network_timeout: rc.network_timeout,
             write_timeout: rc.write_timeout,
+            graphql: rc.graphql,
         })
     }
 
@@ -240,6 +243,7 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
             check_classify(&at("classify"), classify)?;
         }
         check_overlay(route, &at)?;
+        check_graphql(route, &at)?;
         let name = route.effective_name();
         if name == DEFAULT_ROUTE_NAME {
             return Err(ConfigError::key(
@@ -334,6 +338,30 @@ fn check_overlay(route: &RouteConfig, at: &dyn Fn(&str) -> String) -> Result<(),
                 "write = \"pass-through\" never queues, so there is nothing pending to overlay",
             ));
         }
+    }
+    Ok(())
+}
+
+/// `graphql = true` only means something on a route that takes POSTs and may cache them.
+fn check_graphql(route: &RouteConfig, at: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    if !route.graphql {
+        return Ok(());
+    }
+    if !route.methods.is_empty() && !route.methods.iter().any(|m| m == "POST") {
+        return Err(ConfigError::key(
+            at("graphql"),
+            format!(
+                "this route's methods {:?} do not include POST, so no GraphQL request reaches it",
+                route.methods
+            ),
+        ));
+    }
+    if route.read == ReadStrategy::NetworkOnly {
+        return Err(ConfigError::key(
+            at("graphql"),
+            "read = \"network-only\" never caches, so GraphQL queries would not be served \
+             offline: choose another read strategy or drop graphql",
+        ));
     }
     Ok(())
 }
@@ -491,6 +519,27 @@ mod tests {
             parse("[[route]]\npath = \"/orders\"\noverlay = true\nitem = \"/orders/{id}\"\n")
                 .expect("valid");
         assert!(table.resolve(&Method::GET, "/orders/1").overlay.is_some());
+    }
+
+    #[test]
+    fn graphql_routes_take_posts_and_cache() {
+        let err =
+            parse_config("[[route]]\npath = \"/graphql\"\nmethods = [\"GET\"]\ngraphql = true\n")
+                .expect_err("no POST");
+        assert_eq!(err.key.as_deref(), Some("route[0].graphql"));
+        assert_eq!(err.line, Some(4));
+        assert!(err.message.contains("POST"), "{err}");
+        let err = parse_config(
+            "[[route]]\npath = \"/graphql\"\nread = \"network-only\"\ngraphql = true\n",
+        )
+        .expect_err("never cached");
+        assert_eq!(err.key.as_deref(), Some("route[0].graphql"));
+        let (_, table) = parse(
+            "[[route]]\npath = \"/graphql\"\nmethods = [\"POST\", \"GET\"]\ngraphql = true\n",
+        )
+        .expect("valid");
+        assert!(table.resolve(&Method::POST, "/graphql").graphql);
+        assert!(!table.resolve(&Method::POST, "/other").graphql);
     }
 
     #[test]

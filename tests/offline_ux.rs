@@ -4,7 +4,9 @@
 //! [`OrdersApi`] keeps orders in memory (`GET /orders` → `{"items": [...]}`, `GET /orders/{id}`,
 //! `POST /orders`, `PUT|PATCH|DELETE /orders/{id}`), applies each `Idempotency-Key` once, and
 //! can be taken "down": new connections are closed at once and open ones are dropped, so
-//! outpost sees transport errors, as with a lost link.
+//! outpost sees transport errors, as with a lost link. It also speaks a little GraphQL
+//! (`POST /graphql`: a `mutation` document applies once per key, anything else is a query
+//! answered with a counter and its variables) and answers `QUERY /search` with its body.
 
 mod common;
 
@@ -52,6 +54,12 @@ struct State {
     next_id: u64,
     /// GET requests answered.
     gets: u64,
+    /// GraphQL queries answered.
+    graphql_reads: u64,
+    /// GraphQL mutations applied (each key once).
+    graphql_mutations: u64,
+    /// `QUERY` requests answered.
+    query_reads: u64,
 }
 
 /// A JSON orders API that can be taken down and brought back.
@@ -63,6 +71,10 @@ struct OrdersApi {
     applied: Arc<AtomicU64>,
     /// How long every answer waits (ms): a slow link.
     delay_ms: Arc<AtomicU64>,
+    /// While true, mutations wait (reads do not): a write that takes as long as the test wants.
+    hold_writes: watch::Sender<bool>,
+    /// How many of the next mutations get a `503` without being applied.
+    fail_writes: Arc<AtomicU64>,
 }
 
 impl OrdersApi {
@@ -80,12 +92,16 @@ impl OrdersApi {
         let (up, _) = watch::channel(true);
         let applied = Arc::new(AtomicU64::new(0));
         let delay_ms = Arc::new(AtomicU64::new(0));
+        let (hold_writes, _) = watch::channel(false);
+        let fail_writes = Arc::new(AtomicU64::new(0));
         let api = OrdersApi {
             addr,
             state: state.clone(),
             up: up.clone(),
             applied: applied.clone(),
             delay_ms: delay_ms.clone(),
+            hold_writes: hold_writes.clone(),
+            fail_writes: fail_writes.clone(),
         };
         let mut listener = Some(listener);
         tokio::spawn(async move {
@@ -117,13 +133,32 @@ impl OrdersApi {
                     let state = state.clone();
                     let applied = applied.clone();
                     let delay_ms = delay_ms.clone();
+                    let hold_writes = hold_writes.clone();
+                    let fail_writes = fail_writes.clone();
                     tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |req| {
+                        let service = hyper::service::service_fn(move |req: Request<_>| {
                             let state = state.clone();
                             let applied = applied.clone();
                             let delay = Duration::from_millis(delay_ms.load(Ordering::SeqCst));
+                            let mut hold = hold_writes.subscribe();
+                            let fail_writes = fail_writes.clone();
                             async move {
                                 tokio::time::sleep(delay).await;
+                                let write = !matches!(*req.method(), Method::GET | Method::HEAD);
+                                if write {
+                                    let _ = hold.wait_for(|held| !*held).await;
+                                    let fail = fail_writes.fetch_update(
+                                        Ordering::SeqCst,
+                                        Ordering::SeqCst,
+                                        |n| n.checked_sub(1),
+                                    );
+                                    if fail.is_ok() {
+                                        return Ok::<_, Infallible>(json_answer(
+                                            503,
+                                            &json!({"error": "try later"}),
+                                        ));
+                                    }
+                                }
                                 Ok::<_, Infallible>(handle(req, &state, &applied).await)
                             }
                         });
@@ -207,8 +242,19 @@ async fn handle(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+    if method.as_str() == "QUERY" {
+        s.query_reads += 1;
+        let n = s.query_reads;
+        return json_answer(
+            200,
+            &json!({"n": n, "search": String::from_utf8_lossy(&body)}),
+        );
+    }
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if path == "/graphql" {
+        return graphql_answer(&mut s, &body, key.as_deref());
+    }
     if method == Method::GET {
         s.gets += 1;
     }
@@ -257,6 +303,29 @@ async fn handle(
         }
         _ => json_answer(404, &json!({"error": "not found"})),
     }
+}
+
+/// The test upstream's GraphQL: a `mutation` applies once per idempotency key; anything else
+/// is a query, answered with a counter (which answer is this?) and its variables.
+fn graphql_answer(s: &mut State, body: &Value, key: Option<&str>) -> Response<Full<Bytes>> {
+    let query = body["query"].as_str().unwrap_or("");
+    if query.trim_start().starts_with("mutation") {
+        if let Some(key) = key
+            && !s.keys.insert(key.to_owned())
+        {
+            return json_answer(200, &json!({"data": {"replayed": key}}));
+        }
+        s.graphql_mutations += 1;
+        return json_answer(
+            200,
+            &json!({"data": {"addOrder": {"id": s.graphql_mutations}}}),
+        );
+    }
+    s.graphql_reads += 1;
+    json_answer(
+        200,
+        &json!({"data": {"n": s.graphql_reads, "variables": body["variables"]}}),
+    )
 }
 
 struct Setup {
@@ -310,22 +379,28 @@ impl Setup {
                 .body(body.to_string());
         }
         let resp = req.send().await.expect("request through outpost");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let text = resp.text().await.expect("body");
-        Reply {
-            status,
-            pending: headers
-                .get("outpost-pending")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
-            cache_status: headers
-                .get("cache-status")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned(),
-            body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        }
+        Reply::of(resp).await
+    }
+
+    /// A request with a raw body and content type.
+    async fn send_raw(
+        &self,
+        who: &str,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: &str,
+    ) -> Reply {
+        let resp = self
+            .http
+            .request(method, format!("{}{path}", self.outpost.url()))
+            .header("Authorization", format!("Bearer {who}"))
+            .header("Content-Type", content_type)
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("request through outpost");
+        Reply::of(resp).await
     }
 
     async fn get(&self, who: &str, path: &str) -> Reply {
@@ -358,11 +433,42 @@ impl Setup {
     }
 }
 
+impl Reply {
+    async fn of(resp: reqwest::Response) -> Reply {
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.expect("body");
+        Reply {
+            status,
+            key: headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            pending: headers
+                .get("outpost-pending")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            cache_status: headers
+                .get("cache-status")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned(),
+            content_length: headers
+                .get("content-length")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Reply {
     status: u16,
+    key: Option<String>,
     pending: Option<String>,
     cache_status: String,
+    content_length: Option<String>,
     body: Value,
 }
 
@@ -673,4 +779,396 @@ async fn a_warmed_url_is_served_offline_without_the_app_having_asked() {
     assert_eq!(r.body["qty"], 2, "{r:?}");
     let other = s.get("bob", "/orders/2").await;
     assert_eq!(other.status, 504, "warmed for alice only: {other:?}");
+}
+
+const GRAPHQL_ROUTE: &str = "[[route]]\nname = \"graphql\"\npath = \"/graphql\"\ngraphql = true\n";
+
+fn graphql(query: &str, variables: Value) -> String {
+    json!({"query": query, "variables": variables}).to_string()
+}
+
+/// Issue #19 point 4: on a `graphql = true` route a query over POST is a read (cached under
+/// its normalised body, per caller, served offline) and a mutation a write (queued offline,
+/// applied once); `QUERY` is a read with a body on every route.
+#[tokio::test]
+async fn a_graphql_query_over_post_is_served_offline_and_a_mutation_is_queued() {
+    let s = Setup::start_with("", GRAPHQL_ROUTE).await;
+    let json = "application/json";
+    let query = "query Orders($min: Int) { orders(min: $min) { id qty } }";
+    // The same request laid out differently: comments, commas, whitespace, key order.
+    let same = r##"{"variables": {"min": 1}, "query": "# mine\nquery Orders( $min :Int ){\n  orders(min: $min) { id, qty }\n}"}"##;
+    assert_eq!(s.get("alice", "/orders").await.status, 200);
+    let first = s
+        .send_raw(
+            "alice",
+            Method::POST,
+            "/graphql",
+            json,
+            &graphql(query, json!({"min": 1})),
+        )
+        .await;
+    assert_eq!(first.status, 200, "{first:?}");
+    assert!(first.cache_status.contains("stored"), "{first:?}");
+    assert_eq!(first.body["data"]["n"], 1, "{first:?}");
+    assert_eq!(
+        first.key, None,
+        "a read carries no idempotency key: {first:?}"
+    );
+    let search = s
+        .send_raw(
+            "alice",
+            Method::from_bytes(b"QUERY").expect("QUERY"),
+            "/search",
+            "text/plain",
+            "qty > 1",
+        )
+        .await;
+    assert_eq!(search.status, 200, "{search:?}");
+    assert!(search.cache_status.contains("stored"), "{search:?}");
+    assert_eq!(search.body, json!({"n": 1, "search": "qty > 1"}));
+
+    s.go_offline("alice", "/orders").await;
+    let offline = s
+        .send_raw("alice", Method::POST, "/graphql", json, same)
+        .await;
+    assert_eq!(offline.status, 200, "{offline:?}");
+    assert!(
+        offline.cache_status.contains("hit; detail=offline"),
+        "{offline:?}"
+    );
+    assert_eq!(offline.body, first.body, "the stored answer: {offline:?}");
+    let other_variables = s
+        .send_raw(
+            "alice",
+            Method::POST,
+            "/graphql",
+            json,
+            &graphql(query, json!({"min": 2})),
+        )
+        .await;
+    assert_eq!(other_variables.status, 504, "{other_variables:?}");
+    assert_eq!(other_variables.body["cached"], false, "{other_variables:?}");
+    let theirs = s
+        .send_raw("bob", Method::POST, "/graphql", json, same)
+        .await;
+    assert_eq!(
+        theirs.status, 504,
+        "alice's answer is not bob's: {theirs:?}"
+    );
+    let query_method = Method::from_bytes(b"QUERY").expect("QUERY");
+    let again = s
+        .send_raw(
+            "alice",
+            query_method.clone(),
+            "/search",
+            "text/plain",
+            "qty > 1",
+        )
+        .await;
+    assert_eq!(again.status, 200, "{again:?}");
+    assert!(again.cache_status.contains("detail=offline"), "{again:?}");
+    assert_eq!(again.body, search.body);
+    let other_search = s
+        .send_raw(
+            "alice",
+            query_method.clone(),
+            "/search",
+            "text/plain",
+            "qty > 2",
+        )
+        .await;
+    assert_eq!(other_search.status, 504, "{other_search:?}");
+    let bobs_search = s
+        .send_raw("bob", query_method, "/search", "text/plain", "qty > 1")
+        .await;
+    assert_eq!(bobs_search.status, 504, "{bobs_search:?}");
+    let subscription = s
+        .send_raw(
+            "alice",
+            Method::POST,
+            "/graphql",
+            json,
+            &graphql("subscription { changed { id } }", Value::Null),
+        )
+        .await;
+    assert_eq!(subscription.status, 504, "passed through: {subscription:?}");
+
+    // A mutation is queued (and so is a body that is not a GraphQL request).
+    let mutation = s
+        .send_raw(
+            "alice",
+            Method::POST,
+            "/graphql",
+            json,
+            &graphql("mutation Add { addOrder(qty: 9) { id } }", Value::Null),
+        )
+        .await;
+    assert_eq!(mutation.status, 202, "{mutation:?}");
+    assert!(mutation.key.is_some(), "{mutation:?}");
+    let mine = s.get("alice", "/_outpost/mutations").await;
+    let listed = mine.body["mutations"].as_array().expect("mutations");
+    assert_eq!(listed.len(), 1, "{mine:?}");
+    assert_eq!(listed[0]["path"], "/graphql", "{mine:?}");
+    let not_graphql = s
+        .send_raw(
+            "alice",
+            Method::POST,
+            "/graphql",
+            json,
+            r#"{"query": "{ broken"}"#,
+        )
+        .await;
+    assert_eq!(not_graphql.status, 202, "an ordinary POST: {not_graphql:?}");
+    assert_eq!(s.queue_depth().await, 2);
+
+    s.api.set_up(true);
+    eventually(TIMEOUT, "the outbox drained", || async {
+        s.queue_depth().await == 0
+    })
+    .await;
+    let state = |f: fn(&State) -> u64| f(&s.api.state.lock().unwrap_or_else(|e| e.into_inner()));
+    assert_eq!(
+        state(|s| s.graphql_mutations),
+        1,
+        "the mutation applied once"
+    );
+    let key = mutation.key.expect("key");
+    let doc = s.get("alice", &format!("/_outpost/mutations/{key}")).await;
+    assert_eq!(doc.body["status"], "succeeded", "{doc:?}");
+    // Queries never went upstream while it was down, and now go again (network-first).
+    assert_eq!(
+        state(|s| s.graphql_reads),
+        2,
+        "the broken one was replayed as a POST"
+    );
+    let fresh = s
+        .send_raw("alice", Method::POST, "/graphql", json, same)
+        .await;
+    assert_eq!(fresh.status, 200, "{fresh:?}");
+    assert!(fresh.cache_status.contains("stored"), "{fresh:?}");
+    assert_eq!(fresh.body["data"]["n"], 3, "{fresh:?}");
+    assert_eq!(state(|s| s.query_reads), 1);
+}
+
+/// HEAD on an overlay route answers as the GET would (status, `Outpost-Pending`, the overlaid
+/// body's length), without a body.
+#[tokio::test]
+async fn head_requests_reflect_the_callers_pending_writes() {
+    let s = Setup::start("").await;
+    for path in ["/orders", "/orders/1", "/orders/2"] {
+        assert_eq!(s.get("alice", path).await.status, 200);
+        assert_eq!(s.get("bob", path).await.status, 200);
+    }
+    s.go_offline("alice", "/orders").await;
+    let deleted = s.send("alice", Method::DELETE, "/orders/2", None).await;
+    assert_eq!(deleted.status, 202, "{deleted:?}");
+    let posted = s
+        .send(
+            "alice",
+            Method::POST,
+            "/orders",
+            Some(json!({"id": "n1", "qty": 3})),
+        )
+        .await;
+    assert_eq!(posted.status, 202, "{posted:?}");
+
+    let gone = s.send("alice", Method::HEAD, "/orders/2", None).await;
+    assert_eq!(gone.status, 404, "{gone:?}");
+    assert_eq!(gone.pending.as_deref(), Some("1"), "{gone:?}");
+    assert_eq!(gone.body, json!(""), "no body: {gone:?}");
+    let list = s.get("alice", "/orders").await;
+    assert_eq!(ids(&list.body), ["1", "n1"], "{list:?}");
+    let head = s.send("alice", Method::HEAD, "/orders", None).await;
+    assert_eq!(head.status, 200, "{head:?}");
+    assert_eq!(head.pending.as_deref(), Some("2"), "{head:?}");
+    assert!(head.cache_status.contains("detail=offline"), "{head:?}");
+    assert_eq!(head.body, json!(""), "no body: {head:?}");
+    assert_eq!(
+        head.content_length,
+        Some(list.body.to_string().len().to_string()),
+        "the overlaid GET's length: {head:?} vs {list:?}"
+    );
+    let created = s.send("alice", Method::HEAD, "/orders/n1", None).await;
+    assert_eq!(created.status, 200, "{created:?}");
+    assert_eq!(created.pending.as_deref(), Some("1"), "{created:?}");
+    // Nothing pending there, or for that caller: the plain cached answer.
+    let untouched = s.send("alice", Method::HEAD, "/orders/1", None).await;
+    assert_eq!(untouched.status, 200, "{untouched:?}");
+    assert_eq!(untouched.pending, None, "{untouched:?}");
+    let theirs = s.send("bob", Method::HEAD, "/orders/2", None).await;
+    assert_eq!(theirs.status, 200, "{theirs:?}");
+    assert_eq!(theirs.pending, None, "{theirs:?}");
+}
+
+/// A write answered `202` by `write_timeout` is pending for its caller (overlaid, listed,
+/// `in_flight`) until its forward settles; a transient answer after the 202 queues it instead
+/// of losing it.
+#[tokio::test]
+async fn a_write_still_settling_after_its_202_is_pending_for_its_caller() {
+    let s = Setup::start("write_timeout = \"300ms\"\n").await;
+    assert_eq!(s.get("alice", "/orders").await.status, 200);
+    s.api.hold_writes.send_replace(true);
+    let patch = |key: &'static str, qty: u64| {
+        s.http
+            .patch(format!("{}/orders/1", s.outpost.url()))
+            .header("Authorization", "Bearer alice")
+            .header("Idempotency-Key", key)
+            .header("Content-Type", "application/json")
+            .body(json!({ "qty": qty }).to_string())
+            .send()
+    };
+    let resp = patch("settle-1", 8).await.expect("patch");
+    assert_eq!(
+        resp.status(),
+        202,
+        "held upstream: answered after write_timeout"
+    );
+
+    let item = s.get("alice", "/orders/1").await;
+    assert_eq!(item.status, 200, "{item:?}");
+    assert_eq!(item.body["qty"], 8, "overlaid while settling: {item:?}");
+    assert_eq!(item.pending.as_deref(), Some("1"), "{item:?}");
+    assert!(item.cache_status.contains("detail=overlay"), "{item:?}");
+    let list = s.get("alice", "/orders").await;
+    assert_eq!(find(&list.body, "1").expect("1")["qty"], 8, "{list:?}");
+    let head = s.send("alice", Method::HEAD, "/orders/1", None).await;
+    assert_eq!(head.pending.as_deref(), Some("1"), "{head:?}");
+    let mine = s.get("alice", "/_outpost/mutations").await;
+    let listed = mine.body["mutations"]
+        .as_array()
+        .expect("mutations")
+        .clone();
+    assert_eq!(listed.len(), 1, "{mine:?}");
+    assert_eq!(listed[0]["idempotency_key"], "settle-1");
+    assert_eq!(listed[0]["status"], "in_flight");
+    assert_eq!(listed[0]["method"], "PATCH");
+    let doc = s.get("alice", "/_outpost/mutations/settle-1").await;
+    assert_eq!(doc.status, 200, "{doc:?}");
+    assert_eq!(doc.body["status"], "in_flight", "{doc:?}");
+    // Another caller sees none of it.
+    assert_eq!(s.get("bob", "/orders/1").await.body["qty"], 1);
+    assert_eq!(s.get("bob", "/orders/1").await.pending, None);
+    let theirs = s.get("bob", "/_outpost/mutations").await;
+    assert_eq!(theirs.body["mutations"], json!([]), "{theirs:?}");
+    assert_eq!(
+        s.get("bob", "/_outpost/mutations/settle-1").await.status,
+        404
+    );
+
+    s.api.hold_writes.send_replace(false);
+    eventually(TIMEOUT, "the write settled", || async {
+        s.get("alice", "/_outpost/mutations/settle-1").await.body["status"] == "succeeded"
+    })
+    .await;
+    assert_eq!(s.api.applied.load(Ordering::SeqCst), 1);
+    let item = s.get("alice", "/orders/1").await;
+    assert_eq!(item.body["qty"], 8, "the upstream's own answer: {item:?}");
+    assert_eq!(item.pending, None, "{item:?}");
+    let mine = s.get("alice", "/_outpost/mutations").await;
+    assert_eq!(mine.body["mutations"], json!([]), "{mine:?}");
+
+    // The upstream answers 503 after the 202: the write is queued and replayed, once.
+    s.api.fail_writes.store(1, Ordering::SeqCst);
+    s.api.hold_writes.send_replace(true);
+    let resp = patch("settle-2", 9).await.expect("patch");
+    assert_eq!(resp.status(), 202);
+    s.api.hold_writes.send_replace(false);
+    eventually(TIMEOUT, "the 503 replayed", || async {
+        s.get("alice", "/_outpost/mutations/settle-2").await.body["status"] == "succeeded"
+    })
+    .await;
+    assert_eq!(
+        s.api.fail_writes.load(Ordering::SeqCst),
+        0,
+        "the 503 was sent"
+    );
+    assert_eq!(
+        s.api.applied.load(Ordering::SeqCst),
+        2,
+        "applied once after the 503"
+    );
+    assert_eq!(s.api.order("1").expect("1")["qty"], 9);
+}
+
+/// A GraphQL query on a stale-while-revalidate route is refreshed in the background with its
+/// own method and body (not as a bodiless GET), under its own key.
+#[tokio::test]
+async fn a_stale_graphql_query_is_revalidated_with_its_body() {
+    let s = Setup::start_with(
+        "",
+        "[[route]]\nname = \"graphql\"\npath = \"/graphql\"\ngraphql = true\n\
+         read = \"stale-while-revalidate\"\ncache_ttl = \"0s\"\n",
+    )
+    .await;
+    let body = graphql(
+        "query Q($min: Int) { orders(min: $min) { id } }",
+        json!({"min": 1}),
+    );
+    let ask = || s.send_raw("alice", Method::POST, "/graphql", "application/json", &body);
+    let first = ask().await;
+    assert!(first.cache_status.contains("stored"), "{first:?}");
+    assert_eq!(first.body["data"]["n"], 1, "{first:?}");
+    let stale = ask().await;
+    assert!(
+        stale.cache_status.contains("stale-while-revalidate"),
+        "{stale:?}"
+    );
+    assert_eq!(stale.body, first.body, "{stale:?}");
+    eventually(TIMEOUT, "the background refresh stored", || async {
+        ask().await.body["data"]["n"].as_u64().unwrap_or(0) >= 2
+    })
+    .await;
+    let refreshed = ask().await;
+    assert!(
+        refreshed.body["data"]["n"].as_u64().unwrap_or(0) >= 2,
+        "{refreshed:?}"
+    );
+    assert_eq!(
+        refreshed.body["data"]["variables"],
+        json!({"min": 1}),
+        "refreshed with the query's own body: {refreshed:?}"
+    );
+}
+
+/// Bodies are looked at up to `queue.max_body_bytes`: a larger GraphQL POST is a write (it
+/// streams through online, `413` when it would have to be queued) and a larger `QUERY` is
+/// forwarded uncached (`504` offline).
+#[tokio::test]
+async fn reads_with_a_body_keep_the_body_limits() {
+    let s = Setup::start_with(
+        "",
+        &format!("{GRAPHQL_ROUTE}\n[queue]\nmax_body_bytes = 2048\n"),
+    )
+    .await;
+    let json = "application/json";
+    let big = graphql(
+        &format!(
+            "query {{ orders(note: \"{}\") {{ id }} }}",
+            "x".repeat(4096)
+        ),
+        Value::Null,
+    );
+    let query_method = Method::from_bytes(b"QUERY").expect("QUERY");
+    let online = s
+        .send_raw("alice", Method::POST, "/graphql", json, &big)
+        .await;
+    assert_eq!(online.status, 200, "streamed through: {online:?}");
+    assert!(!online.cache_status.contains("stored"), "{online:?}");
+    let search = s
+        .send_raw("alice", query_method.clone(), "/search", "text/plain", &big)
+        .await;
+    assert_eq!(search.status, 200, "{search:?}");
+    assert!(search.cache_status.contains("bypass"), "{search:?}");
+    assert_eq!(s.get("alice", "/orders").await.status, 200);
+
+    s.go_offline("alice", "/orders").await;
+    let refused = s
+        .send_raw("alice", Method::POST, "/graphql", json, &big)
+        .await;
+    assert_eq!(refused.status, 413, "too large to queue: {refused:?}");
+    let search = s
+        .send_raw("alice", query_method, "/search", "text/plain", &big)
+        .await;
+    assert_eq!(search.status, 504, "{search:?}");
+    assert_eq!(s.queue_depth().await, 0, "nothing queued");
 }
