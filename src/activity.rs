@@ -6,8 +6,9 @@
 //! once it has settled (its answer recorded under its key, or the mutation queued). If the app
 //! got its `202` before that, the entry is *acknowledged*: until it settles, the mutation is
 //! pending for the app (overlaid on its reads, listed by `GET /_outpost/mutations`, reported
-//! `in_flight` by its status document) although the store does not hold it yet. Entries live
-//! in this process only: under the Redis backend another instance does not see them.
+//! `in_flight` by its status document). The store holds a copy queued before that `202`
+//! (see `outbox::AWAITING_FORWARD`); this registry is what tells the local replayer that the
+//! forward is still under way, so the copy waits for its answer.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;

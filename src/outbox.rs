@@ -221,11 +221,14 @@ impl Outbox {
         let this = self.clone();
         let rules = ctx.route.classify.clone();
         let detachable = ctx.route.write_timeout.is_some() && mode != WriteMode::PassThrough;
-        let guard = if detachable {
+        let (guard, copy) = if detachable {
             self.activity.forwarding(&record);
-            guard.settles(self.activity.clone())
+            (
+                guard.settles(self.activity.clone()),
+                Some(self.awaiting_copy(&record)),
+            )
         } else {
-            guard
+            (guard, None)
         };
         let mut forward = tokio::spawn(async move {
             this.forward_and_record(record, fingerprint, mode, rules, guard)
@@ -241,19 +244,35 @@ impl Outbox {
                     ctx.source = source;
                     return result;
                 }
-                Err(_) if self.activity.acknowledge(&key) => {
-                    // The forward goes on in its task and settles under the key (its answer
-                    // kept, or queued when none or a transient one comes): the app's retry
-                    // with the key finds it, and until then it is pending for the app.
-                    tracing::info!(key = %key, "forward slower than write_timeout; answered 202");
-                    ctx.source = Source::Queued;
-                    return Ok(self.accepted_response(&key));
-                }
                 Err(_) => {
-                    // The answer came just now: the app gets it, not a 202.
+                    // The 202 is a promise: a copy of the mutation is stored durably first
+                    // (replay sends it only if the forward's answer never gets recorded).
+                    let stored = match copy {
+                        Some(copy) => self.store_awaiting_copy(copy).await,
+                        None => false,
+                    };
+                    if stored && self.activity.acknowledge(&key) {
+                        // The forward goes on in its task and settles under the key (its
+                        // answer kept, or replayed when none or a transient one comes): the
+                        // app's retry with the key finds it, and until then it is pending.
+                        tracing::info!(key = %key, "forward slower than write_timeout; answered 202");
+                        ctx.source = Source::Queued;
+                        return Ok(self.accepted_response(&key));
+                    }
+                    // The answer came just now (the app gets it, not a 202), or no copy could
+                    // be stored (the app waits for the forward's own outcome).
                     let (result, source) = forward
                         .await
                         .map_err(|e| ProxyError::BadGateway(format!("forward task failed: {e}")))?;
+                    // A transient answer is not the end of it when the copy is queued: it is
+                    // replayed, so the app hears that it was accepted.
+                    if stored
+                        && let Ok(resp) = &result
+                        && classify::is_transient(&ctx.route.classify, resp.status())
+                    {
+                        ctx.source = Source::Queued;
+                        return Ok(self.accepted_response(&key));
+                    }
                     ctx.source = source;
                     return result;
                 }
@@ -306,7 +325,9 @@ impl Outbox {
             }
             Ok(resp) => {
                 return (
-                    Ok(self.answer_forwarded(record, resp, rules, guard).await),
+                    Ok(self
+                        .answer_forwarded(record, resp, rules, guard, detached)
+                        .await),
                     Source::Upstream,
                 );
             }
@@ -354,6 +375,7 @@ impl Outbox {
         resp: Response<Incoming>,
         rules: crate::config::ClassifyConfig,
         guard: InProgress,
+        detached: bool,
     ) -> Response<ProxyBody> {
         let (mut parts, incoming) = resp.into_parts();
         crate::upstream::strip_hop_by_hop(&mut parts.headers);
@@ -385,7 +407,11 @@ impl Outbox {
         let outcome = classify::classify(&rules, parts.status, &parts.headers, &kept);
         record.status = outcome.final_status().unwrap_or(MutationStatus::Succeeded);
         record.forget_request();
-        record.outcome = Some(format!("forwarded: {}", outcome.class()));
+        record.outcome = Some(if detached {
+            format!("{FORWARDED_AFTER_202}: {}", outcome.class())
+        } else {
+            format!("forwarded: {}", outcome.class())
+        });
         record.attempts = 1;
         record.finished_at_ms = Some(now_ms());
         record.response = Some(StoredResponse {
@@ -393,8 +419,21 @@ impl Outbox {
             headers: stored_headers,
             body: kept,
         });
+        // On a `write_timeout` route a copy may be queued (stored before a 202): the answer is
+        // also kept where replay looks before sending that copy, so it is never sent again.
+        let answer_for_copy = guard.settling.is_some().then(|| MutationRecord {
+            key: answer_key(&record.key),
+            ..record.clone()
+        });
         let store = self.store.clone();
+        let activity = self.activity.clone();
         tokio::spawn(async move {
+            if let Some(answer) = answer_for_copy {
+                if let Err(e) = store.record_forwarded(answer).await {
+                    tracing::warn!("could not keep the answer for the queued copy: {e}");
+                }
+                activity.wake();
+            }
             if let Err(e) = store.record_forwarded(record).await {
                 tracing::warn!("could not keep the answer for idempotent replies: {e}");
             }
@@ -483,6 +522,39 @@ impl Outbox {
         Ok(resp)
     }
 
+    /// The copy of a forward on a `write_timeout` route that is queued before the app gets its
+    /// `202`: marked as awaiting the forward's answer, and not due before the forward has
+    /// surely ended (`upstream.request_timeout` after it started, and a second more).
+    fn awaiting_copy(&self, record: &MutationRecord) -> MutationRecord {
+        let mut copy = record.clone();
+        copy.attempts = 1;
+        copy.outcome = Some(AWAITING_FORWARD.to_owned());
+        copy.next_attempt_at_ms = now_ms()
+            .saturating_add(
+                u64::try_from(self.config.upstream.request_timeout.as_millis()).unwrap_or(u64::MAX),
+            )
+            .saturating_add(1000);
+        copy
+    }
+
+    /// Store the awaiting copy durably; whether it is queued now (false: the app must wait for
+    /// the forward's own outcome instead of a `202`).
+    async fn store_awaiting_copy(&self, copy: MutationRecord) -> bool {
+        let key = copy.key.clone();
+        let partition = copy.partition.clone();
+        match self.store.enqueue(copy).await {
+            Ok(Enqueued::Accepted { .. }) => {
+                self.events.emit(Event::Queued { key, partition });
+                true
+            }
+            Ok(Enqueued::Existing(_)) => false,
+            Err(e) => {
+                tracing::warn!(key = %key, "could not queue a slow forward for its 202 ({e}); waiting for its answer");
+                false
+            }
+        }
+    }
+
     /// `202 Accepted` for a queued mutation.
     fn accepted_response(&self, key: &str) -> Response<ProxyBody> {
         let location = self.docs.location(key);
@@ -526,6 +598,20 @@ impl Outbox {
         }
         Ok(Response::from_parts(parts, body::boxed(incoming)))
     }
+}
+
+/// The outcome of a copy queued before a `write_timeout` 202 while its forward goes on: replay
+/// finishes it with the forward's answer (kept under [`answer_key`]) instead of sending it,
+/// and sends it only when no answer was ever recorded (the forward failed, or outpost stopped).
+pub const AWAITING_FORWARD: &str = "in flight: forwarded before its 202 (write_timeout)";
+
+/// The outcome prefix of a forward's answer that came after the app's `202`.
+pub const FORWARDED_AFTER_202: &str = "forwarded after its 202";
+
+/// Where the answer of a forward whose copy may be queued is kept: a key no app can send
+/// (`Idempotency-Key` values are visible ASCII).
+pub fn answer_key(key: &str) -> String {
+    format!("{key}\u{0}forward-answer")
 }
 
 /// A key reserved while its first request is being stored or forwarded (409 for others).

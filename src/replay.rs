@@ -40,6 +40,7 @@ use crate::credentials::Credentials;
 use crate::error::report;
 use crate::events::{Event, Events};
 use crate::health::Health;
+use crate::outbox::{AWAITING_FORWARD, answer_key};
 use crate::parts::Parts;
 use crate::route::RouteTable;
 use crate::shutdown::Shutdown;
@@ -379,6 +380,19 @@ impl Replayer {
             tracing::warn!(key = %item.key, "mutation expired (queue.max_age)");
             return Ok(Step::Next);
         }
+        if item.outcome.as_deref() == Some(AWAITING_FORWARD) {
+            // Queued for a `write_timeout` 202 while its forward went on: that forward's answer
+            // settles it; it is sent only when none was ever recorded (then it is the item in
+            // flight when the forward failed or outpost stopped).
+            if self.activity.settling_record(&item.key).is_some() {
+                return Ok(Step::Wait(now.saturating_add(100)));
+            }
+            if let Some(answer) = self.store.mutation(&answer_key(&item.key)).await? {
+                self.finish_from_forward(lease, item, answer, finishing)
+                    .await?;
+                return Ok(Step::Next);
+            }
+        }
         if item.status == MutationStatus::AuthRequired {
             let Some(creds) = self.fresh_credentials(item).await else {
                 self.credentials.mark_waiting(&item.key);
@@ -634,6 +648,39 @@ impl Replayer {
     }
 
     /// Finish an item as a dead letter, and say so.
+    /// Finish a copy queued for a `write_timeout` 202 with the answer its forward got.
+    async fn finish_from_forward(
+        &self,
+        lease: &Lease,
+        item: &mut MutationRecord,
+        answer: MutationRecord,
+        finishing: &mut Finishing,
+    ) -> Result<(), StoreError> {
+        item.status = answer.status;
+        item.outcome = answer.outcome;
+        item.response = answer.response;
+        item.finished_at_ms = Some(answer.finished_at_ms.unwrap_or_else(now_ms));
+        let class = match item.status {
+            MutationStatus::Succeeded => "success",
+            MutationStatus::Partial => "partial",
+            MutationStatus::Conflict => "conflict",
+            _ => "validation",
+        };
+        self.events.emit(Event::Classified {
+            key: item.key.clone(),
+            class: class.into(),
+            status: item.response.as_ref().map(|r| r.status),
+        });
+        tracing::debug!(key = %item.key, class, "a queued copy settled by its forward's answer");
+        if item.goes_to_dead_letters() {
+            self.dead_letter(lease, item, finishing).await
+        } else {
+            self.record(lease, item, Progress::Finish, finishing)
+                .await
+                .map(|_| ())
+        }
+    }
+
     async fn dead_letter(
         &self,
         lease: &Lease,

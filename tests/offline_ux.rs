@@ -60,6 +60,8 @@ struct State {
     graphql_mutations: u64,
     /// `QUERY` requests answered.
     query_reads: u64,
+    /// Mutation requests received (every copy, applied or not).
+    writes_received: u64,
 }
 
 /// A JSON orders API that can be taken down and brought back.
@@ -146,6 +148,10 @@ impl OrdersApi {
                                 tokio::time::sleep(delay).await;
                                 let write = !matches!(*req.method(), Method::GET | Method::HEAD);
                                 if write {
+                                    state
+                                        .lock()
+                                        .unwrap_or_else(|e| e.into_inner())
+                                        .writes_received += 1;
                                     let _ = hold.wait_for(|held| !*held).await;
                                     let fail = fail_writes.fetch_update(
                                         Ordering::SeqCst,
@@ -191,6 +197,13 @@ impl OrdersApi {
             .unwrap_or_else(|e| e.into_inner())
             .orders
             .insert(id.to_owned(), order);
+    }
+
+    fn writes_received(&self) -> u64 {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .writes_received
     }
 
     fn gets(&self) -> u64 {
@@ -1088,6 +1101,55 @@ async fn a_write_still_settling_after_its_202_is_pending_for_its_caller() {
         "applied once after the 503"
     );
     assert_eq!(s.api.order("1").expect("1")["qty"], 9);
+    // The copies stored for the two 202s were settled by the forwards' answers, not sent
+    // again: one send for settle-1, the 503 and its replay for settle-2.
+    assert_eq!(s.queue_depth().await, 0);
+    assert_eq!(s.api.writes_received(), 3);
+}
+
+/// A `write_timeout` 202 is a promise like any other 202: a copy of the write is stored before
+/// it, so outpost killed while the forward is still under way loses nothing. The copy is
+/// replayed once the forward has surely ended (`upstream.request_timeout`, 10 s here), once.
+#[tokio::test]
+async fn a_write_timeout_202_survives_a_crash_while_its_forward_is_under_way() {
+    let mut s = Setup::start("write_timeout = \"300ms\"\n").await;
+    s.api.hold_writes.send_replace(true);
+    let resp = s
+        .http
+        .patch(format!("{}/orders/1", s.outpost.url()))
+        .header("Authorization", "Bearer alice")
+        .header("Idempotency-Key", "crash-1")
+        .header("Content-Type", "application/json")
+        .body(json!({ "qty": 7 }).to_string())
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(
+        resp.status(),
+        202,
+        "held upstream: answered after write_timeout"
+    );
+    let doc = s.get("alice", "/_outpost/mutations/crash-1").await;
+    assert_eq!(doc.body["status"], "in_flight", "{doc:?}");
+    assert_eq!(s.queue_depth().await, 1, "stored before the 202");
+
+    s.outpost.kill9().await;
+    s.api.hold_writes.send_replace(false);
+    s.outpost.restart().await;
+    let doc = s.get("alice", "/_outpost/mutations/crash-1").await;
+    assert_eq!(doc.status, 200, "the key survived the crash: {doc:?}");
+    eventually(Duration::from_secs(30), "the write replayed", || async {
+        s.get("alice", "/_outpost/mutations/crash-1").await.body["status"] == "succeeded"
+    })
+    .await;
+    assert_eq!(s.api.applied.load(Ordering::SeqCst), 1);
+    assert_eq!(s.api.order("1").expect("1")["qty"], 7);
+    assert_eq!(s.queue_depth().await, 0);
+    assert_eq!(
+        s.api.writes_received(),
+        2,
+        "the forward cut by the crash, and its replay"
+    );
 }
 
 /// A GraphQL query on a stale-while-revalidate route is refreshed in the background with its
