@@ -88,7 +88,18 @@ where
         match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(data), Some(buf)) = (frame.data_ref(), this.buf.as_mut()) {
-                    if (buf.len() + data.len()) as u64 > this.limit {
+                    if buf.is_empty() && this.inner.is_end_stream() {
+                        // The whole body in one frame (the common small answer): hand it on
+                        // without copying it.
+                        if data.len() as u64 <= this.limit
+                            && let Some(done) = this.on_complete.take()
+                        {
+                            this.buf = None;
+                            done(data.clone());
+                        }
+                        this.buf = None;
+                        this.on_complete = None;
+                    } else if (buf.len() + data.len()) as u64 > this.limit {
                         this.buf = None;
                         this.on_complete = None;
                     } else {

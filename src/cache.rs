@@ -598,7 +598,9 @@ impl Cache {
         let entry = Arc::new(CachedResponse {
             status,
             headers: stored_headers,
-            body: body_bytes,
+            // A copy of its own: the bytes may be a slice of a connection's read buffer,
+            // which a long-lived entry must not keep alive.
+            body: Bytes::copy_from_slice(&body_bytes),
             stored_at_ms: AtomicU64::new(now),
             initial_age_s: terms.initial_age_s,
             fresh_until_ms: AtomicU64::new(fresh_until),

@@ -29,7 +29,6 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 
 use crate::activity::Activity;
@@ -49,7 +48,9 @@ use crate::replay::classify;
 use crate::store::{
     Enqueued, MutationRecord, MutationStatus, Store, StoredRequest, StoredResponse, now_ms,
 };
-use crate::upstream::{ForwardError, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Upstream, header_pairs};
+use crate::upstream::{
+    ForwardError, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Upstream, UpstreamBody, header_pairs,
+};
 
 /// The outbox.
 pub struct Outbox {
@@ -116,9 +117,10 @@ impl Outbox {
         req: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, incoming) = req.into_parts();
-        let key = match parts.headers.get(&IDEMPOTENCY_KEY) {
-            Some(v) => valid_key(v)?,
-            None => uuid::Uuid::now_v7().to_string(),
+        // A key generated here (UUIDv7) is new by construction: no store lookup for it.
+        let (key, generated) = match parts.headers.get(&IDEMPOTENCY_KEY) {
+            Some(v) => (valid_key(v)?, false),
+            None => (uuid::Uuid::now_v7().to_string(), true),
         };
         ctx.idempotency_key = Some(key.clone());
         // The key belongs to this caller (whatever the route's caching says): nobody else gets
@@ -175,7 +177,8 @@ impl Outbox {
         let Some(guard) = InProgress::take(&self.in_progress, &key) else {
             return Err(ProxyError::KeyInProgress(key));
         };
-        if let Some(existing) = self.store.mutation(&key).await? {
+        // (The enqueue itself still refuses to store a key twice.)
+        if !generated && let Some(existing) = self.store.mutation(&key).await? {
             return self.answer_existing(&mut ctx.source, &existing, &fingerprint, &identity);
         }
         let must_queue = match mode {
@@ -372,7 +375,7 @@ impl Outbox {
     async fn answer_forwarded(
         &self,
         mut record: MutationRecord,
-        resp: Response<Incoming>,
+        resp: Response<UpstreamBody>,
         rules: crate::config::ClassifyConfig,
         guard: InProgress,
         detached: bool,

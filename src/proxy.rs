@@ -23,7 +23,6 @@ use std::time::Instant;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
-use hyper::body::Incoming;
 
 use crate::admin::stream;
 use crate::body::{self, ProxyBody};
@@ -43,7 +42,7 @@ use crate::parts::Parts;
 use crate::route::RouteTable;
 use crate::shutdown::Shutdown;
 use crate::store::now_ms;
-use crate::upstream::{self, ForwardError, Upstream};
+use crate::upstream::{self, ForwardError, Upstream, UpstreamBody};
 
 /// The proxy: everything a request needs, shared by all connections.
 pub struct Proxy {
@@ -556,7 +555,7 @@ impl Proxy {
             };
         }
         let request_headers = req.headers().clone();
-        match self.fetch(ctx, req).await {
+        match self.fetch(ctx, req, &request_headers).await {
             Ok(resp) => self.store_while_streaming(ctx, primary, request_headers, resp),
             Err(e) if e.request_body_failed() => {
                 ctx.source = Source::Outpost;
@@ -593,28 +592,31 @@ impl Proxy {
     /// Forward a read upstream, reporting health either way. A read is safe to repeat: after a
     /// reset (say, a keep-alive connection the upstream closed under it) one without a body,
     /// or with a buffered one, gets one more try on another connection before anything is
-    /// concluded.
+    /// concluded. `request_headers` are the app's (a copy the caller keeps anyway): the second
+    /// try is built from them only when it is needed.
     async fn fetch(
         &self,
         ctx: &RequestContext,
         req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, ForwardError> {
+        request_headers: &HeaderMap,
+    ) -> Result<Response<UpstreamBody>, ForwardError> {
         let (mut parts, body) = req.into_parts();
-        self.upstream.prepare(&mut parts, &ctx.client, false);
         let buffered = ctx.read_body.as_ref().map(|b| b.bytes.clone());
-        let again = (buffered.is_some() || body.is_end_stream()).then(|| {
-            let mut again = Request::new(buffered.map_or_else(body::empty, body::full));
-            *again.method_mut() = parts.method.clone();
-            *again.uri_mut() = parts.uri.clone();
-            *again.headers_mut() = parts.headers.clone();
-            again
-        });
+        let repeatable = buffered.is_some() || body.is_end_stream();
+        self.upstream.prepare(&mut parts, &ctx.client, false);
         let mut result = self.upstream.send(Request::from_parts(parts, body)).await;
-        if let (Err(e @ ForwardError::Transport(_)), Some(again)) = (&result, again)
+        if let Err(e @ ForwardError::Transport(_)) = &result
+            && repeatable
             && !e.request_body_failed()
         {
             tracing::debug!(path = %ctx.path_and_query, "read reset ({}); trying once more", report(e));
-            result = self.upstream.send(again).await;
+            let mut again = Request::new(buffered.map_or_else(body::empty, body::full));
+            *again.method_mut() = ctx.method.clone();
+            *again.uri_mut() = self.upstream.uri_for(&ctx.path_and_query);
+            *again.headers_mut() = request_headers.clone();
+            let (mut parts, body) = again.into_parts();
+            self.upstream.prepare(&mut parts, &ctx.client, false);
+            result = self.upstream.send(Request::from_parts(parts, body)).await;
         }
         self.health.observe(&result);
         result
@@ -637,7 +639,7 @@ impl Proxy {
         ctx: &mut RequestContext,
         primary: PrimaryKey,
         request_headers: HeaderMap,
-        resp: Response<Incoming>,
+        resp: Response<UpstreamBody>,
     ) -> Response<ProxyBody> {
         ctx.source = Source::Upstream;
         let (mut parts, incoming) = resp.into_parts();
@@ -878,7 +880,7 @@ fn requested_host<B>(req: &Request<B>) -> String {
 
 /// Answer 101 to the app and join the two upgraded connections.
 fn splice_upgrade(
-    mut upstream_resp: Response<Incoming>,
+    mut upstream_resp: Response<UpstreamBody>,
     client_upgrade: hyper::upgrade::OnUpgrade,
 ) -> Response<ProxyBody> {
     let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);

@@ -115,10 +115,24 @@ where
 /// Size of a request head as HTTP/1.1 would carry it: `METHOD URI HTTP/1.1\r\n` and
 /// `name: value\r\n` per header.
 fn head_size<B>(req: &Request<B>) -> usize {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 11;
+    let line = req.method().as_str().len() + uri_len(req.uri()) + 11;
     req.headers().iter().fold(line, |n, (name, value)| {
         n + name.as_str().len() + value.len() + 4
     })
+}
+
+/// The length of `uri` as written out, counted without building the string.
+fn uri_len(uri: &http::Uri) -> usize {
+    struct Count(usize);
+    impl std::fmt::Write for Count {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0 += s.len();
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = std::fmt::Write::write_fmt(&mut count, format_args!("{uri}"));
+    count.0
 }
 
 /// Refuse bodies over `max` bytes (413), and cap streaming ones.

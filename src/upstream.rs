@@ -12,7 +12,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -21,8 +20,11 @@ use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
 use crate::body::ProxyBody;
+
+mod h1;
 use crate::config::UpstreamConfig;
 use crate::context::ClientInfo;
+pub use h1::UpstreamBody;
 
 /// `Idempotency-Key`.
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -97,7 +99,7 @@ impl ForwardError {
 #[error("the upstream exchange broke")]
 pub struct TransportError {
     #[source]
-    source: hyper_util::client::legacy::Error,
+    source: Box<dyn std::error::Error + Send + Sync>,
     request_body: Option<RequestBodyFault>,
 }
 
@@ -108,9 +110,10 @@ enum RequestBodyFault {
 }
 
 impl TransportError {
-    fn of(e: hyper_util::client::legacy::Error) -> Self {
+    fn of(e: Box<dyn std::error::Error + Send + Sync>) -> Self {
         let mut request_body = None;
-        let mut source = std::error::Error::source(&e);
+        // The error itself (hyper's, from the lean client) and everything under it.
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
         while let Some(inner) = source {
             if inner.is::<http_body_util::LengthLimitError>() {
                 request_body = Some(RequestBodyFault::TooLarge);
@@ -184,9 +187,15 @@ pub enum SetupError {
 }
 
 /// The upstream: base URL, pooled keep-alive client, timeouts.
+///
+/// Plain `http://` upstreams are spoken to with the lean HTTP/1.1 client of [`h1`] (hyper's
+/// connection-level client and a pool of its own); `https://` ones (TLS, HTTP/2 by ALPN) with
+/// hyper-util's pooled client.
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    /// The lean HTTP/1.1 pool, for `http://` upstreams.
+    h1: Option<Arc<h1::Pool>>,
     /// The connector (TLS config loaded once), for more pools of the same upstream.
     connector: HttpsConnector<HttpConnector>,
     pool_idle_timeout: Duration,
@@ -220,8 +229,9 @@ impl Upstream {
             .enable_all_versions()
             .wrap_connector(http);
         let client = pool(&https, config.pool_idle_timeout, config.pool_max_idle);
-        Ok(Self {
+        let mut upstream = Self {
             client,
+            h1: None,
             connector: https,
             pool_idle_timeout: config.pool_idle_timeout,
             pool_max_idle: config.pool_max_idle,
@@ -231,7 +241,9 @@ impl Upstream {
             host,
             request_timeout: config.request_timeout,
             connect_timeout: config.connect_timeout,
-        })
+        };
+        upstream.h1 = upstream.lean_pool();
+        Ok(upstream)
     }
 
     /// The same upstream with a connection pool of its own (one per proxy thread), sharing
@@ -239,8 +251,22 @@ impl Upstream {
     pub fn with_own_pool(&self) -> Self {
         Self {
             client: pool(&self.connector, self.pool_idle_timeout, self.pool_max_idle),
+            h1: self.lean_pool(),
             ..self.clone()
         }
+    }
+
+    /// A new lean HTTP/1.1 pool when the upstream is plain `http://`.
+    fn lean_pool(&self) -> Option<Arc<h1::Pool>> {
+        (self.scheme == http::uri::Scheme::HTTP).then(|| {
+            Arc::new(h1::Pool::new(
+                self.authority.host(),
+                self.port(),
+                self.connect_timeout,
+                self.pool_idle_timeout,
+                self.pool_max_idle,
+            ))
+        })
     }
 
     /// The upstream's `host:port`, for TCP probes.
@@ -338,16 +364,58 @@ impl Upstream {
     /// The answer's version is the app connection's business, not the upstream's: it comes
     /// back as HTTP/1.1, so that an HTTP/1.0 upstream does not make hyper answer the app in
     /// HTTP/1.0 and close its keep-alive connection (an HTTP/1.0 app still gets HTTP/1.0).
-    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ForwardError> {
-        match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
+    pub async fn send(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<UpstreamBody>, ForwardError> {
+        let answer = match &self.h1 {
+            Some(pool) => {
+                let req = self.origin_form(req);
+                tokio::time::timeout(self.request_timeout, pool.send(req)).await
+            }
+            None => tokio::time::timeout(self.request_timeout, self.send_legacy(req)).await,
+        };
+        match answer {
             Err(_) => Err(ForwardError::Timeout(self.request_timeout)),
             Ok(Ok(mut resp)) => {
                 *resp.version_mut() = Version::HTTP_11;
                 Ok(resp)
             }
-            Ok(Err(e)) if e.is_connect() => Err(ForwardError::Connect(Box::new(e))),
-            Ok(Err(e)) => Err(ForwardError::Transport(TransportError::of(e))),
+            Ok(Err(e)) => Err(e),
         }
+    }
+
+    /// Send with hyper-util's pooled client (TLS, HTTP/2).
+    async fn send_legacy(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<UpstreamBody>, ForwardError> {
+        match self.client.request(req).await {
+            Ok(resp) => Ok(resp.map(UpstreamBody::unpooled)),
+            Err(e) if e.is_connect() => Err(ForwardError::Connect(Box::new(e))),
+            Err(e) => Err(ForwardError::Transport(TransportError::of(Box::new(e)))),
+        }
+    }
+
+    /// The request as the lean client writes it: origin-form target, `Host` set (what
+    /// hyper-util's client does by itself).
+    fn origin_form(&self, mut req: Request<ProxyBody>) -> Request<ProxyBody> {
+        if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+            let mut parts = http::uri::Parts::default();
+            parts.path_and_query = Some(
+                req.uri()
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            );
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+        if !req.headers().contains_key(header::HOST) {
+            req.headers_mut().insert(header::HOST, self.host.clone());
+        }
+        req
     }
 
     /// Turn the app's request head into the upstream's: URI, `Host`, hop-by-hop headers out,
@@ -426,33 +494,37 @@ fn add_forwarded(headers: &mut HeaderMap, client: &ClientInfo, host: Option<Head
     }
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
+/// Hop-by-hop headers (RFC 9110 §7.6.1, and the de-facto `Keep-Alive` and
+/// `Proxy-Connection`), as names made once: removing by a `&str` would parse it every time.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Remove hop-by-hop headers, including those named in `Connection`, and `Upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
 }
 
 /// Whether the request asks for a protocol upgrade (e.g. WebSocket).

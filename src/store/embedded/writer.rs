@@ -27,6 +27,8 @@ pub(super) const MAX_BATCH: usize = 4096;
 /// Non-durable commits of lazy ops (cache) are made durable at the latest this long after the
 /// first of them.
 pub(super) const LAZY_FLUSH: Duration = Duration::from_secs(1);
+/// Longest a durable group waits for more ops (see [`Writer::gather`]).
+const GATHER_MAX: Duration = Duration::from_millis(2);
 /// First wait before reopening the database after an I/O error; doubles up to the maximum.
 const REOPEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -226,6 +228,9 @@ pub(super) struct Writer {
     /// Wait before the next reopening attempt: grows while the database keeps failing, and is
     /// reset by a successful commit.
     backoff: Duration,
+    /// Ops in the last durable group, and how long its commit took (see [`Writer::gather`]).
+    last_group: usize,
+    last_commit: Duration,
 }
 
 /// The database failed with an I/O error and is closed until the writer reopens it.
@@ -257,6 +262,8 @@ impl Writer {
             flush_by: None,
             reopening: None,
             backoff: REOPEN_BACKOFF_MIN,
+            last_group: 1,
+            last_commit: Duration::ZERO,
         }
     }
 
@@ -277,6 +284,7 @@ impl Writer {
                             Err(_) => break,
                         }
                     }
+                    self.gather(&rx, &mut batch);
                     self.commit_batch(batch);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -288,6 +296,36 @@ impl Writer {
         }
         if self.flush_by.is_some() {
             self.flush();
+        }
+    }
+
+    /// Group commit across callers that come back in waves. A durable group smaller than the
+    /// last one waits a moment for the rest of the callers that made the last one: drains of
+    /// several partitions each send their next item once their answer is durable, and their
+    /// next answers arrive spread over the upstream's round trip; committing the first of them
+    /// alone would make the others wait for that fsync and then pay one of their own. The wait
+    /// is at most half the last durable commit's time (the wait it saves the others) and
+    /// [`GATHER_MAX`], and ends as soon as the group is as large as the last one. A lone caller
+    /// (one partition, one writer) never waits: its last group was its own.
+    fn gather(&mut self, rx: &mpsc::Receiver<Op>, batch: &mut Vec<Op>) {
+        let expected = self.last_group.min(MAX_BATCH);
+        if batch.len() >= expected
+            || !batch
+                .iter()
+                .any(|op| op.class(self.progress_sync) == Class::Now)
+        {
+            return;
+        }
+        let deadline = Instant::now() + (self.last_commit / 2).min(GATHER_MAX);
+        while batch.len() < expected {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match rx.recv_timeout(left) {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
         }
     }
 
@@ -365,6 +403,8 @@ impl Writer {
                 return;
             }
         };
+        let group = batch.len();
+        let started = Instant::now();
         let mut replies: Vec<Answer> = Vec::with_capacity(batch.len());
         let mut effects = Vec::with_capacity(batch.len());
         for op in batch {
@@ -391,6 +431,8 @@ impl Writer {
             }
         }
         if durable {
+            self.last_group = group;
+            self.last_commit = started.elapsed();
             self.flush_by = None;
             self.durable(None);
             for reply in replies {
