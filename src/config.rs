@@ -140,6 +140,11 @@ pub struct UpstreamConfig {
     /// Cap of the probe backoff.
     #[serde(with = "humantime_serde")]
     pub probe_interval_max: Duration,
+    /// While offline, how often a cheap TCP connect checks whether the upstream is back (a
+    /// success probes at once); keeps the return noticed within about this long whatever the
+    /// probe backoff has grown to. 0 = off (only the backed-off probe).
+    #[serde(with = "humantime_serde")]
+    pub reconnect_check_interval: Duration,
     /// Idle keep-alive connections kept per upstream host.
     pub pool_max_idle: usize,
     /// How long an idle upstream connection is kept.
@@ -164,6 +169,7 @@ impl Default for UpstreamConfig {
             probe_path: None,
             probe_interval: Duration::from_millis(250),
             probe_interval_max: Duration::from_secs(10),
+            reconnect_check_interval: Duration::from_millis(250),
             pool_max_idle: 512,
             pool_idle_timeout: Duration::from_secs(90),
             reset_threshold: 3,
@@ -744,6 +750,13 @@ impl Config {
             return Err(ConfigError::key(
                 "upstream.probe_interval",
                 "must be above zero and at most upstream.probe_interval_max",
+            ));
+        }
+        let check = self.upstream.reconnect_check_interval;
+        if !check.is_zero() && check < Duration::from_millis(10) {
+            return Err(ConfigError::key(
+                "upstream.reconnect_check_interval",
+                "must be 0 (off) or at least 10ms",
             ));
         }
         if self.replay.backoff_multiplier < 1.0 {

@@ -1904,3 +1904,40 @@ async fn eventually_doc(s: &Setup, key: &str) -> Value {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// Issue #18: with the default probe settings (backoff up to `probe_interval_max` = 10 s), the
+/// first queued write is replayed moments after the upstream returns, however long it was down:
+/// the reconnect check (a TCP connect every 250 ms) triggers the probe at once. The bound
+/// asserted is generous (a shared machine); the figure is printed, and `bench/run.sh probe`
+/// measures it.
+#[tokio::test]
+async fn after_a_long_outage_with_default_probe_settings_the_first_replay_comes_within_moments() {
+    let outage = Duration::from_secs(
+        std::env::var("OUTPOST_TEST_OUTAGE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(12),
+    );
+    let o = Outpost::offline("").await;
+    let resp = o
+        .http
+        .post(o.url("/apply/orders/1"))
+        .header("Idempotency-Key", "after-outage")
+        .body(r#"{"n":1}"#)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status(), 202, "queued while the upstream is down");
+    tokio::time::sleep(outage).await;
+    assert!(o.upstream.applied().is_empty());
+    o.upstream.restart().await;
+    let back = Instant::now();
+    let applied = o.upstream.wait_applied(1, Duration::from_secs(30)).await;
+    let took = back.elapsed();
+    eprintln!("outage {outage:?}: first replayed write {took:?} after the upstream came back");
+    assert_eq!(applied[0].key, "after-outage");
+    assert!(
+        took < Duration::from_secs(5),
+        "first replayed write {took:?} after a {outage:?} outage"
+    );
+}
