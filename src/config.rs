@@ -232,7 +232,7 @@ impl Default for StoreConfig {
         Self {
             backend: Backend::Embedded,
             data_dir: PathBuf::from("./outpost-data"),
-            page_cache_bytes: 32 * 1024 * 1024,
+            page_cache_bytes: crate::store::embedded::DEFAULT_PAGE_CACHE,
             redis_url: "redis://127.0.0.1:6379/".into(),
             redis_key_prefix: "outpost".into(),
             redis_min_replicas: 0,
@@ -297,6 +297,11 @@ pub struct QueueConfig {
     /// How long a completed mutation's answer is kept for idempotent replays.
     #[serde(with = "humantime_serde")]
     pub idempotency_retention: Duration,
+    /// Mutation bodies held in memory at once (being read, forwarded or stored), in bytes: a
+    /// mutation reserves its `Content-Length` (`max_body_bytes` when unknown) before its body
+    /// is read, and waits while the reservations of others fill the budget. At least
+    /// `max_body_bytes`.
+    pub max_buffered_bytes: u64,
 }
 
 impl Default for QueueConfig {
@@ -305,6 +310,7 @@ impl Default for QueueConfig {
             max_body_bytes: 10 * 1024 * 1024,
             max_age: Duration::from_secs(7 * 24 * 3600),
             idempotency_retention: Duration::from_secs(24 * 3600),
+            max_buffered_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -750,6 +756,14 @@ impl Config {
             return Err(ConfigError::key(
                 "upstream.probe_interval",
                 "must be above zero and at most upstream.probe_interval_max",
+            ));
+        }
+        if self.queue.max_buffered_bytes < self.queue.max_body_bytes
+            || self.queue.max_buffered_bytes / 1024 > u64::from(u32::MAX)
+        {
+            return Err(ConfigError::key(
+                "queue.max_buffered_bytes",
+                "must be at least queue.max_body_bytes and below 4 TiB",
             ));
         }
         let check = self.upstream.reconnect_check_interval;
@@ -1199,6 +1213,31 @@ mod tests {
         let err = Config::parse("[upstream]\n\nurl = \"ftp://x\"\n").expect_err("bad scheme");
         assert_eq!(err.key.as_deref(), Some("upstream.url"));
         assert_eq!(err.line, Some(3));
+    }
+
+    #[test]
+    fn memory_and_reconnect_settings_are_checked_and_named() {
+        for (text, key) in [
+            (
+                "[queue]\nmax_body_bytes = 2048\nmax_buffered_bytes = 1024\n",
+                "queue.max_buffered_bytes",
+            ),
+            (
+                "[upstream]\nreconnect_check_interval = \"1ms\"\n",
+                "upstream.reconnect_check_interval",
+            ),
+        ] {
+            let err = Config::parse(text).expect_err(text);
+            assert_eq!(err.key.as_deref(), Some(key), "{text}: {err}");
+        }
+        let c = Config::parse("[upstream]\nreconnect_check_interval = \"0s\"\n").expect("0 = off");
+        assert!(c.upstream.reconnect_check_interval.is_zero());
+        let d = Config::default();
+        assert_eq!(
+            d.upstream.reconnect_check_interval,
+            Duration::from_millis(250)
+        );
+        assert!(d.queue.max_buffered_bytes >= d.queue.max_body_bytes);
     }
 
     #[test]
