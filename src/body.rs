@@ -141,7 +141,14 @@ where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    let mut buf = bytes::BytesMut::new();
+    // Sized from the declared length (Content-Length), so that a large body is held once, not
+    // in a buffer grown by doubling (up to twice its size).
+    let declared = body
+        .size_hint()
+        .exact()
+        .unwrap_or(0)
+        .min(limit.saturating_add(1));
+    let mut buf = bytes::BytesMut::with_capacity(usize::try_from(declared).unwrap_or(0));
     loop {
         match body.frame().await {
             None => return Ok(Collected::Whole(buf.freeze())),

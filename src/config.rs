@@ -140,6 +140,11 @@ pub struct UpstreamConfig {
     /// Cap of the probe backoff.
     #[serde(with = "humantime_serde")]
     pub probe_interval_max: Duration,
+    /// While offline, how often a cheap TCP connect checks whether the upstream is back (a
+    /// success probes at once); keeps the return noticed within about this long whatever the
+    /// probe backoff has grown to. 0 = off (only the backed-off probe).
+    #[serde(with = "humantime_serde")]
+    pub reconnect_check_interval: Duration,
     /// Idle keep-alive connections kept per upstream host.
     pub pool_max_idle: usize,
     /// How long an idle upstream connection is kept.
@@ -164,6 +169,7 @@ impl Default for UpstreamConfig {
             probe_path: None,
             probe_interval: Duration::from_millis(250),
             probe_interval_max: Duration::from_secs(10),
+            reconnect_check_interval: Duration::from_millis(250),
             pool_max_idle: 512,
             pool_idle_timeout: Duration::from_secs(90),
             reset_threshold: 3,
@@ -226,7 +232,7 @@ impl Default for StoreConfig {
         Self {
             backend: Backend::Embedded,
             data_dir: PathBuf::from("./outpost-data"),
-            page_cache_bytes: 32 * 1024 * 1024,
+            page_cache_bytes: crate::store::embedded::DEFAULT_PAGE_CACHE,
             redis_url: "redis://127.0.0.1:6379/".into(),
             redis_key_prefix: "outpost".into(),
             redis_min_replicas: 0,
@@ -291,6 +297,11 @@ pub struct QueueConfig {
     /// How long a completed mutation's answer is kept for idempotent replays.
     #[serde(with = "humantime_serde")]
     pub idempotency_retention: Duration,
+    /// Mutation bodies held in memory at once (being read, forwarded or stored), in bytes: a
+    /// mutation reserves its `Content-Length` (`max_body_bytes` when unknown) before its body
+    /// is read, and waits while the reservations of others fill the budget. At least
+    /// `max_body_bytes`.
+    pub max_buffered_bytes: u64,
 }
 
 impl Default for QueueConfig {
@@ -299,6 +310,7 @@ impl Default for QueueConfig {
             max_body_bytes: 10 * 1024 * 1024,
             max_age: Duration::from_secs(7 * 24 * 3600),
             idempotency_retention: Duration::from_secs(24 * 3600),
+            max_buffered_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -749,6 +761,21 @@ impl Config {
                 "must be above zero and at most upstream.probe_interval_max",
             ));
         }
+        if self.queue.max_buffered_bytes < self.queue.max_body_bytes
+            || self.queue.max_buffered_bytes / 1024 > u64::from(u32::MAX)
+        {
+            return Err(ConfigError::key(
+                "queue.max_buffered_bytes",
+                "must be at least queue.max_body_bytes and below 4 TiB",
+            ));
+        }
+        let check = self.upstream.reconnect_check_interval;
+        if !check.is_zero() && check < Duration::from_millis(10) {
+            return Err(ConfigError::key(
+                "upstream.reconnect_check_interval",
+                "must be 0 (off) or at least 10ms",
+            ));
+        }
         if self.replay.backoff_multiplier < 1.0 {
             return Err(ConfigError::key(
                 "replay.backoff_multiplier",
@@ -1189,6 +1216,31 @@ mod tests {
         let err = Config::parse("[upstream]\n\nurl = \"ftp://x\"\n").expect_err("bad scheme");
         assert_eq!(err.key.as_deref(), Some("upstream.url"));
         assert_eq!(err.line, Some(3));
+    }
+
+    #[test]
+    fn memory_and_reconnect_settings_are_checked_and_named() {
+        for (text, key) in [
+            (
+                "[queue]\nmax_body_bytes = 2048\nmax_buffered_bytes = 1024\n",
+                "queue.max_buffered_bytes",
+            ),
+            (
+                "[upstream]\nreconnect_check_interval = \"1ms\"\n",
+                "upstream.reconnect_check_interval",
+            ),
+        ] {
+            let err = Config::parse(text).expect_err(text);
+            assert_eq!(err.key.as_deref(), Some(key), "{text}: {err}");
+        }
+        let c = Config::parse("[upstream]\nreconnect_check_interval = \"0s\"\n").expect("0 = off");
+        assert!(c.upstream.reconnect_check_interval.is_zero());
+        let d = Config::default();
+        assert_eq!(
+            d.upstream.reconnect_check_interval,
+            Duration::from_millis(250)
+        );
+        assert!(d.queue.max_buffered_bytes >= d.queue.max_body_bytes);
     }
 
     #[test]

@@ -147,26 +147,50 @@ impl Health {
         shutdown: Shutdown,
     ) {
         let service = upstream.service();
-        let (interval, max) = (config.probe_interval, config.probe_interval_max);
-        self.run_probe_with(interval, max, shutdown, move || {
-            let (upstream, service, config) = (upstream.clone(), service.clone(), config.clone());
-            async move { probe(&upstream, &service, &config).await }
-        })
+        let schedule = ProbeSchedule::from(&config);
+        let check_upstream = upstream.clone();
+        self.run_probe_with(
+            schedule,
+            shutdown,
+            move || {
+                let (upstream, service, config) =
+                    (upstream.clone(), service.clone(), config.clone());
+                async move { probe(&upstream, &service, &config).await }
+            },
+            move || {
+                let upstream = check_upstream.clone();
+                async move { connect(&upstream).await }
+            },
+        )
         .await;
     }
 
-    /// [`Self::run_probe`] with the probe itself given: `probe` runs after a delay growing from
-    /// `interval` to `max` (full jitter) while the upstream is offline; `Ok` marks it online.
-    pub async fn run_probe_with<F, Fut>(
+    /// [`Self::run_probe`] with the probe and the reconnect check given. While the upstream
+    /// is offline:
+    /// - `probe` runs after a delay growing from `schedule.interval` to `schedule.max` (full
+    ///   jitter); `Ok` marks the upstream online;
+    /// - `check` (cheap: a TCP connect) runs every `schedule.check_interval` (zero: never);
+    ///   when it succeeds after failing (or for the first time in an outage), `probe` runs at
+    ///   once, so the upstream's return is noticed within about one check interval however
+    ///   long the outage lasted. A check that keeps succeeding triggers no further probes
+    ///   (the upstream accepts connections but the probe fails: the backoff judges it).
+    pub async fn run_probe_with<F, Fut, C, CFut>(
         self: Arc<Self>,
-        interval: Duration,
-        max: Duration,
+        schedule: ProbeSchedule,
         shutdown: Shutdown,
         mut probe: F,
+        mut check: C,
     ) where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<(), String>>,
+        C: FnMut() -> CFut,
+        CFut: std::future::Future<Output = Result<(), String>>,
     {
+        let ProbeSchedule {
+            interval,
+            max,
+            check_interval,
+        } = schedule;
         let mut state = self.watch();
         loop {
             // Wait for the upstream to go offline.
@@ -183,16 +207,35 @@ impl Health {
                 .with_jitter()
                 .without_max_times()
                 .build();
+            let mut next_probe =
+                tokio::time::Instant::now() + delays.next().unwrap_or(max).min(max);
+            let mut checks = (!check_interval.is_zero()).then(|| {
+                let mut t = tokio::time::interval_at(
+                    tokio::time::Instant::now() + check_interval,
+                    check_interval,
+                );
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            });
+            // Whether the last check connected: only a failure → success edge probes.
+            let mut reachable = false;
             while !self.is_online() {
-                let delay = delays.next().unwrap_or(max);
-                tokio::select! {
+                let due = tokio::select! {
                     _ = shutdown.wait() => return,
-                    _ = tokio::time::sleep(delay.min(max)) => {}
+                    _ = tokio::time::sleep_until(next_probe) => {
+                        next_probe = tokio::time::Instant::now()
+                            + delays.next().unwrap_or(max).min(max);
+                        true
+                    }
+                    _ = tick(&mut checks) => {
+                        let was = std::mem::replace(&mut reachable, check().await.is_ok());
+                        reachable && !was
+                    }
                     // Passive success (a request got through) ends the wait too.
-                    _ = state.changed() => {}
-                }
-                if self.is_online() {
-                    break;
+                    _ = state.changed() => false,
+                };
+                if !due || self.is_online() {
+                    continue;
                 }
                 match probe().await {
                     Ok(()) => self.report_success(),
@@ -200,6 +243,57 @@ impl Health {
                 }
             }
         }
+    }
+}
+
+/// When the health probe runs while the upstream is offline (see [`Health::run_probe_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeSchedule {
+    /// First probe delay (`upstream.probe_interval`).
+    pub interval: Duration,
+    /// Cap of the probe backoff (`upstream.probe_interval_max`).
+    pub max: Duration,
+    /// Period of the cheap reconnect check (`upstream.reconnect_check_interval`; zero: off).
+    pub check_interval: Duration,
+}
+
+impl From<&UpstreamConfig> for ProbeSchedule {
+    fn from(config: &UpstreamConfig) -> Self {
+        Self {
+            interval: config.probe_interval,
+            max: config.probe_interval_max,
+            check_interval: config.reconnect_check_interval,
+        }
+    }
+}
+
+/// The next tick of the reconnect check, or never when it is off.
+async fn tick(checks: &mut Option<tokio::time::Interval>) {
+    match checks {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The reconnect check: a TCP connect to the upstream's address, closed at once (no request
+/// is sent, so it costs the upstream an accept and nothing more).
+async fn connect(upstream: &Upstream) -> Result<(), String> {
+    let host = upstream
+        .authority()
+        .host()
+        .trim_matches(|c| c == '[' || c == ']');
+    let addr = (host.to_string(), upstream.port());
+    match tokio::time::timeout(
+        upstream.connect_timeout().max(Duration::from_millis(100)),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("connect timed out".into()),
     }
 }
 
@@ -223,23 +317,7 @@ async fn probe(
             }
             Ok(())
         }
-        None => {
-            let host = upstream
-                .authority()
-                .host()
-                .trim_matches(|c| c == '[' || c == ']');
-            let addr = (host.to_string(), upstream.port());
-            match tokio::time::timeout(
-                upstream.connect_timeout().max(Duration::from_millis(100)),
-                tokio::net::TcpStream::connect(addr),
-            )
-            .await
-            {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("connect timed out".into()),
-            }
-        }
+        None => connect(upstream).await,
     }
 }
 
@@ -288,8 +366,11 @@ mod tests {
         let seen = calls.clone();
         let start = tokio::time::Instant::now();
         let probe = h.clone().run_probe_with(
-            Duration::from_millis(100),
-            Duration::from_secs(1),
+            ProbeSchedule {
+                interval: Duration::from_millis(100),
+                max: Duration::from_secs(1),
+                check_interval: Duration::ZERO,
+            },
             shutdown.clone(),
             move || {
                 let seen = seen.clone();
@@ -304,6 +385,7 @@ mod tests {
                     }
                 }
             },
+            || async { Err("no check".to_string()) },
         );
         let task = tokio::spawn(probe);
         h.report_failure("down");
@@ -345,5 +427,160 @@ mod tests {
         h.report_success();
         h.observe::<()>(&Err(ForwardError::Timeout(Duration::from_secs(1))));
         assert!(!h.is_online());
+    }
+
+    /// Counts the calls of the probe and the reconnect check, which both succeed while `up`
+    /// (or, for the check, while `port_open`).
+    #[derive(Clone, Default)]
+    struct Target {
+        up: Arc<AtomicBool>,
+        port_open: Arc<AtomicBool>,
+        probes: Arc<std::sync::atomic::AtomicUsize>,
+        checks: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Target {
+        fn run(&self, h: &Arc<Health>, schedule: ProbeSchedule, shutdown: &Shutdown) {
+            let (p, c) = (self.clone(), self.clone());
+            tokio::spawn(h.clone().run_probe_with(
+                schedule,
+                shutdown.clone(),
+                move || {
+                    let p = p.clone();
+                    async move {
+                        p.probes.fetch_add(1, Ordering::SeqCst);
+                        if p.up.load(Ordering::SeqCst) {
+                            Ok(())
+                        } else {
+                            Err("refused".to_string())
+                        }
+                    }
+                },
+                move || {
+                    let c = c.clone();
+                    async move {
+                        c.checks.fetch_add(1, Ordering::SeqCst);
+                        if c.up.load(Ordering::SeqCst) || c.port_open.load(Ordering::SeqCst) {
+                            Ok(())
+                        } else {
+                            Err("refused".to_string())
+                        }
+                    }
+                },
+            ));
+        }
+
+        fn probes(&self) -> usize {
+            self.probes.load(Ordering::SeqCst)
+        }
+
+        fn checks(&self) -> usize {
+            self.checks.load(Ordering::SeqCst)
+        }
+    }
+
+    /// The default schedule: probes back off from 250 ms to 10 s, the check runs every 250 ms.
+    fn defaults() -> ProbeSchedule {
+        ProbeSchedule::from(&UpstreamConfig::default())
+    }
+
+    /// Virtual time until `h` is online (at most `limit`).
+    async fn time_to_online(h: &Health, limit: Duration) -> Duration {
+        let start = tokio::time::Instant::now();
+        let mut state = h.watch();
+        tokio::time::timeout(limit, async {
+            while !*state.borrow_and_update() {
+                let _ = state.changed().await;
+            }
+        })
+        .await
+        .expect("back online");
+        start.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_long_outage_the_reconnect_check_sees_the_return_within_one_check_interval() {
+        let h = Arc::new(health(3, Duration::from_secs(10)));
+        let shutdown = Shutdown::new();
+        let target = Target::default();
+        let schedule = defaults();
+        assert_eq!(schedule.check_interval, Duration::from_millis(250));
+        assert_eq!(schedule.max, Duration::from_secs(10));
+        target.run(&h, schedule, &shutdown);
+        h.report_failure("down");
+        // Two minutes down: the probe has backed off to its 10 s cap by now.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(!h.is_online());
+        let (probes, checks) = (target.probes(), target.checks());
+        // 250 ms, 500 ms, ... up to 10 s (jitter only lengthens a delay): at most ~17 probes;
+        // the failing checks triggered none.
+        assert!(probes <= 20, "{probes} probes in two minutes");
+        assert!(
+            checks >= 470,
+            "{checks} checks in two minutes (one per 250 ms)"
+        );
+        target.up.store(true, Ordering::SeqCst);
+        let took = time_to_online(&h, Duration::from_secs(30)).await;
+        assert!(
+            took <= schedule.check_interval + Duration::from_millis(1),
+            "back after {took:?}, not within one check interval"
+        );
+        assert_eq!(
+            target.probes(),
+            probes + 1,
+            "one probe, triggered by the check"
+        );
+        shutdown.trigger();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_check_that_keeps_connecting_triggers_one_probe_not_one_per_check() {
+        let h = Arc::new(health(3, Duration::from_secs(10)));
+        let shutdown = Shutdown::new();
+        // The port accepts connections, but the probe (e.g. GET probe_path) keeps failing.
+        let target = Target::default();
+        target.port_open.store(true, Ordering::SeqCst);
+        target.run(&h, defaults(), &shutdown);
+        h.report_failure("answers 503");
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(!h.is_online());
+        let (probes, checks) = (target.probes(), target.checks());
+        assert!(checks >= 470, "{checks} checks");
+        // The backed-off probes (at most ~17) plus the one the first successful check ran.
+        assert!(
+            probes <= 21,
+            "{probes} probes: the check must not probe on every success"
+        );
+        // The port closes and opens again: that edge probes at once.
+        target.port_open.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let before = target.probes();
+        target.up.store(true, Ordering::SeqCst);
+        let took = time_to_online(&h, Duration::from_secs(30)).await;
+        assert!(took <= Duration::from_millis(251), "back after {took:?}");
+        assert_eq!(target.probes(), before + 1);
+        shutdown.trigger();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_the_check_off_only_the_backed_off_probe_sees_the_return() {
+        let h = Arc::new(health(3, Duration::from_secs(10)));
+        let shutdown = Shutdown::new();
+        let target = Target::default();
+        let schedule = ProbeSchedule {
+            check_interval: Duration::ZERO,
+            ..defaults()
+        };
+        target.run(&h, schedule, &shutdown);
+        h.report_failure("down");
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        target.up.store(true, Ordering::SeqCst);
+        let took = time_to_online(&h, Duration::from_secs(30)).await;
+        assert_eq!(target.checks(), 0, "the check is off");
+        assert!(
+            took <= schedule.max,
+            "the probe still comes, at most its cap later"
+        );
+        shutdown.trigger();
     }
 }

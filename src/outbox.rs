@@ -30,6 +30,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::activity::Activity;
 use crate::body::{self, Collected, ProxyBody};
@@ -46,7 +47,8 @@ use crate::mutations::MutationDocs;
 use crate::parts::Parts;
 use crate::replay::classify;
 use crate::store::{
-    Enqueued, MutationRecord, MutationStatus, Store, StoredRequest, StoredResponse, now_ms,
+    Enqueued, MutationRecord, MutationStatus, Store, StoreError, StoredRequest, StoredResponse,
+    now_ms,
 };
 use crate::upstream::{
     ForwardError, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Upstream, UpstreamBody, header_pairs,
@@ -64,6 +66,8 @@ pub struct Outbox {
     docs: Arc<MutationDocs>,
     metrics: Arc<Metrics>,
     in_progress: Arc<Mutex<HashSet<String>>>,
+    /// `queue.max_buffered_bytes`, in KiB: what the mutation bodies held at once may take.
+    buffered: Arc<Semaphore>,
 }
 
 impl Outbox {
@@ -80,6 +84,9 @@ impl Outbox {
             docs: parts.docs.clone(),
             metrics: parts.metrics.clone(),
             in_progress: Arc::default(),
+            buffered: Arc::new(Semaphore::new(
+                kib(parts.config.queue.max_buffered_bytes) as usize
+            )),
         }
     }
 
@@ -94,6 +101,26 @@ impl Outbox {
                 }
             });
         }
+    }
+
+    /// Reserve room for a mutation body of the request's `Content-Length` (`limit` when it is
+    /// unknown or larger) in `queue.max_buffered_bytes`, waiting while other bodies fill it.
+    async fn reserve_body(
+        &self,
+        headers: &HeaderMap,
+        limit: u64,
+    ) -> Result<OwnedSemaphorePermit, ProxyError> {
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let want = declared.map_or(limit, |n| n.min(limit));
+        let permits = u32::try_from(kib(want)).unwrap_or(u32::MAX);
+        self.buffered
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| ProxyError::NotStored(StoreError::Closed))
     }
 
     /// The write path (POST, PUT, PATCH, DELETE).
@@ -135,6 +162,8 @@ impl Outbox {
         );
 
         let limit = self.config.queue.max_body_bytes;
+        // Held until this write is answered: bounds the bodies in memory at once.
+        let _budget = self.reserve_body(&parts.headers, limit).await?;
         let body_bytes = match body::collect_limited(incoming, limit).await {
             Ok(Collected::Whole(b)) => b,
             Ok(Collected::TooLarge { prefix, rest }) => {
@@ -711,6 +740,11 @@ fn stored_response(stored: &StoredResponse) -> Response<ProxyBody> {
     }
     resp.headers_mut().remove(header::CONTENT_LENGTH);
     resp
+}
+
+/// `bytes` in KiB, rounded up (at least one).
+fn kib(bytes: u64) -> u64 {
+    bytes.div_ceil(1024).max(1)
 }
 
 #[cfg(test)]

@@ -37,6 +37,8 @@ type Call = (TokioInstant, Option<String>);
 struct Fake {
     script: Arc<StdMutex<VecDeque<Answer>>>,
     seen: Arc<StdMutex<Vec<Call>>>,
+    /// While set, every request is refused (and not counted as a call).
+    down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Fake {
@@ -45,6 +47,14 @@ impl Fake {
             script: Arc::new(StdMutex::new(answers.into())),
             ..Fake::default()
         }
+    }
+
+    fn is_down(&self) -> bool {
+        self.down.load(Ordering::SeqCst)
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
     }
 
     fn calls(&self) -> Vec<Call> {
@@ -56,6 +66,9 @@ impl Fake {
         BoxCloneSyncService::new(tower::service_fn(move |req: Request<ProxyBody>| {
             let fake = fake.clone();
             async move {
+                if fake.is_down() {
+                    return Err(ForwardError::Connect("refused".into()));
+                }
                 let auth = req
                     .headers()
                     .get(header::AUTHORIZATION)
@@ -106,6 +119,23 @@ struct Rig {
 
 impl Rig {
     fn start(extra: &str, fake: &Fake, store: Option<Arc<MemoryStore>>) -> Rig {
+        let schedule = crate::health::ProbeSchedule {
+            interval: Duration::from_millis(100),
+            max: Duration::from_millis(100),
+            check_interval: Duration::ZERO,
+        };
+        Self::start_probing(extra, fake, store, schedule, false)
+    }
+
+    /// [`Self::start`] with the probe `schedule`; with `real`, the probe and the reconnect
+    /// check succeed only while `fake` is up (else the probe always says online).
+    fn start_probing(
+        extra: &str,
+        fake: &Fake,
+        store: Option<Arc<MemoryStore>>,
+        schedule: crate::health::ProbeSchedule,
+        real: bool,
+    ) -> Rig {
         let text = format!(
             "[replay]\nrate_limit = 0\ninitial_backoff = \"1s\"\nmax_backoff = \"60s\"\n{extra}"
         );
@@ -121,11 +151,19 @@ impl Rig {
             fake.service(),
             shutdown.clone(),
         ));
+        let reachable = move |fake: Fake| async move {
+            if real && fake.is_down() {
+                Err("refused".to_string())
+            } else {
+                Ok(())
+            }
+        };
+        let (for_probe, for_check) = (fake.clone(), fake.clone());
         let probe = parts.health.clone().run_probe_with(
-            Duration::from_millis(100),
-            Duration::from_millis(100),
+            schedule,
             shutdown.clone(),
-            || async { Ok(()) },
+            move || reachable(for_probe.clone()),
+            move || reachable(for_check.clone()),
         );
         let tasks = vec![tokio::spawn(replayer.clone().run()), tokio::spawn(probe)];
         Rig {
@@ -261,6 +299,38 @@ async fn a_refused_connection_is_not_an_attempt_and_the_item_goes_once_the_upstr
         item.attempts, 1,
         "the refused connection was not an attempt"
     );
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_long_outage_the_first_replayed_write_goes_within_a_second_of_the_return() {
+    let fake = Fake::default();
+    fake.set_down(true);
+    // The default probe schedule: backoff 250 ms → 10 s, reconnect check every 250 ms.
+    let schedule = crate::health::ProbeSchedule::from(&crate::config::UpstreamConfig::default());
+    let rig = Rig::start_probing("", &fake, None, schedule, true);
+    rig.queue("k", None, "Bearer t").await;
+    rig.run_for(Duration::from_millis(10)).await;
+    assert!(
+        !rig.parts.health.is_online(),
+        "the refused send marked it offline"
+    );
+    // A long outage: the probe's backoff has reached its 10 s cap.
+    rig.run_for(Duration::from_secs(90)).await;
+    assert!(fake.calls().is_empty());
+    fake.set_down(false);
+    let back = TokioInstant::now();
+    while fake.calls().is_empty() {
+        rig.run_for(Duration::from_millis(10)).await;
+        assert!(back.elapsed() < Duration::from_secs(20), "never replayed");
+    }
+    let took = fake.calls()[0].0 - back;
+    assert!(
+        took < Duration::from_secs(1),
+        "first replayed write {took:?} after the upstream came back"
+    );
+    rig.run_for(Duration::from_millis(100)).await;
+    assert_eq!(rig.mutation("k").await.status, MutationStatus::Succeeded);
     rig.stop().await;
 }
 

@@ -50,9 +50,17 @@ const MARKER: u8 = 0x00;
 
 /// Encode a record in the current format.
 pub fn encode(record: &MutationRecord) -> Result<Vec<u8>, StoreError> {
-    let mut out = vec![MARKER, RECORD_VERSION];
-    out.extend_from_slice(&postcard::to_stdvec(record)?);
-    Ok(out)
+    // Sized for the body plus room for the rest, and written in place: a large body is copied
+    // once, not into a doubling scratch buffer and then again.
+    let headers: usize = record
+        .request
+        .headers
+        .iter()
+        .map(|(n, v)| n.len() + v.len() + 4)
+        .sum();
+    let mut out = Vec::with_capacity(record.request.body.len() + headers + 512);
+    out.extend_from_slice(&[MARKER, RECORD_VERSION]);
+    Ok(postcard::to_extend(record, out)?)
 }
 
 /// Decode a record of the current or any earlier format.

@@ -80,8 +80,13 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const CACHE: TableDefinition<&[u8], (u64, u64, &[u8])> = TableDefinition::new("cache");
 const CACHE_LRU: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("cache_lru");
 
-/// redb page cache when not configured (`store.page_cache_bytes`).
-pub const DEFAULT_PAGE_CACHE: usize = 32 * 1024 * 1024;
+/// redb page cache when not configured (`store.page_cache_bytes`). Small on purpose: redb
+/// reads the file with `pread`, so a page it does not hold comes from the kernel's page cache
+/// (shared, and not counted in the process's RSS), and an enqueue or a replay touches only the
+/// tails and heads of its tables. A larger cache fills slowly as the queue deepens (with 32 MiB,
+/// RSS rose from 89 to 98 MB between 100 k and 1 M queued items; with 8 MiB it stays near
+/// 65 MB), and durable write throughput measured the same with either.
+pub const DEFAULT_PAGE_CACHE: usize = 8 * 1024 * 1024;
 
 /// The embedded backend (see the module docs for its guarantees).
 pub struct EmbeddedStore {
