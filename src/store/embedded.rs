@@ -58,6 +58,7 @@ mod files;
 mod queue;
 mod writer;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
@@ -89,6 +90,11 @@ pub struct EmbeddedStore {
     tx: Mutex<Option<mpsc::Sender<Op>>>,
     counters: Arc<Mutex<Counters>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Partitions a replayer holds (acquired, not yet released), with how many times. Taken
+    /// for reading by [`Queue::enqueue_coalesced`](super::Queue::enqueue_coalesced) until its
+    /// write is durable, and for writing by `acquire` and `release`: a coalescing write and
+    /// the start of a drain never interleave.
+    drains: tokio::sync::RwLock<HashMap<String, usize>>,
 }
 
 impl EmbeddedStore {
@@ -131,6 +137,7 @@ impl EmbeddedStore {
             tx: Mutex::new(Some(tx)),
             counters,
             writer: Mutex::new(Some(handle)),
+            drains: tokio::sync::RwLock::default(),
         })
     }
 
@@ -181,6 +188,14 @@ impl Drop for EmbeddedStore {
 impl Coordination for EmbeddedStore {
     async fn acquire(&self, partition: &str) -> Result<Option<Lease>, StoreError> {
         // One process owns the data directory, and the replayer runs one worker per partition.
+        // Noted (after any coalescing write in progress is durable), so that nothing is folded
+        // into an item this drain may send.
+        *self
+            .drains
+            .write()
+            .await
+            .entry(partition.to_string())
+            .or_default() += 1;
         Ok(Some(Lease {
             partition: partition.to_string(),
             token: 0,
@@ -192,7 +207,14 @@ impl Coordination for EmbeddedStore {
         Ok(true)
     }
 
-    async fn release(&self, _lease: &Lease) -> Result<(), StoreError> {
+    async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
+        let mut drains = self.drains.write().await;
+        if let Some(n) = drains.get_mut(&lease.partition) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                drains.remove(&lease.partition);
+            }
+        }
         Ok(())
     }
 
