@@ -3,7 +3,8 @@
 //!
 //! The rules (the README's "Coalescing queued writes" gives the reasoning):
 //! - Only into the *newest* pending item of the partition with the same path and query, found
-//!   among the partition's last [`WINDOW`] items, and only when that item is a PUT or PATCH of
+//!   among the partition's last [`WINDOW`] items (an older one
+//!   is not looked for: the new write then queues at the tail, unfolded), and only when that item is a PUT or PATCH of
 //!   the same caller (identity) and route that was never sent (`queued`, no attempt). Any other
 //!   item of that URI in between (a POST, a DELETE, another caller's write, one that was sent
 //!   once) stops it: folding across it would reorder writes to the URI.
@@ -25,7 +26,9 @@ use crate::overlay::merge_patch;
 use crate::store::{MutationRecord, MutationStatus, StoredRequest};
 
 /// How many of a partition's newest pending items are searched for the write to fold into.
-pub const WINDOW: usize = 64;
+pub const WINDOW: usize = 1024;
+/// How many are read first (the write to fold into is usually among them).
+pub const FIRST_LOOK: usize = 32;
 
 /// Request headers that make a write conditional.
 pub const PRECONDITIONS: [&str; 3] = ["if-match", "if-unmodified-since", "if-none-match"];

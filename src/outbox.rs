@@ -461,10 +461,17 @@ impl Outbox {
             return Ok(None);
         }
         for _ in 0..COALESCE_ATTEMPTS {
-            let tail = self
+            // The write to fold into is usually among the last few: look further only if not.
+            let mut tail = self
                 .store
-                .peek_tail(&record.partition, coalesce::WINDOW)
+                .peek_tail(&record.partition, coalesce::FIRST_LOOK)
                 .await?;
+            if tail.len() == coalesce::FIRST_LOOK && coalesce::target(&tail, record).is_none() {
+                tail = self
+                    .store
+                    .peek_tail(&record.partition, coalesce::WINDOW)
+                    .await?;
+            }
             let Some(tail_seq) = tail.first().map(|r| r.seq) else {
                 return Ok(None);
             };
