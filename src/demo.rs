@@ -195,11 +195,14 @@ pub async fn run() -> Result<(), DemoError> {
             None,
         )
         .await?;
+    let first: serde_json::Value = serde_json::from_str(&first.body).unwrap_or_default();
     say(&format!(
-        "  PATCH /drafts/1 x{} -> 202 each; the first: {}",
+        "  PATCH /drafts/1 x{} -> 202 each; the first is now status {} (coalesced_into {}),",
         drafts.len(),
-        short(&first.body, 110)
+        first["status"],
+        first["coalesced_into"]
     ));
+    say("  and each save folded into the next: one PATCH with the merged draft stays queued.");
 
     step("3. The upstream comes back; outpost notices and replays in order");
     toy.restart().await?;

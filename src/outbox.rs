@@ -232,22 +232,18 @@ impl Outbox {
         // that its retry with the same key gets the answer instead of a second send.
         // Should it be queued after all (the upstream refused the connection), it is a queued
         // write like any other: its version captured and coalesced as the route says.
-        let mut captured = record.clone();
-        if ctx.route.capture_version {
+        let queued_headers = if ctx.route.capture_version {
+            let mut captured = record.clone();
             self.capture_version(ctx, &mut captured).await;
-        }
+            Some(captured.request.headers)
+        } else {
+            None
+        };
         let this = self.clone();
         let route = ctx.route.clone();
         let mut forward = tokio::spawn(async move {
-            this.forward_and_record(
-                record,
-                captured.request.headers,
-                fingerprint,
-                mode,
-                route,
-                guard,
-            )
-            .await
+            this.forward_and_record(record, queued_headers, fingerprint, mode, route, guard)
+                .await
         });
         if let Some(limit) = ctx.route.write_timeout
             && mode != WriteMode::PassThrough
@@ -281,7 +277,7 @@ impl Outbox {
     async fn forward_and_record(
         self: Arc<Self>,
         record: MutationRecord,
-        queued_headers: Vec<(String, Bytes)>,
+        queued_headers: Option<Vec<(String, Bytes)>>,
         fingerprint: [u8; 32],
         mode: WriteMode,
         route: Arc<Route>,
@@ -317,7 +313,9 @@ impl Outbox {
             // Not sent: it goes as soon as the upstream is seen online.
             ForwardError::Connect(_) => {
                 record.outcome = Some(format!("retryable: not sent: {}", report(&e)));
-                record.request.headers = queued_headers;
+                if let Some(headers) = queued_headers {
+                    record.request.headers = headers;
+                }
             }
             // Maybe applied: never sent again at once (an upstream that ignores the key would
             // apply it twice); the replay tries again after a backoff.

@@ -4,7 +4,7 @@
 //! in *groups*: it takes every operation waiting in its channel (up to
 //! `MAX_BATCH`), applies them in one write transaction and commits once.
 //! Each op has a durability class:
-//! - *now*: enqueues and operator actions (retry, edit, drop). A group holding one commits with
+//! - *now*: enqueues (coalescing ones included) and operator actions (retry, edit, drop). A group holding one commits with
 //!   `Durability::Immediate` (redb fsyncs before `commit` returns); only then are its callers
 //!   answered, so a 202 is sent only after the commit that holds its mutation returned. Many
 //!   concurrent writers share one fsync, which is what makes durable acknowledgement cheap.
@@ -22,6 +22,13 @@
 //! A caller is told "done" only once its op is durable (or, for lazy ops, never), and told the
 //! error otherwise: a replayer whose answer could not be recorded keeps it and records it again
 //! before sending anything else, instead of re-sending the item.
+//!
+//! **Coalescing.** [`Queue::enqueue_coalesced`](super::Queue::enqueue_coalesced) is one
+//! transaction (check the folded record, its queue slot and the partition's tail; write both
+//! records; the new key takes the folded one's `(partition, seq)` slot). That no replayer holds
+//! the partition is checked against `drains`, the partitions acquired and not released: the
+//! coalescing write holds it for reading until its commit is durable, `acquire` takes it for
+//! writing, so a drain's first peek sees either the state before the fold or the fold done.
 //!
 //! **At rest.** The data directory is created 0700 and the database file 0600 (existing ones are
 //! tightened, with a warning): queued mutations hold the app's bearer tokens. Finished items
