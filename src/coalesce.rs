@@ -218,6 +218,49 @@ mod tests {
         );
     }
 
+    fn pending(key: &str, method: &str, path: &str, identity: u8) -> MutationRecord {
+        let mut r = crate::store::conformance::record(key, "upstream");
+        r.request = request(method, "application/json", "{}", &[]);
+        r.request.path_and_query = path.into();
+        r.identity = Some([identity; 32]);
+        r
+    }
+
+    /// Only the newest pending item of the URI, and only a never-sent PUT/PATCH of the same
+    /// caller; never for a POST, never across another item of the URI.
+    #[test]
+    fn the_target_is_the_newest_write_of_the_uri_of_the_same_caller() {
+        let newer = pending("n", "PATCH", "/doc/1", 1);
+        let older = pending("o", "PUT", "/doc/1", 1);
+        let other_uri = pending("x", "PUT", "/doc/2", 1);
+        let tail = [other_uri.clone(), older.clone()];
+        assert_eq!(target(&tail, &newer).map(|r| r.key.as_str()), Some("o"));
+        let bob = pending("b", "PATCH", "/doc/1", 2);
+        assert!(
+            target(&[bob, older.clone()], &newer).is_none(),
+            "across a caller"
+        );
+        assert!(target(&[pending("b", "PATCH", "/doc/1", 2)], &newer).is_none());
+        let post = pending("p", "POST", "/doc/1", 1);
+        assert!(
+            target(&[post, older.clone()], &newer).is_none(),
+            "across a POST"
+        );
+        assert!(
+            target(&tail, &pending("n", "POST", "/doc/1", 1)).is_none(),
+            "a POST"
+        );
+        let mut sent = older.clone();
+        sent.attempts = 1;
+        assert!(target(&[sent], &newer).is_none(), "sent once");
+        let mut waiting = older;
+        waiting.status = MutationStatus::AuthRequired;
+        assert!(
+            target(&[waiting], &newer).is_none(),
+            "waiting for credentials"
+        );
+    }
+
     #[test]
     fn a_patch_merges_into_a_put_which_stays_a_put() {
         let put = request(
