@@ -109,7 +109,7 @@ impl App {
         }
         let health = parts.health.clone();
         let cache = Arc::new(Cache::new(&config.cache, store.clone()));
-        let outbox = Arc::new(Outbox::new(&parts));
+        let outbox = Arc::new(Outbox::new(&parts, cache.clone()));
         let replayer = Arc::new(Replayer::new(&parts, shutdown.clone()));
         let workers = match config.proxy.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -301,6 +301,9 @@ async fn log_events(events: Events, shutdown: Shutdown) {
             Event::AuthRequired { key, principal } => {
                 tracing::info!(key = %key, principal = %principal, "waiting for fresh credentials")
             }
+            Event::Coalesced { key, into } => {
+                tracing::info!(key = %key, into = %into, "coalesced into a newer write")
+            }
             Event::Paused => tracing::info!("replay paused by an operator"),
             Event::Resumed => tracing::info!("replay resumed by an operator"),
             Event::Operator {
@@ -319,6 +322,7 @@ async fn log_events(events: Events, shutdown: Shutdown) {
             | Event::Online
             | Event::Offline { .. }
             | Event::DeadLettered { .. }
+            | Event::Conflict { .. }
             | Event::Expired { .. } => {}
         }
     }

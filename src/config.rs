@@ -542,6 +542,16 @@ pub struct RouteConfig {
     /// JSON pointer of a field that a replayed mutation's JSON body gets set to the time outpost
     /// accepted it (RFC 3339, ms), for upstreams that do last-write-wins by a field; empty: none.
     pub accepted_at_field: String,
+    // --- Sync semantics (#20 points 2, 3) ---
+    /// Queued PUT/PATCH/DELETE of one URI and caller fold into the pending PUT/PATCH of that
+    /// URI (a newer PUT replaces it, a JSON merge patch is merged into it, a DELETE drops it);
+    /// the folded key's status is `coalesced`.
+    pub coalesce: bool,
+    /// Remember the `ETag` (or `Last-Modified`) of the copy outpost served for a URI, and add
+    /// `If-Match` (or `If-Unmodified-Since`) to a queued PUT/PATCH/DELETE of that URI that
+    /// carries no precondition, so a change on the server meanwhile becomes a conflict.
+    pub capture_version: bool,
+    // --- end sync semantics ---
     /// Read your own writes: JSON reads reflect the caller's pending mutations on this route.
     pub overlay: bool,
     /// The item URI template, e.g. `/orders/{id}`; the collection is the template without its
@@ -578,6 +588,17 @@ pub enum ConflictPolicy {
     /// Send it once more without its preconditions (`If-Match`, `If-Unmodified-Since`,
     /// `If-None-Match`); a conflict without preconditions, or a second one, is a dead letter.
     ClientWins,
+}
+
+impl ConflictPolicy {
+    /// The config's (and the metrics label's) name of the policy.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConflictPolicy::DeadLetter => "dead-letter",
+            ConflictPolicy::ServerWins => "server-wins",
+            ConflictPolicy::ClientWins => "client-wins",
+        }
+    }
 }
 
 impl RouteConfig {

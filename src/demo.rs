@@ -108,6 +108,12 @@ pub async fn run() -> Result<(), DemoError> {
     config.store.data_dir = data.clone();
     config.upstream.probe_interval_max = Duration::from_secs(1);
     config.replay.initial_backoff = Duration::from_millis(200);
+    // An autosaving editor's drafts: queued saves of one draft fold into one.
+    config.routes.push(crate::config::RouteConfig {
+        path: "/drafts/".into(),
+        coalesce: true,
+        ..Default::default()
+    });
     config.validate()?;
     let shutdown = Shutdown::new();
     let app = App::start(config, shutdown.clone()).await?;
@@ -172,6 +178,31 @@ pub async fn run() -> Result<(), DemoError> {
         keys.push(a.key);
     }
     say("  The app got its answers at once: nothing spins, nothing is lost.");
+    say("  Meanwhile an editor autosaves a draft on every keystroke (route coalesce = true):");
+    let text = "offline-first";
+    let mut drafts = Vec::new();
+    for n in 1..=text.len() {
+        let patch = format!(r#"{{"text":"{}"}}"#, &text[..n]);
+        let a = narrator
+            .call(Method::PATCH, "/drafts/1", Some(&patch))
+            .await?;
+        drafts.push(a.key);
+    }
+    let first = narrator
+        .call(
+            Method::GET,
+            &format!("/_outpost/mutations/{}", drafts[0]),
+            None,
+        )
+        .await?;
+    let first: serde_json::Value = serde_json::from_str(&first.body).unwrap_or_default();
+    say(&format!(
+        "  PATCH /drafts/1 x{} -> 202 each; the first is now status {} (coalesced_into {}),",
+        drafts.len(),
+        first["status"],
+        first["coalesced_into"]
+    ));
+    say("  and each save folded into the next: one PATCH with the merged draft stays queued.");
 
     step("3. The upstream comes back; outpost notices and replays in order");
     toy.restart().await?;
@@ -221,6 +252,31 @@ pub async fn run() -> Result<(), DemoError> {
         "  GET /_outpost/mutations/{} -> {}",
         keys[1],
         short(&a.body, 160)
+    ));
+
+    // The draft's one surviving save is replayed in the place of its first one.
+    let draft_key = drafts.last().cloned().unwrap_or_default();
+    let waited = Instant::now();
+    while waited.elapsed() < Duration::from_secs(10) {
+        let a = narrator
+            .call(
+                Method::GET,
+                &format!("/_outpost/mutations/{draft_key}"),
+                None,
+            )
+            .await?;
+        if a.body.contains("\"succeeded\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (draft_writes, draft) = {
+        let ledger = toy.ledger();
+        (ledger.draft_writes, ledger.draft.to_string())
+    };
+    say(&format!(
+        "  the draft's {} autosaves reached the upstream as {draft_writes} PATCH (key {draft_key}): {draft}",
+        drafts.len()
     ));
 
     step("4. Tally");

@@ -65,6 +65,20 @@ pub enum Event {
         /// `rejected` or `conflict`.
         status: String,
     },
+    /// A replayed mutation met a conflict (409, 412), acted on as its route's `conflict` says.
+    Conflict {
+        /// Its idempotency key.
+        key: String,
+        /// `dead-letter`, `server-wins` or `client-wins`.
+        policy: String,
+    },
+    /// A queued mutation was folded into a newer one of the same URI (route `coalesce`).
+    Coalesced {
+        /// The folded mutation's idempotency key (its status is now `coalesced`).
+        key: String,
+        /// The key that carries its change now.
+        into: String,
+    },
     /// A mutation waits for fresh credentials of its principal.
     AuthRequired {
         /// Its idempotency key.

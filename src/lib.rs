@@ -27,6 +27,7 @@ pub mod admin;
 pub mod app;
 pub mod body;
 pub mod cache;
+pub mod coalesce;
 pub mod config;
 pub mod context;
 pub mod credentials;

@@ -59,6 +59,8 @@ const SOURCES: [Source; 6] = [
     Source::IdempotentReplay,
     Source::Outpost,
 ];
+/// The `policy` label of `outpost_conflicts_total`: a route's `conflict` setting.
+const CONFLICT_POLICIES: [&str; 3] = ["dead-letter", "server-wins", "client-wins"];
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// Replay classes, as in `Event::Classified`.
 const CLASSES: [&str; 6] = [
@@ -127,6 +129,9 @@ pub struct Metrics {
     replay_retries: Counter,
     outcomes: [Counter; 6],
     dead_lettered: Counter,
+    /// Conflicts by route policy (`dead-letter`, `server-wins`, `client-wins`).
+    conflicts: [Counter; 3],
+    coalesced: Counter,
     expired: Counter,
     auth_required: Counter,
     outages: Counter,
@@ -198,6 +203,9 @@ impl Metrics {
             replay_retries: counter("outpost_replay_retries_total", &[]),
             outcomes,
             dead_lettered: counter("outpost_dead_lettered_total", &[]),
+            conflicts: CONFLICT_POLICIES
+                .map(|policy| counter("outpost_conflicts_total", &[("policy", policy)])),
+            coalesced: counter("outpost_coalesced_total", &[]),
             expired: counter("outpost_expired_total", &[]),
             auth_required: counter("outpost_auth_required_total", &[]),
             outages: counter("outpost_upstream_outages_total", &[]),
@@ -285,6 +293,12 @@ impl Metrics {
                 }
             }
             Event::DeadLettered { .. } => self.dead_lettered.increment(1),
+            Event::Conflict { policy, .. } => {
+                if let Some(i) = CONFLICT_POLICIES.iter().position(|p| p == policy) {
+                    self.conflicts[i].increment(1);
+                }
+            }
+            Event::Coalesced { .. } => self.coalesced.increment(1),
             Event::Expired { .. } => self.expired.increment(1),
             Event::AuthRequired { .. } => self.auth_required.increment(1),
             Event::Offline { .. } => {
@@ -473,6 +487,18 @@ fn describe(recorder: &PrometheusRecorder) {
             "outpost_replay_outcomes_total",
             None,
             "Classified answers to replayed mutations, by class.",
+            'c',
+        ),
+        (
+            "outpost_conflicts_total",
+            None,
+            "Conflicts (409, 412) of replayed mutations, by the route's conflict policy.",
+            'c',
+        ),
+        (
+            "outpost_coalesced_total",
+            None,
+            "Queued mutations folded into a newer one of the same URI (route coalesce).",
             'c',
         ),
         (

@@ -168,6 +168,8 @@ impl MutationDocs {
                 | Event::ReplayAttempt { key, .. }
                 | Event::Classified { key, .. }
                 | Event::DeadLettered { key, .. }
+                | Event::Conflict { key, .. }
+                | Event::Coalesced { key, .. }
                 | Event::AuthRequired { key, .. }
                 | Event::Expired { key }
                 | Event::Operator { key, .. } => key.clone(),
@@ -236,6 +238,9 @@ impl MutationDocs {
             if let Some(from) = edited_from {
                 map.insert("edited".into(), true.into());
                 map.insert("edited_from".into(), from.into());
+            }
+            if let Some(into) = record.coalesced_into() {
+                map.insert("coalesced_into".into(), into.into());
             }
             if let Some(to) = superseded_by {
                 map.insert("edited".into(), true.into());

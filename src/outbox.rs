@@ -34,8 +34,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::activity::Activity;
 use crate::body::{self, Collected, ProxyBody};
-use crate::cache::with_cache_status;
 use crate::cache::{CACHE_STATUS, status as cache};
+use crate::cache::{Cache, PrimaryKey, with_cache_status};
+use crate::coalesce;
 use crate::config::{Config, PartitionBy, WriteMode};
 use crate::context::{Identity, RequestContext, Source};
 use crate::credentials::Credentials;
@@ -46,9 +47,10 @@ use crate::metrics::Metrics;
 use crate::mutations::MutationDocs;
 use crate::parts::Parts;
 use crate::replay::classify;
+use crate::route::Route;
 use crate::store::{
-    Enqueued, MutationRecord, MutationStatus, Store, StoreError, StoredRequest, StoredResponse,
-    now_ms,
+    Coalesced, Enqueued, MutationRecord, MutationStatus, Store, StoreError, StoredRequest,
+    StoredResponse, now_ms,
 };
 use crate::upstream::{
     ForwardError, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Upstream, UpstreamBody, header_pairs,
@@ -65,14 +67,16 @@ pub struct Outbox {
     activity: Arc<Activity>,
     docs: Arc<MutationDocs>,
     metrics: Arc<Metrics>,
+    /// The read cache: where `capture_version` finds the version of the copy served.
+    cache: Arc<Cache>,
     in_progress: Arc<Mutex<HashSet<String>>>,
     /// `queue.max_buffered_bytes`, in KiB: what the mutation bodies held at once may take.
     buffered: Arc<Semaphore>,
 }
 
 impl Outbox {
-    /// The outbox of `parts`.
-    pub fn new(parts: &Parts) -> Self {
+    /// The outbox of `parts`, finding served versions in `cache`.
+    pub fn new(parts: &Parts, cache: Arc<Cache>) -> Self {
         Self {
             store: parts.store.clone(),
             upstream: parts.upstream.clone(),
@@ -83,6 +87,7 @@ impl Outbox {
             activity: parts.activity.clone(),
             docs: parts.docs.clone(),
             metrics: parts.metrics.clone(),
+            cache,
             in_progress: Arc::default(),
             buffered: Arc::new(Semaphore::new(
                 kib(parts.config.queue.max_buffered_bytes) as usize
@@ -245,13 +250,28 @@ impl Outbox {
             identity: Some(identity.0),
         };
         if must_queue {
-            return self.enqueue(ctx, record, &fingerprint).await;
+            let mut record = record;
+            if ctx.route.capture_version {
+                self.capture_version(ctx, &mut record).await;
+            }
+            return self
+                .enqueue_record(record, &fingerprint, &mut ctx.source, ctx.route.coalesce)
+                .await;
         }
         // From here on the mutation is on its way upstream: finish it (answer recorded under
         // its key, or queued when the answer is lost) even if the app goes away meanwhile, so
         // that its retry with the same key gets the answer instead of a second send.
+        // Should it be queued after all (the upstream refused the connection), it is a queued
+        // write like any other: its version captured and coalesced as the route says.
+        let queued_headers = if ctx.route.capture_version {
+            let mut captured = record.clone();
+            self.capture_version(ctx, &mut captured).await;
+            Some(captured.request.headers)
+        } else {
+            None
+        };
         let this = self.clone();
-        let rules = ctx.route.classify.clone();
+        let route = ctx.route.clone();
         let detachable = ctx.route.write_timeout.is_some() && mode != WriteMode::PassThrough;
         let (guard, copy) = if detachable {
             self.activity.forwarding(&record);
@@ -263,7 +283,7 @@ impl Outbox {
             (guard, None)
         };
         let mut forward = tokio::spawn(async move {
-            this.forward_and_record(record, fingerprint, mode, rules, guard)
+            this.forward_and_record(record, queued_headers, fingerprint, mode, route, guard)
                 .await
         });
         if let Some(limit) = ctx.route.write_timeout
@@ -318,15 +338,18 @@ impl Outbox {
     }
 
     /// Forward a buffered mutation and settle it: keep the upstream's final answer for
-    /// idempotent replies, pass a transient one on, or queue the mutation when no answer came.
+    /// idempotent replies, pass a transient one on, or queue the mutation when no answer came
+    /// (with `queued_headers`, its headers with a captured version, when it was never sent).
     async fn forward_and_record(
         self: Arc<Self>,
         record: MutationRecord,
+        queued_headers: Option<Vec<(String, Bytes)>>,
         fingerprint: [u8; 32],
         mode: WriteMode,
-        rules: crate::config::ClassifyConfig,
+        route: Arc<Route>,
         guard: InProgress,
     ) -> (Result<Response<ProxyBody>, ProxyError>, Source) {
+        let rules = route.classify.clone();
         // Built from the app's own request a moment ago, so it cannot fail; if it ever did,
         // the app hears so instead of another request going upstream.
         let req = match self.upstream.request_from_stored(&record.request, &[]) {
@@ -351,7 +374,9 @@ impl Outbox {
                 ));
                 tracing::info!(key = %record.key, status = resp.status().as_u16(), "a settling forward got a transient answer; queued");
                 let mut source = Source::Queued;
-                let result = self.enqueue_record(record, &fingerprint, &mut source).await;
+                let result = self
+                    .enqueue_record(record, &fingerprint, &mut source, false)
+                    .await;
                 drop(guard);
                 return (result, source);
             }
@@ -377,6 +402,9 @@ impl Outbox {
             // Not sent: it goes as soon as the upstream is seen online.
             ForwardError::Connect(_) => {
                 record.outcome = Some(format!("retryable: not sent: {}", report(&e)));
+                if let Some(headers) = queued_headers {
+                    record.request.headers = headers;
+                }
             }
             // Maybe applied: never sent again at once (an upstream that ignores the key would
             // apply it twice); the replay tries again after a backoff.
@@ -390,8 +418,13 @@ impl Outbox {
         }
         tracing::info!(key = %record.key, "forward failed ({}); queued", report(&e));
         let mut ctx_source = Source::Queued;
+        // Only a write that certainly never left may fold into another; on a `write_timeout`
+        // route its own copy may already be queued.
+        let coalesce = route.coalesce
+            && route.write_timeout.is_none()
+            && matches!(e, ForwardError::Connect(_));
         let result = self
-            .enqueue_record(record, &fingerprint, &mut ctx_source)
+            .enqueue_record(record, &fingerprint, &mut ctx_source, coalesce)
             .await;
         drop(guard);
         (result, ctx_source)
@@ -475,27 +508,40 @@ impl Outbox {
         Response::from_parts(parts, body)
     }
 
-    async fn enqueue(
-        &self,
-        ctx: &mut RequestContext,
-        record: MutationRecord,
-        fingerprint: &[u8; 32],
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        self.enqueue_record(record, fingerprint, &mut ctx.source)
-            .await
-    }
-
-    /// Store a mutation durably and answer 202 (or answer the key that already exists).
+    /// Store a mutation durably and answer 202 (or answer the key that already exists); with
+    /// `coalesce`, fold it into the pending write of its URI when it may be.
     async fn enqueue_record(
         &self,
         record: MutationRecord,
         fingerprint: &[u8; 32],
         source: &mut Source,
+        coalesce: bool,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let key = record.key.clone();
         let partition = record.partition.clone();
         let identity = Identity(record.identity.unwrap_or_default());
         let started = std::time::Instant::now();
+        if coalesce {
+            let folded = self.coalesce(&record).await;
+            match folded? {
+                Some(Coalesced::Folded { .. }) => {
+                    self.metrics
+                        .store_commit()
+                        .record(started.elapsed().as_secs_f64());
+                    *source = Source::Queued;
+                    self.events.emit(Event::Queued {
+                        key: key.clone(),
+                        partition,
+                    });
+                    self.activity.wake();
+                    return Ok(self.accepted_response(&key));
+                }
+                Some(Coalesced::Existing(existing)) => {
+                    return self.answer_existing(source, &existing, fingerprint, &identity);
+                }
+                Some(Coalesced::Stale) | None => {}
+            }
+        }
         let enqueued = self.store.enqueue(record).await;
         self.metrics
             .store_commit()
@@ -517,6 +563,110 @@ impl Outbox {
         }
     }
 
+    /// Fold `record` into the pending write of its URI (route `coalesce`; the rules are
+    /// [`crate::coalesce`]'s). `None` when there is nothing it may fold into, or the queue kept
+    /// changing under it: it is then enqueued at the tail as usual.
+    async fn coalesce(&self, record: &MutationRecord) -> Result<Option<Coalesced>, ProxyError> {
+        if !matches!(record.request.method.as_str(), "PUT" | "PATCH" | "DELETE") {
+            return Ok(None);
+        }
+        for _ in 0..COALESCE_ATTEMPTS {
+            // The write to fold into is usually among the last few: look further only if not.
+            let mut tail = self
+                .store
+                .peek_tail(&record.partition, coalesce::FIRST_LOOK)
+                .await?;
+            if tail.len() == coalesce::FIRST_LOOK && coalesce::target(&tail, record).is_none() {
+                tail = self
+                    .store
+                    .peek_tail(&record.partition, coalesce::WINDOW)
+                    .await?;
+            }
+            let Some(tail_seq) = tail.first().map(|r| r.seq) else {
+                return Ok(None);
+            };
+            let Some(older) = coalesce::target(&tail, record) else {
+                return Ok(None);
+            };
+            let max = self.config.queue.max_body_bytes;
+            let Some(request) = coalesce::fold(&older.request, &record.request, max) else {
+                return Ok(None);
+            };
+            let mut merged = record.clone();
+            merged.request = request;
+            match self
+                .store
+                .enqueue_coalesced(merged, older, tail_seq)
+                .await?
+            {
+                Coalesced::Folded { seq } => {
+                    tracing::debug!(key = %record.key, folded = %older.key, seq, "coalesced");
+                    self.events.emit(Event::Coalesced {
+                        key: older.key.clone(),
+                        into: record.key.clone(),
+                    });
+                    return Ok(Some(Coalesced::Folded { seq }));
+                }
+                Coalesced::Stale => continue,
+                existing @ Coalesced::Existing(_) => return Ok(Some(existing)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// `capture_version`: a write that carries no precondition gets the version of the copy
+    /// outpost served the caller for its URI (`If-Match` with its `ETag`, else
+    /// `If-Unmodified-Since` with its `Last-Modified`), marked as captured for the replay.
+    async fn capture_version(&self, ctx: &RequestContext, record: &mut MutationRecord) {
+        let request = &mut record.request;
+        if !matches!(request.method.as_str(), "PUT" | "PATCH" | "DELETE")
+            || request
+                .headers
+                .iter()
+                .any(|(n, _)| coalesce::is_precondition(n))
+        {
+            return;
+        }
+        let headers: HeaderMap = request
+            .headers
+            .iter()
+            .filter_map(|(n, v)| {
+                Some((
+                    HeaderName::from_bytes(n.as_bytes()).ok()?,
+                    HeaderValue::from_bytes(v).ok()?,
+                ))
+            })
+            .collect();
+        let primary = PrimaryKey::new(
+            &Method::GET,
+            &ctx.host,
+            &request.path_and_query,
+            &ctx.identity,
+        );
+        let Some(copy) = self.cache.get(&primary, &headers).await else {
+            return;
+        };
+        let header = |name: &str| {
+            copy.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        let precondition = match (header("etag"), header("last-modified")) {
+            // A weak ETag never matches `If-Match` (RFC 9110 13.1.1): only a strong one is used.
+            (Some(etag), _) if !etag.starts_with(b"W/") => ("if-match", etag),
+            (_, Some(date)) => ("if-unmodified-since", date),
+            _ => return,
+        };
+        tracing::debug!(key = %record.key, precondition = precondition.0, "version captured");
+        request
+            .headers
+            .push((CAPTURED_VERSION.to_string(), Bytes::from_static(b"1")));
+        request
+            .headers
+            .push((precondition.0.to_string(), precondition.1));
+    }
+
     /// The answer to a key that is already known.
     fn answer_existing(
         &self,
@@ -533,6 +683,21 @@ impl Outbox {
         if existing.status.is_pending() {
             *source = Source::Queued;
             return Ok(self.accepted_response(&existing.key));
+        }
+        if let Some(into) = existing.coalesced_into() {
+            // Still accepted: its change travels under the newer key.
+            *source = Source::Queued;
+            let mut resp = self.accepted_response(&existing.key);
+            *resp.body_mut() = body::full(Bytes::from(
+                serde_json::json!({
+                    "status": "coalesced",
+                    "idempotency_key": existing.key,
+                    "location": self.docs.location(&existing.key),
+                    "coalesced_into": into,
+                })
+                .to_string(),
+            ));
+            return Ok(resp);
         }
         *source = Source::IdempotentReplay;
         let mut resp = match &existing.response {
@@ -645,6 +810,14 @@ pub const FORWARDED_AFTER_202: &str = "forwarded after its 202";
 pub fn answer_key(key: &str) -> String {
     format!("{key}\u{0}forward-answer")
 }
+
+/// How often a fold is tried again when the queue changed between reading and writing.
+const COALESCE_ATTEMPTS: usize = 3;
+
+/// The request header that marks a precondition outpost added (`capture_version`): replay
+/// drops it before sending, and drops the captured precondition too once an earlier write of
+/// the same URI and caller succeeded (the version then moved by outpost's own write).
+pub const CAPTURED_VERSION: &str = "outpost-captured-version";
 
 /// A key reserved while its first request is being stored or forwarded (409 for others).
 pub struct InProgress {

@@ -40,7 +40,7 @@ use crate::credentials::Credentials;
 use crate::error::report;
 use crate::events::{Event, Events};
 use crate::health::Health;
-use crate::outbox::{AWAITING_FORWARD, answer_key};
+use crate::outbox::{AWAITING_FORWARD, CAPTURED_VERSION, answer_key};
 use crate::parts::Parts;
 use crate::route::RouteTable;
 use crate::shutdown::Shutdown;
@@ -109,7 +109,15 @@ enum Progress {
 struct Finishing {
     tasks: JoinSet<Result<String, (Box<MutationRecord>, StoreError)>>,
     keys: HashSet<String>,
+    /// URIs (with the caller) this drain wrote successfully: a later item of the same URI and
+    /// caller drops the version outpost captured for it (`capture_version`), which outpost's own
+    /// write has moved on. Forgotten with the drain: after a restart such an item meets a
+    /// conflict instead (the safe side).
+    written: HashSet<(Option<[u8; 32]>, String)>,
 }
+
+/// Most URIs a drain remembers in [`Finishing::written`] before it starts afresh.
+const MAX_WRITTEN: usize = 100_000;
 
 /// The replay engine.
 pub struct Replayer {
@@ -416,6 +424,12 @@ impl Replayer {
             ));
         }
         self.re_record_failed(lease, finishing).await?;
+        if finishing
+            .written
+            .contains(&(item.identity, item.request.path_and_query.clone()))
+        {
+            drop_captured_version(&mut item.request);
+        }
         if let Some(limiter) = &self.limiter {
             limiter.until_ready().await;
         }
@@ -481,6 +495,12 @@ impl Replayer {
         match outcome {
             Outcome::Success | Outcome::Partial => {
                 self.health.report_success();
+                if finishing.written.len() >= MAX_WRITTEN {
+                    finishing.written.clear();
+                }
+                finishing
+                    .written
+                    .insert((item.identity, item.request.path_and_query.clone()));
                 item.status = outcome.final_status().unwrap_or(MutationStatus::Succeeded);
                 item.outcome = Some(outcome.class().into());
                 item.response = Some(response);
@@ -564,7 +584,12 @@ impl Replayer {
         let now = now_ms();
         item.status = MutationStatus::Conflict;
         item.finished_at_ms = Some(now);
-        match self.routes.by_name(&item.route).conflict {
+        let policy = self.routes.by_name(&item.route).conflict;
+        self.events.emit(Event::Conflict {
+            key: item.key.clone(),
+            policy: policy.as_str().into(),
+        });
+        match policy {
             ConflictPolicy::DeadLetter => {
                 item.outcome = Some("conflict".into());
                 self.dead_letter(lease, item, finishing).await?;
@@ -840,10 +865,12 @@ impl Replayer {
             extra.push((IDEMPOTENCY_KEY.clone(), key));
         }
         let stamped;
-        let request = if route.accepted_at_field.is_empty() {
+        let request = if route.accepted_at_field.is_empty() && !has_marker(&item.request) {
             &item.request
         } else {
-            stamped = stamp_body(&item.request, &route.accepted_at_field, &accepted_at);
+            let mut request = stamp_body(&item.request, &route.accepted_at_field, &accepted_at);
+            request.headers.retain(|(n, _)| n != CAPTURED_VERSION);
+            stamped = request;
             &stamped
         };
         let req = match self.upstream.request_from_stored(request, &extra) {
@@ -926,13 +953,31 @@ impl Replayer {
     }
 }
 
-/// Request headers that make a write conditional (dropped by `conflict = "client-wins"`).
-const PRECONDITIONS: [&str; 3] = ["if-match", "if-unmodified-since", "if-none-match"];
+// Request headers that make a write conditional (dropped by `conflict = "client-wins"`).
+use crate::coalesce::PRECONDITIONS;
+
+/// Whether outpost added the request's precondition (`capture_version`).
+fn has_marker(request: &StoredRequest) -> bool {
+    request.headers.iter().any(|(n, _)| n == CAPTURED_VERSION)
+}
+
+/// Drop the precondition outpost added to the request (`capture_version`), if it did.
+fn drop_captured_version(request: &mut StoredRequest) {
+    if has_marker(request) {
+        request
+            .headers
+            .retain(|(n, _)| n != CAPTURED_VERSION && !PRECONDITIONS.contains(&n.as_str()));
+    }
+}
 
 /// The request with the JSON pointer `pointer` of its JSON object body set to `value` (the body
-/// unchanged when it is not JSON or the pointer's parent is not an object).
+/// unchanged when it is not JSON, the pointer's parent is not an object, or `pointer` is
+/// empty).
 fn stamp_body(request: &StoredRequest, pointer: &str, value: &str) -> StoredRequest {
     let mut stamped = request.clone();
+    if pointer.is_empty() {
+        return stamped;
+    }
     let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&request.body) else {
         return stamped;
     };

@@ -85,6 +85,10 @@ pub struct Route {
     pub conflict: ConflictPolicy,
     /// JSON pointer set to the acceptance time in replayed JSON bodies (empty: none).
     pub accepted_at_field: String,
+    /// Fold queued writes of one URI and caller (`coalesce = true`).
+    pub coalesce: bool,
+    /// Add the served copy's version as a precondition to queued writes (`capture_version`).
+    pub capture_version: bool,
     /// Read your own writes (`overlay = true`): the item shape pending writes are applied to.
     pub overlay: Option<OverlayShape>,
     /// Longest wait for the upstream when a cached copy could answer (`network_timeout`).
@@ -129,6 +133,8 @@ impl Route {
             identity_headers,
             conflict: rc.conflict,
             accepted_at_field: rc.accepted_at_field.clone(),
+            coalesce: rc.coalesce,
+            capture_version: rc.capture_version,
             overlay: overlay_shape(rc)?,
             network_timeout: rc.network_timeout,
             write_timeout: rc.write_timeout,
@@ -232,6 +238,7 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
                 "a JSON pointer starts with '/' (e.g. \"/client_time\")",
             ));
         }
+        check_sync_keys(config, route, &at)?;
         if !route.path.is_empty() && !route.path.starts_with('/') {
             return Err(ConfigError::key(at("path"), "must start with '/'"));
         }
@@ -366,6 +373,47 @@ fn check_graphql(route: &RouteConfig, at: &dyn Fn(&str) -> String) -> Result<(),
     Ok(())
 }
 
+/// `coalesce` and `capture_version` act on queued PUT, PATCH and DELETE: refuse a route where
+/// they could never act.
+fn check_sync_keys(
+    config: &Config,
+    route: &RouteConfig,
+    at: &dyn Fn(&str) -> String,
+) -> Result<(), ConfigError> {
+    let writes_no_put_patch_delete = !route.methods.is_empty()
+        && !route
+            .methods
+            .iter()
+            .any(|m| matches!(m.to_ascii_uppercase().as_str(), "PUT" | "PATCH" | "DELETE"));
+    for (key, on) in [
+        ("coalesce", route.coalesce),
+        ("capture_version", route.capture_version),
+    ] {
+        if !on {
+            continue;
+        }
+        if route.write == WriteMode::PassThrough {
+            return Err(ConfigError::key(
+                at(key),
+                "write = \"pass-through\" never queues, and this acts on queued writes only",
+            ));
+        }
+        if writes_no_put_patch_delete {
+            return Err(ConfigError::key(
+                at(key),
+                "acts on PUT, PATCH and DELETE, and this route's methods name none of them",
+            ));
+        }
+    }
+    if route.capture_version && !config.cache.enabled {
+        return Err(ConfigError::key(
+            at("capture_version"),
+            "needs the read cache (cache.enabled = true): the version is the served copy's",
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,6 +423,24 @@ mod tests {
     /// A whole config text, routes included, as `check-config` reads it.
     fn parse_config(text: &str) -> Result<Config, ConfigError> {
         parse(text).map(|(config, _)| config)
+    }
+
+    #[test]
+    fn coalesce_and_capture_version_refuse_routes_where_they_cannot_act() {
+        let err =
+            parse_config("[[route]]\npath = \"/a/\"\nwrite = \"pass-through\"\ncoalesce = true\n")
+                .expect_err("pass-through");
+        assert_eq!(err.key.as_deref(), Some("route[0].coalesce"));
+        let err = parse_config("[[route]]\nmethods = [\"POST\"]\ncapture_version = true\n")
+            .expect_err("POST only");
+        assert_eq!(err.key.as_deref(), Some("route[0].capture_version"));
+        let err = parse_config("[cache]\nenabled = false\n[[route]]\ncapture_version = true\n")
+            .expect_err("no cache");
+        assert_eq!(err.key.as_deref(), Some("route[0].capture_version"));
+        parse_config(
+            "[[route]]\nmethods = [\"PUT\", \"PATCH\"]\ncoalesce = true\ncapture_version = true\n",
+        )
+        .expect("valid");
     }
 
     #[test]

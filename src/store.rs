@@ -29,7 +29,9 @@
 //!   its replicas as configured; the in-memory store, for tests, has nothing durable to wait
 //!   for); an error means nothing was acknowledged.
 //! - `enqueue` of an existing key changes nothing and returns the existing record.
-//! - Sequence numbers are strictly increasing in acceptance order across the whole store.
+//! - Sequence numbers are strictly increasing in acceptance order across the whole store,
+//!   except for a coalesced write ([`Queue::enqueue_coalesced`]), which takes the number (the
+//!   place) of the pending write it folds.
 //! - Only the holder of a partition's [`Lease`] finishes or updates its items.
 
 pub mod codec;
@@ -188,6 +190,24 @@ impl MutationRecord {
         self.status.is_dead_letter() && self.outcome.as_deref() != Some(SERVER_WINS)
     }
 
+    /// Turn the pending record into one folded into the newer mutation `into_key` at `now_ms`
+    /// (route `coalesce = true`): finished as `coalesced`, kept for the retention period so that
+    /// its key still answers, without body or credentials (the newer mutation carries them).
+    pub fn mark_coalesced(&mut self, now_ms: u64, into_key: &str) {
+        self.status = MutationStatus::Coalesced;
+        self.outcome = Some(format!("{COALESCED_PREFIX}{into_key}"));
+        self.finished_at_ms = Some(now_ms);
+        self.forget_request();
+    }
+
+    /// The key a `coalesced` record was folded into.
+    pub fn coalesced_into(&self) -> Option<&str> {
+        if self.status != MutationStatus::Coalesced {
+            return None;
+        }
+        self.outcome.as_deref()?.strip_prefix(COALESCED_PREFIX)
+    }
+
     /// Like [`Self::mark_dropped`], for a dead letter an operator edited and retried as
     /// `new_key`: the outcome points to it.
     pub fn mark_superseded(&mut self, now_ms: u64, new_key: &str) {
@@ -218,6 +238,26 @@ pub const SERVER_WINS: &str = "conflict: server wins (not applied)";
 
 /// The outcome of a dead letter an operator edited and retried under a new key, before that key.
 pub const SUPERSEDED_PREFIX: &str = "edited: retried as ";
+
+/// The outcome of a mutation folded into a newer one of the same URI, before that one's key.
+pub const COALESCED_PREFIX: &str = "coalesced into ";
+
+/// What [`Queue::enqueue_coalesced`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Coalesced {
+    /// Stored durably in the folded item's place (its sequence number); the folded item is
+    /// finished as `coalesced`.
+    Folded {
+        /// The sequence number the new record took over.
+        seq: u64,
+    },
+    /// The new key already existed; nothing was changed.
+    Existing(Box<MutationRecord>),
+    /// The folded item is no longer what the caller read, or no longer the partition's
+    /// business alone (its record changed, it left the queue, something was queued behind it,
+    /// or a replayer holds the partition): nothing was changed; read again or enqueue plainly.
+    Stale,
+}
 
 /// What [`Queue::enqueue`] did.
 #[derive(Debug, Clone, PartialEq)]
@@ -282,6 +322,29 @@ pub trait Queue: Send + Sync + 'static {
     /// Store a new pending mutation durably, assigning its sequence number; or, if the key
     /// exists, return the existing record and change nothing.
     async fn enqueue(&self, record: MutationRecord) -> Result<Enqueued, StoreError>;
+
+    /// Store `record` durably in place of the pending item `folded` (route `coalesce = true`):
+    /// `record` takes `folded`'s sequence number (its place in the partition) and `folded` is
+    /// finished as `coalesced` into `record.key` ([`MutationRecord::mark_coalesced`]), in one
+    /// atomic, durable write. Applies only while `folded` is stored exactly as the caller read
+    /// it, still on its queue with its sequence number, the partition's newest item still has
+    /// sequence number `tail_seq`, and no replayer holds the partition's lease (so `folded` is
+    /// neither in flight nor in a replayer's batch); otherwise [`Coalesced::Stale`] and nothing
+    /// changes. A `record.key` that exists is answered like [`Self::enqueue`] does.
+    async fn enqueue_coalesced(
+        &self,
+        record: MutationRecord,
+        folded: &MutationRecord,
+        tail_seq: u64,
+    ) -> Result<Coalesced, StoreError>;
+
+    /// Up to `limit` newest pending items of `partition`, newest first (what a new mutation
+    /// may be coalesced with).
+    async fn peek_tail(
+        &self,
+        partition: &str,
+        limit: usize,
+    ) -> Result<Vec<MutationRecord>, StoreError>;
 
     /// Store the answered record of a mutation that was forwarded directly (not queued), for
     /// idempotent replies. Does nothing when the key exists. Need not be fsynced: the upstream

@@ -28,6 +28,10 @@ pub struct Ledger {
     answers: HashMap<String, (u16, String)>,
     /// Requests that repeated a key already applied.
     pub duplicates_refused: usize,
+    /// `PATCH /drafts/1` (an autosaving editor's draft): the draft, and the PATCHes received.
+    pub draft: serde_json::Value,
+    /// How many `PATCH /drafts/1` arrived.
+    pub draft_writes: usize,
 }
 
 /// A toy upstream that can be stopped and started on one port.
@@ -131,6 +135,24 @@ async fn handle(req: Request<Incoming>, ledger: &Mutex<Ledger>) -> Response<Prox
                 http::HeaderValue::from_static("max-age=5"),
             );
             resp
+        }
+        (Method::PATCH, "/drafts/1") => {
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_else(|_| Bytes::new());
+            let Ok(patch) = serde_json::from_slice::<serde_json::Value>(&body) else {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({"error": "not JSON"}),
+                );
+            };
+            let mut ledger = ledger.lock().unwrap_or_else(|p| p.into_inner());
+            ledger.draft_writes += 1;
+            crate::overlay::merge_patch(&mut ledger.draft, &patch);
+            json(StatusCode::OK, &ledger.draft)
         }
         (Method::POST, "/orders") => {
             let key = req

@@ -4,7 +4,7 @@
 //! in *groups*: it takes every operation waiting in its channel (up to
 //! `MAX_BATCH`), applies them in one write transaction and commits once.
 //! Each op has a durability class:
-//! - *now*: enqueues and operator actions (retry, edit, drop). A group holding one commits with
+//! - *now*: enqueues (coalescing ones included) and operator actions (retry, edit, drop). A group holding one commits with
 //!   `Durability::Immediate` (redb fsyncs before `commit` returns); only then are its callers
 //!   answered, so a 202 is sent only after the commit that holds its mutation returned. Many
 //!   concurrent writers share one fsync, which is what makes durable acknowledgement cheap.
@@ -22,6 +22,13 @@
 //! A caller is told "done" only once its op is durable (or, for lazy ops, never), and told the
 //! error otherwise: a replayer whose answer could not be recorded keeps it and records it again
 //! before sending anything else, instead of re-sending the item.
+//!
+//! **Coalescing.** [`Queue::enqueue_coalesced`](super::Queue::enqueue_coalesced) is one
+//! transaction (check the folded record, its queue slot and the partition's tail; write both
+//! records; the new key takes the folded one's `(partition, seq)` slot). That no replayer holds
+//! the partition is checked against `drains`, the partitions acquired and not released: the
+//! coalescing write holds it for reading until its commit is durable, `acquire` takes it for
+//! writing, so a drain's first peek sees either the state before the fold or the fold done.
 //!
 //! **At rest.** The data directory is created 0700 and the database file 0600 (existing ones are
 //! tightened, with a warning): queued mutations hold the app's bearer tokens. Finished items
@@ -58,6 +65,7 @@ mod files;
 mod queue;
 mod writer;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
@@ -94,6 +102,11 @@ pub struct EmbeddedStore {
     tx: Mutex<Option<mpsc::Sender<Op>>>,
     counters: Arc<Mutex<Counters>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Partitions a replayer holds (acquired, not yet released), with how many times. Taken
+    /// for reading by [`Queue::enqueue_coalesced`](super::Queue::enqueue_coalesced) until its
+    /// write is durable, and for writing by `acquire` and `release`: a coalescing write and
+    /// the start of a drain never interleave.
+    drains: tokio::sync::RwLock<HashMap<String, usize>>,
 }
 
 impl EmbeddedStore {
@@ -136,6 +149,7 @@ impl EmbeddedStore {
             tx: Mutex::new(Some(tx)),
             counters,
             writer: Mutex::new(Some(handle)),
+            drains: tokio::sync::RwLock::default(),
         })
     }
 
@@ -186,6 +200,14 @@ impl Drop for EmbeddedStore {
 impl Coordination for EmbeddedStore {
     async fn acquire(&self, partition: &str) -> Result<Option<Lease>, StoreError> {
         // One process owns the data directory, and the replayer runs one worker per partition.
+        // Noted (after any coalescing write in progress is durable), so that nothing is folded
+        // into an item this drain may send.
+        *self
+            .drains
+            .write()
+            .await
+            .entry(partition.to_string())
+            .or_default() += 1;
         Ok(Some(Lease {
             partition: partition.to_string(),
             token: 0,
@@ -197,7 +219,14 @@ impl Coordination for EmbeddedStore {
         Ok(true)
     }
 
-    async fn release(&self, _lease: &Lease) -> Result<(), StoreError> {
+    async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
+        let mut drains = self.drains.write().await;
+        if let Some(n) = drains.get_mut(&lease.partition) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                drains.remove(&lease.partition);
+            }
+        }
         Ok(())
     }
 

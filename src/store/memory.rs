@@ -40,8 +40,8 @@ use tokio::time::Instant;
 
 use self::state::{Cache, Held, SharedCredentials, State};
 use super::{
-    CacheStats, Coordination, DeadLetterEdit, Enqueued, Lease, MutationRecord, Queue, QueueStats,
-    ResponseStore, StoreError, now_ms,
+    CacheStats, Coalesced, Coordination, DeadLetterEdit, Enqueued, Lease, MutationRecord, Queue,
+    QueueStats, ResponseStore, StoreError, now_ms,
 };
 
 /// How long shared credentials are kept (they are tokens: as long as the Redis backend does).
@@ -128,6 +128,23 @@ impl MemoryStore {
 impl Queue for MemoryStore {
     async fn enqueue(&self, record: MutationRecord) -> Result<Enqueued, StoreError> {
         Ok(self.lock()?.enqueue(record))
+    }
+
+    async fn enqueue_coalesced(
+        &self,
+        record: MutationRecord,
+        folded: &MutationRecord,
+        tail_seq: u64,
+    ) -> Result<Coalesced, StoreError> {
+        Ok(self.lock()?.enqueue_coalesced(record, folded, tail_seq))
+    }
+
+    async fn peek_tail(
+        &self,
+        partition: &str,
+        limit: usize,
+    ) -> Result<Vec<MutationRecord>, StoreError> {
+        Ok(self.lock()?.peek_tail(partition, limit))
     }
 
     async fn record_forwarded(&self, record: MutationRecord) -> Result<(), StoreError> {

@@ -41,6 +41,7 @@
 
 mod answers;
 mod cache;
+mod coalesce;
 mod credentials;
 mod enqueue;
 mod housekeeping;
@@ -67,8 +68,8 @@ use self::keys::Keys;
 pub use self::primary::FailoverInfo;
 use self::primary::{Conn, Sentinels};
 use super::{
-    CacheStats, Coordination, DeadLetterEdit, Enqueued, Lease, MutationRecord, Queue, QueueStats,
-    ResponseStore, StoreError, codec,
+    CacheStats, Coalesced, Coordination, DeadLetterEdit, Enqueued, Lease, MutationRecord, Queue,
+    QueueStats, ResponseStore, StoreError, codec,
 };
 use crate::config::StoreConfig;
 
@@ -239,6 +240,33 @@ impl Queue for RedisStore {
             "enqueue",
             self.shared.replica_timeout,
             self.enqueue_grouped(record),
+        )
+        .await
+    }
+
+    async fn enqueue_coalesced(
+        &self,
+        record: MutationRecord,
+        folded: &MutationRecord,
+        tail_seq: u64,
+    ) -> Result<Coalesced, StoreError> {
+        within(
+            "enqueue_coalesced",
+            self.shared.replica_timeout,
+            self.shared.coalesce_inner(record, folded, tail_seq),
+        )
+        .await
+    }
+
+    async fn peek_tail(
+        &self,
+        partition: &str,
+        limit: usize,
+    ) -> Result<Vec<MutationRecord>, StoreError> {
+        within(
+            "peek_tail",
+            Duration::ZERO,
+            self.shared.peek_tail_inner(partition, limit),
         )
         .await
     }

@@ -30,7 +30,7 @@ pub use setup::{FAST, Outpost, config_with_replay};
 pub use tmpfs::Tmpfs;
 pub use upstream::{
     Applied, BYTES_CHUNK, Ending, Fault, RecordedRequest, RequestEnd, ScriptedResponse, TestPki,
-    Upstream, pattern_byte, pattern_bytes,
+    Upstream, VersionedWrite, pattern_byte, pattern_bytes,
 };
 
 /// Ports this test process already handed out (to an upstream, which may be stopped and must

@@ -8,6 +8,11 @@
 //! - `ANY /echo...`: 200 JSON describing the request (see [`Upstream`]).
 //! - `GET /bytes/{n}`: `n` deterministic bytes (see [`pattern_byte`]).
 //! - `POST|PUT|PATCH|DELETE /apply/...`: an idempotent mutation applier keyed by `Idempotency-Key`.
+//! - `GET|PUT|PATCH|DELETE /versioned/...`: a record store that keeps an `ETag` version per
+//!   path and *ignores* `Idempotency-Key` (every write is applied): `GET` answers the JSON
+//!   record with `ETag: "v<n>"` (404 when absent); `PUT` replaces, `PATCH` merges (RFC 7396),
+//!   `DELETE` removes; a write whose `If-Match` is not the current version (or names a missing
+//!   record) is answered 412 and changes nothing. See [`Upstream::versioned_writes`].
 //! - `GET /slow?ms=N`: answers 200 after `N` ms.
 //! - `GET /ws`: WebSocket echo.
 //! - anything else: 404 JSON.
@@ -75,6 +80,30 @@ pub fn pattern_bytes(n: u64) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------------
 // Public data types
 // ---------------------------------------------------------------------------------------------
+
+/// A write `/versioned/...` received, and what it answered.
+#[derive(Clone, Debug)]
+pub struct VersionedWrite {
+    /// `PUT`, `PATCH` or `DELETE`.
+    pub method: String,
+    /// The path.
+    pub path: String,
+    /// The body (JSON for PUT and PATCH).
+    pub body: Bytes,
+    /// Its `If-Match`, if any.
+    pub if_match: Option<String>,
+    /// Its `Idempotency-Key`, if any.
+    pub key: Option<String>,
+    /// The status answered (412: not applied).
+    pub status: u16,
+}
+
+impl VersionedWrite {
+    /// The body as JSON (`null` when it is not).
+    pub fn body_json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
 
 /// A request the upstream received (every request is recorded, whatever the endpoint).
 #[derive(Clone, Debug)]
@@ -326,6 +355,10 @@ impl Shared {
 #[derive(Default)]
 struct Inner {
     requests: Vec<RecordedRequest>,
+    /// `/versioned/...`: path → (version, record).
+    versioned: HashMap<String, (u64, serde_json::Value)>,
+    /// `/versioned/...` writes in arrival order.
+    versioned_writes: Vec<VersionedWrite>,
     applied: Vec<Applied>,
     /// Stored first answer per idempotency key: (status, body).
     answers: HashMap<String, (u16, Bytes)>,
@@ -706,6 +739,31 @@ impl Upstream {
     /// Number of requests served so far (the last `X-Upstream-Count` value).
     pub fn served_count(&self) -> u64 {
         self.shared.served.load(Ordering::SeqCst)
+    }
+
+    /// Writes `/versioned/...` received, in arrival order (412s included, with their status).
+    pub fn versioned_writes(&self) -> Vec<VersionedWrite> {
+        lock(&self.shared.inner).versioned_writes.clone()
+    }
+
+    /// The `/versioned/...` record at `path`: its version and value.
+    pub fn versioned(&self, path: &str) -> Option<(u64, serde_json::Value)> {
+        lock(&self.shared.inner).versioned.get(path).cloned()
+    }
+
+    /// Waits until `/versioned/...` received at least `n` writes (panics after `timeout`).
+    pub async fn wait_versioned_writes(&self, n: usize, timeout: Duration) -> Vec<VersionedWrite> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let writes = self.versioned_writes();
+            if writes.len() >= n {
+                return writes;
+            }
+            if Instant::now() >= deadline {
+                panic!("upstream: expected {n} versioned writes within {timeout:?}: {writes:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Mutations applied by `/apply/...`, one per distinct idempotency key, in order.
@@ -1290,6 +1348,8 @@ async fn route(
         bytes_endpoint(req, n)
     } else if path == "/apply" || path.starts_with("/apply/") {
         apply(shared, req)
+    } else if path.starts_with("/versioned/") {
+        versioned(shared, req)
     } else if path == "/slow" {
         let params = query_params(req.query.as_deref());
         let ms: u64 = param(&params, "ms")
@@ -1463,6 +1523,117 @@ impl Body for PatternBody {
             SizeHint::default()
         }
     }
+}
+
+/// RFC 7396 merge patch (the upstream's own, independent of outpost's).
+fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    let serde_json::Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = serde_json::json!({});
+    }
+    if let serde_json::Value::Object(map) = target {
+        for (k, v) in patch {
+            if v.is_null() {
+                map.remove(k);
+            } else {
+                merge_patch(map.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+            }
+        }
+    }
+}
+
+fn versioned(shared: &Shared, req: &RecordedRequest) -> Response<RespBody> {
+    let path = req.path.clone();
+    let mut inner = lock(&shared.inner);
+    let current = inner.versioned.get(&path).cloned();
+    let etag = |v: u64| format!("\"v{v}\"");
+    if req.method == Method::GET {
+        return match current {
+            Some((v, record)) => {
+                let mut resp = json_response(StatusCode::OK, &record);
+                insert_header(resp.headers_mut(), "etag", &etag(v));
+                resp
+            }
+            None => json_response(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"error": "not_found"}),
+            ),
+        };
+    }
+    if !matches!(req.method, Method::PUT | Method::PATCH | Method::DELETE) {
+        return json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &serde_json::json!({"error": "method_not_allowed"}),
+        );
+    }
+    let if_match = req.header("if-match").map(str::to_owned);
+    let precondition_failed = match (&if_match, &current) {
+        (Some(m), Some((v, _))) => m.trim() != "*" && m.trim() != etag(*v),
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(&req.body).ok();
+    let (status, answer) = if precondition_failed {
+        let now = current.as_ref().map(|(v, _)| etag(*v));
+        (
+            412,
+            serde_json::json!({"error": "precondition_failed", "current": now}),
+        )
+    } else {
+        let version = current.as_ref().map_or(0, |(v, _)| *v) + 1;
+        match req.method {
+            Method::DELETE => {
+                inner.versioned.remove(&path);
+                (204, serde_json::Value::Null)
+            }
+            _ => {
+                let Some(body) = parsed else {
+                    return json_response(
+                        StatusCode::BAD_REQUEST,
+                        &serde_json::json!({"error": "not JSON"}),
+                    );
+                };
+                let record = if req.method == Method::PATCH {
+                    let mut record = current.map_or(serde_json::json!({}), |(_, r)| r);
+                    merge_patch(&mut record, &body);
+                    record
+                } else {
+                    body
+                };
+                inner
+                    .versioned
+                    .insert(path.clone(), (version, record.clone()));
+                (200, record)
+            }
+        }
+    };
+    inner.versioned_writes.push(VersionedWrite {
+        method: req.method.as_str().to_owned(),
+        path: path.clone(),
+        body: req.body.clone(),
+        if_match,
+        key: req.header("idempotency-key").map(str::to_owned),
+        status,
+    });
+    let version = inner.versioned.get(&path).map(|(v, _)| *v);
+    drop(inner);
+    let mut resp = if status == 204 {
+        let mut r = Response::new(full(Bytes::new()));
+        *r.status_mut() = StatusCode::NO_CONTENT;
+        r
+    } else {
+        json_response(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
+            &answer,
+        )
+    };
+    if let (Some(v), true) = (version, status == 200) {
+        insert_header(resp.headers_mut(), "etag", &etag(v));
+    }
+    resp
 }
 
 fn apply(shared: &Shared, req: &RecordedRequest) -> Response<RespBody> {

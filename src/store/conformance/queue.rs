@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 
-use crate::store::{Enqueued, MutationRecord, MutationStatus, Store, now_ms};
+use crate::store::{Coalesced, Enqueued, MutationRecord, MutationStatus, Store, now_ms};
 
 use super::record;
 
@@ -17,6 +17,7 @@ pub async fn run(store: &dyn Store) {
     finish_and_dead_letters(store).await;
     operator_retry_and_drop(store).await;
     dead_letter_edits(store).await;
+    coalescing(store).await;
 }
 
 async fn enqueue_is_idempotent_and_ordered(store: &dyn Store) {
@@ -356,4 +357,98 @@ async fn dead_letter_edits(store: &dyn Store) {
     e1.finished_at_ms = Some(now_ms());
     store.finish(&lease, &e1).await.unwrap();
     store.release(&lease).await.unwrap();
+}
+
+/// `enqueue_coalesced`: the new record takes the folded one's place (its sequence number), the
+/// folded one is finished as `coalesced` into it; nothing changes when the folded record, the
+/// queue's tail or the partition's lease says the caller's view is stale.
+async fn coalescing(store: &dyn Store) {
+    let p = "pcoal";
+    store.enqueue(record("c1", p)).await.unwrap();
+    store.enqueue(record("c2", p)).await.unwrap();
+    let tail = store.peek_tail(p, 10).await.unwrap();
+    assert_eq!(
+        tail.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+        ["c2", "c1"],
+        "newest first"
+    );
+    assert_eq!(store.peek_tail(p, 1).await.unwrap().len(), 1, "bounded");
+    let (c2, c1) = (tail[0].clone(), tail[1].clone());
+
+    let mut c3 = record("c3", p);
+    c3.request.body = Bytes::from_static(b"merged");
+    let done = store
+        .enqueue_coalesced(c3.clone(), &c1, c2.seq)
+        .await
+        .unwrap();
+    assert_eq!(done, Coalesced::Folded { seq: c1.seq });
+    let queue = store.peek(p, 10).await.unwrap();
+    assert_eq!(
+        queue.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+        ["c3", "c2"],
+        "the new key in the folded one's place"
+    );
+    assert_eq!(queue[0].seq, c1.seq);
+    assert_eq!(queue[0].request.body, Bytes::from_static(b"merged"));
+    let folded = store.mutation("c1").await.unwrap().expect("kept");
+    assert_eq!(folded.status, MutationStatus::Coalesced);
+    assert_eq!(folded.coalesced_into(), Some("c3"));
+    assert!(folded.request.body.is_empty(), "no body kept");
+    let depth = store.partition_depths().await.unwrap();
+    assert!(depth.contains(&(p.to_string(), 2)), "{depth:?}");
+    assert_eq!(
+        store.enqueue(record("c1", p)).await.unwrap(),
+        Enqueued::Existing(Box::new(folded)),
+        "the folded key still answers"
+    );
+
+    // Stale views change nothing.
+    let c3 = queue[0].clone();
+    let stale_tail = store
+        .enqueue_coalesced(record("c4", p), &c3, c3.seq)
+        .await
+        .unwrap();
+    assert_eq!(stale_tail, Coalesced::Stale, "the tail is c2, not c3");
+    let mut changed = c3.clone();
+    changed.attempts = 5;
+    let stale_record = store
+        .enqueue_coalesced(record("c4", p), &changed, c2.seq)
+        .await
+        .unwrap();
+    assert_eq!(stale_record, Coalesced::Stale, "not the record read");
+    let lease = store.acquire(p).await.unwrap().expect("lease");
+    let leased = store
+        .enqueue_coalesced(record("c4", p), &c3, c2.seq)
+        .await
+        .unwrap();
+    assert_eq!(leased, Coalesced::Stale, "a replayer holds the partition");
+    assert!(store.mutation("c4").await.unwrap().is_none());
+    let existing = store
+        .enqueue_coalesced(record("c2", p), &c3, c2.seq)
+        .await
+        .unwrap();
+    assert!(
+        matches!(existing, Coalesced::Existing(ref r) if r.key == "c2"),
+        "{existing:?}"
+    );
+    assert_eq!(store.peek(p, 10).await.unwrap().len(), 2, "unchanged");
+
+    // The new key is replayed and finished as usual; the folded one stays coalesced.
+    for mut r in store.peek(p, 10).await.unwrap() {
+        r.status = MutationStatus::Succeeded;
+        r.finished_at_ms = Some(now_ms());
+        store.finish(&lease, &r).await.unwrap();
+    }
+    store.release(&lease).await.unwrap();
+    assert!(!store.partition_has_pending(p).await.unwrap());
+    let folded = store.mutation("c1").await.unwrap().expect("kept");
+    assert_eq!(folded.status, MutationStatus::Coalesced);
+    // With the lease released, folding works again.
+    store.enqueue(record("c5", p)).await.unwrap();
+    let tail = store.peek_tail(p, 10).await.unwrap();
+    let again = store
+        .enqueue_coalesced(record("c6", p), &tail[0], tail[0].seq)
+        .await
+        .unwrap();
+    assert_eq!(again, Coalesced::Folded { seq: tail[0].seq });
 }

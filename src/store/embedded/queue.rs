@@ -10,8 +10,8 @@ use super::writer::{Effect, Op};
 use super::{DEAD, EmbeddedStore, FINISHED, META, MUTATIONS, QUEUE, current};
 use crate::store::codec::{decode, encode};
 use crate::store::{
-    DeadLetterEdit, Enqueued, Lease, MutationRecord, MutationStatus, Queue, QueueStats, StoreError,
-    now_ms,
+    Coalesced, DeadLetterEdit, Enqueued, Lease, MutationRecord, MutationStatus, Queue, QueueStats,
+    StoreError, now_ms,
 };
 
 fn get_record(db: &Database, key: &str) -> Result<Option<MutationRecord>, StoreError> {
@@ -25,6 +25,56 @@ fn get_record(db: &Database, key: &str) -> Result<Option<MutationRecord>, StoreE
 impl Queue for EmbeddedStore {
     async fn enqueue(&self, record: MutationRecord) -> Result<Enqueued, StoreError> {
         self.call(|r| Op::Enqueue(Box::new(record), r)).await
+    }
+
+    async fn enqueue_coalesced(
+        &self,
+        record: MutationRecord,
+        folded: &MutationRecord,
+        tail_seq: u64,
+    ) -> Result<Coalesced, StoreError> {
+        // Held for reading until the write is durable: a replayer's `acquire` (which takes it
+        // for writing) waits for it, so its first peek sees the folded state; and while a
+        // replayer holds the partition nothing is folded.
+        let drains = self.drains.read().await;
+        if drains.get(&folded.partition).is_some_and(|n| *n > 0) {
+            return Ok(match self.mutation(&record.key).await? {
+                Some(existing) => Coalesced::Existing(Box::new(existing)),
+                None => Coalesced::Stale,
+            });
+        }
+        let pair = Box::new((record, folded.clone()));
+        let result = self.call(|r| Op::Coalesce(pair, tail_seq, r)).await;
+        drop(drains);
+        result
+    }
+
+    async fn peek_tail(
+        &self,
+        partition: &str,
+        limit: usize,
+    ) -> Result<Vec<MutationRecord>, StoreError> {
+        let partition = partition.to_string();
+        self.read(move |db| {
+            let read = db.begin_read()?;
+            let queue = read.open_table(QUEUE)?;
+            let mutations = read.open_table(MUTATIONS)?;
+            let mut out = Vec::new();
+            for item in queue
+                .range((partition.as_str(), 0)..=(partition.as_str(), u64::MAX))?
+                .rev()
+            {
+                if out.len() >= limit {
+                    break;
+                }
+                let (_, key) = item?;
+                if let Some(v) = mutations.get(key.value())? {
+                    out.push(decode(v.value())?);
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn record_forwarded(&self, record: MutationRecord) -> Result<(), StoreError> {
@@ -214,6 +264,44 @@ pub(super) fn enqueue(
         Effect::Queued(record.partition.clone()),
         Enqueued::Accepted { seq },
     ))
+}
+
+/// [`Queue::enqueue_coalesced`] as one transaction (the lease check is the caller's: see
+/// [`EmbeddedStore`]'s `drains`).
+pub(super) fn enqueue_coalesced(
+    txn: &WriteTransaction,
+    mut record: MutationRecord,
+    folded: &MutationRecord,
+    tail_seq: u64,
+) -> Result<Coalesced, StoreError> {
+    if let Some(existing) = get_for_update(txn, &record.key)? {
+        return Ok(Coalesced::Existing(Box::new(existing)));
+    }
+    let tail = txn
+        .open_table(QUEUE)?
+        .range((folded.partition.as_str(), 0)..=(folded.partition.as_str(), u64::MAX))?
+        .next_back()
+        .transpose()?
+        .map(|(k, _)| k.value().1);
+    if tail != Some(tail_seq)
+        || get_for_update(txn, &folded.key)?.as_ref() != Some(folded)
+        || !is_queued(txn, folded)?
+    {
+        return Ok(Coalesced::Stale);
+    }
+    let now = now_ms();
+    let mut old = folded.clone();
+    old.mark_coalesced(now, &record.key);
+    put_record(txn, &old)?;
+    txn.open_table(FINISHED)?
+        .insert((now, old.key.as_str()), ())?;
+    record.seq = folded.seq;
+    record.partition = folded.partition.clone();
+    put_record(txn, &record)?;
+    // The same (partition, seq) slot now names the new key.
+    txn.open_table(QUEUE)?
+        .insert((record.partition.as_str(), record.seq), record.key.as_str())?;
+    Ok(Coalesced::Folded { seq: record.seq })
 }
 
 /// Save a pending item's new state, only while it is still on its queue under the same

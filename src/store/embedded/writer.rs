@@ -16,11 +16,11 @@ use tokio::sync::oneshot;
 
 use super::cache::{cache_put, cache_touch};
 use super::queue::{
-    drop_mutation, enqueue, finish, purge, record_forwarded, retry_dead_letter, retry_pending,
-    update,
+    drop_mutation, enqueue, enqueue_coalesced, finish, purge, record_forwarded, retry_dead_letter,
+    retry_pending, update,
 };
 use super::{CACHE, CACHE_LRU, DEAD, FINISHED, META, MUTATIONS, QUEUE};
-use crate::store::{DeadLetterEdit, Enqueued, MutationRecord, StoreError, codec};
+use crate::store::{Coalesced, DeadLetterEdit, Enqueued, MutationRecord, StoreError, codec};
 
 /// Most operations applied in one commit.
 pub(super) const MAX_BATCH: usize = 4096;
@@ -62,6 +62,8 @@ pub(super) fn current(db: &RwLock<DbHandle>) -> Result<Arc<Database>, String> {
 /// One write, as the writer thread receives it.
 pub(super) enum Op {
     Enqueue(Box<MutationRecord>, Reply<Enqueued>),
+    /// A new record, the pending one it folds, the partition's tail seen.
+    Coalesce(Box<(MutationRecord, MutationRecord)>, u64, Reply<Coalesced>),
     RecordForwarded(Box<MutationRecord>, Reply<()>),
     Update(Box<MutationRecord>, Reply<()>),
     Finish(Box<MutationRecord>, Reply<()>),
@@ -90,6 +92,7 @@ impl Op {
     fn class(&self, progress_sync: Duration) -> Class {
         match self {
             Op::Enqueue(..)
+            | Op::Coalesce(..)
             | Op::RetryDeadLetter(..)
             | Op::RetryPending(..)
             | Op::Drop(..)
@@ -112,6 +115,9 @@ impl Op {
         }
         match self {
             Op::Enqueue(_, reply) => {
+                let _ = reply.send(refused(why));
+            }
+            Op::Coalesce(_, _, reply) => {
                 let _ = reply.send(refused(why));
             }
             Op::RecordForwarded(_, reply) | Op::Update(_, reply) | Op::Finish(_, reply) => {
@@ -535,6 +541,11 @@ impl Writer {
                 Ok((effect, result)) => (effect, answer(reply, Ok(result))),
                 Err(e) => (Effect::None, answer(reply, Err(e))),
             },
+            Op::Coalesce(pair, tail_seq, reply) => {
+                let (record, folded) = *pair;
+                let r = enqueue_coalesced(txn, record, &folded, tail_seq);
+                (Effect::None, answer(reply, r))
+            }
             Op::RecordForwarded(record, reply) => {
                 let r = record_forwarded(txn, &record);
                 (Effect::None, answer(reply, r))

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::store::{Enqueued, MutationRecord, MutationStatus, QueueStats, now_ms};
+use crate::store::{Coalesced, Enqueued, MutationRecord, MutationStatus, QueueStats, now_ms};
 
 /// Everything one store holds (shared by its instances).
 #[derive(Default)]
@@ -115,6 +115,54 @@ impl State {
         record.seq = seq;
         self.queue(record);
         Enqueued::Accepted { seq }
+    }
+
+    /// [`crate::store::Queue::enqueue_coalesced`], whole under the lock.
+    pub(super) fn enqueue_coalesced(
+        &mut self,
+        mut record: MutationRecord,
+        folded: &MutationRecord,
+        tail_seq: u64,
+    ) -> Coalesced {
+        if let Some(existing) = self.records.get(&record.key) {
+            return Coalesced::Existing(Box::new(existing.clone()));
+        }
+        let leased = self
+            .leases
+            .get(&folded.partition)
+            .is_some_and(|held| held.until > Instant::now());
+        let tail = self
+            .queues
+            .get(&folded.partition)
+            .and_then(|q| q.last_key_value())
+            .map(|(seq, _)| *seq);
+        if leased
+            || tail != Some(tail_seq)
+            || self.records.get(&folded.key) != Some(folded)
+            || !self.is_queued(folded)
+        {
+            return Coalesced::Stale;
+        }
+        let now = now_ms();
+        let mut old = folded.clone();
+        old.mark_coalesced(now, &record.key);
+        self.unqueue(&folded.partition, folded.seq);
+        self.keep_finished(old, now);
+        record.seq = folded.seq;
+        record.partition = folded.partition.clone();
+        self.queue(record);
+        Coalesced::Folded { seq: folded.seq }
+    }
+
+    /// The newest `limit` pending items of `partition`, newest first.
+    pub(super) fn peek_tail(&self, partition: &str, limit: usize) -> Vec<MutationRecord> {
+        self.queues
+            .get(partition)
+            .into_iter()
+            .flat_map(|q| q.values().rev())
+            .filter_map(|k| self.records.get(k).cloned())
+            .take(limit)
+            .collect()
     }
 
     pub(super) fn record_forwarded(&mut self, record: MutationRecord) {

@@ -55,7 +55,7 @@ const CLAIM_BACKOFF: Duration = Duration::from_millis(25);
 type Answers = Vec<Option<Result<Enqueued, StoreError>>>;
 
 /// How a key claim ended.
-enum Claim {
+pub(super) enum Claim {
     /// The key's index points to our partition: its script decides.
     Ours,
     /// Another partition holds a record under this key.
@@ -142,7 +142,7 @@ impl RedisStore {
 
 impl Shared {
     /// Make sure `key` is enqueued (or recorded) under `partition` and no other (module docs).
-    async fn claim(
+    pub(super) async fn claim(
         &self,
         conn: &mut Conn,
         key: &str,

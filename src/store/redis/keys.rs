@@ -20,7 +20,8 @@
 //! | `P:{c}:blob` `:exp` `:lru` `:meta` | hash, zset, zset, hash | the durable cache tier    |
 //!
 //! **Slots.** Every multi-key operation is one Lua script over keys of one slot: enqueue
-//! (existence check, FIFO guard, record, queue), update and finish (lease check, record, queue,
+//! (existence check, FIFO guard, record, queue), a coalescing enqueue (lease absent, folded
+//! record and queue tail unchanged, both records, queue slot), update and finish (lease check, record, queue,
 //! dead/done list), dead-letter retry, an operator's retry or drop (`operator.rs`), purge of one
 //! partition batch, and cache get/put (all cache keys share the `{c}` tag). `P:seq`,
 //! `P:fence`, `P:partitions` and `P:k:<key>` are only touched by single-key commands or

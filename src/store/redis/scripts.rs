@@ -27,6 +27,13 @@ macro_rules! script {
 /// else one answer per record: its existing blob (nothing changed) or 1 (stored).
 pub(super) static ENQUEUE: LazyLock<Script> = script!("lists.lua", "enqueue.lua");
 
+/// `COALESCE` KEYS: lease, queue, done, folded record, new record. ARGV: folded key, folded
+/// seq, folded blob read, folded new blob, finished_at, new key, new blob, tail seq seen.
+/// Returns the new key's existing blob (nothing changed), 0 (a replayer holds the partition, or
+/// the folded item or the queue's tail changed: unchanged) or 1 (the new key took the folded
+/// one's place in the queue; the folded one is finished).
+pub(super) static COALESCE: LazyLock<Script> = script!("lists.lua", "coalesce.lua");
+
 /// `RECORD_FORWARDED` KEYS: record, done. ARGV: key, finished_at, blob. Returns 1 when stored.
 pub(super) static RECORD_FORWARDED: LazyLock<Script> = script!("record_forwarded.lua");
 
