@@ -19,6 +19,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
 use super::answers::redis_error;
+use super::cluster::ClusterConn;
 use super::{CALL_DEADLINE, COMMAND_TIMEOUT};
 use crate::store::StoreError;
 
@@ -71,20 +72,68 @@ impl Sentinels {
     }
 }
 
-/// A failover this process saw: when, and the primary before and after.
+/// The servers in use and the failovers this process saw (for `/status`, `/readyz`).
 #[derive(Debug, Clone, Default)]
 pub struct FailoverInfo {
-    /// The primary in use (`host:port`, or the URL's address).
+    /// The primary in use (`host:port`, or the URL's address); empty with a cluster.
     pub primary: String,
+    /// With a cluster: each primary (`host:port`) and how many healthy replicas it has.
+    pub cluster_primaries: Vec<(String, usize)>,
     /// Failovers followed since start.
     pub failovers: u64,
     /// When the last one was followed (ms since the Unix epoch), if any.
     pub last_failover_ms: Option<u64>,
 }
 
+impl FailoverInfo {
+    /// Count a failover now.
+    pub(super) fn failover_seen(&mut self) {
+        self.failovers += 1;
+        self.last_failover_ms = Some(crate::store::now_ms());
+    }
+}
+
+/// A connection to Redis: to the one primary, or to a Redis Cluster (cheap to clone; clones
+/// share the connection). Every command and script of the store runs on it unchanged.
+#[derive(Clone)]
+pub(super) enum Conn {
+    /// The fixed primary of `store.redis_url`, or the one the Sentinels name.
+    Primary(PrimaryConn),
+    /// The nodes of `store.redis_cluster_nodes` ([`super::cluster`]).
+    Cluster(ClusterConn),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Primary(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Primary(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Primary(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// A connection to the current primary (cheap to clone; clones share the connection).
 #[derive(Clone)]
-pub(super) struct Conn {
+pub(super) struct PrimaryConn {
     inner: Arc<Inner>,
 }
 
@@ -98,7 +147,7 @@ struct Inner {
     info: Arc<Mutex<FailoverInfo>>,
 }
 
-impl Conn {
+impl PrimaryConn {
     /// Connect to `addr` (`url` is its `redis://` URL), following failovers when `sentinels` is
     /// given.
     pub async fn open(
@@ -107,12 +156,12 @@ impl Conn {
         config: ConnectionManagerConfig,
         sentinels: Option<Arc<Sentinels>>,
         info: Arc<Mutex<FailoverInfo>>,
-    ) -> Result<Conn, StoreError> {
+    ) -> Result<PrimaryConn, StoreError> {
         let manager = open_manager(url, &addr, config.clone()).await?;
         if let Ok(mut info) = info.lock() {
             info.primary = addr.clone();
         }
-        Ok(Conn {
+        Ok(PrimaryConn {
             inner: Arc::new(Inner {
                 current: RwLock::new((addr, manager)),
                 config,
@@ -199,8 +248,7 @@ impl Conn {
                 if let Ok(mut info) = self.inner.info.lock() {
                     if info.primary != primary {
                         info.primary = primary.clone();
-                        info.failovers += 1;
-                        info.last_failover_ms = Some(crate::store::now_ms());
+                        info.failover_seen();
                     }
                 }
                 tracing::warn!(
@@ -229,7 +277,7 @@ fn needs_resolve(error: &RedisError) -> bool {
         || error.to_string().contains("READONLY")
 }
 
-impl ConnectionLike for Conn {
+impl ConnectionLike for PrimaryConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             let mut manager = self.current().await;
