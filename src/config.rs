@@ -219,6 +219,11 @@ pub struct StoreConfig {
     pub redis_sentinels: Vec<String>,
     /// The master name the Sentinels monitor (required with `redis_sentinels`).
     pub redis_sentinel_master: String,
+    /// Username for `AUTH` to the Sentinels (empty: none, or the default user with a password).
+    pub redis_sentinel_username: String,
+    /// Password for `AUTH` to the Sentinels (`requirepass` of a Sentinel); empty: none.
+    /// `OUTPOST_REDIS_SENTINEL_PASSWORD` overrides it, so it need not be in the file.
+    pub redis_sentinel_password: String,
     /// Redis Cluster nodes (`host:port`; some of them suffice, the client finds the rest);
     /// empty = not a cluster.
     pub redis_cluster_nodes: Vec<String>,
@@ -237,6 +242,8 @@ impl Default for StoreConfig {
             redis_lease: Duration::from_secs(10),
             redis_sentinels: Vec::new(),
             redis_sentinel_master: String::new(),
+            redis_sentinel_username: String::new(),
+            redis_sentinel_password: String::new(),
             redis_cluster_nodes: Vec::new(),
         }
     }
@@ -885,11 +892,23 @@ pub(crate) fn check_classify(prefix: &str, c: &ClassifyConfig) -> Result<(), Con
 /// Sentinel settings: both keys or neither, `host:port` addresses, and no explicit URL as well.
 fn check_sentinels(store: &StoreConfig) -> Result<(), ConfigError> {
     if store.redis_sentinels.is_empty() {
-        if !store.redis_sentinel_master.is_empty() {
-            return Err(ConfigError::key(
-                "store.redis_sentinel_master",
-                "is set but store.redis_sentinels is empty",
-            ));
+        for (key, value) in [
+            ("store.redis_sentinel_master", &store.redis_sentinel_master),
+            (
+                "store.redis_sentinel_username",
+                &store.redis_sentinel_username,
+            ),
+            (
+                "store.redis_sentinel_password",
+                &store.redis_sentinel_password,
+            ),
+        ] {
+            if !value.is_empty() {
+                return Err(ConfigError::key(
+                    key,
+                    "is set but store.redis_sentinels is empty",
+                ));
+            }
         }
         return Ok(());
     }
@@ -1260,6 +1279,11 @@ mod tests {
                 "redis_sentinels = [\"10.0.0.1\"]\nredis_sentinel_master = \"m\"",
                 "store.redis_sentinels",
                 "not host:port",
+            ),
+            (
+                "redis_sentinel_password = \"pw\"",
+                "store.redis_sentinel_password",
+                "redis_sentinels is empty",
             ),
             (
                 "redis_cluster_nodes = [\"10.0.0.1:7000\"]\nredis_url = \"redis://10.0.0.2/\"",

@@ -49,6 +49,11 @@ impl Sentinel {
     /// Starts a Sentinel monitoring `primary_port` (quorum 2, down after 1 s, failover
     /// timeout 3 s) and waits until it answers.
     fn start(primary_port: u16) -> Sentinel {
+        Sentinel::start_with(primary_port, 2, None)
+    }
+
+    /// Like [`Sentinel::start`], with quorum `quorum` and, with `password`, `requirepass`.
+    fn start_with(primary_port: u16, quorum: u32, password: Option<&str>) -> Sentinel {
         let dir = temp_dir();
         let port = free_port();
         let conf = dir.path().join("sentinel.conf");
@@ -56,11 +61,12 @@ impl Sentinel {
             &conf,
             format!(
                 "port {port}\nbind 127.0.0.1\ndir {dir}\n\
-                 sentinel monitor {MASTER} 127.0.0.1 {primary_port} 2\n\
+                 sentinel monitor {MASTER} 127.0.0.1 {primary_port} {quorum}\n\
                  sentinel down-after-milliseconds {MASTER} 1000\n\
                  sentinel failover-timeout {MASTER} 3000\n\
-                 sentinel parallel-syncs {MASTER} 2\n",
-                dir = dir.path().display()
+                 sentinel parallel-syncs {MASTER} 2\n{auth}",
+                dir = dir.path().display(),
+                auth = password.map_or(String::new(), |p| format!("requirepass {p}\n")),
             ),
         )
         .expect("write sentinel.conf");
@@ -79,7 +85,8 @@ impl Sentinel {
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while cli(port, &["PING"]).trim() != "PONG" {
+        let auth: Vec<&str> = password.map_or(Vec::new(), |p| vec!["-a", p, "--no-auth-warning"]);
+        while cli(port, &[auth.as_slice(), &["PING"]].concat()).trim() != "PONG" {
             assert!(
                 Instant::now() < deadline,
                 "sentinel on {port} did not start"
@@ -518,6 +525,32 @@ async fn failover_under_steady_writes(mut site: Ha, replay_during: bool) {
             },
         )
         .await;
+        // `/readyz` says the same, and the metrics count the failover.
+        let admin = instance.process.admin_url();
+        let ready: Value = http
+            .get(format!("{admin}/readyz"))
+            .send()
+            .await
+            .expect("readyz")
+            .json()
+            .await
+            .expect("readyz json");
+        assert!(
+            site.status_names(&ready["store_servers"], &new_primary),
+            "{ready}"
+        );
+        let metrics = http
+            .get(format!("{admin}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        assert!(
+            metrics.contains("outpost_store_failovers_total 1"),
+            "{metrics}"
+        );
     }
 
     // The upstream comes back: everything acknowledged is applied exactly once.
@@ -669,4 +702,54 @@ async fn a_lease_taken_before_a_failover_holds_on_the_promoted_replica_and_fenci
     );
     let fresh = b.update(&lease_b, &record).await;
     assert!(fresh.is_ok(), "b's lease writes: {fresh:?}");
+}
+
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
+#[tokio::test(flavor = "multi_thread")]
+async fn sentinels_with_requirepass_are_asked_with_the_configured_credentials() {
+    let primary = RedisServer::start();
+    let sentinel = tokio::task::spawn_blocking({
+        let port = primary.port();
+        move || Sentinel::start_with(port, 1, Some("s3cret"))
+    })
+    .await
+    .expect("start the sentinel");
+    let config = |password: &str| StoreConfig {
+        backend: Backend::Redis,
+        redis_sentinels: vec![sentinel.addr()],
+        redis_sentinel_master: MASTER.to_owned(),
+        redis_sentinel_password: password.to_owned(),
+        ..StoreConfig::default()
+    };
+    // Without the password the Sentinel refuses to name the primary: outpost cannot start.
+    let refused = RedisStore::connect(&config(""), 1 << 20)
+        .await
+        .expect_err("the sentinel requires a password");
+    assert!(
+        refused.to_string().to_lowercase().contains("auth"),
+        "says why: {refused}"
+    );
+    let wrong = RedisStore::connect(&config("wrong"), 1 << 20)
+        .await
+        .expect_err("a wrong password is refused");
+    assert!(
+        !wrong.to_string().contains("wrong"),
+        "no password in errors: {wrong}"
+    );
+    let store = RedisStore::connect(&config("s3cret"), 1 << 20)
+        .await
+        .expect("connect with the sentinel's password");
+    store
+        .enqueue(conformance::record("m1", "p"))
+        .await
+        .expect("enqueue on the primary the sentinel named");
+    let servers = store.servers().expect("servers");
+    assert_eq!(
+        servers["redis_primary"],
+        format!("127.0.0.1:{}", primary.port()),
+        "{servers}"
+    );
 }

@@ -209,9 +209,12 @@ impl RedisStore {
                 let addr = client.get_connection_info().addr().to_string();
                 (config.redis_url.clone(), addr, None)
             } else {
+                let nonempty = |s: &String| (!s.is_empty()).then(|| s.clone());
                 let sentinels = Sentinels {
                     addrs: config.redis_sentinels.clone(),
                     master: config.redis_sentinel_master.clone(),
+                    username: nonempty(&config.redis_sentinel_username),
+                    password: nonempty(&config.redis_sentinel_password),
                 };
                 let addr = sentinels.primary().await?;
                 (format!("redis://{addr}/"), addr, Some(Arc::new(sentinels)))

@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+use redis::{
+    Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult, Value,
+};
 
 use super::answers::redis_error;
 use super::cluster::ClusterConn;
@@ -27,12 +29,27 @@ use crate::store::StoreError;
 const RESOLVE_EVERY: Duration = Duration::from_millis(200);
 
 /// Where the primary is: a fixed address, or what the Sentinels say.
-#[derive(Debug)]
 pub(super) struct Sentinels {
     /// `host:port` of each Sentinel.
     pub addrs: Vec<String>,
     /// The monitored master's name.
     pub master: String,
+    /// `AUTH` for the Sentinels (`store.redis_sentinel_username`, `store.redis_sentinel_password`);
+    /// not for the data nodes.
+    pub username: Option<String>,
+    /// See `username`.
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for Sentinels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sentinels")
+            .field("addrs", &self.addrs)
+            .field("master", &self.master)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl Sentinels {
@@ -55,7 +72,16 @@ impl Sentinels {
     }
 
     async fn ask(&self, addr: &str) -> RedisResult<Option<String>> {
-        let client = redis::Client::open(format!("redis://{addr}/"))?;
+        let mut info = format!("redis://{addr}/").into_connection_info()?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(username) = &self.username {
+            settings = settings.set_username(username);
+        }
+        if let Some(password) = &self.password {
+            settings = settings.set_password(password);
+        }
+        info = info.set_redis_settings(settings);
+        let client = redis::Client::open(info)?;
         let mut conn = client.get_multiplexed_async_connection().await?;
         let answer: Option<(String, u16)> = redis::cmd("SENTINEL")
             .arg("get-master-addr-by-name")
