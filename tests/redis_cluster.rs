@@ -6,7 +6,7 @@
 //!   of one): every script and command runs within one slot, and cross-slot reads work;
 //! - the cache tier spreads over the shards (its buckets hash to different slots);
 //! - `store.redis_min_replicas` larger than a shard's replicas is refused at start, naming the
-//!   key;
+//!   key (by the store, and by `outpost serve`, which exits 1);
 //! - a slot migration (one partition's slot moved with `CLUSTER SETSLOT`/`MIGRATE` while the
 //!   store is in use) is survived: reads during it follow `ASK`, a write during it waits for its
 //!   end (`TRYAGAIN`, retried by the client) and lands, writes after it follow `MOVED`; the
@@ -115,6 +115,44 @@ async fn a_redis_cluster_store_passes_the_conformance_suite_and_spreads_its_cach
         err.to_string().contains("store.redis_min_replicas"),
         "{err}"
     );
+    // The same through the binary: `outpost serve` exits 1 naming the key.
+    let dir = common::temp_dir();
+    let file = dir.path().join("outpost.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[store]\nbackend = \"redis\"\nredis_cluster_nodes = [\"{}\"]\nredis_min_replicas = 1\n",
+            cluster.addrs()[0]
+        ),
+    )
+    .expect("write config");
+    let file_arg = file.display().to_string();
+    let data_arg = dir.path().display().to_string();
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let admin = format!("127.0.0.1:{}", common::free_port());
+    let out = tokio::task::spawn_blocking(move || {
+        common::run_outpost_timeout(
+            &[
+                "serve",
+                "--config",
+                &file_arg,
+                "--data-dir",
+                &data_arg,
+                "--listen",
+                &listen,
+                "--admin-listen",
+                &admin,
+                "--upstream",
+                "http://127.0.0.1:9",
+            ],
+            Duration::from_secs(20),
+        )
+    })
+    .await
+    .expect("run outpost");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("store.redis_min_replicas"), "{stderr}");
 }
 
 #[cfg_attr(

@@ -23,10 +23,11 @@ use serde::{Deserialize, Serialize};
 
 use super::{MutationRecord, MutationStatus, StoreError, StoredRequest, StoredResponse};
 
-/// The layout of a data directory or a Redis key prefix (tables, keys) this build writes:
-/// stored in the store itself (`meta.layout_version`, `<prefix>:layout`). Version 0 is the
-/// layout of 2026-11-23, which had no marker; opening one marks it version 1 (the tables and
-/// keys are the same, the records inside are upgraded on read). A newer one is refused.
+/// The layout of a data directory (tables) this build writes: stored in the store itself
+/// (`meta.layout_version`). Version 0 is the layout of 2026-11-23, which had no marker; opening
+/// one marks it version 1 (the tables are the same, the records inside are upgraded on read). A
+/// newer one is refused. A Redis key prefix has its own version, [`REDIS_LAYOUT_VERSION`]
+/// (version 0 and 1 as here).
 pub const LAYOUT_VERSION: u64 = 1;
 
 /// The layout of a Redis key prefix this build writes (`<prefix>:layout`); it moved apart from

@@ -16,6 +16,10 @@
 //!   nothing.
 //! - `redis/housekeeping.rs`, **Housekeeping**: the partition registry and the retention sweep.
 //! - `redis/cache.rs`, **Cache**: one script keeps the cache tier within its byte budget.
+//! - `redis/primary.rs`, **Connections**: the one primary (`store.redis_url`, or the one the
+//!   Sentinels name, followed across failovers); `redis/cluster.rs`, **Redis Cluster**
+//!   (`store.redis_cluster_nodes`): the crate's cluster client, cross-slot read pipelines sent
+//!   command by command, `WAIT` in one pipeline with each write it confirms.
 //! - `redis/credentials.rs`: fresh credentials shared between instances after a 401.
 //! - `redis/answers.rs`: Redis's answers read, and the errors made of them.
 //!
