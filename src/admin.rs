@@ -415,6 +415,7 @@ async fn readiness(state: &AdminState) -> Response<ProxyBody> {
             "store_writable": writable,
             "store_reachable": reachable,
             "upstream_online": state.health.is_online(),
+            "store_servers": state.store.servers(),
         }),
     )
 }
@@ -448,6 +449,7 @@ async fn metrics(state: &AdminState) -> Response<ProxyBody> {
             ("admin", state.admin_connections.stats()),
         ],
         store_writable: state.store.writable(),
+        store_failovers: state.store.failovers(),
     };
     let text = state.metrics.render(&snapshot);
     let mut resp = Response::new(crate::body::full(text));

@@ -225,6 +225,14 @@ pub struct StoreConfig {
     pub redis_sentinels: Vec<String>,
     /// The master name the Sentinels monitor (required with `redis_sentinels`).
     pub redis_sentinel_master: String,
+    /// Username for `AUTH` to the Sentinels (empty: none, or the default user with a password).
+    pub redis_sentinel_username: String,
+    /// Password for `AUTH` to the Sentinels (`requirepass` of a Sentinel); empty: none.
+    /// `OUTPOST_REDIS_SENTINEL_PASSWORD` overrides it, so it need not be in the file.
+    pub redis_sentinel_password: String,
+    /// Redis Cluster nodes (`host:port`; some of them suffice, the client finds the rest);
+    /// empty = not a cluster.
+    pub redis_cluster_nodes: Vec<String>,
 }
 
 impl Default for StoreConfig {
@@ -240,6 +248,9 @@ impl Default for StoreConfig {
             redis_lease: Duration::from_secs(10),
             redis_sentinels: Vec::new(),
             redis_sentinel_master: String::new(),
+            redis_sentinel_username: String::new(),
+            redis_sentinel_password: String::new(),
+            redis_cluster_nodes: Vec::new(),
         }
     }
 }
@@ -846,6 +857,7 @@ impl Config {
                 .map_err(|message| ConfigError::key("store.redis_url", message))?;
         }
         check_sentinels(&self.store)?;
+        check_cluster(&self.store)?;
         check_classify("replay.classify", &self.replay.classify)?;
         if self.proxy.max_connections == 0 {
             return Err(ConfigError::key(
@@ -931,11 +943,23 @@ pub(crate) fn check_classify(prefix: &str, c: &ClassifyConfig) -> Result<(), Con
 /// Sentinel settings: both keys or neither, `host:port` addresses, and no explicit URL as well.
 fn check_sentinels(store: &StoreConfig) -> Result<(), ConfigError> {
     if store.redis_sentinels.is_empty() {
-        if !store.redis_sentinel_master.is_empty() {
-            return Err(ConfigError::key(
-                "store.redis_sentinel_master",
-                "is set but store.redis_sentinels is empty",
-            ));
+        for (key, value) in [
+            ("store.redis_sentinel_master", &store.redis_sentinel_master),
+            (
+                "store.redis_sentinel_username",
+                &store.redis_sentinel_username,
+            ),
+            (
+                "store.redis_sentinel_password",
+                &store.redis_sentinel_password,
+            ),
+        ] {
+            if !value.is_empty() {
+                return Err(ConfigError::key(
+                    key,
+                    "is set but store.redis_sentinels is empty",
+                ));
+            }
         }
         return Ok(());
     }
@@ -965,6 +989,46 @@ fn check_sentinels(store: &StoreConfig) -> Result<(), ConfigError> {
         if !port_ok {
             return Err(ConfigError::key(
                 "store.redis_sentinels",
+                format!("{addr:?} is not host:port"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Redis Cluster settings: `host:port` nodes, the redis backend, and neither Sentinels nor an
+/// explicit URL as well. Whether `store.redis_min_replicas` fits the replicas per shard only the
+/// running cluster knows: that is checked when outpost connects (it exits naming the key).
+fn check_cluster(store: &StoreConfig) -> Result<(), ConfigError> {
+    if store.redis_cluster_nodes.is_empty() {
+        return Ok(());
+    }
+    if store.backend != Backend::Redis {
+        return Err(ConfigError::key(
+            "store.redis_cluster_nodes",
+            "is set but store.backend is not \"redis\"",
+        ));
+    }
+    if !store.redis_sentinels.is_empty() {
+        return Err(ConfigError::key(
+            "store.redis_cluster_nodes",
+            "contradicts store.redis_sentinels: use Redis Cluster or Sentinel, not both",
+        ));
+    }
+    if store.redis_url != StoreConfig::default().redis_url {
+        return Err(ConfigError::key(
+            "store.redis_cluster_nodes",
+            "contradicts store.redis_url: with a cluster the nodes are asked for the slots; \
+             remove store.redis_url",
+        ));
+    }
+    for addr in &store.redis_cluster_nodes {
+        let port_ok = addr
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !port_ok {
+            return Err(ConfigError::key(
+                "store.redis_cluster_nodes",
                 format!("{addr:?} is not host:port"),
             ));
         }
@@ -1290,6 +1354,36 @@ mod tests {
             (
                 "redis_sentinels = [\"10.0.0.1\"]\nredis_sentinel_master = \"m\"",
                 "store.redis_sentinels",
+                "not host:port",
+            ),
+            (
+                "redis_sentinel_password = \"pw\"",
+                "store.redis_sentinel_password",
+                "redis_sentinels is empty",
+            ),
+            (
+                "redis_cluster_nodes = [\"10.0.0.1:7000\"]\nredis_url = \"redis://10.0.0.2/\"",
+                "store.redis_cluster_nodes",
+                "contradicts store.redis_url",
+            ),
+            (
+                "redis_cluster_nodes = [\"10.0.0.1:7000\"]\nredis_sentinels = [\"10.0.0.1:26379\"]\nredis_sentinel_master = \"m\"",
+                "store.redis_cluster_nodes",
+                "contradicts store.redis_sentinels",
+            ),
+            (
+                "redis_cluster_nodes = [\"10.0.0.1:7000\"]\nredis_sentinel_master = \"m\"",
+                "store.redis_sentinel_master",
+                "redis_sentinels is empty",
+            ),
+            (
+                "backend = \"embedded\"\nredis_cluster_nodes = [\"10.0.0.1:7000\"]",
+                "store.redis_cluster_nodes",
+                "not \"redis\"",
+            ),
+            (
+                "redis_cluster_nodes = [\"10.0.0.1\"]",
+                "store.redis_cluster_nodes",
                 "host:port",
             ),
         ] {

@@ -290,6 +290,11 @@ fn build_config(args: ServeArgs) -> Result<Config, outpost::config::ConfigError>
     {
         config.admin.token = Some(token);
     }
+    if let Ok(password) = std::env::var("OUTPOST_REDIS_SENTINEL_PASSWORD")
+        && !password.is_empty()
+    {
+        config.store.redis_sentinel_password = password;
+    }
     // Flags may make a valid file invalid (or the reverse): validate the result.
     config.validate().map_err(|mut e| {
         e.file = args.config.clone();

@@ -108,6 +108,8 @@ pub struct Snapshot {
     pub connections: Vec<(&'static str, ConnectionStats)>,
     /// Whether the store takes writes now.
     pub store_writable: bool,
+    /// Failovers of the store's servers followed since start (Redis Sentinel or Cluster).
+    pub store_failovers: u64,
 }
 
 #[derive(Debug, Default)]
@@ -327,6 +329,7 @@ impl Metrics {
         gauge("outpost_upstream_up", &[]).set(f64::from(u8::from(snapshot.online)));
         gauge("outpost_replay_paused", &[]).set(f64::from(u8::from(snapshot.paused)));
         gauge("outpost_store_writable", &[]).set(f64::from(u8::from(snapshot.store_writable)));
+        counter("outpost_store_failovers_total", &[]).absolute(snapshot.store_failovers);
         let (current, total) = {
             let o = self.outage.lock().unwrap_or_else(|e| e.into_inner());
             let current = o.since.map_or(Duration::ZERO, |s| s.elapsed());
@@ -542,6 +545,12 @@ fn describe(recorder: &PrometheusRecorder) {
             Some(Unit::Seconds),
             "Length of the current outage (0 while online).",
             'g',
+        ),
+        (
+            "outpost_store_failovers_total",
+            None,
+            "Failovers of the store's Redis servers followed since start (a Sentinel naming a new primary, or a cluster replica promoted).",
+            'c',
         ),
         (
             "outpost_upstream_outage_seconds_total",

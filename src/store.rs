@@ -466,6 +466,11 @@ pub trait Coordination: Send + Sync + 'static {
     fn servers(&self) -> Option<serde_json::Value> {
         None
     }
+
+    /// Failovers of the backend's servers followed since start (0 when it has none).
+    fn failovers(&self) -> u64 {
+        0
+    }
 }
 
 /// Everything outpost stores, in its three roles: what the rest of the code holds as

@@ -49,6 +49,11 @@ impl Sentinel {
     /// Starts a Sentinel monitoring `primary_port` (quorum 2, down after 1 s, failover
     /// timeout 3 s) and waits until it answers.
     fn start(primary_port: u16) -> Sentinel {
+        Sentinel::start_with(primary_port, 2, None)
+    }
+
+    /// Like [`Sentinel::start`], with quorum `quorum` and, with `password`, `requirepass`.
+    fn start_with(primary_port: u16, quorum: u32, password: Option<&str>) -> Sentinel {
         let dir = temp_dir();
         let port = free_port();
         let conf = dir.path().join("sentinel.conf");
@@ -56,11 +61,12 @@ impl Sentinel {
             &conf,
             format!(
                 "port {port}\nbind 127.0.0.1\ndir {dir}\n\
-                 sentinel monitor {MASTER} 127.0.0.1 {primary_port} 2\n\
+                 sentinel monitor {MASTER} 127.0.0.1 {primary_port} {quorum}\n\
                  sentinel down-after-milliseconds {MASTER} 1000\n\
                  sentinel failover-timeout {MASTER} 3000\n\
-                 sentinel parallel-syncs {MASTER} 2\n",
-                dir = dir.path().display()
+                 sentinel parallel-syncs {MASTER} 2\n{auth}",
+                dir = dir.path().display(),
+                auth = password.map_or(String::new(), |p| format!("requirepass {p}\n")),
             ),
         )
         .expect("write sentinel.conf");
@@ -79,7 +85,8 @@ impl Sentinel {
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while cli(port, &["PING"]).trim() != "PONG" {
+        let auth: Vec<&str> = password.map_or(Vec::new(), |p| vec!["-a", p, "--no-auth-warning"]);
+        while cli(port, &[auth.as_slice(), &["PING"]].concat()).trim() != "PONG" {
             assert!(
                 Instant::now() < deadline,
                 "sentinel on {port} did not start"
@@ -191,23 +198,17 @@ struct Instance {
 }
 
 impl Instance {
-    async fn start(name: &'static str, site: &SentinelSite, upstream: &Upstream) -> Instance {
+    /// An outpost whose `[store]` section is `store` (plus the timeouts every test here uses).
+    async fn start(name: &'static str, store: &str, upstream: &Upstream) -> Instance {
         let config_dir = temp_dir();
         let config: PathBuf = config_dir.path().join("outpost.toml");
-        let sentinels = site
-            .sentinel_addrs()
-            .iter()
-            .map(|a| format!("\"{a}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
         std::fs::write(
             &config,
             format!(
                 r#"
 [store]
 backend = "redis"
-redis_sentinels = [{sentinels}]
-redis_sentinel_master = "{MASTER}"
+{store}
 redis_min_replicas = 1
 redis_replica_timeout = "500ms"
 redis_lease = "1s"
@@ -256,6 +257,8 @@ max_backoff = "1s"
 struct Outcomes {
     acknowledged: Vec<String>,
     last_acknowledged: Option<Instant>,
+    /// The longest time between two 202s (writes held while the client waits out a failover).
+    longest_gap: Duration,
     refused: Vec<(Instant, u16)>,
 }
 
@@ -266,7 +269,7 @@ struct Outcomes {
 #[tokio::test(flavor = "multi_thread")]
 async fn sentinel_failover_under_steady_writes_loses_no_acknowledged_write_and_outposts_follow_the_new_primary()
  {
-    failover_under_steady_writes(false).await;
+    failover_under_steady_writes(Ha::Sentinel(SentinelSite::start().await), false).await;
 }
 
 #[cfg_attr(
@@ -275,27 +278,137 @@ async fn sentinel_failover_under_steady_writes_loses_no_acknowledged_write_and_o
 )]
 #[tokio::test(flavor = "multi_thread")]
 async fn sentinel_failover_while_the_queue_is_replayed_pauses_replay_and_resumes_it_without_loss() {
-    failover_under_steady_writes(true).await;
+    failover_under_steady_writes(Ha::Sentinel(SentinelSite::start().await), true).await;
 }
 
-/// Two outposts take writes steadily (the upstream down, so they queue); the primary is
-/// SIGKILLed. With `replay_during`, the upstream comes back (each answer 30 ms late) just
-/// before the kill, so the queue is being replayed when the primary dies.
-async fn failover_under_steady_writes(replay_during: bool) {
-    let mut site = SentinelSite::start().await;
+/// The Redis deployment a failover test runs on.
+enum Ha {
+    /// One primary, two replicas, three Sentinels.
+    Sentinel(SentinelSite),
+    /// Three primaries with two replicas each.
+    Cluster(RedisCluster),
+}
+
+impl Ha {
+    /// The `[store]` lines that select it.
+    fn store_toml(&self) -> String {
+        let list = |addrs: Vec<String>| {
+            addrs
+                .iter()
+                .map(|a| format!("\"{a}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match self {
+            Ha::Sentinel(site) => format!(
+                "redis_sentinels = [{}]\nredis_sentinel_master = \"{MASTER}\"",
+                list(site.sentinel_addrs())
+            ),
+            // Two nodes suffice: the client finds the others.
+            Ha::Cluster(cluster) => format!(
+                "redis_cluster_nodes = [{}]",
+                list(cluster.addrs()[..2].to_vec())
+            ),
+        }
+    }
+
+    /// SIGKILLs the primary that holds the queue: its port, and its replicas' ports.
+    fn kill_primary(&mut self) -> (u16, Vec<u16>) {
+        match self {
+            Ha::Sentinel(site) => {
+                let port = site.servers[0].port();
+                site.servers[0].kill9();
+                (
+                    port,
+                    site.servers[1..].iter().map(RedisServer::port).collect(),
+                )
+            }
+            Ha::Cluster(cluster) => {
+                let holder = cluster
+                    .nodes
+                    .iter()
+                    .position(|n| {
+                        let info = redis_cli(n.port(), &["INFO", "replication"]);
+                        info.contains("role:master")
+                            && !redis_cli(n.port(), &["KEYS", "outpost:{p:*}:q"])
+                                .trim()
+                                .is_empty()
+                    })
+                    .expect("a primary holds the queue");
+                let port = cluster.nodes[holder].port();
+                let replicas = redis_cli(port, &["INFO", "replication"])
+                    .lines()
+                    .filter(|l| l.starts_with("slave"))
+                    .filter_map(|l| l.split(",port=").nth(1)?.split(',').next()?.parse().ok())
+                    .collect();
+                cluster.nodes[holder].kill9();
+                (port, replicas)
+            }
+        }
+    }
+
+    /// The promoted replica (`127.0.0.1:port`), once one of `replicas` replaced `killed`.
+    fn promoted(&self, killed: u16, replicas: &[u16]) -> Option<String> {
+        match self {
+            Ha::Sentinel(site) => site.sentinels[0]
+                .primary_port()
+                .filter(|p| *p != killed)
+                .map(|p| format!("127.0.0.1:{p}")),
+            Ha::Cluster(_) => replicas
+                .iter()
+                .find(|port| {
+                    redis_cli(**port, &["INFO", "replication"]).contains("role:master")
+                        && redis_cli(**port, &["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                })
+                .map(|port| format!("127.0.0.1:{port}")),
+        }
+    }
+
+    /// What `/status` says of the servers in use (`store_servers`): `primary` among them?
+    fn status_names(&self, servers: &Value, primary: &str) -> bool {
+        match self {
+            Ha::Sentinel(_) => servers["redis_primary"] == primary,
+            Ha::Cluster(_) => servers["redis_cluster_primaries"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|n| n["addr"] == primary)),
+        }
+    }
+}
+
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_failover_under_steady_writes_loses_no_acknowledged_write_and_outposts_follow_the_promoted_replica()
+ {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3, 2))
+        .await
+        .expect("start the cluster");
+    failover_under_steady_writes(Ha::Cluster(cluster), false).await;
+}
+
+/// Two outposts take writes steadily (the upstream down, so they queue); the primary (with a
+/// cluster: the one holding the queue) is SIGKILLed. With `replay_during`, the upstream comes
+/// back (each answer 30 ms late) just before the kill, so the queue is being replayed when the
+/// primary dies.
+async fn failover_under_steady_writes(mut site: Ha, replay_during: bool) {
     let upstream = Upstream::start().await;
     upstream.stop().await;
-    let a = Instance::start("a", &site, &upstream).await;
-    let b = Instance::start("b", &site, &upstream).await;
+    let store = site.store_toml();
+    let a = Instance::start("a", &store, &upstream).await;
+    let b = Instance::start("b", &store, &upstream).await;
     let http = client();
-    let old_primary = site.servers[0].port();
-    for instance in [&a, &b] {
-        let status = instance.status(&http).await;
-        assert_eq!(
-            status["store_servers"]["redis_primary"],
-            format!("127.0.0.1:{old_primary}"),
-            "{status}"
-        );
+    if let Ha::Sentinel(sentinels) = &site {
+        let old_primary = sentinels.servers[0].port();
+        for instance in [&a, &b] {
+            let status = instance.status(&http).await;
+            assert_eq!(
+                status["store_servers"]["redis_primary"],
+                format!("127.0.0.1:{old_primary}"),
+                "{status}"
+            );
+        }
     }
 
     // Two writers, one per instance, writing steadily until told to stop.
@@ -321,6 +434,9 @@ async fn failover_under_steady_writes(replay_during: bool) {
                 // 202 queued, or 2xx forwarded and applied at once (the queue was empty).
                 if (200..300).contains(&status) {
                     o.acknowledged.push(key);
+                    if let Some(last) = o.last_acknowledged {
+                        o.longest_gap = o.longest_gap.max(last.elapsed());
+                    }
                     o.last_acknowledged = Some(Instant::now());
                 } else {
                     o.refused.push((Instant::now(), status));
@@ -342,15 +458,15 @@ async fn failover_under_steady_writes(replay_during: bool) {
             .wait_requests("/apply", 3, Duration::from_secs(10))
             .await;
     }
-    site.servers[0].kill9();
+    let (killed, replicas) = site.kill_primary();
     let killed_at = Instant::now();
 
-    // The Sentinels promote a replica.
+    // A replica is promoted (by the Sentinels, or by the cluster's own election).
     let mut new_primary = None;
-    eventually(Duration::from_secs(15), "a replica is promoted", || {
-        let p = site.sentinels[0].primary_port();
-        new_primary = p.filter(|p| *p != old_primary);
-        async move { p.is_some_and(|p| p != old_primary) }
+    eventually(Duration::from_secs(20), "a replica is promoted", || {
+        new_primary = site.promoted(killed, &replicas);
+        let done = new_primary.is_some();
+        async move { done }
     })
     .await;
     let promoted_after = killed_at.elapsed();
@@ -373,9 +489,15 @@ async fn failover_under_steady_writes(replay_during: bool) {
     };
     let statuses: HashSet<u16> = refused.iter().map(|r| r.1).collect();
     let acknowledged: Vec<&String> = outcomes.iter().flat_map(|o| &o.acknowledged).collect();
+    let kind = match site {
+        Ha::Sentinel(_) => "sentinel",
+        Ha::Cluster(_) => "cluster",
+    };
+    let longest_gap = outcomes.iter().map(|o| o.longest_gap).max();
     eprintln!(
-        "sentinel failover: promoted {promoted_after:?} after the SIGKILL; {} writes refused \
-         (statuses {statuses:?}) over a window of {window:?}; {} acknowledged",
+        "{kind} failover: promoted {promoted_after:?} after the SIGKILL; {} writes refused \
+         (statuses {statuses:?}) over a window of {window:?}; {} acknowledged; longest time \
+         without a 202 for one writer {longest_gap:?}",
         refused.len(),
         acknowledged.len()
     );
@@ -398,11 +520,37 @@ async fn failover_under_steady_writes(replay_during: bool) {
             "status names the new primary",
             || async {
                 let status = instance.status(&http).await;
-                status["store_servers"]["redis_primary"] == format!("127.0.0.1:{new_primary}")
+                site.status_names(&status["store_servers"], &new_primary)
                     && status["store_servers"]["redis_failovers"] == 1
             },
         )
         .await;
+        // `/readyz` says the same, and the metrics count the failover.
+        let admin = instance.process.admin_url();
+        let ready: Value = http
+            .get(format!("{admin}/readyz"))
+            .send()
+            .await
+            .expect("readyz")
+            .json()
+            .await
+            .expect("readyz json");
+        assert!(
+            site.status_names(&ready["store_servers"], &new_primary),
+            "{ready}"
+        );
+        let metrics = http
+            .get(format!("{admin}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        assert!(
+            metrics.contains("outpost_store_failovers_total 1"),
+            "{metrics}"
+        );
     }
 
     // The upstream comes back: everything acknowledged is applied exactly once.
@@ -554,4 +702,54 @@ async fn a_lease_taken_before_a_failover_holds_on_the_promoted_replica_and_fenci
     );
     let fresh = b.update(&lease_b, &record).await;
     assert!(fresh.is_ok(), "b's lease writes: {fresh:?}");
+}
+
+#[cfg_attr(
+    not(has_redis_server),
+    ignore = "redis-server not installed: apt-get install redis-server"
+)]
+#[tokio::test(flavor = "multi_thread")]
+async fn sentinels_with_requirepass_are_asked_with_the_configured_credentials() {
+    let primary = RedisServer::start();
+    let sentinel = tokio::task::spawn_blocking({
+        let port = primary.port();
+        move || Sentinel::start_with(port, 1, Some("s3cret"))
+    })
+    .await
+    .expect("start the sentinel");
+    let config = |password: &str| StoreConfig {
+        backend: Backend::Redis,
+        redis_sentinels: vec![sentinel.addr()],
+        redis_sentinel_master: MASTER.to_owned(),
+        redis_sentinel_password: password.to_owned(),
+        ..StoreConfig::default()
+    };
+    // Without the password the Sentinel refuses to name the primary: outpost cannot start.
+    let refused = RedisStore::connect(&config(""), 1 << 20)
+        .await
+        .expect_err("the sentinel requires a password");
+    assert!(
+        refused.to_string().to_lowercase().contains("auth"),
+        "says why: {refused}"
+    );
+    let wrong = RedisStore::connect(&config("wrong"), 1 << 20)
+        .await
+        .expect_err("a wrong password is refused");
+    assert!(
+        !wrong.to_string().contains("wrong"),
+        "no password in errors: {wrong}"
+    );
+    let store = RedisStore::connect(&config("s3cret"), 1 << 20)
+        .await
+        .expect("connect with the sentinel's password");
+    store
+        .enqueue(conformance::record("m1", "p"))
+        .await
+        .expect("enqueue on the primary the sentinel named");
+    let servers = store.servers().expect("servers");
+    assert_eq!(
+        servers["redis_primary"],
+        format!("127.0.0.1:{}", primary.port()),
+        "{servers}"
+    );
 }

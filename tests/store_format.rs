@@ -148,7 +148,7 @@ async fn a_redis_prefix_of_a_newer_layout_is_refused_naming_both_versions() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("redis key prefix has format version 7")
-            && stderr.contains("version 1 this outpost reads"),
+            && stderr.contains("version 2 this outpost reads"),
         "{stderr}"
     );
 }

@@ -23,22 +23,38 @@ use serde::{Deserialize, Serialize};
 
 use super::{MutationRecord, MutationStatus, StoreError, StoredRequest, StoredResponse};
 
-/// The layout of a data directory or a Redis key prefix (tables, keys) this build writes:
-/// stored in the store itself (`meta.layout_version`, `<prefix>:layout`). Version 0 is the
-/// layout of 2026-11-23, which had no marker; opening one marks it version 1 (the tables and
-/// keys are the same, the records inside are upgraded on read). A newer one is refused.
+/// The layout of a data directory (tables) this build writes: stored in the store itself
+/// (`meta.layout_version`). Version 0 is the layout of 2026-11-23, which had no marker; opening
+/// one marks it version 1 (the tables are the same, the records inside are upgraded on read). A
+/// newer one is refused. A Redis key prefix has its own version, [`REDIS_LAYOUT_VERSION`]
+/// (version 0 and 1 as here).
 pub const LAYOUT_VERSION: u64 = 1;
 
-/// Whether a store whose layout is `found` (`None`: unmarked, version 0) can be used, and the
-/// version to mark it with.
-pub fn check_layout(what: &'static str, found: Option<u64>) -> Result<u64, StoreError> {
+/// The layout of a Redis key prefix this build writes (`<prefix>:layout`); it moved apart from
+/// the data directory's [`LAYOUT_VERSION`] at version 2:
+///
+/// - **Version 1**: as the data directory's version 1; the cache tier under one hash tag
+///   `{c}` (one cluster slot).
+/// - **Version 2** (current): the cache tier spread over `<prefix>:cache:buckets` buckets, each
+///   under its own hash tag `{c:<n>}`, so that a Redis Cluster spreads it over its shards.
+///   Queue, records, leases and indexes are unchanged. Opening a version-1 prefix marks it
+///   version 2 and deletes the old `{c}` cache (a cache: the entries are fetched again).
+pub const REDIS_LAYOUT_VERSION: u64 = 2;
+
+/// Whether a store whose layout is `found` (`None`: unmarked, version 0) can be used by a
+/// build that writes layout `supported`, and the version to mark it with.
+pub fn check_layout(
+    what: &'static str,
+    found: Option<u64>,
+    supported: u64,
+) -> Result<u64, StoreError> {
     match found {
-        Some(v) if v > LAYOUT_VERSION => Err(StoreError::NewerFormat {
+        Some(v) if v > supported => Err(StoreError::NewerFormat {
             what,
             found: u32::try_from(v).unwrap_or(u32::MAX),
-            supported: LAYOUT_VERSION as u32,
+            supported: u32::try_from(supported).unwrap_or(u32::MAX),
         }),
-        _ => Ok(LAYOUT_VERSION),
+        _ => Ok(supported),
     }
 }
 

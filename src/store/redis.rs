@@ -16,6 +16,10 @@
 //!   nothing.
 //! - `redis/housekeeping.rs`, **Housekeeping**: the partition registry and the retention sweep.
 //! - `redis/cache.rs`, **Cache**: one script keeps the cache tier within its byte budget.
+//! - `redis/primary.rs`, **Connections**: the one primary (`store.redis_url`, or the one the
+//!   Sentinels name, followed across failovers); `redis/cluster.rs`, **Redis Cluster**
+//!   (`store.redis_cluster_nodes`): the crate's cluster client, cross-slot read pipelines sent
+//!   command by command, `WAIT` in one pipeline with each write it confirms.
 //! - `redis/credentials.rs`: fresh credentials shared between instances after a 401.
 //! - `redis/answers.rs`: Redis's answers read, and the errors made of them.
 //!
@@ -41,6 +45,7 @@
 
 mod answers;
 mod cache;
+mod cluster;
 mod coalesce;
 mod credentials;
 mod enqueue;
@@ -57,16 +62,17 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::ErrorKind;
 use redis::aio::ConnectionManagerConfig;
+use redis::{ErrorKind, Value};
 use tokio::sync::Semaphore;
 
 use self::answers::{redis_error, timed_out};
 use self::cache::CACHE_PUTS_IN_FLIGHT;
+use self::cluster::ClusterConn;
 use self::enqueue::EnqueueQueue;
 use self::keys::Keys;
 pub use self::primary::FailoverInfo;
-use self::primary::{Conn, Sentinels};
+use self::primary::{Conn, PrimaryConn, Sentinels};
 use super::{
     CacheStats, Coalesced, Coordination, DeadLetterEdit, Enqueued, Lease, MutationRecord, Queue,
     QueueStats, ResponseStore, StoreError, codec,
@@ -99,10 +105,54 @@ struct Shared {
     lease_ms: u64,
     cache_budget: u64,
     cache_puts: Arc<Semaphore>,
-    /// The primary in use and the failovers followed (for `/status`).
+    /// Cache buckets (hash tags `{c:<n>}`) the cache tier is spread over.
+    cache_buckets: u32,
+    /// The servers in use and the failovers followed (for `/status`).
     info: Arc<std::sync::Mutex<FailoverInfo>>,
-    /// Whether the primary is the one Sentinel names (and followed across failovers).
-    sentinel: bool,
+    /// How Redis is deployed.
+    mode: Mode,
+}
+
+/// How Redis is deployed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// One server at `store.redis_url`.
+    Single,
+    /// The primary the Sentinels name, followed across failovers.
+    Sentinel,
+    /// Redis Cluster (`store.redis_cluster_nodes`).
+    Cluster,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Single => "single",
+            Mode::Sentinel => "sentinel",
+            Mode::Cluster => "cluster",
+        }
+    }
+}
+
+/// Refuse `store.redis_min_replicas` above the replicas of some shard: every write there would
+/// be answered 503. Checked at start, since only the running cluster knows its replicas.
+fn check_cluster_replicas(
+    min_replicas: i64,
+    topology: &cluster::Topology,
+) -> Result<(), StoreError> {
+    let fewest = topology.min_replicas().unwrap_or(0);
+    if min_replicas > fewest as i64 {
+        return Err(redis_error(
+            ErrorKind::InvalidClientConfig,
+            "store.redis_min_replicas is larger than the cluster's replicas per shard",
+            format!(
+                "store.redis_min_replicas = {min_replicas}, but a shard has only {fewest} \
+                 healthy replica(s): {:?}",
+                topology.primaries
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -145,30 +195,49 @@ impl RedisStore {
         let durable_config = manager_config
             .clone()
             .set_response_timeout(Some(COMMAND_TIMEOUT + replica_timeout));
-        let (url, addr, sentinels) = if config.redis_sentinels.is_empty() {
-            let client = redis::Client::open(config.redis_url.as_str())?;
-            let addr = client.get_connection_info().addr().to_string();
-            (config.redis_url.clone(), addr, None)
-        } else {
-            let sentinels = Sentinels {
-                addrs: config.redis_sentinels.clone(),
-                master: config.redis_sentinel_master.clone(),
-            };
-            let addr = sentinels.primary().await?;
-            (format!("redis://{addr}/"), addr, Some(Arc::new(sentinels)))
-        };
         let info = Arc::new(std::sync::Mutex::new(FailoverInfo::default()));
-        let open = |config: ConnectionManagerConfig| {
-            Conn::open(&url, addr.clone(), config, sentinels.clone(), info.clone())
+        let (mut conn, durable, addr) = if !config.redis_cluster_nodes.is_empty() {
+            let nodes = &config.redis_cluster_nodes;
+            let conn = ClusterConn::open(nodes, COMMAND_TIMEOUT).await?;
+            let durable = ClusterConn::open(nodes, COMMAND_TIMEOUT + replica_timeout).await?;
+            let topology = conn.topology().await?;
+            check_cluster_replicas(config.redis_min_replicas, &topology)?;
+            tracing::info!(primaries = ?topology.primaries, "redis cluster: connected");
+            if let Ok(mut info) = info.lock() {
+                info.cluster_primaries = topology.primaries.clone();
+            }
+            conn.watch(Arc::downgrade(&info), topology);
+            (Conn::Cluster(conn), Conn::Cluster(durable), nodes.join(","))
+        } else {
+            let (url, addr, sentinels) = if config.redis_sentinels.is_empty() {
+                let client = redis::Client::open(config.redis_url.as_str())?;
+                let addr = client.get_connection_info().addr().to_string();
+                (config.redis_url.clone(), addr, None)
+            } else {
+                let nonempty = |s: &String| (!s.is_empty()).then(|| s.clone());
+                let sentinels = Sentinels {
+                    addrs: config.redis_sentinels.clone(),
+                    master: config.redis_sentinel_master.clone(),
+                    username: nonempty(&config.redis_sentinel_username),
+                    password: nonempty(&config.redis_sentinel_password),
+                };
+                let addr = sentinels.primary().await?;
+                (format!("redis://{addr}/"), addr, Some(Arc::new(sentinels)))
+            };
+            let open = |config: ConnectionManagerConfig| {
+                PrimaryConn::open(&url, addr.clone(), config, sentinels.clone(), info.clone())
+            };
+            let conn = open(manager_config).await?;
+            if sentinels.is_some() {
+                tracing::info!(primary = %addr, "redis: primary named by the sentinels");
+            }
+            let durable = open(durable_config).await?;
+            (Conn::Primary(conn), Conn::Primary(durable), addr)
         };
-        let mut conn = open(manager_config).await?;
-        if sentinels.is_some() {
-            tracing::info!(primary = %addr, "redis: primary named by the sentinels");
-        }
-        let durable = open(durable_config).await?;
         warn_if_not_persistent(&mut conn, &addr).await;
         let keys = Keys { prefix };
         check_layout(&mut conn, &keys).await?;
+        let cache_buckets = cache::buckets(&mut conn, &keys, cache_budget).await?;
         let shared = Shared {
             conn,
             durable,
@@ -179,8 +248,15 @@ impl RedisStore {
             lease_ms: (config.redis_lease.as_millis() as u64).max(1),
             cache_budget,
             cache_puts: Arc::new(Semaphore::new(CACHE_PUTS_IN_FLIGHT)),
+            cache_buckets,
             info,
-            sentinel: !config.redis_sentinels.is_empty(),
+            mode: if !config.redis_cluster_nodes.is_empty() {
+                Mode::Cluster
+            } else if !config.redis_sentinels.is_empty() {
+                Mode::Sentinel
+            } else {
+                Mode::Single
+            },
         };
         Ok(RedisStore {
             shared: Arc::new(shared),
@@ -190,18 +266,19 @@ impl RedisStore {
 }
 
 /// Refuse a key prefix written by a newer outpost; mark an unmarked (or older) one with this
-/// build's layout version. `SET NX` first, so that instances starting together agree.
+/// build's layout version (`codec::REDIS_LAYOUT_VERSION`), deleting the single-slot cache of
+/// version 1. `SET NX` first, so that instances starting together agree.
 async fn check_layout(conn: &mut Conn, keys: &Keys) -> Result<(), StoreError> {
     let key = keys.layout();
     let _: bool = redis::cmd("SET")
         .arg(&key)
-        .arg(codec::LAYOUT_VERSION)
+        .arg(codec::REDIS_LAYOUT_VERSION)
         .arg("NX")
         .query_async::<Option<String>>(conn)
         .await?
         .is_some();
     let found: Option<u64> = redis::cmd("GET").arg(&key).query_async(conn).await?;
-    let layout = codec::check_layout("redis key prefix", found)?;
+    let layout = codec::check_layout("redis key prefix", found, codec::REDIS_LAYOUT_VERSION)?;
     if found != Some(layout) {
         let _: () = redis::cmd("SET")
             .arg(&key)
@@ -209,13 +286,20 @@ async fn check_layout(conn: &mut Conn, keys: &Keys) -> Result<(), StoreError> {
             .query_async(conn)
             .await?;
     }
+    // Version 1's cache (one slot); also what an older instance still running may write there.
+    let _: i64 = redis::cmd("DEL")
+        .arg(&keys.legacy_cache())
+        .query_async(conn)
+        .await?;
     Ok(())
 }
 
 impl Shared {
-    /// Wait for `store.redis_min_replicas` to confirm this connection's writes.
+    /// Wait for `store.redis_min_replicas` to confirm this connection's writes (one primary).
+    /// With a cluster, nothing: there each write carried its own `WAIT`
+    /// ([`Self::invoke_confirmed`], [`Self::query_confirmed`]).
     async fn confirm_replicas(&self, conn: &mut Conn) -> Result<(), StoreError> {
-        if self.min_replicas <= 0 {
+        if self.min_replicas <= 0 || self.mode == Mode::Cluster {
             return Ok(());
         }
         let got: i64 = redis::cmd("WAIT")
@@ -230,6 +314,73 @@ impl Shared {
             });
         }
         Ok(())
+    }
+}
+
+impl Shared {
+    /// With a cluster and replicas required, a write is sent in one pipeline with its `WAIT`
+    /// (module docs of `cluster.rs`); otherwise alone, confirmed later by
+    /// [`Self::confirm_replicas`].
+    fn wait_per_write(&self) -> bool {
+        self.mode == Mode::Cluster && self.min_replicas > 0
+    }
+
+    /// Run a script (keys of one slot); with a cluster and replicas required, followed in the
+    /// same pipeline by `WAIT`, failing with [`StoreError::Replicas`] when too few confirm.
+    async fn invoke_confirmed<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut Conn,
+        script: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        if !self.wait_per_write() {
+            return Ok(script.invoke_async(conn).await?);
+        }
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(script);
+        match self.send_with_wait(conn, pipe.clone()).await {
+            // A promoted replica, or a restarted node, lacks the scripts: load and send again.
+            Err(StoreError::Redis(e))
+                if e.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                script.load_async(conn).await?;
+                self.send_with_wait(conn, pipe).await
+            }
+            other => other,
+        }
+    }
+
+    /// Send one command (one slot); with a cluster and replicas required, followed in the same
+    /// pipeline by `WAIT` (as [`Self::invoke_confirmed`]).
+    async fn query_confirmed<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut Conn,
+        cmd: &redis::Cmd,
+    ) -> Result<T, StoreError> {
+        if !self.wait_per_write() {
+            return Ok(cmd.query_async(conn).await?);
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd.clone());
+        self.send_with_wait(conn, pipe).await
+    }
+
+    /// `pipe` (one write) plus `WAIT`, on one connection; the write's answer.
+    async fn send_with_wait<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut Conn,
+        mut pipe: redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        pipe.cmd("WAIT")
+            .arg(self.min_replicas)
+            .arg(self.replica_timeout.as_millis() as u64);
+        let (answer, got): (Value, i64) = pipe.query_async(conn).await?;
+        if got < self.min_replicas {
+            return Err(StoreError::Replicas {
+                got,
+                wanted: self.min_replicas,
+            });
+        }
+        redis::from_redis_value(answer).map_err(|e| StoreError::Redis(e.into()))
     }
 }
 
@@ -508,12 +659,26 @@ impl Coordination for RedisStore {
             Ok(info) => info.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
+        let primaries: Vec<serde_json::Value> = info
+            .cluster_primaries
+            .iter()
+            .map(|(addr, replicas)| serde_json::json!({"addr": addr, "replicas": replicas}))
+            .collect();
         Some(serde_json::json!({
-            "redis_primary": info.primary,
-            "redis_sentinel": self.shared.sentinel,
+            "redis_mode": self.shared.mode.name(),
+            "redis_primary": (self.shared.mode != Mode::Cluster).then_some(info.primary),
+            "redis_cluster_primaries": (self.shared.mode == Mode::Cluster).then_some(primaries),
+            "redis_sentinel": self.shared.mode == Mode::Sentinel,
             "redis_failovers": info.failovers,
             "redis_last_failover_at": info.last_failover_ms.map(super::rfc3339_ms),
         }))
+    }
+
+    fn failovers(&self) -> u64 {
+        match self.shared.info.lock() {
+            Ok(info) => info.failovers,
+            Err(poisoned) => poisoned.into_inner().failovers,
+        }
     }
 }
 

@@ -25,7 +25,7 @@ pub use browser::Browser;
 pub use process::{
     OUTPOST_BIN, OutpostProcess, OutputExt, run_outpost, run_outpost_timeout, run_outpost_with_env,
 };
-pub use redis_server::{RedisOptions, RedisServer};
+pub use redis_server::{RedisCluster, RedisOptions, RedisServer, redis_cli};
 pub use setup::{FAST, Outpost, config_with_replay};
 pub use tmpfs::Tmpfs;
 pub use upstream::{

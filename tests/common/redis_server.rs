@@ -254,3 +254,153 @@ impl std::fmt::Debug for RedisServer {
             .finish()
     }
 }
+
+/// `redis-cli` (next to `REDIS_SERVER_BIN` if that is set, else from `PATH`).
+fn redis_cli_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("REDIS_SERVER_BIN") {
+        if let Some(dir) = Path::new(&bin).parent() {
+            let candidate = dir.join("redis-cli");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    PathBuf::from("redis-cli")
+}
+
+/// Runs `redis-cli -h 127.0.0.1 -p port args...` and returns its standard output.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new(redis_cli_bin())
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("run redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A Redis Cluster of private `redis-server`s on free loopback ports (`--cluster-enabled yes`,
+/// node timeout 1 s so that a failover takes seconds), made with `redis-cli --cluster create`.
+pub struct RedisCluster {
+    /// Every node, in the order given to `redis-cli --cluster create` (primaries first).
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `primaries` primaries with `replicas` replicas each and waits until every node
+    /// reports `cluster_state:ok` and knows every replica.
+    pub fn start(primaries: usize, replicas: usize) -> RedisCluster {
+        let total = primaries * (1 + replicas);
+        let nodes: Vec<RedisServer> = (0..total)
+            .map(|_| {
+                RedisServer::start_with(RedisOptions {
+                    extra_args: [
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "1000",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                    ..RedisOptions::default()
+                })
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let out = Command::new(redis_cli_bin())
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = RedisCluster { nodes };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = cluster.nodes.iter().all(|n| {
+                redis_cli(n.port(), &["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                    && redis_cli(n.port(), &["CLUSTER", "NODES"])
+                        .lines()
+                        .filter(|l| l.contains("slave"))
+                        .count()
+                        == primaries * replicas
+            });
+            let synced = cluster.nodes.iter().all(|n| {
+                let info = redis_cli(n.port(), &["INFO", "replication"]);
+                info.contains("role:master") || info.contains("master_link_status:up")
+            });
+            if ready && synced {
+                return cluster;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not form within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `host:port` of every node.
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect()
+    }
+
+    /// The index in [`Self::nodes`] of the running node that serves `key`'s slot as primary.
+    pub fn primary_of(&self, key: &str) -> usize {
+        let any = self
+            .nodes
+            .iter()
+            .find(|n| n.ping())
+            .expect("a node is running");
+        let slot: u16 = redis_cli(any.port(), &["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .expect("CLUSTER KEYSLOT");
+        self.nodes
+            .iter()
+            .position(|n| {
+                n.ping()
+                    && redis_cli(n.port(), &["INFO", "replication"]).contains("role:master")
+                    && redis_cli(n.port(), &["CLUSTER", "NODES"]).lines().any(|l| {
+                        l.contains("myself")
+                            && l.split_whitespace()
+                                .skip(8)
+                                .any(|range| slot_in(range, slot))
+                    })
+            })
+            .expect("a primary serves the slot")
+    }
+
+    /// The node's cluster id.
+    pub fn id(&self, node: usize) -> String {
+        redis_cli(self.nodes[node].port(), &["CLUSTER", "MYID"])
+            .trim()
+            .to_owned()
+    }
+}
+
+/// Whether a `CLUSTER NODES` slot field (`5`, `0-5460`, or an importing/migrating marker)
+/// holds `slot`.
+fn slot_in(range: &str, slot: u16) -> bool {
+    if range.starts_with('[') {
+        return false;
+    }
+    match range.split_once('-') {
+        Some((a, b)) => {
+            a.parse::<u16>().is_ok_and(|a| a <= slot) && b.parse::<u16>().is_ok_and(|b| slot <= b)
+        }
+        None => range.parse::<u16>() == Ok(slot),
+    }
+}

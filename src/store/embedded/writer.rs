@@ -185,7 +185,7 @@ fn load_counters(db: &Database) -> Result<Counters, StoreError> {
     {
         let mut meta = txn.open_table(META)?;
         let found = meta.get(LAYOUT_KEY)?.map(|v| v.value());
-        let layout = codec::check_layout("data directory", found)?;
+        let layout = codec::check_layout("data directory", found, codec::LAYOUT_VERSION)?;
         if found != Some(layout) {
             meta.insert(LAYOUT_KEY, layout)?;
         }

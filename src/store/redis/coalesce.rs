@@ -46,7 +46,8 @@ impl Shared {
         old.mark_coalesced(now, &record.key);
         record.seq = folded.seq;
         record.partition = partition;
-        let answer: Value = COALESCE
+        let mut invocation = COALESCE.prepare_invoke();
+        invocation
             .key(pk.lease())
             .key(pk.queue())
             .key(pk.done())
@@ -59,9 +60,9 @@ impl Shared {
             .arg(now)
             .arg(&record.key)
             .arg(encode(&record)?)
-            .arg(tail_seq)
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(tail_seq);
+        // On a cluster with replicas required, the script carries its own `WAIT`.
+        let answer: Value = self.invoke_confirmed(&mut conn, &invocation).await?;
         match answer {
             Value::Int(1) => {
                 self.confirm_replicas(&mut conn).await?;

@@ -20,6 +20,12 @@
 //! caller that goes away cannot cut it short for the others; callers that went away before it
 //! started are left out.
 //!
+//! *With a cluster* (`cluster.rs`), the steps' commands go to the slots of their keys; when
+//! replicas must confirm, each write of steps 1, 2 and 4 carries its own `WAIT` to its shard
+//! (instead of one `WAIT` at the end), and a 202 waits for all of them. Step 3's counter needs
+//! no confirmation: a counter that went back in a failover is raised to the partition's tail
+//! when a write is refused for it (`raise.lua`).
+//!
 //! *Cluster caveat:* the key index (step 1) and the record (step 4) are in different slots, so
 //! they are not written atomically. Consequences, all narrow: the same idempotency key sent
 //! concurrently *for two different partitions* (which is a reused key with another request,
@@ -38,7 +44,7 @@ use redis::{ErrorKind, Value};
 use tokio::sync::oneshot;
 
 use super::answers::{copy_error, redis_error, timed_out, unexpected};
-use super::scripts::{ENQUEUE, RECORD_FORWARDED, REPLACE_IF};
+use super::scripts::{ENQUEUE, RAISE, RECORD_FORWARDED, REPLACE_IF};
 use super::{CALL_DEADLINE, RedisStore, Shared};
 use crate::store::codec::{decode, encode};
 use crate::store::{Enqueued, MutationRecord, StoreError, now_ms};
@@ -259,24 +265,25 @@ impl Shared {
             .collect())
     }
 
-    /// Step (1): claim every key (`SET NX`, one pipeline). A key already claimed is settled by
-    /// [`Self::claim`]; one another partition holds a record under answers with that record.
+    /// Step (1): claim every key (`SET NX`, all sent at once: one pipeline on one primary,
+    /// each to its slot on a cluster, with its `WAIT` when replicas must confirm). A key already
+    /// claimed is settled by [`Self::claim`]; one another partition holds a record under
+    /// answers with that record.
     async fn claim_keys(
         &self,
         conn: &mut Conn,
         records: &[MutationRecord],
     ) -> Result<Answers, StoreError> {
         let mut answers: Answers = records.iter().map(|_| None).collect();
-        let mut pipe = redis::pipe();
-        for r in records {
-            pipe.cmd("SET")
-                .arg(self.keys.index(&r.key))
-                .arg(&r.partition)
-                .arg("NX");
-        }
-        let claimed: Vec<Value> = pipe.query_async(conn).await?;
-        for (i, set) in claimed.iter().enumerate() {
-            if matches!(set, Value::Okay) {
+        let claims = records.iter().map(|r| {
+            let mut conn = conn.clone();
+            let mut set = redis::cmd("SET");
+            set.arg(self.keys.index(&r.key)).arg(&r.partition).arg("NX");
+            async move { self.query_confirmed::<Value>(&mut conn, &set).await }
+        });
+        let claimed = futures_util::future::join_all(claims).await;
+        for (i, set) in claimed.into_iter().enumerate() {
+            if matches!(set?, Value::Okay) {
                 continue;
             }
             let r = &records[i];
@@ -324,6 +331,7 @@ impl Shared {
                 match result? {
                     Value::Int(0) => {
                         tracing::debug!(partition, "overtaken by another instance; renumbering");
+                        self.raise_seq_to_tail(conn, &partition).await?;
                         todo.extend(members);
                     }
                     Value::Array(items) if items.len() == members.len() => {
@@ -369,11 +377,43 @@ impl Shared {
                         .arg(records[i].seq)
                         .arg(encode(&records[i])?);
                 }
-                let answer: Value = write.invoke_async(&mut conn).await?;
+                let answer: Value = self.invoke_confirmed(&mut conn, &write).await?;
                 Ok::<_, StoreError>(answer)
             }
         });
         futures_util::future::join_all(writes).await
+    }
+
+    /// After an overtaken write: make sure `P:seq` is above `partition`'s tail, so that the
+    /// next numbers can be appended. Normally it already is (another instance numbered later);
+    /// it is not when the shard holding `P:seq` failed over and lost increments.
+    pub(super) async fn raise_seq_to_tail(
+        &self,
+        conn: &mut Conn,
+        partition: &str,
+    ) -> Result<(), StoreError> {
+        let tail: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(self.keys.partition(partition).queue())
+            .arg(-1)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(conn)
+            .await?;
+        if let Some((_, score)) = tail.first() {
+            let raised: i64 = RAISE
+                .key(self.keys.seq())
+                .arg(*score as u64)
+                .invoke_async(conn)
+                .await?;
+            if raised == 1 {
+                tracing::warn!(
+                    partition,
+                    tail = score,
+                    "sequence counter was behind; raised"
+                );
+            }
+        }
+        Ok(())
     }
 
     pub(super) async fn record_forwarded_inner(

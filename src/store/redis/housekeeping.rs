@@ -29,10 +29,9 @@ impl Shared {
         conn: &mut Conn,
         partition: &str,
     ) -> Result<(), StoreError> {
-        let _: i64 = REGISTER
-            .key(self.keys.partitions())
-            .arg(partition)
-            .invoke_async(conn)
+        // Confirmed by replicas on a cluster: replay finds partitions through the registry.
+        let _: i64 = self
+            .invoke_confirmed(conn, REGISTER.key(self.keys.partitions()).arg(partition))
             .await?;
         Ok(())
     }

@@ -17,17 +17,26 @@
 //! | `P:partitions`     | zset   | partitions holding any state, scored by last registration (ms) |
 //! | `P:auth:cred:<principal>` | string | credentials the app offered after a 401 (`*`: anyone's newest), 1 h TTL |
 //! | `P:auth:waiting`   | string | present (5 s TTL, renewed) while an instance holds a mutation waiting for them |
-//! | `P:{c}:blob` `:exp` `:lru` `:meta` | hash, zset, zset, hash | the durable cache tier    |
+//! | `P:{c:<n>}:blob` `:exp` `:lru` `:meta` | hash, zset, zset, hash | cache bucket `n` of the durable cache tier |
+//! | `P:cache:buckets`  | string | how many cache buckets there are (set once, by the first instance) |
+//! | `P:layout`         | string | the layout version (`codec::REDIS_LAYOUT_VERSION`)          |
 //!
 //! **Slots.** Every multi-key operation is one Lua script over keys of one slot: enqueue
 //! (existence check, FIFO guard, record, queue), a coalescing enqueue (lease absent, folded
 //! record and queue tail unchanged, both records, queue slot), update and finish (lease check, record, queue,
 //! dead/done list), dead-letter retry, an operator's retry or drop (`operator.rs`), purge of one
-//! partition batch, and cache get/put (all cache keys share the `{c}` tag). `P:seq`,
-//! `P:fence`, `P:partitions` and `P:k:<key>` are only touched by single-key commands or
-//! single-key scripts. The layout is therefore valid on Redis Cluster; this backend connects
-//! with a standalone client (`ConnectionManager`), so a cluster needs a cluster-aware proxy in
-//! front or a cluster client here (a small change: the calls stay the same).
+//! partition batch, and cache get/put (the four keys of one cache bucket share its tag
+//! `{c:<n>}`; an entry's bucket is a hash of its key, so entries spread over the buckets and
+//! a cluster's shards). `P:seq`, `P:fence`, `P:partitions` and `P:k:<key>` are only touched by
+//! single-key commands or single-key scripts. No operation needs two slots at once, so the
+//! layout is valid on Redis Cluster (`cluster.rs`), and the same layout serves one Redis.
+//!
+//! **Order without a cross-slot transaction.** `P:seq` only hands out numbers (`INCRBY`);
+//! order is decided per partition, inside the partition's own slot: the enqueue script refuses
+//! a number not above its queue's tail, and the enqueuer takes new numbers (raising `P:seq` to
+//! the tail first when it is behind, e.g. after a failover of its shard lost increments). So
+//! within a partition FIFO order equals acknowledgement order, whatever shard `P:seq` is on;
+//! across partitions there is no order to keep (the contract promises per-partition order).
 
 /// Key names (see the module docs for the layout).
 #[derive(Debug, Clone)]
@@ -74,7 +83,18 @@ impl Keys {
         format!("{}:auth:waiting", self.prefix)
     }
 
-    pub(super) fn cache(&self) -> [String; 4] {
+    /// The keys of cache bucket `bucket` (hash tag `{c:<bucket>}`): blob, exp, lru, meta.
+    pub(super) fn cache(&self, bucket: u32) -> [String; 4] {
+        ["blob", "exp", "lru", "meta"].map(|k| format!("{}:{{c:{bucket}}}:{k}", self.prefix))
+    }
+
+    /// How many cache buckets there are (set by the first instance, read by all).
+    pub(super) fn cache_buckets(&self) -> String {
+        format!("{}:cache:buckets", self.prefix)
+    }
+
+    /// The cache of layout version 1, all under `{c}`: deleted at start.
+    pub(super) fn legacy_cache(&self) -> [String; 4] {
         ["blob", "exp", "lru", "meta"].map(|k| format!("{}:{{c}}:{k}", self.prefix))
     }
 }

@@ -111,23 +111,25 @@ impl Shared {
         for _ in 0..SEQ_ATTEMPTS {
             let seq = self.next_seq(&mut conn).await?;
             record.seq = seq;
-            let answer: i64 = RETRY_DEAD
-                .key(pk.record(key))
+            let mut retry = RETRY_DEAD.key(pk.record(key));
+            retry
                 .key(pk.queue())
                 .key(pk.dead())
                 .arg(key)
                 .arg(old_seq)
                 .arg(seq)
-                .arg(encode(&record)?)
-                .invoke_async(&mut conn)
-                .await?;
+                .arg(encode(&record)?);
+            let answer: i64 = self.invoke_confirmed(&mut conn, &retry).await?;
             match answer {
                 1 => {
                     self.confirm_replicas(&mut conn).await?;
                     return Ok(true);
                 }
                 0 => return Ok(false),
-                -2 => continue,
+                -2 => {
+                    self.raise_seq_to_tail(&mut conn, &record.partition).await?;
+                    continue;
+                }
                 other => return Err(unexpected("retry_dead_letter", &Value::Int(other))),
             }
         }
@@ -174,15 +176,14 @@ impl Shared {
             record.status = MutationStatus::Queued;
             record.next_attempt_at_ms = 0;
             let pk = self.keys.partition(&partition);
-            let answer: i64 = RETRY_PENDING
-                .key(pk.record(key))
+            let mut retry = RETRY_PENDING.key(pk.record(key));
+            retry
                 .key(pk.queue())
                 .arg(key)
                 .arg(record.seq)
                 .arg(&blob)
-                .arg(encode(&record)?)
-                .invoke_async(&mut conn)
-                .await?;
+                .arg(encode(&record)?);
+            let answer: i64 = self.invoke_confirmed(&mut conn, &retry).await?;
             match self
                 .operator_answer(&mut conn, "retry_pending", answer)
                 .await?
@@ -224,9 +225,8 @@ impl Shared {
                 None => record.mark_dropped(now),
             }
             let pk = self.keys.partition(&partition);
-            let answer: i64 = DROP
-                .key(pk.record(key))
-                .key(pk.queue())
+            let mut drop = DROP.key(pk.record(key));
+            drop.key(pk.queue())
                 .key(pk.dead())
                 .key(pk.done())
                 .arg(key)
@@ -238,9 +238,8 @@ impl Shared {
                     "dead"
                 } else {
                     "any"
-                })
-                .invoke_async(&mut conn)
-                .await?;
+                });
+            let answer: i64 = self.invoke_confirmed(&mut conn, &drop).await?;
             match self
                 .operator_answer(&mut conn, "drop_mutation", answer)
                 .await?

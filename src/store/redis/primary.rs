@@ -16,9 +16,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+use redis::{
+    Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult, Value,
+};
 
 use super::answers::redis_error;
+use super::cluster::ClusterConn;
 use super::{CALL_DEADLINE, COMMAND_TIMEOUT};
 use crate::store::StoreError;
 
@@ -26,12 +29,27 @@ use crate::store::StoreError;
 const RESOLVE_EVERY: Duration = Duration::from_millis(200);
 
 /// Where the primary is: a fixed address, or what the Sentinels say.
-#[derive(Debug)]
 pub(super) struct Sentinels {
     /// `host:port` of each Sentinel.
     pub addrs: Vec<String>,
     /// The monitored master's name.
     pub master: String,
+    /// `AUTH` for the Sentinels (`store.redis_sentinel_username`, `store.redis_sentinel_password`);
+    /// not for the data nodes.
+    pub username: Option<String>,
+    /// See `username`.
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for Sentinels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sentinels")
+            .field("addrs", &self.addrs)
+            .field("master", &self.master)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl Sentinels {
@@ -54,7 +72,16 @@ impl Sentinels {
     }
 
     async fn ask(&self, addr: &str) -> RedisResult<Option<String>> {
-        let client = redis::Client::open(format!("redis://{addr}/"))?;
+        let mut info = format!("redis://{addr}/").into_connection_info()?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(username) = &self.username {
+            settings = settings.set_username(username);
+        }
+        if let Some(password) = &self.password {
+            settings = settings.set_password(password);
+        }
+        info = info.set_redis_settings(settings);
+        let client = redis::Client::open(info)?;
         let mut conn = client.get_multiplexed_async_connection().await?;
         let answer: Option<(String, u16)> = redis::cmd("SENTINEL")
             .arg("get-master-addr-by-name")
@@ -71,20 +98,68 @@ impl Sentinels {
     }
 }
 
-/// A failover this process saw: when, and the primary before and after.
+/// The servers in use and the failovers this process saw (for `/status`, `/readyz`).
 #[derive(Debug, Clone, Default)]
 pub struct FailoverInfo {
-    /// The primary in use (`host:port`, or the URL's address).
+    /// The primary in use (`host:port`, or the URL's address); empty with a cluster.
     pub primary: String,
+    /// With a cluster: each primary (`host:port`) and how many healthy replicas it has.
+    pub cluster_primaries: Vec<(String, usize)>,
     /// Failovers followed since start.
     pub failovers: u64,
     /// When the last one was followed (ms since the Unix epoch), if any.
     pub last_failover_ms: Option<u64>,
 }
 
+impl FailoverInfo {
+    /// Count a failover now.
+    pub(super) fn failover_seen(&mut self) {
+        self.failovers += 1;
+        self.last_failover_ms = Some(crate::store::now_ms());
+    }
+}
+
+/// A connection to Redis: to the one primary, or to a Redis Cluster (cheap to clone; clones
+/// share the connection). Every command and script of the store runs on it unchanged.
+#[derive(Clone)]
+pub(super) enum Conn {
+    /// The fixed primary of `store.redis_url`, or the one the Sentinels name.
+    Primary(PrimaryConn),
+    /// The nodes of `store.redis_cluster_nodes` ([`super::cluster`]).
+    Cluster(ClusterConn),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Primary(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Primary(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Primary(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// A connection to the current primary (cheap to clone; clones share the connection).
 #[derive(Clone)]
-pub(super) struct Conn {
+pub(super) struct PrimaryConn {
     inner: Arc<Inner>,
 }
 
@@ -98,7 +173,7 @@ struct Inner {
     info: Arc<Mutex<FailoverInfo>>,
 }
 
-impl Conn {
+impl PrimaryConn {
     /// Connect to `addr` (`url` is its `redis://` URL), following failovers when `sentinels` is
     /// given.
     pub async fn open(
@@ -107,12 +182,12 @@ impl Conn {
         config: ConnectionManagerConfig,
         sentinels: Option<Arc<Sentinels>>,
         info: Arc<Mutex<FailoverInfo>>,
-    ) -> Result<Conn, StoreError> {
+    ) -> Result<PrimaryConn, StoreError> {
         let manager = open_manager(url, &addr, config.clone()).await?;
         if let Ok(mut info) = info.lock() {
             info.primary = addr.clone();
         }
-        Ok(Conn {
+        Ok(PrimaryConn {
             inner: Arc::new(Inner {
                 current: RwLock::new((addr, manager)),
                 config,
@@ -199,8 +274,7 @@ impl Conn {
                 if let Ok(mut info) = self.inner.info.lock() {
                     if info.primary != primary {
                         info.primary = primary.clone();
-                        info.failovers += 1;
-                        info.last_failover_ms = Some(crate::store::now_ms());
+                        info.failover_seen();
                     }
                 }
                 tracing::warn!(
@@ -229,7 +303,7 @@ fn needs_resolve(error: &RedisError) -> bool {
         || error.to_string().contains("READONLY")
 }
 
-impl ConnectionLike for Conn {
+impl ConnectionLike for PrimaryConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             let mut manager = self.current().await;

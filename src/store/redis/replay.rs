@@ -12,6 +12,12 @@
 //! instance's lease simply expires after `store.redis_lease` and another instance acquires it.
 //! Expiry uses Redis's clock only; instance clocks do not matter.
 //!
+//! **On a cluster**, `P:fence` and the lease are on different shards. The lease is confirmed
+//! with its own `WAIT` to its shard; the token is not: should `P:fence`'s shard fail over and
+//! lose increments, a token may be handed out twice, but never in the same lease value, since
+//! the value also holds the store's random instance id, and a lease is checked by its whole
+//! value. What fencing needs (a lease that did not survive refuses its holder's writes) holds.
+//!
 //! **Across a Sentinel failover.** With `store.redis_min_replicas >= 1`, `acquire` returns a
 //! lease only after `WAIT` saw a replica hold it and its `INCR`ed token, so the promoted replica
 //! has both: the lease is still ours (or expires and is re-taken with a fresh, larger token),
@@ -82,13 +88,13 @@ impl Shared {
             partition: partition.to_string(),
             token,
         };
-        let taken: i64 = ACQUIRE
-            .key(self.keys.partition(partition).lease())
+        let mut acquire = ACQUIRE.key(self.keys.partition(partition).lease());
+        acquire
             .arg(self.lease_value(&lease))
             .arg(format!("{}:", self.instance))
-            .arg(self.lease_ms)
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(self.lease_ms);
+        // On a cluster, `WAIT` travels with the lease to its shard (`cluster.rs`).
+        let taken: i64 = self.invoke_confirmed(&mut conn, &acquire).await?;
         if taken != 1 {
             return Ok(None);
         }

@@ -78,6 +78,10 @@ pub(super) static DELETE_IF: LazyLock<Script> = script!("delete_if.lua");
 /// `REPLACE_IF` KEYS: key. ARGV: expected value, new value. Returns 1 when replaced.
 pub(super) static REPLACE_IF: LazyLock<Script> = script!("replace_if.lua");
 
+/// `RAISE` KEYS: counter. ARGV: floor. Sets the counter to `floor` when it is below; returns 1
+/// when it did.
+pub(super) static RAISE: LazyLock<Script> = script!("raise.lua");
+
 /// `REGISTER` KEYS: partitions. ARGV: partition. Scores it with the server's time.
 pub(super) static REGISTER: LazyLock<Script> = script!("now.lua", "register.lua");
 
