@@ -291,6 +291,12 @@ pub struct QueueConfig {
     /// How long a completed mutation's answer is kept for idempotent replays.
     #[serde(with = "humantime_serde")]
     pub idempotency_retention: Duration,
+    /// Most pending mutations across the store (all instances sharing it); a write that would
+    /// be queued beyond it gets `503 queue_full` with `Retry-After`. 0 = unlimited.
+    pub max_depth: u64,
+    /// Most bytes of pending mutation bodies across the store; a write whose body would take
+    /// the queue beyond it gets `503 queue_full`. 0 = unlimited.
+    pub max_bytes: u64,
 }
 
 impl Default for QueueConfig {
@@ -299,6 +305,8 @@ impl Default for QueueConfig {
             max_body_bytes: 10 * 1024 * 1024,
             max_age: Duration::from_secs(7 * 24 * 3600),
             idempotency_retention: Duration::from_secs(24 * 3600),
+            max_depth: 100_000,
+            max_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -788,6 +796,12 @@ impl Config {
             return Err(ConfigError::key(
                 "queue.max_body_bytes",
                 "must not exceed proxy.max_body_bytes",
+            ));
+        }
+        if self.queue.max_bytes != 0 && self.queue.max_bytes < self.queue.max_body_bytes {
+            return Err(ConfigError::key(
+                "queue.max_bytes",
+                "must be 0 (unlimited) or at least queue.max_body_bytes",
             ));
         }
         if self.store.backend == Backend::Redis {

@@ -22,6 +22,7 @@
 
 pub mod activity;
 pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod body;
 pub mod cache;

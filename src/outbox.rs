@@ -15,6 +15,8 @@
 //!   mutation's transient answer (retryable, or 401) is passed on but not kept, so the app's
 //!   retry with the same key goes upstream again.
 //!
+//! - A mutation that would be queued beyond `queue.max_depth` or `queue.max_bytes` is refused
+//!   with `503 queue_full` and `Retry-After` before anything is stored ([`crate::admission`]).
 //! - A key belongs to the caller that sent it: another caller gets 422, never its answer.
 //! - Once a buffered mutation has started towards the upstream, its forward finishes in a task
 //!   of its own even if the app goes away: the answer is kept under its key, or the mutation is
@@ -33,6 +35,7 @@ use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 
 use crate::activity::Activity;
+use crate::admission::QueueLimits;
 use crate::body::{self, Collected, ProxyBody};
 use crate::cache::with_cache_status;
 use crate::cache::{CACHE_STATUS, status as cache};
@@ -62,6 +65,7 @@ pub struct Outbox {
     activity: Arc<Activity>,
     docs: Arc<MutationDocs>,
     metrics: Arc<Metrics>,
+    limits: Arc<QueueLimits>,
     in_progress: Arc<Mutex<HashSet<String>>>,
 }
 
@@ -78,6 +82,7 @@ impl Outbox {
             activity: parts.activity.clone(),
             docs: parts.docs.clone(),
             metrics: parts.metrics.clone(),
+            limits: Arc::new(QueueLimits::new(parts.store.clone(), &parts.config.queue)),
             in_progress: Arc::default(),
         }
     }
@@ -389,6 +394,8 @@ impl Outbox {
         let key = record.key.clone();
         let partition = record.partition.clone();
         let identity = Identity(record.identity.unwrap_or_default());
+        // Within `queue.max_depth` and `queue.max_bytes`, or 503 queue_full: nothing stored.
+        let admitted = self.limits.admit(record.request.body.len() as u64).await?;
         let started = std::time::Instant::now();
         let enqueued = self.store.enqueue(record).await;
         self.metrics
@@ -396,6 +403,7 @@ impl Outbox {
             .record(started.elapsed().as_secs_f64());
         match enqueued? {
             Enqueued::Accepted { .. } => {
+                admitted.stored();
                 *source = Source::Queued;
                 self.events.emit(Event::Queued {
                     key: key.clone(),

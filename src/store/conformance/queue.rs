@@ -17,6 +17,51 @@ pub async fn run(store: &dyn Store) {
     finish_and_dead_letters(store).await;
     operator_retry_and_drop(store).await;
     dead_letter_edits(store).await;
+    queued_totals_follow_the_queue(store).await;
+}
+
+/// `queued_totals` counts pending items and their body bytes, through enqueue, finish, dead
+/// letters, the operator's retry and drop (relative to what earlier checks left behind).
+async fn queued_totals_follow_the_queue(store: &dyn Store) {
+    let before = store.queued_totals().await.unwrap();
+    for key in ["t1", "t2", "t3"] {
+        store.enqueue(record(key, "pt")).await.unwrap();
+    }
+    // A key again adds nothing.
+    store.enqueue(record("t1", "pt")).await.unwrap();
+    let body = record("t1", "pt").request.body.len() as u64;
+    let totals = store.queued_totals().await.unwrap();
+    assert_eq!(totals.depth, before.depth + 3);
+    assert_eq!(totals.bytes, before.bytes + 3 * body);
+    let lease = store.acquire("pt").await.unwrap().expect("lease");
+    let mut head = store.peek("pt", 2).await.unwrap();
+    let mut rejected = head.remove(1);
+    let mut done = head.remove(0);
+    done.status = MutationStatus::Succeeded;
+    done.finished_at_ms = Some(now_ms());
+    store.finish(&lease, &done).await.unwrap();
+    rejected.status = MutationStatus::Rejected;
+    rejected.finished_at_ms = Some(now_ms());
+    store.finish(&lease, &rejected).await.unwrap();
+    store.release(&lease).await.unwrap();
+    let totals = store.queued_totals().await.unwrap();
+    assert_eq!(
+        totals.depth,
+        before.depth + 1,
+        "finished and dead letters leave"
+    );
+    assert_eq!(totals.bytes, before.bytes + body);
+    assert!(store.retry_dead_letter(&rejected.key).await.unwrap());
+    let totals = store.queued_totals().await.unwrap();
+    assert_eq!(
+        totals.depth,
+        before.depth + 2,
+        "a retried dead letter is back"
+    );
+    assert_eq!(totals.bytes, before.bytes + 2 * body);
+    assert!(store.drop_mutation("t3").await.unwrap());
+    assert!(store.drop_mutation(&rejected.key).await.unwrap());
+    assert_eq!(store.queued_totals().await.unwrap(), before);
 }
 
 async fn enqueue_is_idempotent_and_ordered(store: &dyn Store) {

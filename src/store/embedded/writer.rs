@@ -130,13 +130,14 @@ impl Op {
 }
 
 /// What a committed op changed, applied to the in-memory counters after the commit.
+/// Queue effects carry the partition and the body bytes of the item.
 pub(super) enum Effect {
     None,
-    Queued(String),
-    Unqueued(String),
+    Queued(String, u64),
+    Unqueued(String, u64),
     /// Left its partition for the dead-letter list.
-    DeadLettered(String),
-    DeadRevived(String),
+    DeadLettered(String, u64),
+    DeadRevived(String, u64),
     /// Dropped from the dead-letter list by an operator.
     DeadDropped,
     Cache {
@@ -149,6 +150,8 @@ pub(super) enum Effect {
 pub(super) struct Counters {
     /// Pending items per partition.
     pub(super) pending: HashMap<String, u64>,
+    /// Body bytes of all pending items.
+    pub(super) pending_bytes: u64,
     pub(super) dead_letters: u64,
     pub(super) cache_entries: u64,
     pub(super) cache_bytes: u64,
@@ -194,9 +197,14 @@ fn load_counters(db: &Database) -> Result<Counters, StoreError> {
     txn.commit()?;
     let read = db.begin_read()?;
     let mut counters = Counters::default();
+    let mutations = read.open_table(MUTATIONS)?;
     for item in read.open_table(QUEUE)?.iter()? {
-        let (k, _) = item?;
+        let (k, key) = item?;
         *counters.pending.entry(k.value().0.to_string()).or_default() += 1;
+        if let Some(blob) = mutations.get(key.value())? {
+            let record: MutationRecord = codec::decode(blob.value())?;
+            counters.pending_bytes += super::queue::body_len(&record);
+        }
     }
     counters.dead_letters = read.open_table(DEAD)?.len()?;
     counters.cache_bytes = read
@@ -590,8 +598,12 @@ fn reopen(
 fn apply_effect(c: &mut Counters, effect: Effect) {
     match effect {
         Effect::None => {}
-        Effect::Queued(p) => *c.pending.entry(p).or_default() += 1,
-        Effect::Unqueued(p) => {
+        Effect::Queued(p, bytes) => {
+            *c.pending.entry(p).or_default() += 1;
+            c.pending_bytes += bytes;
+        }
+        Effect::Unqueued(p, bytes) => {
+            c.pending_bytes = c.pending_bytes.saturating_sub(bytes);
             if let Some(n) = c.pending.get_mut(&p) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
@@ -599,14 +611,15 @@ fn apply_effect(c: &mut Counters, effect: Effect) {
                 }
             }
         }
-        Effect::DeadLettered(p) => {
-            apply_effect(c, Effect::Unqueued(p));
+        Effect::DeadLettered(p, bytes) => {
+            apply_effect(c, Effect::Unqueued(p, bytes));
             c.dead_letters += 1;
         }
         Effect::DeadDropped => c.dead_letters = c.dead_letters.saturating_sub(1),
-        Effect::DeadRevived(p) => {
+        Effect::DeadRevived(p, bytes) => {
             c.dead_letters = c.dead_letters.saturating_sub(1);
             *c.pending.entry(p).or_default() += 1;
+            c.pending_bytes += bytes;
         }
         Effect::Cache { entries, bytes } => {
             c.cache_entries = c.cache_entries.saturating_add_signed(entries);
