@@ -32,6 +32,8 @@ pub mod credentials;
 pub mod demo;
 pub mod error;
 pub mod events;
+#[cfg(test)]
+mod fuzz;
 pub mod health;
 pub mod loadtest;
 pub mod metrics;

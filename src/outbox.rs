@@ -526,7 +526,7 @@ impl Drop for InProgress {
 }
 
 /// Validate an app's `Idempotency-Key`: 1–255 visible ASCII characters.
-fn valid_key(v: &HeaderValue) -> Result<String, ProxyError> {
+pub(crate) fn valid_key(v: &HeaderValue) -> Result<String, ProxyError> {
     let bytes = v.as_bytes();
     if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| (0x21..=0x7e).contains(b)) {
         return Err(ProxyError::BadRequest(
