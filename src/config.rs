@@ -313,6 +313,12 @@ pub struct QueueConfig {
     /// is read, and waits while the reservations of others fill the budget. At least
     /// `max_body_bytes`.
     pub max_buffered_bytes: u64,
+    /// Most pending mutations across the store (all instances sharing it); a write that would
+    /// be queued beyond it gets `503 queue_full` with `Retry-After`. 0 = unlimited.
+    pub max_depth: u64,
+    /// Most bytes of pending mutation bodies across the store; a write whose body would take
+    /// the queue beyond it gets `503 queue_full`. 0 = unlimited.
+    pub max_bytes: u64,
 }
 
 impl Default for QueueConfig {
@@ -322,6 +328,8 @@ impl Default for QueueConfig {
             max_age: Duration::from_secs(7 * 24 * 3600),
             idempotency_retention: Duration::from_secs(24 * 3600),
             max_buffered_bytes: 64 * 1024 * 1024,
+            max_depth: 1_000_000,
+            max_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -850,6 +858,12 @@ impl Config {
             return Err(ConfigError::key(
                 "queue.max_body_bytes",
                 "must not exceed proxy.max_body_bytes",
+            ));
+        }
+        if self.queue.max_bytes != 0 && self.queue.max_bytes < self.queue.max_body_bytes {
+            return Err(ConfigError::key(
+                "queue.max_bytes",
+                "must be 0 (unlimited) or at least queue.max_body_bytes",
             ));
         }
         if self.store.backend == Backend::Redis {

@@ -152,10 +152,32 @@ pub enum ProxyError {
     /// A mutation could not be stored durably; it was not accepted.
     #[error("mutation not stored: {0}")]
     NotStored(#[from] StoreError),
+    /// The queue is at `queue.max_depth` or the body would take it over `queue.max_bytes`:
+    /// the mutation was not stored.
+    #[error(
+        "the queue is full ({depth} of at most {max_depth} mutations, {bytes} of at most {max_bytes} bytes; 0 = unlimited): try again later"
+    )]
+    QueueFull {
+        /// Pending mutations counted when it was refused.
+        depth: u64,
+        /// Their body bytes.
+        bytes: u64,
+        /// `queue.max_depth`.
+        max_depth: u64,
+        /// `queue.max_bytes`.
+        max_bytes: u64,
+    },
     /// No such resource under the reserved prefix.
     #[error("not found")]
     NotFound,
 }
+
+/// `Retry-After` of a `503 queue_full`: the queue drains as fast as the upstream takes it, so
+/// soon, but not at once.
+pub const QUEUE_FULL_RETRY_AFTER_SECS: u32 = 5;
+/// `Retry-After` of a `503 not_stored`: the store may be back at once (a reopened database, a
+/// Redis failover).
+pub const NOT_STORED_RETRY_AFTER_SECS: u32 = 1;
 
 impl ProxyError {
     /// The HTTP status and machine-readable code for this error.
@@ -174,6 +196,7 @@ impl ProxyError {
             ProxyError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
             ProxyError::GatewayTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             ProxyError::NotStored(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_stored"),
+            ProxyError::QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
             ProxyError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
         }
     }
@@ -185,9 +208,32 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable => {
                 serde_json::json!({"error": code, "cached": false})
             }
+            ProxyError::QueueFull {
+                depth,
+                bytes,
+                max_depth,
+                max_bytes,
+            } => serde_json::json!({
+                "error": code,
+                "message": self.to_string(),
+                "queue_depth": depth,
+                "queue_bytes": bytes,
+                "max_depth": max_depth,
+                "max_bytes": max_bytes,
+            }),
             _ => serde_json::json!({"error": code, "message": self.to_string()}),
         };
-        json_response(status, &body)
+        let retry_after = match &self {
+            ProxyError::QueueFull { .. } => Some(QUEUE_FULL_RETRY_AFTER_SECS),
+            ProxyError::NotStored(_) => Some(NOT_STORED_RETRY_AFTER_SECS),
+            _ => None,
+        };
+        let mut resp = json_response(status, &body);
+        if let Some(secs) = retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
     }
 }
 

@@ -24,6 +24,7 @@
 
 pub mod activity;
 pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod body;
 pub mod cache;
@@ -34,6 +35,8 @@ pub mod credentials;
 pub mod demo;
 pub mod error;
 pub mod events;
+#[cfg(test)]
+mod fuzz;
 pub mod graphql;
 pub mod health;
 pub mod loadtest;

@@ -15,6 +15,8 @@
 //!   mutation's transient answer (retryable, or 401) is passed on but not kept, so the app's
 //!   retry with the same key goes upstream again.
 //!
+//! - A mutation that would be queued beyond `queue.max_depth` or `queue.max_bytes` is refused
+//!   with `503 queue_full` and `Retry-After` before anything is stored ([`crate::admission`]).
 //! - A key belongs to the caller that sent it: another caller gets 422, never its answer.
 //! - Once a buffered mutation has started towards the upstream, its forward finishes in a task
 //!   of its own even if the app goes away: the answer is kept under its key, or the mutation is
@@ -33,6 +35,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::activity::Activity;
+use crate::admission::QueueLimits;
 use crate::body::{self, Collected, ProxyBody};
 use crate::cache::{CACHE_STATUS, status as cache};
 use crate::cache::{Cache, PrimaryKey, with_cache_status};
@@ -69,6 +72,7 @@ pub struct Outbox {
     metrics: Arc<Metrics>,
     /// The read cache: where `capture_version` finds the version of the copy served.
     cache: Arc<Cache>,
+    limits: Arc<QueueLimits>,
     in_progress: Arc<Mutex<HashSet<String>>>,
     /// `queue.max_buffered_bytes`, in KiB: what the mutation bodies held at once may take.
     buffered: Arc<Semaphore>,
@@ -88,6 +92,7 @@ impl Outbox {
             docs: parts.docs.clone(),
             metrics: parts.metrics.clone(),
             cache,
+            limits: Arc::new(QueueLimits::new(parts.store.clone(), &parts.config.queue)),
             in_progress: Arc::default(),
             buffered: Arc::new(Semaphore::new(
                 kib(parts.config.queue.max_buffered_bytes) as usize
@@ -520,6 +525,8 @@ impl Outbox {
         let key = record.key.clone();
         let partition = record.partition.clone();
         let identity = Identity(record.identity.unwrap_or_default());
+        // Within `queue.max_depth` and `queue.max_bytes`, or 503 queue_full: nothing stored.
+        let admitted = self.limits.admit(record.request.body.len() as u64).await?;
         let started = std::time::Instant::now();
         if coalesce {
             let folded = self.coalesce(&record).await;
@@ -548,6 +555,7 @@ impl Outbox {
             .record(started.elapsed().as_secs_f64());
         match enqueued? {
             Enqueued::Accepted { .. } => {
+                admitted.stored();
                 *source = Source::Queued;
                 self.events.emit(Event::Queued {
                     key: key.clone(),
@@ -857,7 +865,7 @@ impl Drop for InProgress {
 }
 
 /// Validate an app's `Idempotency-Key`: 1–255 visible ASCII characters.
-fn valid_key(v: &HeaderValue) -> Result<String, ProxyError> {
+pub(crate) fn valid_key(v: &HeaderValue) -> Result<String, ProxyError> {
     let bytes = v.as_bytes();
     if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| (0x21..=0x7e).contains(b)) {
         return Err(ProxyError::BadRequest(

@@ -291,6 +291,16 @@ pub struct QueueStats {
     pub dead_letters: u64,
 }
 
+/// What the pending mutations hold across the whole store (every instance sharing it): what
+/// `queue.max_depth` and `queue.max_bytes` limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct QueueTotals {
+    /// Pending mutations.
+    pub depth: u64,
+    /// Bytes of their request bodies.
+    pub bytes: u64,
+}
+
 /// Counters of the durable cache tier, for status pages and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CacheStats {
@@ -407,6 +417,10 @@ pub trait Queue: Send + Sync + 'static {
     /// Pending items per partition that holds any (partitions without pending items are left
     /// out), for metrics.
     async fn partition_depths(&self) -> Result<Vec<(String, u64)>, StoreError>;
+
+    /// Pending mutations and the bytes of their bodies, across every instance sharing the
+    /// store: what the outbox's queue limits are checked against.
+    async fn queued_totals(&self) -> Result<QueueTotals, StoreError>;
 }
 
 /// The durable tier of the read cache: opaque blobs by opaque key, bounded by a byte budget.

@@ -8,7 +8,8 @@
 //! itself, message by message:
 //! - **Framing** (like nginx): a head with `Content-Length` and `Transfer-Encoding`, with two
 //!   `Content-Length` values (even equal; two lines or a list in one), with two `Host` lines, or an HTTP/1.1 head without
-//!   `Host` is answered `400` with a JSON error and the connection is closed; hyper never sees
+//!   `Host`, or a head with a line ending in a bare LF (where parsers disagree on where a header
+//!   begins) is answered `400` with a JSON error and the connection is closed; hyper never sees
 //!   it. Bodies are skipped by their `Content-Length` or chunked framing (the same state
 //!   machine as hyper's decoder) to find the next head. Anything hyper itself refuses (bad
 //!   syntax, oversized heads) is left to hyper, and the guard stops reading along.
@@ -149,6 +150,9 @@ pub enum Refusal {
     DuplicateHost,
     /// HTTP/1.1 without `Host`.
     MissingHost,
+    /// A line of the head ends in a bare LF: parsers that disagree on it disagree on where a
+    /// header (`Content-Length`!) begins, so it is refused rather than interpreted.
+    BareLf,
 }
 
 impl Refusal {
@@ -158,6 +162,7 @@ impl Refusal {
             Refusal::DuplicateLength => "more than one Content-Length",
             Refusal::DuplicateHost => "more than one Host",
             Refusal::MissingHost => "HTTP/1.1 request without Host",
+            Refusal::BareLf => "a line of the request head ends in a bare LF, not CRLF",
         }
     }
 }
@@ -372,6 +377,14 @@ impl Framing {
                 return Ok(None);
             }
         };
+        let head = &self.head[..len];
+        if head
+            .iter()
+            .enumerate()
+            .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
+        {
+            return Err(Refusal::BareLf);
+        }
         let mut lengths = 0;
         let mut length = None;
         let mut chunked = None;
@@ -814,7 +827,12 @@ mod tests {
 
     #[test]
     fn ambiguous_framing_is_refused_at_the_start_of_its_head() {
-        let cases: [(&[u8], Refusal); 6] = [
+        let cases: [(&[u8], Refusal); 8] = [
+            (b"GET / HTTP/1.1\nHost: a\n\n", Refusal::BareLf),
+            (
+                b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\nContent-Length: 5\r\n\r\n",
+                Refusal::BareLf,
+            ),
             (
                 b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
                 Refusal::LengthAndChunked,

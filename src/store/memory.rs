@@ -41,7 +41,7 @@ use tokio::time::Instant;
 use self::state::{Cache, Held, SharedCredentials, State};
 use super::{
     CacheStats, Coalesced, Coordination, DeadLetterEdit, Enqueued, Lease, MutationRecord, Queue,
-    QueueStats, ResponseStore, StoreError, now_ms,
+    QueueStats, QueueTotals, ResponseStore, StoreError, now_ms,
 };
 
 /// How long shared credentials are kept (they are tokens: as long as the Redis backend does).
@@ -232,6 +232,10 @@ impl Queue for MemoryStore {
 
     async fn partition_depths(&self) -> Result<Vec<(String, u64)>, StoreError> {
         Ok(self.lock()?.partition_depths())
+    }
+
+    async fn queued_totals(&self) -> Result<QueueTotals, StoreError> {
+        Ok(self.lock()?.queued_totals())
     }
 }
 

@@ -75,7 +75,7 @@ pub use self::primary::FailoverInfo;
 use self::primary::{Conn, PrimaryConn, Sentinels};
 use super::{
     CacheStats, Coalesced, Coordination, DeadLetterEdit, Enqueued, Lease, MutationRecord, Queue,
-    QueueStats, ResponseStore, StoreError, codec,
+    QueueStats, QueueTotals, ResponseStore, StoreError, codec,
 };
 use crate::config::StoreConfig;
 
@@ -558,6 +558,15 @@ impl Queue for RedisStore {
             "partition_depths",
             Duration::ZERO,
             self.shared.partition_depths_inner(),
+        )
+        .await
+    }
+
+    async fn queued_totals(&self) -> Result<QueueTotals, StoreError> {
+        within(
+            "queued_totals",
+            Duration::ZERO,
+            self.shared.queued_totals_inner(),
         )
         .await
     }

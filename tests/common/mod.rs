@@ -12,7 +12,9 @@
 
 pub mod browser;
 pub mod process;
+pub mod raw;
 pub mod redis_server;
+pub mod reliability;
 pub mod setup;
 pub mod tmpfs;
 pub mod upstream;
@@ -25,6 +27,7 @@ pub use browser::Browser;
 pub use process::{
     OUTPOST_BIN, OutpostProcess, OutputExt, run_outpost, run_outpost_timeout, run_outpost_with_env,
 };
+pub use raw::{RawResponse, closed_within, raw, read_response};
 pub use redis_server::{RedisCluster, RedisOptions, RedisServer, redis_cli};
 pub use setup::{FAST, Outpost, config_with_replay};
 pub use tmpfs::Tmpfs;

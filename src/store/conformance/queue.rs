@@ -18,6 +18,51 @@ pub async fn run(store: &dyn Store) {
     operator_retry_and_drop(store).await;
     dead_letter_edits(store).await;
     coalescing(store).await;
+    queued_totals_follow_the_queue(store).await;
+}
+
+/// `queued_totals` counts pending items and their body bytes, through enqueue, finish, dead
+/// letters, the operator's retry and drop (relative to what earlier checks left behind).
+async fn queued_totals_follow_the_queue(store: &dyn Store) {
+    let before = store.queued_totals().await.unwrap();
+    for key in ["t1", "t2", "t3"] {
+        store.enqueue(record(key, "pt")).await.unwrap();
+    }
+    // A key again adds nothing.
+    store.enqueue(record("t1", "pt")).await.unwrap();
+    let body = record("t1", "pt").request.body.len() as u64;
+    let totals = store.queued_totals().await.unwrap();
+    assert_eq!(totals.depth, before.depth + 3);
+    assert_eq!(totals.bytes, before.bytes + 3 * body);
+    let lease = store.acquire("pt").await.unwrap().expect("lease");
+    let mut head = store.peek("pt", 2).await.unwrap();
+    let mut rejected = head.remove(1);
+    let mut done = head.remove(0);
+    done.status = MutationStatus::Succeeded;
+    done.finished_at_ms = Some(now_ms());
+    store.finish(&lease, &done).await.unwrap();
+    rejected.status = MutationStatus::Rejected;
+    rejected.finished_at_ms = Some(now_ms());
+    store.finish(&lease, &rejected).await.unwrap();
+    store.release(&lease).await.unwrap();
+    let totals = store.queued_totals().await.unwrap();
+    assert_eq!(
+        totals.depth,
+        before.depth + 1,
+        "finished and dead letters leave"
+    );
+    assert_eq!(totals.bytes, before.bytes + body);
+    assert!(store.retry_dead_letter(&rejected.key).await.unwrap());
+    let totals = store.queued_totals().await.unwrap();
+    assert_eq!(
+        totals.depth,
+        before.depth + 2,
+        "a retried dead letter is back"
+    );
+    assert_eq!(totals.bytes, before.bytes + 2 * body);
+    assert!(store.drop_mutation("t3").await.unwrap());
+    assert!(store.drop_mutation(&rejected.key).await.unwrap());
+    assert_eq!(store.queued_totals().await.unwrap(), before);
 }
 
 async fn enqueue_is_idempotent_and_ordered(store: &dyn Store) {
@@ -377,11 +422,19 @@ async fn coalescing(store: &dyn Store) {
 
     let mut c3 = record("c3", p);
     c3.request.body = Bytes::from_static(b"merged");
+    let totals = store.queued_totals().await.unwrap();
     let done = store
         .enqueue_coalesced(c3.clone(), &c1, c2.seq)
         .await
         .unwrap();
     assert_eq!(done, Coalesced::Folded { seq: c1.seq });
+    let after = store.queued_totals().await.unwrap();
+    assert_eq!(after.depth, totals.depth, "a fold keeps the depth");
+    assert_eq!(
+        after.bytes + c1.request.body.len() as u64,
+        totals.bytes + c3.request.body.len() as u64,
+        "the queued bytes follow the new body"
+    );
     let queue = store.peek(p, 10).await.unwrap();
     assert_eq!(
         queue.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),

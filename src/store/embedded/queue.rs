@@ -11,7 +11,7 @@ use super::{DEAD, EmbeddedStore, FINISHED, META, MUTATIONS, QUEUE, current};
 use crate::store::codec::{decode, encode};
 use crate::store::{
     Coalesced, DeadLetterEdit, Enqueued, Lease, MutationRecord, MutationStatus, Queue, QueueStats,
-    StoreError, now_ms,
+    QueueTotals, StoreError, now_ms,
 };
 
 fn get_record(db: &Database, key: &str) -> Result<Option<MutationRecord>, StoreError> {
@@ -186,6 +186,14 @@ impl Queue for EmbeddedStore {
             .collect())
     }
 
+    async fn queued_totals(&self) -> Result<QueueTotals, StoreError> {
+        let c = self.counters.lock().map_err(|_| StoreError::Closed)?;
+        Ok(QueueTotals {
+            depth: c.pending.values().sum(),
+            bytes: c.pending_bytes,
+        })
+    }
+
     async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
         let (depth, partitions, dead) = {
             let c = self.counters.lock().map_err(|_| StoreError::Closed)?;
@@ -261,7 +269,7 @@ pub(super) fn enqueue(
     txn.open_table(QUEUE)?
         .insert((record.partition.as_str(), seq), record.key.as_str())?;
     Ok((
-        Effect::Queued(record.partition.clone()),
+        Effect::Queued(record.partition.clone(), body_len(&record)),
         Enqueued::Accepted { seq },
     ))
 }
@@ -345,19 +353,27 @@ pub(super) fn finish(
         // Already finished (e.g. by an operator); keep what is stored.
         return Ok(Effect::None);
     }
+    // The queued bytes go down by the body that was queued (the caller's copy may have
+    // forgotten it already).
+    let bytes = get_for_update(txn, &record.key)?.map_or(0, |r| body_len(&r));
     let mut stored = record.clone();
     if record.goes_to_dead_letters() {
         put_record(txn, &stored)?;
         txn.open_table(DEAD)?
             .insert(record.seq, record.key.as_str())?;
-        return Ok(Effect::DeadLettered(record.partition.clone()));
+        return Ok(Effect::DeadLettered(record.partition.clone(), bytes));
     }
     stored.forget_request();
     put_record(txn, &stored)?;
     let at = record.finished_at_ms.unwrap_or_else(now_ms);
     txn.open_table(FINISHED)?
         .insert((at, record.key.as_str()), ())?;
-    Ok(Effect::Unqueued(record.partition.clone()))
+    Ok(Effect::Unqueued(record.partition.clone(), bytes))
+}
+
+/// The body bytes a pending record counts for in the queue's totals.
+pub(super) fn body_len(record: &MutationRecord) -> u64 {
+    record.request.body.len() as u64
 }
 
 /// Back to the tail of its partition; with `headers`, an operator's edit of its headers.
@@ -392,7 +408,8 @@ pub(super) fn retry_dead_letter(
     put_record(txn, &record)?;
     txn.open_table(QUEUE)?
         .insert((record.partition.as_str(), seq), key)?;
-    Ok(Some(Effect::DeadRevived(record.partition)))
+    let bytes = body_len(&record);
+    Ok(Some(Effect::DeadRevived(record.partition, bytes)))
 }
 
 fn is_dead_letter(txn: &WriteTransaction, record: &MutationRecord) -> Result<bool, StoreError> {
@@ -442,7 +459,7 @@ pub(super) fn drop_mutation(
     let effect = if superseded_by.is_none() && is_queued(txn, &record)? {
         txn.open_table(QUEUE)?
             .remove((record.partition.as_str(), record.seq))?;
-        Effect::Unqueued(record.partition.clone())
+        Effect::Unqueued(record.partition.clone(), body_len(&record))
     } else if is_dead_letter(txn, &record)? {
         txn.open_table(DEAD)?.remove(record.seq)?;
         Effect::DeadDropped

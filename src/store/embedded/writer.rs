@@ -138,15 +138,21 @@ impl Op {
 }
 
 /// What a committed op changed, applied to the in-memory counters after the commit.
+/// Queue effects carry the partition and the body bytes of the item.
 pub(super) enum Effect {
     None,
-    Queued(String),
-    Unqueued(String),
+    Queued(String, u64),
+    Unqueued(String, u64),
     /// Left its partition for the dead-letter list.
-    DeadLettered(String),
-    DeadRevived(String),
+    DeadLettered(String, u64),
+    DeadRevived(String, u64),
     /// Dropped from the dead-letter list by an operator.
     DeadDropped,
+    /// A pending item's body replaced by another's (coalescing): the depth stays.
+    Replaced {
+        old: u64,
+        new: u64,
+    },
     Cache {
         entries: i64,
         bytes: i64,
@@ -157,6 +163,8 @@ pub(super) enum Effect {
 pub(super) struct Counters {
     /// Pending items per partition.
     pub(super) pending: HashMap<String, u64>,
+    /// Body bytes of all pending items.
+    pub(super) pending_bytes: u64,
     pub(super) dead_letters: u64,
     pub(super) cache_entries: u64,
     pub(super) cache_bytes: u64,
@@ -202,9 +210,14 @@ fn load_counters(db: &Database) -> Result<Counters, StoreError> {
     txn.commit()?;
     let read = db.begin_read()?;
     let mut counters = Counters::default();
+    let mutations = read.open_table(MUTATIONS)?;
     for item in read.open_table(QUEUE)?.iter()? {
-        let (k, _) = item?;
+        let (k, key) = item?;
         *counters.pending.entry(k.value().0.to_string()).or_default() += 1;
+        if let Some(blob) = mutations.get(key.value())? {
+            let record: MutationRecord = codec::decode(blob.value())?;
+            counters.pending_bytes += super::queue::body_len(&record);
+        }
     }
     counters.dead_letters = read.open_table(DEAD)?.len()?;
     counters.cache_bytes = read
@@ -543,8 +556,16 @@ impl Writer {
             },
             Op::Coalesce(pair, tail_seq, reply) => {
                 let (record, folded) = *pair;
-                let r = enqueue_coalesced(txn, record, &folded, tail_seq);
-                (Effect::None, answer(reply, r))
+                let (new, old) = (
+                    super::queue::body_len(&record),
+                    super::queue::body_len(&folded),
+                );
+                match enqueue_coalesced(txn, record, &folded, tail_seq) {
+                    Ok(r @ Coalesced::Folded { .. }) => {
+                        (Effect::Replaced { old, new }, answer(reply, Ok(r)))
+                    }
+                    r => (Effect::None, answer(reply, r)),
+                }
             }
             Op::RecordForwarded(record, reply) => {
                 let r = record_forwarded(txn, &record);
@@ -643,8 +664,12 @@ fn reopen(
 fn apply_effect(c: &mut Counters, effect: Effect) {
     match effect {
         Effect::None => {}
-        Effect::Queued(p) => *c.pending.entry(p).or_default() += 1,
-        Effect::Unqueued(p) => {
+        Effect::Queued(p, bytes) => {
+            *c.pending.entry(p).or_default() += 1;
+            c.pending_bytes += bytes;
+        }
+        Effect::Unqueued(p, bytes) => {
+            c.pending_bytes = c.pending_bytes.saturating_sub(bytes);
             if let Some(n) = c.pending.get_mut(&p) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
@@ -652,14 +677,18 @@ fn apply_effect(c: &mut Counters, effect: Effect) {
                 }
             }
         }
-        Effect::DeadLettered(p) => {
-            apply_effect(c, Effect::Unqueued(p));
+        Effect::DeadLettered(p, bytes) => {
+            apply_effect(c, Effect::Unqueued(p, bytes));
             c.dead_letters += 1;
         }
         Effect::DeadDropped => c.dead_letters = c.dead_letters.saturating_sub(1),
-        Effect::DeadRevived(p) => {
+        Effect::Replaced { old, new } => {
+            c.pending_bytes = c.pending_bytes.saturating_sub(old).saturating_add(new);
+        }
+        Effect::DeadRevived(p, bytes) => {
             c.dead_letters = c.dead_letters.saturating_sub(1);
             *c.pending.entry(p).or_default() += 1;
+            c.pending_bytes += bytes;
         }
         Effect::Cache { entries, bytes } => {
             c.cache_entries = c.cache_entries.saturating_add_signed(entries);

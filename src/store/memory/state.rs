@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::store::{Coalesced, Enqueued, MutationRecord, MutationStatus, QueueStats, now_ms};
+use crate::store::{
+    Coalesced, Enqueued, MutationRecord, MutationStatus, QueueStats, QueueTotals, now_ms,
+};
 
 /// Everything one store holds (shared by its instances).
 #[derive(Default)]
@@ -287,6 +289,18 @@ impl State {
             .iter()
             .map(|(p, q)| (p.clone(), q.len() as u64))
             .collect()
+    }
+
+    pub(super) fn queued_totals(&self) -> QueueTotals {
+        let pending = self.queues.values().flat_map(|q| q.values());
+        let mut totals = QueueTotals::default();
+        for key in pending {
+            totals.depth += 1;
+            if let Some(r) = self.records.get(key) {
+                totals.bytes += r.request.body.len() as u64;
+            }
+        }
+        totals
     }
 
     pub(super) fn queue_stats(&self) -> QueueStats {

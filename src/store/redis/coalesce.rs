@@ -53,6 +53,7 @@ impl Shared {
             .key(pk.done())
             .key(pk.record(&folded.key))
             .key(pk.record(&record.key))
+            .key(pk.queued_bytes())
             .arg(&folded.key)
             .arg(folded.seq)
             .arg(&blob)
@@ -60,7 +61,8 @@ impl Shared {
             .arg(now)
             .arg(&record.key)
             .arg(encode(&record)?)
-            .arg(tail_seq);
+            .arg(tail_seq)
+            .arg(record.request.body.len() as i64 - folded.request.body.len() as i64);
         // On a cluster with replicas required, the script carries its own `WAIT`.
         let answer: Value = self.invoke_confirmed(&mut conn, &invocation).await?;
         match answer {

@@ -375,8 +375,10 @@ impl Shared {
                         .key(pk.record(&records[i].key))
                         .arg(&records[i].key)
                         .arg(records[i].seq)
-                        .arg(encode(&records[i])?);
+                        .arg(encode(&records[i])?)
+                        .arg(records[i].request.body.len());
                 }
+                write.key(pk.queued_bytes());
                 let answer: Value = self.invoke_confirmed(&mut conn, &write).await?;
                 Ok::<_, StoreError>(answer)
             }

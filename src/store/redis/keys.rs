@@ -8,6 +8,7 @@
 //! |--------------------|--------|--------------------------------------------------------------|
 //! | `P:T:m:<key>`      | string | the postcard-encoded [`MutationRecord`](crate::store::MutationRecord) (as in the embedded store) |
 //! | `P:T:q`            | zset   | pending keys scored by sequence number: the partition's FIFO  |
+//! | `P:T:qb`           | string | body bytes of the pending items (`queue.max_bytes`)            |
 //! | `P:T:dead`         | zset   | dead-lettered keys scored by sequence number                   |
 //! | `P:T:done`         | zset   | finished keys scored by `finished_at_ms` (retention sweep)     |
 //! | `P:T:lease`        | string | `<instance>:<token>` of the replaying instance, with `PX`      |
@@ -109,6 +110,11 @@ impl PartitionKeys {
         format!("{}:q", self.base)
     }
 
+    /// Body bytes of the pending items, kept by the scripts that move items on and off the
+    /// queue.
+    pub(super) fn queued_bytes(&self) -> String {
+        format!("{}:qb", self.base)
+    }
     pub(super) fn dead(&self) -> String {
         format!("{}:dead", self.base)
     }

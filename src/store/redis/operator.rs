@@ -28,7 +28,7 @@ use super::answers::{parse, redis_error, scored, unexpected};
 use super::enqueue::SEQ_ATTEMPTS;
 use super::scripts::{DROP, RETRY_DEAD, RETRY_PENDING};
 use crate::store::codec::{decode, encode};
-use crate::store::{MutationRecord, MutationStatus, QueueStats, StoreError, now_ms};
+use crate::store::{MutationRecord, MutationStatus, QueueStats, QueueTotals, StoreError, now_ms};
 
 /// Reads of a record for an operator's compare-and-set write, when it keeps changing between
 /// the read and the write (the replayer saving its progress).
@@ -115,10 +115,12 @@ impl Shared {
             retry
                 .key(pk.queue())
                 .key(pk.dead())
+                .key(pk.queued_bytes())
                 .arg(key)
                 .arg(old_seq)
                 .arg(seq)
-                .arg(encode(&record)?);
+                .arg(encode(&record)?)
+                .arg(record.request.body.len());
             let answer: i64 = self.invoke_confirmed(&mut conn, &retry).await?;
             match answer {
                 1 => {
@@ -210,6 +212,7 @@ impl Shared {
                 return Ok(false);
             };
             let mut record = decode(&blob)?;
+            let body_bytes = record.request.body.len();
             // Cheap pre-filter; the script decides by the queue and dead-letter lists (a
             // forwarded record may carry a dead-letter status without being on the list).
             let droppable = match superseded_by {
@@ -229,6 +232,7 @@ impl Shared {
             drop.key(pk.queue())
                 .key(pk.dead())
                 .key(pk.done())
+                .key(pk.queued_bytes())
                 .arg(key)
                 .arg(record.seq)
                 .arg(&blob)
@@ -238,7 +242,8 @@ impl Shared {
                     "dead"
                 } else {
                     "any"
-                });
+                })
+                .arg(body_bytes);
             let answer: i64 = self.invoke_confirmed(&mut conn, &drop).await?;
             match self
                 .operator_answer(&mut conn, "drop_mutation", answer)
@@ -289,6 +294,29 @@ impl Shared {
             .filter(|(_, n)| *n > 0)
             .map(|((p, _), n)| (p, n))
             .collect())
+    }
+
+    /// Pending items (`ZCARD` of each queue) and their body bytes (each `qb` counter) of every
+    /// registered partition, in one pipeline.
+    pub(super) async fn queued_totals_inner(&self) -> Result<QueueTotals, StoreError> {
+        let mut conn = self.conn.clone();
+        let registry = self.registry(&mut conn).await?;
+        let mut totals = QueueTotals::default();
+        if registry.is_empty() {
+            return Ok(totals);
+        }
+        let mut pipe = redis::pipe();
+        for (p, _) in &registry {
+            let pk = self.keys.partition(p);
+            pipe.cmd("ZCARD").arg(pk.queue());
+            pipe.cmd("GET").arg(pk.queued_bytes());
+        }
+        let answers: Vec<(u64, Option<i64>)> = pipe.query_async(&mut conn).await?;
+        for (depth, bytes) in answers {
+            totals.depth += depth;
+            totals.bytes += bytes.map_or(0, |b| u64::try_from(b).unwrap_or(0));
+        }
+        Ok(totals)
     }
 
     pub(super) async fn queue_stats_inner(&self) -> Result<QueueStats, StoreError> {

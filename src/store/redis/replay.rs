@@ -171,11 +171,13 @@ impl Shared {
             .key(pk.record(&record.key))
             .key(pk.queue())
             .key(list)
+            .key(pk.queued_bytes())
             .arg(self.lease_value(lease))
             .arg(&record.key)
             .arg(record.seq)
             .arg(blob)
             .arg(score)
+            .arg(record.request.body.len())
             .invoke_async(&mut conn)
             .await?;
         lease_answer(lease, answer)

@@ -22,8 +22,8 @@ macro_rules! script {
     };
 }
 
-/// `ENQUEUE` KEYS: queue, record 1..n. ARGV: key, seq, blob for each record (seqs increasing).
-/// Returns 0 when the first seq is not above the queue's tail (renumber all and try again),
+/// `ENQUEUE` KEYS: queue, record 1..n, queued bytes. ARGV: key, seq, blob, body bytes for each
+/// record (seqs increasing). Adds the bodies of the records it stores to the queued bytes. Returns 0 when the first seq is not above the queue's tail (renumber all and try again),
 /// else one answer per record: its existing blob (nothing changed) or 1 (stored).
 pub(super) static ENQUEUE: LazyLock<Script> = script!("lists.lua", "enqueue.lua");
 
@@ -41,12 +41,13 @@ pub(super) static RECORD_FORWARDED: LazyLock<Script> = script!("record_forwarded
 /// Returns -1 (lease lost), 0 (no longer pending with that seq: unchanged) or 1.
 pub(super) static UPDATE: LazyLock<Script> = script!("lease_guard.lua", "lists.lua", "update.lua");
 
-/// `FINISH` KEYS: lease, record, queue, dead-or-done list. ARGV: lease value, key, seq, blob,
-/// score.
+/// `FINISH` KEYS: lease, record, queue, dead-or-done list, queued bytes. ARGV: lease value, key,
+/// seq, blob, score, body bytes (taken off the queued bytes).
 /// Returns -1 (lease lost), 0 (already finished: unchanged) or 1.
 pub(super) static FINISH: LazyLock<Script> = script!("lease_guard.lua", "lists.lua", "finish.lua");
 
-/// `RETRY_DEAD` KEYS: record, queue, dead. ARGV: key, old seq, new seq, blob.
+/// `RETRY_DEAD` KEYS: record, queue, dead, queued bytes. ARGV: key, old seq, new seq, blob, body
+/// bytes (added to the queued bytes).
 /// Returns 1 (queued again), 0 (not a dead letter with that seq) or -2 (seq too low: take another).
 pub(super) static RETRY_DEAD: LazyLock<Script> = script!("lists.lua", "retry_dead.lua");
 
@@ -55,8 +56,8 @@ pub(super) static RETRY_DEAD: LazyLock<Script> = script!("lists.lua", "retry_dea
 /// the blob read: read it again).
 pub(super) static RETRY_PENDING: LazyLock<Script> = script!("lists.lua", "retry_pending.lua");
 
-/// `DROP` KEYS: record, queue, dead, done. ARGV: key, seq, blob read, new blob, finished_at,
-/// `any` or `dead`. Takes the key out of the queue or the dead list (whichever holds it with
+/// `DROP` KEYS: record, queue, dead, done, queued bytes. ARGV: key, seq, blob read, new blob,
+/// finished_at, `any` or `dead`, body bytes (taken off the queued bytes when it was pending). Takes the key out of the queue or the dead list (whichever holds it with
 /// that seq; with `dead`, only the dead list), writes the new blob and lists the key as
 /// finished. Returns 1 (dropped), 0 (neither pending nor a
 /// dead letter: unchanged) or -1 (the record is no longer the blob read: read it again).

@@ -12,4 +12,7 @@ redis.call('SET', KEYS[4], ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 redis.call('SET', KEYS[5], ARGV[7])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[6])
+-- The queue's body bytes (KEYS[6]) change by the new body less the folded one.
+local delta = tonumber(ARGV[9])
+if delta ~= 0 then redis.call('INCRBY', KEYS[6], delta) end
 return 1

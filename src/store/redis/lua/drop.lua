@@ -11,6 +11,7 @@ for i = first, 3 do
 end
 if not from then return 0 end
 redis.call('ZREM', from, ARGV[1])
+if from == KEYS[2] then unqueue_bytes(KEYS[5], ARGV[7]) end
 redis.call('SET', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
 return 1

@@ -13,3 +13,10 @@ local function overtaken(queue, seq)
   local tail = redis.call('ZRANGE', queue, -1, -1, 'WITHSCORES')
   return tail[2] ~= nil and tonumber(tail[2]) >= tonumber(seq)
 end
+
+-- Take `bytes` off a partition's queued-bytes counter, never below zero (items queued before
+-- the counter existed were never added to it).
+local function unqueue_bytes(counter, bytes)
+  local left = redis.call('DECRBY', counter, bytes)
+  if left <= 0 then redis.call('DEL', counter) end
+end
