@@ -5,6 +5,7 @@
 //! - [`OutpostProcess`] / [`run_outpost`]: the real `outpost` binary as a child process.
 //! - [`RedisServer`]: a private `redis-server` on a free loopback port.
 //! - [`Browser`]: headless chromium through chromedriver (WebDriver), for the status page.
+//! - [`reliability::report`]: the figures lines of the reliability suite (issue #21).
 //! - [`client`], [`free_port`], [`eventually`]: small helpers.
 //!
 //! Everything binds to `127.0.0.1` only.
@@ -13,6 +14,7 @@
 pub mod browser;
 pub mod process;
 pub mod redis_server;
+pub mod reliability;
 pub mod setup;
 pub mod tmpfs;
 pub mod upstream;
