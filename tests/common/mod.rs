@@ -5,6 +5,7 @@
 //! - [`OutpostProcess`] / [`run_outpost`]: the real `outpost` binary as a child process.
 //! - [`RedisServer`]: a private `redis-server` on a free loopback port.
 //! - [`Browser`]: headless chromium through chromedriver (WebDriver), for the status page.
+//! - [`faultproxy::FaultProxy`]: a fault-injecting TCP proxy between outpost and the upstream.
 //! - [`reliability::report`]: the figures lines of the reliability suite (issue #21).
 //! - [`client`], [`free_port`], [`eventually`]: small helpers.
 //!
@@ -12,6 +13,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod browser;
+pub mod faultproxy;
 pub mod process;
 pub mod redis_server;
 pub mod reliability;

@@ -79,7 +79,8 @@ use super::Upstream;
 ///
 /// A write that gets no acknowledgement (connection refused or reset while outpost is down, a
 /// `503` while its store is down, a `409` while an earlier attempt is still being stored) is
-/// sent again with the same key and body, to the next of `targets` (outpost instances), until
+/// sent again with the same key and body (so is a transient upstream answer outpost passed on:
+/// `429`, `502`–`504`), to the next of `targets` (outpost instances), until
 /// it is acknowledged (any `2xx`: `202` queued, or the upstream's own answer) or the load is
 /// stopped. Any other answer is recorded in [`WriteLoad::unexpected`].
 pub struct WriteLoad {
@@ -153,7 +154,7 @@ impl WriteLoad {
                                 acked.lock().expect("lock")[w].push(key.clone());
                                 break;
                             }
-                            None | Some(409 | 502 | 503 | 504) => {
+                            None | Some(409 | 429 | 502 | 503 | 504) => {
                                 retries.fetch_add(1, Ordering::SeqCst);
                                 if stop.load(Ordering::SeqCst) {
                                     return;
@@ -187,6 +188,17 @@ impl WriteLoad {
     /// Number of writes acknowledged so far.
     pub fn acked_count(&self) -> usize {
         self.acked.lock().expect("lock").iter().map(Vec::len).sum()
+    }
+
+    /// The keys acknowledged so far (all writers).
+    pub fn acked_keys(&self) -> Vec<String> {
+        self.acked
+            .lock()
+            .expect("lock")
+            .iter()
+            .flatten()
+            .cloned()
+            .collect()
     }
 
     /// Attempts that got no acknowledgement and were sent again.
