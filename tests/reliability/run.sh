@@ -4,6 +4,7 @@
 #
 #   bash tests/reliability/run.sh          # CI size (what `cargo test` runs too)
 #   bash tests/reliability/run.sh --full   # full size (OUTPOST_RELIABILITY_FULL=1)
+#   bash tests/reliability/run.sh --debug  # the dev profile instead of --release (quicker build)
 #
 # Every reliability test prints lines `RELIABILITY {json}` (tests/common/reliability.rs) with at
 # least "section" and "name"; this script collects them from the test output (kept in
@@ -13,11 +14,13 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 
 full=0
+profile=(--release)
 for arg in "$@"; do
   case "$arg" in
     --full) full=1 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
-    *) echo "unknown argument: $arg (use --full)" >&2; exit 2 ;;
+    --debug) profile=() ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $arg (use --full, --debug)" >&2; exit 2 ;;
   esac
 done
 if [ "$full" = 1 ]; then
@@ -41,13 +44,14 @@ if [ ${#tests[@]} -eq 0 ]; then
 fi
 
 size=$([ "$full" = 1 ] && echo full || echo ci)
-echo "reliability suite ($size size): cargo test --release ${tests[*]} -- --nocapture --test-threads=1"
+echo "reliability suite ($size size): cargo test ${profile[*]} ${tests[*]} -- --nocapture --test-threads=1"
 echo "output: $log"
 started=$(date +%s)
-cargo test --release --locked "${tests[@]}" -- --nocapture --test-threads=1 >"$log" 2>&1
+cargo test "${profile[@]}" --locked "${tests[@]}" -- --nocapture --test-threads=1 >"$log" 2>&1
 status=$?
 elapsed=$(( $(date +%s) - started ))
 
+[ ${#profile[@]} -eq 0 ] && size="$size, debug build"
 python3 - "$log" "$status" "$elapsed" "$size" <<'PY'
 import json, re, sys
 
