@@ -169,12 +169,14 @@ fn writer_of(key: &str) -> usize {
 }
 
 /// How many of a key's extra deliveries were the item in flight at a kill: each pair of
-/// consecutive deliveries must straddle the start of a kill, and each kill may account for
-/// one item per partition. `used` holds the (kill, partition) slots already taken.
+/// consecutive deliveries must straddle a kill (`(start, end)`: from the SIGKILL until the
+/// process was reaped; a request the dying process had sent may reach the upstream within
+/// it), and each kill may account for one item per partition. `used` holds the (kill,
+/// partition) slots already taken.
 fn in_flight_at_kills(
     key: &str,
     times: &[Instant],
-    kills: &[Instant],
+    kills: &[(Instant, Instant)],
     used: &mut HashSet<(usize, usize)>,
 ) -> usize {
     let partition = writer_of(key) % PARTITIONS;
@@ -182,7 +184,7 @@ fn in_flight_at_kills(
     for pair in times.windows(2) {
         let slot = kills
             .iter()
-            .position(|k| pair[0] <= *k && *k <= pair[1])
+            .position(|(start, end)| pair[0] <= *end && *start <= pair[1])
             .map(|kill| (kill, partition));
         match slot {
             Some(slot) if used.insert(slot) => allowed += 1,
@@ -300,8 +302,9 @@ async fn embedded_loop(name: &str, cycles: usize, drain_kills: usize) {
         if !wait_deliveries(&upstream, at, total).await {
             break;
         }
-        kills.push(Instant::now());
+        let start = Instant::now();
         outpost.kill9().await;
+        kills.push((start, Instant::now()));
         outpost.restart().await;
     }
     let timeout = Duration::from_secs(if reliability::full() { 600 } else { 60 });
@@ -523,8 +526,9 @@ async fn redis_two_instances_one_sigkilled_under_load_and_during_the_drain_lose_
         if !wait_deliveries(&upstream, at, total).await {
             break;
         }
-        kills.push(Instant::now());
+        let start = Instant::now();
         a.kill9().await;
+        kills.push((start, Instant::now()));
         a.restart().await;
     }
     let timeout = Duration::from_secs(if reliability::full() { 600 } else { 60 });
