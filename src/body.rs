@@ -168,6 +168,29 @@ where
     }
 }
 
+/// [`collect_limited`] within `deadline`: an answer whose body stalls (its head came, the rest
+/// does not) is an error after `deadline`, like one whose body broke off, instead of holding
+/// its reader forever.
+pub async fn collect_within<B>(
+    body: B,
+    limit: u64,
+    deadline: std::time::Duration,
+) -> Result<Collected<B>, BoxError>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    match tokio::time::timeout(deadline, collect_limited(body, limit)).await {
+        Ok(collected) => collected,
+        Err(_) => Err(Box::new(BodyStalled(deadline))),
+    }
+}
+
+/// The error of [`collect_within`] when the body did not complete in time.
+#[derive(Debug, thiserror::Error)]
+#[error("the body stalled: not complete within {0:?}")]
+pub struct BodyStalled(pub std::time::Duration);
+
 /// Result of [`collect_limited`].
 pub enum Collected<B> {
     /// The whole body.

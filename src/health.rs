@@ -91,6 +91,18 @@ impl Health {
         }
     }
 
+    /// An answer's head came but its body did not complete: one that stalled (see
+    /// [`body::BodyStalled`]) is a timeout, an outage at once; one that broke off is a reset
+    /// (see [`Self::report_reset`]).
+    pub fn report_body_failure(&self, e: &body::BoxError, subject: Option<&str>) {
+        let reason = format!("an answer's body failed: {e}");
+        if e.is::<body::BodyStalled>() {
+            self.report_failure(&reason);
+        } else {
+            self.report_reset(&reason, subject);
+        }
+    }
+
     /// Whether the upstream is believed reachable.
     pub fn is_online(&self) -> bool {
         self.online.load(Ordering::Acquire)
@@ -315,6 +327,11 @@ async fn probe(
             if resp.status().is_server_error() {
                 return Err(format!("probe answered {}", resp.status()));
             }
+            // A whole answer: a head followed by a body that stalls or breaks off is no sign
+            // of an upstream that serves.
+            body::collect_within(resp.into_body(), 64 * 1024, config.request_timeout)
+                .await
+                .map_err(|e| format!("probe answer's body failed: {e}"))?;
             Ok(())
         }
         None => connect(upstream).await,

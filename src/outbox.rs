@@ -461,14 +461,18 @@ impl Outbox {
             drop(guard);
             return Response::from_parts(parts, body::boxed(incoming));
         }
-        let (kept, body) = match body::collect_limited(incoming, self.config.queue.max_body_bytes)
-            .await
-        {
+        let (limit, deadline) = (
+            self.config.queue.max_body_bytes,
+            self.config.upstream.request_timeout,
+        );
+        let (kept, body) = match body::collect_within(incoming, limit, deadline).await {
             Ok(Collected::Whole(b)) => (b.clone(), body::full(b)),
             Ok(Collected::TooLarge { prefix, rest }) => (prefix.clone(), body::chain(prefix, rest)),
-            // The upstream handled it (its head came) but the body broke: keep the status.
+            // The upstream handled it (its head came) but the body broke or stalled: keep the
+            // status.
             Err(e) => {
                 tracing::warn!(key = %record.key, "the answer's body broke off: {e}");
+                self.health.report_body_failure(&e, Some(&record.key));
                 (Bytes::new(), body::empty())
             }
         };

@@ -25,7 +25,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 
 use crate::admin::stream;
-use crate::body::{self, ProxyBody};
+use crate::body::{self, Collected, ProxyBody};
 use crate::cache::{self, CACHE_STATUS, Cache, PrimaryKey, status, with_cache_status};
 use crate::config::{Config, ReadStrategy};
 use crate::context::ClientInfo;
@@ -39,6 +39,7 @@ use crate::mutations::MutationDocs;
 use crate::outbox::Outbox;
 use crate::overlay::{OUTPOST_PENDING, Overlaid, PendingWrite, PendingWrites, Target};
 use crate::parts::Parts;
+use crate::replay::classify;
 use crate::route::RouteTable;
 use crate::shutdown::Shutdown;
 use crate::store::now_ms;
@@ -555,8 +556,19 @@ impl Proxy {
             };
         }
         let request_headers = req.headers().clone();
+        let copy = self
+            .cache
+            .get(&primary, &request_headers)
+            .await
+            .filter(|hit| within_max_stale(hit, ctx));
         match self.fetch(ctx, req, &request_headers).await {
-            Ok(resp) => self.store_while_streaming(ctx, primary, request_headers, resp),
+            Ok(resp) => match copy {
+                Some(copy) => {
+                    self.answer_or_copy(ctx, primary, request_headers, resp, copy)
+                        .await
+                }
+                None => self.store_while_streaming(ctx, primary, request_headers, resp),
+            },
             Err(e) if e.request_body_failed() => {
                 ctx.source = Source::Outpost;
                 self.request_body_error(&e).into_response()
@@ -568,6 +580,51 @@ impl Proxy {
         }
     }
 
+    /// The upstream's answer to a read that has a cached copy to fall back on. An answer that
+    /// would be retryable for a write (5xx, 429, 408, 425 by the route's rules), or whose body
+    /// breaks off or stalls, serves the copy instead (`detail=offline`): a read that is cached
+    /// does not fail because the upstream does. So that a broken body can still fall back, the
+    /// answer is taken whole (up to `cache.max_entry_bytes`, within `upstream.request_timeout`)
+    /// before the app sees its head; a larger one streams as usual.
+    async fn answer_or_copy(
+        &self,
+        ctx: &mut RequestContext,
+        primary: PrimaryKey,
+        request_headers: HeaderMap,
+        resp: Response<UpstreamBody>,
+        copy: Arc<cache::CachedResponse>,
+    ) -> Response<ProxyBody> {
+        let head_only = ctx.method == Method::HEAD;
+        let outcome =
+            classify::classify(&ctx.route.classify, resp.status(), &HeaderMap::new(), b"");
+        if matches!(outcome, classify::Outcome::Retryable { .. }) {
+            tracing::debug!(path = %ctx.path_and_query, status = resp.status().as_u16(), "upstream answered a read with a retryable status; serving the cached copy");
+            ctx.source = Source::Stale;
+            return copy.to_response(head_only, status::HIT_OFFLINE);
+        }
+        let (parts, incoming) = resp.into_parts();
+        let (limit, deadline) = (
+            self.cache.max_entry_bytes(),
+            self.config.upstream.request_timeout,
+        );
+        let body = match body::collect_within(incoming, limit, deadline).await {
+            Ok(Collected::Whole(bytes)) => body::full(bytes),
+            Ok(Collected::TooLarge { prefix, rest }) => body::chain(prefix, rest),
+            Err(e) => {
+                tracing::debug!(path = %ctx.path_and_query, "a read's body broke off ({e}); serving the cached copy");
+                self.health.report_body_failure(&e, None);
+                ctx.source = Source::Stale;
+                return copy.to_response(head_only, status::HIT_OFFLINE);
+            }
+        };
+        self.store_while_streaming(
+            ctx,
+            primary,
+            request_headers,
+            Response::from_parts(parts, body),
+        )
+    }
+
     /// Upstream unreachable: the cached copy if there is one (within max_stale), else 504.
     async fn serve_offline(
         &self,
@@ -577,7 +634,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let head_only = ctx.method == Method::HEAD;
         if let Some(hit) = self.cache.get(primary, request).await
-            && now_ms().saturating_sub(hit.fresh_until()) <= ctx.route.max_stale.as_millis() as u64
+            && within_max_stale(&hit, ctx)
         {
             ctx.source = Source::Stale;
             return hit.to_response(head_only, status::HIT_OFFLINE);
@@ -634,13 +691,17 @@ impl Proxy {
     }
 
     /// Stream an upstream answer to the app, keeping a copy for the cache when it may be stored.
-    fn store_while_streaming(
+    fn store_while_streaming<B>(
         &self,
         ctx: &mut RequestContext,
         primary: PrimaryKey,
         request_headers: HeaderMap,
-        resp: Response<UpstreamBody>,
-    ) -> Response<ProxyBody> {
+        resp: Response<B>,
+    ) -> Response<ProxyBody>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+        B::Error: Into<body::BoxError>,
+    {
         ctx.source = Source::Upstream;
         let (mut parts, incoming) = resp.into_parts();
         upstream::strip_hop_by_hop(&mut parts.headers);
@@ -845,6 +906,12 @@ impl Proxy {
             .insert(CACHE_STATUS.clone(), HeaderValue::from_static(cache_status));
         Response::from_parts(parts, body::boxed(incoming))
     }
+}
+
+/// Whether a cached copy may still be served when the upstream fails: at most the route's
+/// `max_stale` past its freshness.
+fn within_max_stale(hit: &cache::CachedResponse, ctx: &RequestContext) -> bool {
+    now_ms().saturating_sub(hit.fresh_until()) <= ctx.route.max_stale.as_millis() as u64
 }
 
 /// Remove dot-segments from the request's path in place (the query is kept as it is).

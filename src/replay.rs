@@ -895,13 +895,16 @@ impl Replayer {
         };
         let (parts, incoming) = resp.into_parts();
         let limit = self.config.queue.max_body_bytes;
-        let body = match body::collect_limited(incoming, limit).await {
+        let deadline = self.config.upstream.request_timeout;
+        let body = match body::collect_within(incoming, limit, deadline).await {
             Ok(Collected::Whole(b)) => b,
             Ok(Collected::TooLarge { prefix, .. }) => prefix,
             Err(e) => {
                 // The head arrived, so the upstream handled the request: its status decides,
-                // the body is lost. Sending it again could apply it twice.
+                // the body is lost. Sending it again could apply it twice. A body that broke
+                // off or stalled is a reset exchange for the upstream's health.
                 tracing::warn!(key = %item.key, status = parts.status.as_u16(), "the answer's body broke off ({e}); classified by its status");
+                self.health.report_body_failure(&e, Some(&item.key));
                 Bytes::new()
             }
         };

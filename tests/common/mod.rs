@@ -5,12 +5,15 @@
 //! - [`OutpostProcess`] / [`run_outpost`]: the real `outpost` binary as a child process.
 //! - [`RedisServer`]: a private `redis-server` on a free loopback port.
 //! - [`Browser`]: headless chromium through chromedriver (WebDriver), for the status page.
+//! - [`faultproxy::FaultProxy`]: a fault-injecting TCP proxy between outpost and the upstream.
+//! - [`reliability::report`]: the figures lines of the reliability suite (issue #21).
 //! - [`client`], [`free_port`], [`eventually`]: small helpers.
 //!
 //! Everything binds to `127.0.0.1` only.
 #![allow(dead_code, unused_imports)]
 
 pub mod browser;
+pub mod faultproxy;
 pub mod process;
 pub mod raw;
 pub mod redis_server;

@@ -63,6 +63,27 @@ impl Outpost {
         }
     }
 
+    /// outpost started with `config` in front of the upstream at `url` (e.g. a
+    /// [`super::faultproxy::FaultProxy`] in front of a test upstream); the [`Outpost::upstream`]
+    /// of the result is a stopped placeholder.
+    pub async fn in_front_of_url(url: &str, config: &str) -> Outpost {
+        let config_dir = temp_dir();
+        let path = config_dir.path().join("outpost.toml");
+        std::fs::write(&path, config).expect("write the config file");
+        let data = temp_dir();
+        let config_arg = path.display().to_string();
+        let outpost =
+            OutpostProcess::start(&["--config", &config_arg, "--upstream", url], data.path()).await;
+        let placeholder = Upstream::start().await;
+        placeholder.stop().await;
+        Outpost {
+            upstream: placeholder,
+            outpost,
+            http: client(),
+            _dirs: (config_dir, data),
+        }
+    }
+
     /// A URL on outpost's proxy listener.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.outpost.url())
