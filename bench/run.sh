@@ -311,6 +311,10 @@ offline_config() {  # file; the upstream port nothing listens on
 url = "http://127.0.0.1:$2"
 [replay]
 rate_limit = 0
+[queue]
+# The bench queues past the default limits (1 000 000 items, 1 GiB) on purpose.
+max_depth = 0
+max_bytes = 0
 [cache]
 enabled = false
 CONF
@@ -355,6 +359,9 @@ url = "http://127.0.0.1:$dead"
 [replay]
 rate_limit = 0
 progress_sync = "$sync"
+[queue]
+max_depth = 0
+max_bytes = 0
 [cache]
 enabled = false
 [[route]]
