@@ -44,11 +44,13 @@ if [ ${#tests[@]} -eq 0 ]; then
 fi
 
 size=$([ "$full" = 1 ] && echo full || echo ci)
-echo "reliability suite ($size size): cargo test ${profile[*]} ${tests[*]} -- --nocapture --test-threads=1"
+echo "reliability suite ($size size): cargo test ${profile[*]} ${tests[*]} -- --nocapture --test-threads=1; cargo test ${profile[*]} --lib fuzz"
 echo "output: $log"
 started=$(date +%s)
 cargo test "${profile[@]}" --locked "${tests[@]}" -- --nocapture --test-threads=1 >"$log" 2>&1
 status=$?
+# The fuzz targets (proptest) are unit tests of the library (`src/fuzz.rs`).
+cargo test "${profile[@]}" --locked --lib fuzz -- --nocapture --test-threads=1 >>"$log" 2>&1 || status=$?
 elapsed=$(( $(date +%s) - started ))
 
 [ ${#profile[@]} -eq 0 ] && size="$size, debug build"
@@ -133,8 +135,8 @@ totals = [
     ("redelivered (allowed: in flight at a crash / answer never received)", total("redelivered")),
     ("fault kinds", fault_kinds),
     ("recovery to first replayed write, max over faults (ms)", max(recovery) if recovery else "-"),
-    ("hostile shapes", total("hostile_shapes")),
-    ("fuzz executions", total("fuzz_executions")),
+    ("hostile shapes", total("hostile_shapes") or total("shapes", [r for r in rows if r.get("section") == "hostile"])),
+    ("fuzz executions", total("fuzz_executions") or total("executions", [r for r in rows if r.get("section") == "fuzz"])),
     ("tests passed / failed / ignored", f"{passed} / {len(failed_tests)} / {ignored}"),
 ]
 table(["figure", "value"], [[k, v] for k, v in totals])
