@@ -748,7 +748,7 @@ impl Proxy {
         Response::from_parts(parts, body)
     }
 
-    /// Fetch a GET in a task of its own that stores the answer when it may be stored, whether
+    /// Fetch a read in a task of its own that stores the answer when it may be stored, whether
     /// or not anyone still waits for it (`network_timeout`: the late answer refreshes the
     /// cache). The answer comes whole (up to the cache's entry limit) through the channel.
     fn fetch_detached(
@@ -827,42 +827,9 @@ impl Proxy {
         );
         *req.method_mut() = ctx.method.clone();
         *req.uri_mut() = self.upstream.uri_for(&ctx.path_and_query);
-        *req.headers_mut() = headers.clone();
-        let (mut parts, b) = req.into_parts();
-        self.upstream.prepare(&mut parts, &ctx.client, false);
-        let req = Request::from_parts(parts, b);
-        let upstream = self.upstream.clone();
-        let health = self.health.clone();
-        let cache = self.cache.clone();
-        let public = ctx.route.public;
-        let ttl = ctx.route.cache_ttl;
-        let max_stale = ctx.route.max_stale;
-        tokio::spawn(async move {
-            let result = upstream.send(req).await;
-            health.observe(&result);
-            let Ok(resp) = result else {
-                return;
-            };
-            let Some(terms) = cache::storable(&headers, resp.status(), resp.headers(), public, ttl)
-            else {
-                return;
-            };
-            let (mut parts, incoming) = resp.into_parts();
-            upstream::strip_hop_by_hop(&mut parts.headers);
-            let limit = cache.max_entry_bytes();
-            if let Ok(body::Collected::Whole(bytes)) = body::collect_limited(incoming, limit).await
-            {
-                cache.put(
-                    primary,
-                    &headers,
-                    parts.status.as_u16(),
-                    &parts.headers,
-                    bytes,
-                    terms,
-                    max_stale,
-                );
-            }
-        });
+        *req.headers_mut() = headers;
+        // Nobody waits for the answer: the detached fetch stores it when it may be stored.
+        drop(self.fetch_detached(ctx, primary, req));
     }
 
     /// Forward without caching or queueing (OPTIONS, network-only, Range, upgrades).
