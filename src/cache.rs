@@ -116,6 +116,10 @@ pub struct CachedResponse {
     /// When this content was last written to the durable tier (memory only).
     #[serde(skip)]
     pub persisted_at_ms: AtomicU64,
+    /// `headers` as a header map, made at the first answer from this entry and cloned for
+    /// each one after (memory only): parsing every name again on each hit costs more.
+    #[serde(skip)]
+    pub prepared: std::sync::OnceLock<HeaderMap>,
 }
 
 impl CachedResponse {
@@ -167,15 +171,23 @@ impl CachedResponse {
             body::full(self.body.clone())
         });
         *resp.status_mut() = StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK);
+        *resp.headers_mut() = self
+            .prepared
+            .get_or_init(|| {
+                // Room for the two headers added below.
+                let mut map = HeaderMap::with_capacity(self.headers.len() + 2);
+                for (name, value) in &self.headers {
+                    if let (Ok(n), Ok(v)) = (
+                        HeaderName::from_bytes(name.as_bytes()),
+                        HeaderValue::from_bytes(value),
+                    ) {
+                        map.append(n, v);
+                    }
+                }
+                map
+            })
+            .clone();
         let headers = resp.headers_mut();
-        for (name, value) in &self.headers {
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_bytes(value),
-            ) {
-                headers.append(n, v);
-            }
-        }
         headers.insert(header::AGE, HeaderValue::from(self.age_s(now_ms())));
         headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static(cache_status));
         resp
@@ -606,6 +618,7 @@ impl Cache {
             fresh_until_ms: AtomicU64::new(fresh_until),
             vary: terms.vary.clone(),
             persisted_at_ms: AtomicU64::new(now),
+            prepared: Default::default(),
         });
         self.memory.insert(key, entry.clone());
         let place = self.place(primary, key, &terms.vary);
@@ -839,6 +852,7 @@ mod tests {
             fresh_until_ms: AtomicU64::new(now_ms() + 60_000),
             vary: names.clone(),
             persisted_at_ms: AtomicU64::new(0),
+            prepared: Default::default(),
         };
         let ttl = Duration::from_secs(60);
         let index = postcard::to_stdvec(&names).expect("encode");
@@ -1011,6 +1025,7 @@ mod tests {
             fresh_until_ms: AtomicU64::new(0),
             vary: Vec::new(),
             persisted_at_ms: AtomicU64::new(0),
+            prepared: Default::default(),
         };
         let mut later = h.clone();
         later.insert(

@@ -608,7 +608,9 @@ impl Proxy {
             self.config.upstream.request_timeout,
         );
         let body = match body::collect_within(incoming, limit, deadline).await {
-            Ok(Collected::Whole(bytes)) => body::full(bytes),
+            Ok(Collected::Whole(bytes)) => {
+                return self.store_whole(ctx, primary, &request_headers, parts, bytes);
+            }
             Ok(Collected::TooLarge { prefix, rest }) => body::chain(prefix, rest),
             Err(e) => {
                 tracing::debug!(path = %ctx.path_and_query, "a read's body broke off ({e}); serving the cached copy");
@@ -746,6 +748,51 @@ impl Proxy {
             HeaderValue::from_static(status::STORED),
         );
         Response::from_parts(parts, body)
+    }
+
+    /// [`Self::store_while_streaming`] for an answer already taken whole: stored at once,
+    /// without a copy of its headers or a body wrapper.
+    fn store_whole(
+        &self,
+        ctx: &mut RequestContext,
+        primary: PrimaryKey,
+        request_headers: &HeaderMap,
+        mut parts: http::response::Parts,
+        bytes: bytes::Bytes,
+    ) -> Response<ProxyBody> {
+        ctx.source = Source::Upstream;
+        upstream::strip_hop_by_hop(&mut parts.headers);
+        let terms = (ctx.method != Method::HEAD)
+            .then(|| {
+                cache::storable(
+                    request_headers,
+                    parts.status,
+                    &parts.headers,
+                    ctx.route.public,
+                    ctx.route.cache_ttl,
+                )
+            })
+            .flatten()
+            .filter(|_| bytes.len() as u64 <= self.cache.max_entry_bytes());
+        let cache_status = match terms {
+            Some(terms) => {
+                self.cache.put(
+                    primary,
+                    request_headers,
+                    parts.status.as_u16(),
+                    &parts.headers,
+                    bytes.clone(),
+                    terms,
+                    ctx.route.max_stale,
+                );
+                status::STORED
+            }
+            None => status::MISS,
+        };
+        parts
+            .headers
+            .insert(CACHE_STATUS.clone(), HeaderValue::from_static(cache_status));
+        Response::from_parts(parts, body::full(bytes))
     }
 
     /// Fetch a read in a task of its own that stores the answer when it may be stored, whether

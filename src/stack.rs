@@ -18,6 +18,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures_util::future::{Either, Ready, ready};
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -53,7 +54,11 @@ pub fn proxy_service(
         .service_fn(move |req: Request<ProxyBody>| {
             let proxy = proxy.clone();
             let client = client.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
+            // Boxed once, here: the handler's future is large (every path of the proxy is in
+            // it), and each layer above and hyper's dispatcher would otherwise copy it whole.
+            let answer: Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>> =
+                Box::pin(proxy.handle(req, client));
+            async move { Ok::<_, Infallible>(answer.await) }
         })
 }
 
@@ -85,11 +90,11 @@ pub struct HeadLimit<S> {
 impl<S, B> Service<Request<B>> for HeadLimit<S>
 where
     S: Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible>,
-    S::Future: Send + 'static,
 {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+    // The handler's future is boxed where it is made (see `proxy_service`): no box here.
+    type Future = Either<Ready<Result<Response<ProxyBody>, Infallible>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -106,9 +111,9 @@ where
                 }),
             );
             let resp = with_cache_status(resp, status::BYPASS);
-            return Box::pin(async move { Ok(resp) });
+            return Either::Left(ready(Ok(resp)));
         }
-        Box::pin(self.inner.call(req))
+        Either::Right(self.inner.call(req))
     }
 }
 
@@ -123,6 +128,13 @@ fn head_size<B>(req: &Request<B>) -> usize {
 
 /// The length of `uri` as written out, counted without building the string.
 fn uri_len(uri: &http::Uri) -> usize {
+    // Origin form (`/path?query`), what nearly every request carries: its text is at hand.
+    if uri.scheme().is_none()
+        && uri.authority().is_none()
+        && let Some(pq) = uri.path_and_query()
+    {
+        return pq.as_str().len();
+    }
     struct Count(usize);
     impl std::fmt::Write for Count {
         fn write_str(&mut self, s: &str) -> std::fmt::Result {
@@ -163,11 +175,11 @@ pub struct BodyLimit<S> {
 impl<S> Service<Request<Incoming>> for BodyLimit<S>
 where
     S: Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = Infallible>,
-    S::Future: Send + 'static,
 {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+    // The handler's future is boxed where it is made (see `proxy_service`): no box here.
+    type Future = Either<Ready<Result<Response<ProxyBody>, Infallible>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -181,10 +193,10 @@ where
         if declared.is_some_and(|n| n > self.max) {
             let resp = ProxyError::BodyTooLarge { limit: self.max }.into_response();
             let resp = with_cache_status(resp, status::BYPASS);
-            return Box::pin(async move { Ok(resp) });
+            return Either::Left(ready(Ok(resp)));
         }
         let max = usize::try_from(self.max).unwrap_or(usize::MAX);
         let req = req.map(|b| Limited::new(b, max).boxed_unsync());
-        Box::pin(self.inner.call(req))
+        Either::Right(self.inner.call(req))
     }
 }

@@ -509,21 +509,45 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 /// Remove hop-by-hop headers, including those named in `Connection`, and `Upgrade`.
+///
+/// Every request and answer passes here, so it looks first: one pass over the message's few
+/// names marks the hop-by-hop ones present, and only those are removed (a removal is a hash
+/// lookup; most messages carry none but `Connection`).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    if present & 1 != 0 {
+        // Fields the `Connection` header names (RFC 9110 §7.6.1); the hop-by-hop names
+        // among them (`keep-alive` mostly) are removed below anyway.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .map(str::trim)
+            // Checked before a name is made: a name not in `http`'s table is an allocation.
+            .filter(|t| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|h| t.eq_ignore_ascii_case(h.as_str()))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for name in named {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -583,6 +607,45 @@ pub(crate) fn tls_config(
 mod tests {
     use super::*;
     use crate::store::StoredRequest;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed_and_nothing_else() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("close, X-Conn-Opt"),
+        );
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive,te"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("x-conn-opt", HeaderValue::from_static("1"));
+        h.insert(
+            "close",
+            HeaderValue::from_static("a field named by a connection option"),
+        );
+        h.insert("x-end-to-end", HeaderValue::from_static("2"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "x-end-to-end"]);
+
+        // Nothing hop-by-hop: untouched.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=1"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+    }
 
     fn stored(method: &str, path: &str, headers: Vec<(String, bytes::Bytes)>) -> StoredRequest {
         StoredRequest {

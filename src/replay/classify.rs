@@ -108,6 +108,10 @@ pub fn is_transient(rules: &ClassifyConfig, status: StatusCode) -> bool {
 
 /// 2xx: the route's body rules first, then the GraphQL-style `errors` convention.
 fn classify_body(rules: &ClassifyConfig, body: &[u8]) -> Outcome {
+    // No body, no JSON (and no error value to build: reads and `is_transient` pass none).
+    if body.is_empty() {
+        return Outcome::Success;
+    }
     let Ok(json) = serde_json::from_slice::<serde_json::Value>(body) else {
         return Outcome::Success;
     };
