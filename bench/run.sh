@@ -13,7 +13,9 @@
 #         nginx upstream): direct, nginx reverse proxy, outpost network-first (caching on),
 #         outpost network-only.
 # stale:  upstream down, an expired (stale) copy cached: nginx `proxy_cache_use_stale`, Varnish
-#         grace, outpost (offline answers from its cache); req/s, p99, CPU per request.
+#         grace, outpost (offline answers from its cache); req/s, p99, CPU per request; and the
+#         ceiling: a static nginx answer (2 workers, no proxy, no lookup), the most this load
+#         generator gets from any server on this machine.
 # writes: acknowledged durable writes/s (202 after fsync), upstream down, concurrency $WRITES_C.
 # drain:  replay drain rate, default exactly-once bound and progress_sync = 10ms, 1 and 16
 #         partitions (DRAIN_ITEMS queued each time).
@@ -132,6 +134,31 @@ CONF
   NGINX_PID=$(cat "$WORK/nginx-proxy.pid")
 }
 stop_nginx_proxy() { nginx -p "$WORK" -c "$WORK/nginx-proxy.conf" -s stop 2>/dev/null || true; sleep 0.5; }
+
+# The load generator's ceiling: nginx with as many workers as cores answering the same small
+# JSON from its configuration (no proxy, no cache lookup): no server answers this load faster
+# on this machine, since wrk shares its two cores.
+STATIC=$(free_port)
+start_static() {
+  cat > "$WORK/nginx-static.conf" <<CONF
+worker_processes auto;
+pid $WORK/nginx-static.pid;
+error_log $WORK/nginx-static.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$STATIC;
+    location / { default_type application/json; add_header Cache-Control "max-age=1"; return 200 '{"id":1,"name":"water filter","stock":12}'; }
+  }
+}
+CONF
+  nginx -p "$WORK" -c "$WORK/nginx-static.conf"
+  wait_port "$STATIC"
+  STATIC_PID=$(cat "$WORK/nginx-static.pid")
+}
+stop_static() { nginx -p "$WORK" -c "$WORK/nginx-static.conf" -s stop 2>/dev/null || true; sleep 0.5; }
 
 VARNISH=$(free_port)
 start_varnish() {
@@ -285,12 +312,18 @@ bench_stale() {
   row "outpost network-first, offline (from cache)" "$o_rps" "$_p50" "$o_p99" "$o_cpu"
   [ "$st" = 200 ] && [ "$o_non" = 0 ] || echo "  (outpost: first stale answer $st, non-2xx $o_non)" >&2
   stop_outpost
+  # The ceiling: the same answer from a static nginx, nothing looked up.
+  start_static
+  read -r c_rps _p50 c_p99 _ _ c_cpu < <(CPU_PIDS=$STATIC_PID measure "http://127.0.0.1:$STATIC$url_path")
+  row "ceiling: static nginx answer, 2 workers, no proxy" "$c_rps" "$_p50" "$c_p99" "$c_cpu"
+  stop_static
   echo
   local best; best=$(py "print(max($n_rps, $v_rps))")
   echo "outpost / nginx: $(ratio "$o_rps" "$n_rps"), outpost / Varnish: $(ratio "$o_rps" "$v_rps"); CPU/req outpost / nginx $(ratio "$o_cpu" "$n_cpu"), / Varnish $(ratio "$o_cpu" "$v_cpu")"
   echo
   summary "stale serving, upstream down, vs the better of nginx use_stale and Varnish grace" "outpost $o_rps, nginx $n_rps, Varnish $v_rps ($(ratio "$o_rps" "$best"))" ">= 2x" "$(verdict "$o_rps >= 2 * $best")"
-  summary "CPU per request, stale serving (µs)" "outpost $o_cpu, nginx $n_cpu, Varnish $v_cpu" "reported" "-"
+  summary "stale serving vs the load generator's ceiling (a static nginx answer)" "outpost $(ratio "$o_rps" "$c_rps") of $c_rps; 2x the better would be $(py "print(round(2 * $best))") req/s ($(ratio "2 * $best" "$c_rps") of the ceiling)" "-" "-"
+  summary "CPU per request, stale serving (µs)" "outpost $o_cpu, nginx $n_cpu, Varnish $v_cpu, static nginx $c_cpu" "reported" "-"
 }
 
 # ---------------------------------------------------------------------------------------------
