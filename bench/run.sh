@@ -82,17 +82,19 @@ verdict() { py "print('met' if $1 else 'NOT met')"; }
 # Servers
 
 UP=$(free_port)
-start_upstream() {
-  cat > "$WORK/nginx-up.conf" <<CONF
-worker_processes 1;
-pid $WORK/nginx-up.pid;
-error_log $WORK/nginx-up.err warn;
+# nginx answering from its configuration: `name port workers` writes and starts nginx-NAME.conf.
+start_answering_nginx() {
+  local name=$1 port=$2 workers=$3
+  cat > "$WORK/nginx-$name.conf" <<CONF
+worker_processes $workers;
+pid $WORK/nginx-$name.pid;
+error_log $WORK/nginx-$name.err warn;
 events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 1000000;
   server {
-    listen 127.0.0.1:$UP;
+    listen 127.0.0.1:$port;
     location /orders { default_type application/json; return 201 '{"id":1,"ok":true}'; }
     location /p/ { default_type application/json; return 201 '{"id":1,"ok":true}'; }
     location /stale/ { default_type application/json; add_header Cache-Control "max-age=1"; return 200 '{"id":1,"name":"water filter","stock":12}'; }
@@ -100,9 +102,10 @@ http {
   }
 }
 CONF
-  nginx -p "$WORK" -c "$WORK/nginx-up.conf"
-  wait_port "$UP"
+  nginx -p "$WORK" -c "$WORK/nginx-$name.conf"
+  wait_port "$port"
 }
+start_upstream() { start_answering_nginx up "$UP" 1; }
 start_upstream_at() { UP=$1; start_upstream; }
 stop_upstream() { nginx -p "$WORK" -c "$WORK/nginx-up.conf" -s stop 2>/dev/null || true; sleep 0.5; }
 
@@ -140,22 +143,7 @@ stop_nginx_proxy() { nginx -p "$WORK" -c "$WORK/nginx-proxy.conf" -s stop 2>/dev
 # on this machine, since wrk shares its two cores.
 STATIC=$(free_port)
 start_static() {
-  cat > "$WORK/nginx-static.conf" <<CONF
-worker_processes auto;
-pid $WORK/nginx-static.pid;
-error_log $WORK/nginx-static.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:$STATIC;
-    location / { default_type application/json; add_header Cache-Control "max-age=1"; return 200 '{"id":1,"name":"water filter","stock":12}'; }
-  }
-}
-CONF
-  nginx -p "$WORK" -c "$WORK/nginx-static.conf"
-  wait_port "$STATIC"
+  start_answering_nginx static "$STATIC" auto
   STATIC_PID=$(cat "$WORK/nginx-static.pid")
 }
 stop_static() { nginx -p "$WORK" -c "$WORK/nginx-static.conf" -s stop 2>/dev/null || true; sleep 0.5; }
@@ -315,7 +303,7 @@ bench_stale() {
   # The ceiling: the same answer from a static nginx, nothing looked up.
   start_static
   read -r c_rps _p50 c_p99 _ _ c_cpu < <(CPU_PIDS=$STATIC_PID measure "http://127.0.0.1:$STATIC$url_path")
-  row "ceiling: static nginx answer, 2 workers, no proxy" "$c_rps" "$_p50" "$c_p99" "$c_cpu"
+  row "ceiling: static nginx answer (2 workers)" "$c_rps" "$_p50" "$c_p99" "$c_cpu"
   stop_static
   echo
   local best; best=$(py "print(max($n_rps, $v_rps))")
