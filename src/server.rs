@@ -159,10 +159,10 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        // The guard times request heads, from the first byte of a connection on; hyper's
-        // own timer, a moment later, only matters where the guard stopped following the
-        // framing (after a head hyper refuses, say).
-        .header_read_timeout(config.header_read_timeout + Duration::from_secs(1))
+        // The guard times request heads, from the first byte of a connection on, including
+        // where it no longer follows the framing (`server/guard.rs`): hyper's own timer would
+        // only add an allocation and a timer to every request.
+        .header_read_timeout(None::<Duration>)
         .max_buf_size(config.max_header_bytes.max(8192));
     builder
         .http2()

@@ -432,6 +432,63 @@ async fn upgrades_keep_their_slot_and_a_refused_upgrade_is_timed_like_any_reques
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_framing_the_guard_lost_is_still_timed_even_trickling() {
+    let upstream = Upstream::start().await;
+    let dirs = Dirs::new();
+    let outpost = start(&upstream.url(), &dirs, QUICK_HEADERS).await;
+    let mut stream = TcpStream::connect(outpost.addr()).await.expect("connect");
+    // An upgrade request with the start of another head sent ahead of the answer: the guard
+    // stops following the framing (those bytes could be the new protocol). The upstream
+    // refuses the upgrade, HTTP/1 goes on, and the next head never completes.
+    stream
+        .write_all(
+            b"GET /echo/not-ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n\
+              GET /echo/never HTTP/1.1\r\nHost: a\r\nX-Slow: ",
+        )
+        .await
+        .expect("write");
+    assert_eq!(read_response(&mut stream).await.status, 200);
+    // A byte every 200 ms does not keep it open: the deadline counts from the last answer.
+    let began = std::time::Instant::now();
+    let (mut reader, mut writer) = stream.into_split();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..100 {
+            if writer.write_all(b"x").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let mut chunk = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection stayed open while trickling");
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "closed only after {:?}",
+        began.elapsed()
+    );
+    trickle.abort();
+    eventually(
+        Duration::from_secs(10),
+        "the timeout is counted",
+        || async { status(&outpost).await["header_timeouts"].as_u64() >= Some(1) },
+    )
+    .await;
+    assert!(
+        upstream.requests_to("/echo/never").is_empty(),
+        "the incomplete request was forwarded"
+    );
+}
+
 /// Starts `outpost serve` under an open-file limit of `nofile` (via `sh -c 'ulimit -n'`),
 /// logging to `log`; returns the child and its proxy and admin addresses.
 async fn start_with_fd_limit(

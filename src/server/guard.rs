@@ -16,7 +16,12 @@
 //! - **Time to a complete head**: while the connection waits for a request head with nothing
 //!   in flight — from accept, and from the end of each response — a complete head must arrive
 //!   within `proxy.header_read_timeout`. When it does not, a connection that sent part of a
-//!   head gets `408` and is closed; one that sent nothing is closed silently.
+//!   head gets `408` and is closed; one that sent nothing is closed silently. This is the only
+//!   header timer (hyper's own is off: it cost an allocation and a timer per request): where
+//!   the guard stops following the framing and HTTP/1 goes on (a head or body framing hyper
+//!   refuses, bytes sent ahead of the answer to an upgrade request that is then refused), it
+//!   still closes a connection that sends no new request within the timeout of its last
+//!   answer.
 //! - **Idleness** is published in [`ConnShared`] so that the connection limit can close the
 //!   longest-idle connection to make room (`server::limits`).
 //!
@@ -51,6 +56,9 @@ const MAX_HEADERS: usize = 100;
 pub struct ConnShared {
     /// Request heads handed to hyper.
     heads: AtomicU64,
+    /// Requests hyper handed to the service (counted whether or not the guard followed their
+    /// heads).
+    started: AtomicU64,
     /// Responses finished (their body dropped by hyper) or abandoned.
     done: AtomicU64,
     /// A response finished since hyper last flushed: its last bytes may still be in hyper's
@@ -76,6 +84,7 @@ impl ConnShared {
     pub(super) fn new(now_ms: u64) -> Self {
         Self {
             heads: AtomicU64::new(0),
+            started: AtomicU64::new(0),
             done: AtomicU64::new(0),
             needs_flush: AtomicBool::new(false),
             idle: AtomicBool::new(true),
@@ -90,6 +99,18 @@ impl ConnShared {
     /// Whether every head hyper was given has been answered.
     fn quiet(&self) -> bool {
         self.heads.load(Ordering::Acquire) == self.done.load(Ordering::Acquire)
+    }
+
+    /// hyper handed a request to the service.
+    pub(super) fn start_one(&self) {
+        self.started.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Every request hyper handed to the service has been answered, and flushed (what the
+    /// guard knows once it no longer follows the heads itself).
+    fn answered_all(&self) -> bool {
+        self.started.load(Ordering::Acquire) == self.done.load(Ordering::Acquire)
+            && !self.needs_flush.load(Ordering::Acquire)
     }
 
     /// A response finished or was abandoned.
@@ -220,6 +241,8 @@ struct Framing {
     head_limit: usize,
     /// The chunk size being read.
     size: u64,
+    /// The connection began with the HTTP/2 preface.
+    h2: bool,
 }
 
 impl Framing {
@@ -229,7 +252,15 @@ impl Framing {
             head: Vec::new(),
             head_limit,
             size: 0,
+            h2: false,
         }
+    }
+
+    /// HTTP/1 goes on (not HTTP/2, not upgraded) but the framing is no longer followed: after
+    /// a head hyper refuses, a body framing hyper refuses, or bytes sent ahead of the answer
+    /// to an upgrade request.
+    fn lost(&self, upgraded: bool) -> bool {
+        self.phase == Phase::Opaque && !self.h2 && !upgraded
     }
 
     /// Waiting for (part of) a request head.
@@ -265,6 +296,7 @@ impl Framing {
                     if data[i..i + n] == H2_PREFACE[seen..seen + n] {
                         i += n;
                         self.phase = if seen + n == H2_PREFACE.len() {
+                            self.h2 = true;
                             Phase::Opaque
                         } else {
                             Phase::Preface(seen + n)
@@ -554,6 +586,8 @@ pub struct Guard<T> {
     deadline: Pin<Box<Sleep>>,
     /// The count of heads when the deadline was set (a new wait sets it anew).
     armed_for: Option<u64>,
+    /// Where the framing is lost: the count of answers when the deadline was set.
+    lost_armed_for: Option<u64>,
     /// hyper wrote since its last successful flush.
     unflushed: bool,
     answer: Option<Answer>,
@@ -573,6 +607,7 @@ impl<T> Guard<T> {
                 accepted + options.header_read_timeout,
             )),
             armed_for: Some(0),
+            lost_armed_for: None,
             unflushed: false,
             answer: None,
         }
@@ -644,6 +679,28 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Guard<T> {
         }
     }
 
+    /// The header-read deadline where the framing is lost (hyper's own header timer is off:
+    /// the guard times every head, see `server.rs`): with every request hyper handed on
+    /// answered, the next one must come within the timeout of the last answer. Bytes trickling
+    /// in meanwhile do not move it. `true` when it has passed.
+    fn lost_deadline_passed(&mut self, cx: &mut Context<'_>) -> bool {
+        let waiting = self.shared.answered_all() && !self.unflushed;
+        self.shared.idle.store(waiting, Ordering::Release);
+        if !waiting {
+            self.lost_armed_for = None;
+            return false;
+        }
+        let answered = self.shared.done.load(Ordering::Acquire);
+        if self.lost_armed_for != Some(answered) {
+            self.lost_armed_for = Some(answered);
+            self.deadline.as_mut().reset(Instant::now() + self.timeout);
+            self.shared
+                .idle_since_ms
+                .store(self.limits.now_ms(), Ordering::Release);
+        }
+        self.deadline.as_mut().poll(cx).is_ready()
+    }
+
     /// The header-read deadline, while hyper waits for a head with nothing in flight: `true`
     /// when it has passed.
     fn deadline_passed(&mut self, cx: &mut Context<'_>) -> bool {
@@ -696,7 +753,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<T> {
             }
         }
         if matches!(this.framing.phase, Phase::Opaque | Phase::Upgrade) {
-            this.shared.idle.store(false, Ordering::Release);
+            if this
+                .framing
+                .lost(this.shared.upgraded.load(Ordering::Acquire))
+            {
+                if this.lost_deadline_passed(cx) {
+                    this.limits.count_timeout();
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no request head within proxy.header_read_timeout",
+                    )));
+                }
+            } else {
+                this.shared.idle.store(false, Ordering::Release);
+            }
             let before = buf.filled().len();
             let result = Pin::new(&mut this.inner).poll_read(cx, buf);
             if this.framing.phase == Phase::Upgrade && buf.filled().len() > before {
@@ -799,6 +869,7 @@ pub struct Finished(Arc<ConnShared>);
 impl Finished {
     /// A response is under way on the connection of `shared`.
     pub fn new(shared: Arc<ConnShared>) -> Self {
+        shared.start_one();
         Self(shared)
     }
 }
