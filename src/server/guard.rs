@@ -583,7 +583,10 @@ pub struct Guard<T> {
     _admission: Admission,
     framing: Framing,
     timeout: Duration,
+    /// The timer behind `due`: never later than it (see [`Guard::due_passed`]).
     deadline: Pin<Box<Sleep>>,
+    /// When the current wait for a head times out.
+    due: Instant,
     /// The count of heads when the deadline was set (a new wait sets it anew).
     armed_for: Option<u64>,
     /// Where the framing is lost: the count of answers when the deadline was set.
@@ -606,6 +609,7 @@ impl<T> Guard<T> {
             deadline: Box::pin(tokio::time::sleep_until(
                 accepted + options.header_read_timeout,
             )),
+            due: accepted + options.header_read_timeout,
             armed_for: Some(0),
             lost_armed_for: None,
             unflushed: false,
@@ -679,6 +683,22 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Guard<T> {
         }
     }
 
+    /// Whether `due` has passed, else the waker registered for it. The timer is moved only when
+    /// it fires early (a new wait pushed `due` later since it was set), not at every wait: a
+    /// wait per request would otherwise move it in the timer wheel per request.
+    fn due_passed(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.deadline.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if self.deadline.deadline() >= self.due {
+                return true;
+            }
+            let due = self.due;
+            self.deadline.as_mut().reset(due);
+        }
+    }
+
     /// The header-read deadline where the framing is lost (hyper's own header timer is off:
     /// the guard times every head, see `server.rs`): with every request hyper handed on
     /// answered, the next one must come within the timeout of the last answer. Bytes trickling
@@ -693,12 +713,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Guard<T> {
         let answered = self.shared.done.load(Ordering::Acquire);
         if self.lost_armed_for != Some(answered) {
             self.lost_armed_for = Some(answered);
-            self.deadline.as_mut().reset(Instant::now() + self.timeout);
+            self.due = Instant::now() + self.timeout;
             self.shared
                 .idle_since_ms
                 .store(self.limits.now_ms(), Ordering::Release);
         }
-        self.deadline.as_mut().poll(cx).is_ready()
+        self.due_passed(cx)
     }
 
     /// The header-read deadline, while hyper waits for a head with nothing in flight: `true`
@@ -716,12 +736,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Guard<T> {
         let heads = self.shared.heads.load(Ordering::Acquire);
         if self.armed_for != Some(heads) {
             self.armed_for = Some(heads);
-            self.deadline.as_mut().reset(Instant::now() + self.timeout);
+            self.due = Instant::now() + self.timeout;
             self.shared
                 .idle_since_ms
                 .store(self.limits.now_ms(), Ordering::Release);
         }
-        self.deadline.as_mut().poll(cx).is_ready()
+        self.due_passed(cx)
     }
 }
 
