@@ -172,11 +172,15 @@ impl Proxy {
                 self.pass_through(&mut ctx, req, status::BYPASS).await
             }
             Method::GET | Method::HEAD => self.read(&mut ctx, req).await,
-            Method::POST if ctx.route.graphql => self.graphql(&mut ctx, req).await,
+            // The other paths' futures are boxed: inline, the largest of them would set the
+            // size of every request's future (and what each request copies and touches).
+            Method::POST if ctx.route.graphql => Box::pin(self.graphql(&mut ctx, req)).await,
             Method::POST | Method::PUT | Method::PATCH | Method::DELETE => {
-                self.outbox.write(&mut ctx, req).await
+                Box::pin(self.outbox.write(&mut ctx, req)).await
             }
-            _ if req.method().as_str() == QUERY_METHOD => self.query_method(&mut ctx, req).await,
+            _ if req.method().as_str() == QUERY_METHOD => {
+                Box::pin(self.query_method(&mut ctx, req)).await
+            }
             _ => self.pass_through(&mut ctx, req, status::BYPASS).await,
         };
         let resp = with_cache_status(resp, status::BYPASS);

@@ -135,7 +135,9 @@ impl Pool {
         loop {
             let (mut sender, fresh) = match self.checkout() {
                 Some(sender) => (sender, false),
-                None => (self.connect().await?, true),
+                // Boxed: a new connection is the rare case, and its future (connect and
+                // handshake) would otherwise enlarge every request's.
+                None => (Box::pin(self.connect()).await?, true),
             };
             if let Err(e) = sender.ready().await {
                 if fresh {
