@@ -544,7 +544,7 @@ impl Outbox {
                         key: key.clone(),
                         partition,
                     });
-                    self.activity.wake();
+                    self.wake_replay();
                     return Ok(self.accepted_response(&key));
                 }
                 Some(Coalesced::Existing(existing)) => {
@@ -565,7 +565,7 @@ impl Outbox {
                     key: key.clone(),
                     partition,
                 });
-                self.activity.wake();
+                self.wake_replay();
                 Ok(self.accepted_response(&key))
             }
             // Another instance stored the same key first.
@@ -761,6 +761,16 @@ impl Outbox {
                 tracing::warn!(key = %key, "could not queue a slow forward for its 202 ({e}); waiting for its answer");
                 false
             }
+        }
+    }
+
+    /// A mutation was queued: wake the replayer, unless the upstream is offline. Replay cannot
+    /// start then, and the replayer looks for pending partitions itself when the upstream comes
+    /// back (after this write's commit, so it finds it); waking it for every write queued
+    /// during an outage cost a thread wake-up per acknowledged write.
+    fn wake_replay(&self) {
+        if self.health.is_online() {
+            self.activity.wake();
         }
     }
 
