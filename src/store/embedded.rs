@@ -12,9 +12,12 @@
 //!   `replay.progress_sync = 0` (the default) these are *now* too: the replayer waits for the
 //!   fsync before it sends the partition's next item, so after a crash at most the item in
 //!   flight of each partition is sent again; concurrent partitions share fsyncs. With a window
-//!   (`"10ms"`), they commit without fsync and their callers are answered only once a durable
-//!   commit covers them, which the writer makes at the latest one window after the first such
-//!   commit (whatever else keeps arriving): a crash re-delivers at most one window's answers.
+//!   (`"10ms"`), replay progress (`update`, `finish`) waits in a write transaction the writer
+//!   leaves open, and is committed durably, with whatever came meanwhile, one window after the
+//!   first of it at the latest (sooner with an op of class *now*): one commit per window, not
+//!   one per item. Answers of forwarded mutations commit at once without fsync. Either way the
+//!   callers are answered only once a durable commit covers them: a crash re-delivers at most
+//!   one window's answers. Readers see replay progress up to one window late.
 //! - *lazy*: cache blobs and LRU touches, not answered; made durable by the next durable commit
 //!   or at the latest `LAZY_FLUSH` (1 s) after the first of them. Losing one
 //!   costs a refetch.
