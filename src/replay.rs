@@ -71,7 +71,8 @@ const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// What a drain does after one item.
 enum Step {
-    /// Go on with the next item.
+    /// Go on with the next item: this one is done with (finished, or no longer queued), and
+    /// the drain does not read it again.
     Next,
     /// The partition waits (until the given time at the latest).
     Wait(u64),
@@ -311,14 +312,18 @@ impl Replayer {
     ) -> Result<(), StoreError> {
         let renew_every = self.config.store.redis_lease / 3;
         let mut renewed = Instant::now();
+        // The sequence number of the last item done with (finished, or no longer queued): the
+        // items before it are never read again. Those whose answers are still being recorded
+        // in the background are not sent again either way.
+        let mut done_with = 0;
         loop {
             if !self.may_run() {
                 return Ok(());
             }
-            // Items whose answers are still being recorded in the background are not sent
-            // again: read past them.
-            let limit = PEEK_BATCH + finishing.keys.len();
-            let mut items = self.store.peek(&lease.partition, limit).await?;
+            let mut items = self
+                .store
+                .peek_after(&lease.partition, done_with, PEEK_BATCH)
+                .await?;
             items.retain(|item| !finishing.keys.contains(&item.key));
             if items.is_empty() {
                 if finishing.keys.is_empty() {
@@ -340,7 +345,7 @@ impl Replayer {
                     return Ok(());
                 }
                 match self.replay_one(lease, &mut item, finishing).await? {
-                    Step::Next => {}
+                    Step::Next => done_with = done_with.max(item.seq),
                     Step::Wait(until) => {
                         wait_until = Some(until);
                         break;

@@ -103,13 +103,28 @@ impl Queue for EmbeddedStore {
     }
 
     async fn peek(&self, partition: &str, limit: usize) -> Result<Vec<MutationRecord>, StoreError> {
+        self.peek_after(partition, 0, limit).await
+    }
+
+    async fn peek_after(
+        &self,
+        partition: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<MutationRecord>, StoreError> {
         let partition = partition.to_string();
         self.read(move |db| {
+            let mut out = Vec::new();
+            let Some(first) = after.checked_add(1) else {
+                return Ok(out);
+            };
+            if limit == 0 {
+                return Ok(out);
+            }
             let read = db.begin_read()?;
             let queue = read.open_table(QUEUE)?;
             let mutations = read.open_table(MUTATIONS)?;
-            let mut out = Vec::new();
-            for item in queue.range((partition.as_str(), 0)..=(partition.as_str(), u64::MAX))? {
+            for item in queue.range((partition.as_str(), first)..=(partition.as_str(), u64::MAX))? {
                 let (_, key) = item?;
                 if let Some(v) = mutations.get(key.value())? {
                     out.push(decode(v.value())?);
