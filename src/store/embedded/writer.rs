@@ -16,8 +16,8 @@ use tokio::sync::oneshot;
 
 use super::cache::{cache_put, cache_touch};
 use super::queue::{
-    drop_mutation, enqueue, enqueue_coalesced, finish, purge, record_forwarded, retry_dead_letter,
-    retry_pending, update,
+    Seq, drop_mutation, enqueue, enqueue_coalesced, finish, purge, record_forwarded,
+    retry_dead_letter, retry_pending, update,
 };
 use super::{CACHE, CACHE_LRU, DEAD, FINISHED, META, MUTATIONS, QUEUE};
 use crate::store::{Coalesced, DeadLetterEdit, Enqueued, MutationRecord, StoreError, codec};
@@ -250,6 +250,8 @@ pub(super) struct Writer {
     awaiting: Vec<Answer>,
     /// Replay progress applied but not committed yet (see [`Writer::commit_batch`]).
     open: Option<Open>,
+    /// The sequence counter, saved into each transaction before it commits.
+    seqs: Seq,
     /// When the non-durable commits made so far must be made durable at the latest.
     flush_by: Option<Instant>,
     /// Set from an I/O error until the database is open again.
@@ -298,6 +300,7 @@ impl Writer {
             progress_sync,
             awaiting: Vec::new(),
             open: None,
+            seqs: Seq::default(),
             flush_by: None,
             reopening: None,
             backoff: REOPEN_BACKOFF_MIN,
@@ -488,13 +491,12 @@ impl Writer {
             replies,
             effects,
         } = open;
-        let result = if durable {
-            txn.set_durability(Durability::Immediate)
-                .map_err(redb::Error::from)
-                .and_then(|()| txn.commit().map_err(redb::Error::from))
-        } else {
+        let result = self.seqs.save(&txn).and_then(|()| {
+            if durable {
+                txn.set_durability(Durability::Immediate)?;
+            }
             txn.commit().map_err(redb::Error::from)
-        };
+        });
         if let Err(e) = result {
             let why = self.failed(e);
             // Earlier non-durable commits may be lost with this one (a reopen rolls back to the
@@ -543,6 +545,7 @@ impl Writer {
     /// database away from readers and plan to reopen it (redb refuses writes until then).
     fn failed(&mut self, e: redb::Error) -> String {
         self.flush_by = None;
+        self.seqs.forget();
         let why = format!("commit failed: {e}");
         if !matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) {
             tracing::error!("store {why}");
@@ -602,7 +605,7 @@ impl Writer {
 
     /// Apply one op inside the open transaction. The returned closure answers the caller once
     /// the commit's fate is known (an error then overrides the op's own result).
-    fn apply(&self, txn: &WriteTransaction, op: Op) -> (Effect, Answer) {
+    fn apply(&mut self, txn: &WriteTransaction, op: Op) -> (Effect, Answer) {
         fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Answer {
             Box::new(move |not_written| {
                 let out = match not_written {
@@ -614,7 +617,7 @@ impl Writer {
         }
         let noop = || -> Answer { Box::new(|_| {}) };
         match op {
-            Op::Enqueue(record, reply) => match enqueue(txn, *record) {
+            Op::Enqueue(record, reply) => match enqueue(txn, &mut self.seqs, *record) {
                 Ok((effect, result)) => (effect, answer(reply, Ok(result))),
                 Err(e) => (Effect::None, answer(reply, Err(e))),
             },
@@ -643,11 +646,13 @@ impl Writer {
                 Ok(effect) => (effect, answer(reply, Ok(()))),
                 Err(e) => (Effect::None, answer(reply, Err(e))),
             },
-            Op::RetryDeadLetter(key, reply) => match retry_dead_letter(txn, &key, None) {
-                Ok(Some(effect)) => (effect, answer(reply, Ok(true))),
-                Ok(None) => (Effect::None, answer(reply, Ok(false))),
-                Err(e) => (Effect::None, answer(reply, Err(e))),
-            },
+            Op::RetryDeadLetter(key, reply) => {
+                match retry_dead_letter(txn, &mut self.seqs, &key, None) {
+                    Ok(Some(effect)) => (effect, answer(reply, Ok(true))),
+                    Ok(None) => (Effect::None, answer(reply, Ok(false))),
+                    Err(e) => (Effect::None, answer(reply, Err(e))),
+                }
+            }
             Op::RetryPending(key, reply) => {
                 let r = retry_pending(txn, &key);
                 (Effect::None, answer(reply, r))
@@ -659,7 +664,9 @@ impl Writer {
             },
             Op::EditDeadLetter(key, edit, reply) => {
                 let r = match edit {
-                    DeadLetterEdit::Headers(h) => retry_dead_letter(txn, &key, Some(h)),
+                    DeadLetterEdit::Headers(h) => {
+                        retry_dead_letter(txn, &mut self.seqs, &key, Some(h))
+                    }
                     DeadLetterEdit::Superseded(new) => drop_mutation(txn, &key, Some(&new)),
                 };
                 match r {
