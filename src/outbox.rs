@@ -776,16 +776,28 @@ impl Outbox {
 
     /// `202 Accepted` for a queued mutation.
     fn accepted_response(&self, key: &str) -> Response<ProxyBody> {
+        /// The body, serialized straight from borrowed fields (a `json!` value built a map per
+        /// acknowledged write); fields in the order a `json!` object prints them.
+        #[derive(serde::Serialize)]
+        struct Accepted<'a> {
+            idempotency_key: &'a str,
+            location: &'a str,
+            status: &'static str,
+        }
         let location = self.docs.location(key);
-        let mut resp = json_response(
-            StatusCode::ACCEPTED,
-            &serde_json::json!({
-                "status": "queued",
-                "idempotency_key": key,
-                "location": location,
-            }),
-        );
+        let body = serde_json::to_vec(&Accepted {
+            idempotency_key: key,
+            location: &location,
+            status: "queued",
+        })
+        .unwrap_or_default();
+        let mut resp = Response::new(crate::body::full(Bytes::from(body)));
+        *resp.status_mut() = StatusCode::ACCEPTED;
         let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let Ok(v) = HeaderValue::from_str(key) {
             headers.insert(IDEMPOTENCY_KEY.clone(), v);
         }
