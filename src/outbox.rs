@@ -157,7 +157,7 @@ impl Outbox {
         // A key generated here (UUIDv7) is new by construction: no store lookup for it.
         let (key, generated) = match parts.headers.get(&IDEMPOTENCY_KEY) {
             Some(v) => (valid_key(v)?, false),
-            None => (uuid::Uuid::now_v7().to_string(), true),
+            None => (generated_key(), true),
         };
         ctx.idempotency_key = Some(key.clone());
         // The key belongs to this caller (whatever the route's caching says): nobody else gets
@@ -839,6 +839,20 @@ pub const AWAITING_FORWARD: &str = "in flight: forwarded before its 202 (write_t
 /// The outcome prefix of a forward's answer that came after the app's `202`.
 pub const FORWARDED_AFTER_202: &str = "forwarded after its 202";
 
+/// A new key: a UUIDv7 of the time in ms and 74 random bits from the thread's generator
+/// (`Uuid::now_v7` asked the kernel for its random bits, a `getrandom` call per write).
+fn generated_key() -> String {
+    use rand::RngCore as _;
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let mut random = [0u8; 10];
+    rand::rng().fill_bytes(&mut random);
+    let key = uuid::Builder::from_unix_timestamp_millis(ms, &random).into_uuid();
+    let mut buf = uuid::Uuid::encode_buffer();
+    key.hyphenated().encode_lower(&mut buf).to_owned()
+}
+
 /// Where the answer of a forward whose copy may be queued is kept: a key no app can send
 /// (`Idempotency-Key` values are visible ASCII).
 pub fn answer_key(key: &str) -> String {
@@ -957,6 +971,17 @@ fn kib(bytes: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generated_keys_are_uuid_v7_valid_and_distinct() {
+        let a = generated_key();
+        let b = generated_key();
+        assert_ne!(a, b);
+        let parsed = uuid::Uuid::parse_str(&a).expect("a UUID");
+        assert_eq!(parsed.get_version_num(), 7);
+        assert_eq!(parsed.hyphenated().to_string(), a, "lower-case, hyphenated");
+        assert!(valid_key(&HeaderValue::from_str(&a).expect("header")).is_ok());
+    }
 
     #[test]
     fn keys_are_validated() {
