@@ -15,7 +15,8 @@
 //!   (`"10ms"`), replay progress (`update`, `finish`) waits in a write transaction the writer
 //!   leaves open, and is committed durably, with whatever came meanwhile, one window after the
 //!   first of it at the latest (sooner with an op of class *now*): one commit per window, not
-//!   one per item. Answers of forwarded mutations commit at once without fsync. Either way the
+//!   one per item. While such a transaction is open the writer takes its ops every 200 µs
+//!   instead of being woken by each. Answers of forwarded mutations commit at once without fsync. Either way the
 //!   callers are answered only once a durable commit covers them: a crash re-delivers at most
 //!   one window's answers. Readers see replay progress up to one window late.
 //! - *lazy*: cache blobs and LRU touches, not answered; made durable by the next durable commit
