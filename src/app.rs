@@ -174,7 +174,7 @@ impl App {
         if let Some(writer) = recording {
             tasks.spawn(writer);
         }
-        tasks.spawn(log_events(events.clone(), shutdown.clone()));
+        events.observe(log_event);
         tasks.spawn(parts.metrics.clone().run(events.clone(), shutdown.clone()));
         tasks.spawn(admin::serve(
             admin_listener,
@@ -273,57 +273,46 @@ impl App {
     }
 }
 
-/// Log what happens, at a level that fits (the admin API and metrics subscribe separately).
-async fn log_events(events: Events, shutdown: Shutdown) {
-    let mut rx = events.subscribe();
-    loop {
-        let event = tokio::select! {
-            _ = shutdown.wait() => return,
-            e = rx.recv() => match e {
-                Ok(e) => e,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::debug!(skipped = n, "event log lagged");
-                    continue;
-                }
-                Err(_) => return,
-            },
-        };
-        // One line per happening: what the emitter already logs (with more detail) is not
-        // logged again here.
-        match &event {
-            Event::Queued { key, partition } => {
-                tracing::info!(key = %key, partition = %partition, "queued")
-            }
-            // `status` is absent when no answer came (a transport failure).
-            Event::Classified { key, class, status } => {
-                tracing::info!(key = %key, class = %class, status, "replayed")
-            }
-            Event::AuthRequired { key, principal } => {
-                tracing::info!(key = %key, principal = %principal, "waiting for fresh credentials")
-            }
-            Event::Coalesced { key, into } => {
-                tracing::info!(key = %key, into = %into, "coalesced into a newer write")
-            }
-            Event::Paused => tracing::info!("replay paused by an operator"),
-            Event::Resumed => tracing::info!("replay resumed by an operator"),
-            Event::Operator {
-                key,
-                action,
-                new_key,
-            } => tracing::info!(
-                key = %key,
-                action = %action,
-                new_key = new_key.as_deref().unwrap_or(""),
-                "operator action"
-            ),
-            // Health logs online/offline; replay logs dead letters (with the outcome) and
-            // expiries itself.
-            Event::ReplayAttempt { .. }
-            | Event::Online
-            | Event::Offline { .. }
-            | Event::DeadLettered { .. }
-            | Event::Conflict { .. }
-            | Event::Expired { .. } => {}
+/// Log what happens, at a level that fits (the admin API subscribes separately).
+/// An observer of the event stream: the line is written on the emitting thread, so that an
+/// event wakes no logging task (see [`Events::observe`]). Logged under this module's target, as
+/// when a task of its own logged them.
+fn log_event(event: &Event) {
+    // One line per happening: what the emitter already logs (with more detail) is not
+    // logged again here.
+    match event {
+        Event::Queued { key, partition } => {
+            tracing::info!(key = %key, partition = %partition, "queued")
         }
+        // `status` is absent when no answer came (a transport failure).
+        Event::Classified { key, class, status } => {
+            tracing::info!(key = %key, class = %class, status, "replayed")
+        }
+        Event::AuthRequired { key, principal } => {
+            tracing::info!(key = %key, principal = %principal, "waiting for fresh credentials")
+        }
+        Event::Coalesced { key, into } => {
+            tracing::info!(key = %key, into = %into, "coalesced into a newer write")
+        }
+        Event::Paused => tracing::info!("replay paused by an operator"),
+        Event::Resumed => tracing::info!("replay resumed by an operator"),
+        Event::Operator {
+            key,
+            action,
+            new_key,
+        } => tracing::info!(
+            key = %key,
+            action = %action,
+            new_key = new_key.as_deref().unwrap_or(""),
+            "operator action"
+        ),
+        // Health logs online/offline; replay logs dead letters (with the outcome) and
+        // expiries itself.
+        Event::ReplayAttempt { .. }
+        | Event::Online
+        | Event::Offline { .. }
+        | Event::DeadLettered { .. }
+        | Event::Conflict { .. }
+        | Event::Expired { .. } => {}
     }
 }

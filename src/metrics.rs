@@ -253,29 +253,18 @@ impl Metrics {
         &self.store_commit
     }
 
-    /// Count what the event stream reports, until shutdown; also runs the registry's upkeep
-    /// (histograms drained) every few seconds.
+    /// Count what the event stream reports (as its observer: counting wakes no task), and run
+    /// the registry's upkeep (histograms drained) every few seconds until shutdown.
     pub async fn run(self: std::sync::Arc<Self>, events: Events, shutdown: Shutdown) {
-        let mut rx = events.subscribe();
+        let counting = self.clone();
+        events.observe(move |event| counting.count(event));
         let mut upkeep = tokio::time::interval(Duration::from_secs(5));
         upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let event = tokio::select! {
+            tokio::select! {
                 _ = shutdown.wait() => return,
-                _ = upkeep.tick() => {
-                    self.handle.run_upkeep();
-                    continue;
-                }
-                e = rx.recv() => match e {
-                    Ok(e) => e,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(skipped = n, "metrics fell behind the event stream");
-                        continue;
-                    }
-                    Err(_) => return,
-                },
-            };
-            self.count(&event);
+                _ = upkeep.tick() => self.handle.run_upkeep(),
+            }
         }
     }
 

@@ -157,7 +157,7 @@ impl Outbox {
         // A key generated here (UUIDv7) is new by construction: no store lookup for it.
         let (key, generated) = match parts.headers.get(&IDEMPOTENCY_KEY) {
             Some(v) => (valid_key(v)?, false),
-            None => (uuid::Uuid::now_v7().to_string(), true),
+            None => (generated_key(), true),
         };
         ctx.idempotency_key = Some(key.clone());
         // The key belongs to this caller (whatever the route's caching says): nobody else gets
@@ -544,7 +544,7 @@ impl Outbox {
                         key: key.clone(),
                         partition,
                     });
-                    self.activity.wake();
+                    self.wake_replay();
                     return Ok(self.accepted_response(&key));
                 }
                 Some(Coalesced::Existing(existing)) => {
@@ -565,7 +565,7 @@ impl Outbox {
                     key: key.clone(),
                     partition,
                 });
-                self.activity.wake();
+                self.wake_replay();
                 Ok(self.accepted_response(&key))
             }
             // Another instance stored the same key first.
@@ -764,18 +764,40 @@ impl Outbox {
         }
     }
 
+    /// A mutation was queued: wake the replayer, unless the upstream is offline. Replay cannot
+    /// start then, and the replayer looks for pending partitions itself when the upstream comes
+    /// back (after this write's commit, so it finds it); waking it for every write queued
+    /// during an outage cost a thread wake-up per acknowledged write.
+    fn wake_replay(&self) {
+        if self.health.is_online() {
+            self.activity.wake();
+        }
+    }
+
     /// `202 Accepted` for a queued mutation.
     fn accepted_response(&self, key: &str) -> Response<ProxyBody> {
+        /// The body, serialized straight from borrowed fields (a `json!` value built a map per
+        /// acknowledged write); fields in the order a `json!` object prints them.
+        #[derive(serde::Serialize)]
+        struct Accepted<'a> {
+            idempotency_key: &'a str,
+            location: &'a str,
+            status: &'static str,
+        }
         let location = self.docs.location(key);
-        let mut resp = json_response(
-            StatusCode::ACCEPTED,
-            &serde_json::json!({
-                "status": "queued",
-                "idempotency_key": key,
-                "location": location,
-            }),
-        );
+        let body = serde_json::to_vec(&Accepted {
+            idempotency_key: key,
+            location: &location,
+            status: "queued",
+        })
+        .unwrap_or_default();
+        let mut resp = Response::new(crate::body::full(Bytes::from(body)));
+        *resp.status_mut() = StatusCode::ACCEPTED;
         let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let Ok(v) = HeaderValue::from_str(key) {
             headers.insert(IDEMPOTENCY_KEY.clone(), v);
         }
@@ -816,6 +838,20 @@ pub const AWAITING_FORWARD: &str = "in flight: forwarded before its 202 (write_t
 
 /// The outcome prefix of a forward's answer that came after the app's `202`.
 pub const FORWARDED_AFTER_202: &str = "forwarded after its 202";
+
+/// A new key: a UUIDv7 of the time in ms and 74 random bits from the thread's generator
+/// (`Uuid::now_v7` asked the kernel for its random bits, a `getrandom` call per write).
+fn generated_key() -> String {
+    use rand::RngCore as _;
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let mut random = [0u8; 10];
+    rand::rng().fill_bytes(&mut random);
+    let key = uuid::Builder::from_unix_timestamp_millis(ms, &random).into_uuid();
+    let mut buf = uuid::Uuid::encode_buffer();
+    key.hyphenated().encode_lower(&mut buf).to_owned()
+}
 
 /// Where the answer of a forward whose copy may be queued is kept: a key no app can send
 /// (`Idempotency-Key` values are visible ASCII).
@@ -935,6 +971,17 @@ fn kib(bytes: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generated_keys_are_uuid_v7_valid_and_distinct() {
+        let a = generated_key();
+        let b = generated_key();
+        assert_ne!(a, b);
+        let parsed = uuid::Uuid::parse_str(&a).expect("a UUID");
+        assert_eq!(parsed.get_version_num(), 7);
+        assert_eq!(parsed.hyphenated().to_string(), a, "lower-case, hyphenated");
+        assert!(valid_key(&HeaderValue::from_str(&a).expect("header")).is_ok());
+    }
 
     #[test]
     fn keys_are_validated() {

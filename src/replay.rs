@@ -21,14 +21,19 @@ pub mod classify;
 mod tests;
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::num::NonZeroU32;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::header::{self, HeaderName, HeaderValue};
 use tokio::task::JoinSet;
@@ -71,7 +76,8 @@ const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// What a drain does after one item.
 enum Step {
-    /// Go on with the next item.
+    /// Go on with the next item: this one is done with (finished, or no longer queued), and
+    /// the drain does not read it again.
     Next,
     /// The partition waits (until the given time at the latest).
     Wait(u64),
@@ -102,12 +108,18 @@ enum Progress {
     Finish,
 }
 
+/// One finish recorded in the background: hands back its key once durable, or its record (and
+/// why) when it must be recorded again.
+type Recording =
+    Pin<Box<dyn Future<Output = Result<String, (Box<MutationRecord>, StoreError)>> + Send>>;
+
 /// Finishes recorded in the background under a progress window, and the keys they are for
-/// (skipped by the next peeks until they are settled). Each task hands back its key, or its
-/// record when it must be recorded again.
+/// (skipped by the next peeks until they are settled). The drain polls them itself (when it
+/// records one, before each send, and when it settles) instead of spawning a task per item:
+/// a task per answer cost a spawn, a join and often a wake-up of another worker thread.
 #[derive(Default)]
 struct Finishing {
-    tasks: JoinSet<Result<String, (Box<MutationRecord>, StoreError)>>,
+    tasks: FuturesUnordered<Recording>,
     keys: HashSet<String>,
     /// URIs (with the caller) this drain wrote successfully: a later item of the same URI and
     /// caller drops the version outpost captured for it (`capture_version`), which outpost's own
@@ -311,14 +323,18 @@ impl Replayer {
     ) -> Result<(), StoreError> {
         let renew_every = self.config.store.redis_lease / 3;
         let mut renewed = Instant::now();
+        // The sequence number of the last item done with (finished, or no longer queued): the
+        // items before it are never read again. Those whose answers are still being recorded
+        // in the background are not sent again either way.
+        let mut done_with = 0;
         loop {
             if !self.may_run() {
                 return Ok(());
             }
-            // Items whose answers are still being recorded in the background are not sent
-            // again: read past them.
-            let limit = PEEK_BATCH + finishing.keys.len();
-            let mut items = self.store.peek(&lease.partition, limit).await?;
+            let mut items = self
+                .store
+                .peek_after(&lease.partition, done_with, PEEK_BATCH)
+                .await?;
             items.retain(|item| !finishing.keys.contains(&item.key));
             if items.is_empty() {
                 if finishing.keys.is_empty() {
@@ -340,7 +356,7 @@ impl Replayer {
                     return Ok(());
                 }
                 match self.replay_one(lease, &mut item, finishing).await? {
-                    Step::Next => {}
+                    Step::Next => done_with = done_with.max(item.seq),
                     Step::Wait(until) => {
                         wait_until = Some(until);
                         break;
@@ -738,14 +754,17 @@ impl Replayer {
         finishing: &mut Finishing,
     ) -> Result<bool, StoreError> {
         if progress == Progress::Finish && !self.config.replay.progress_sync.is_zero() {
-            let (store, lease, item) = (self.store.clone(), lease.clone(), item.clone());
+            let (store, task_lease, item) = (self.store.clone(), lease.clone(), item.clone());
             finishing.keys.insert(item.key.clone());
-            finishing.tasks.spawn(async move {
-                match store.finish(&lease, &item).await {
+            finishing.tasks.push(Box::pin(async move {
+                match store.finish(&task_lease, &item).await {
                     Ok(()) => Ok(item.key),
                     Err(e) => Err((Box::new(item), e)),
                 }
-            });
+            }));
+            // Polled once now, so that the store has the write at once (the embedded store
+            // sends it to its writer on the first poll).
+            self.re_record_failed(lease, finishing).await?;
             return Ok(true);
         }
         self.record_now(lease, item, progress).await
@@ -786,21 +805,31 @@ impl Replayer {
         }
     }
 
-    /// Background finishes that failed are recorded again, in place, before the next send.
+    /// Poll the background finishes without waiting for them: those done leave, and those that
+    /// failed are recorded again, in place, before the next send.
     async fn re_record_failed(
         &self,
         lease: &Lease,
         finishing: &mut Finishing,
     ) -> Result<(), StoreError> {
-        while let Some(done) = finishing.tasks.try_join_next() {
+        loop {
+            let done = std::future::poll_fn(|cx| {
+                Poll::Ready(match finishing.tasks.poll_next_unpin(cx) {
+                    Poll::Ready(done) => done,
+                    Poll::Pending => None,
+                })
+            })
+            .await;
+            let Some(done) = done else {
+                return Ok(());
+            };
             self.re_record(lease, finishing, done).await?;
         }
-        Ok(())
     }
 
     /// Wait for every background finish, recording again those that failed.
     async fn settle(&self, lease: &Lease, finishing: &mut Finishing) -> Result<(), StoreError> {
-        while let Some(done) = finishing.tasks.join_next().await {
+        while let Some(done) = finishing.tasks.next().await {
             self.re_record(lease, finishing, done).await?;
         }
         Ok(())
@@ -810,22 +839,20 @@ impl Replayer {
         &self,
         lease: &Lease,
         finishing: &mut Finishing,
-        done: Result<Result<String, (Box<MutationRecord>, StoreError)>, tokio::task::JoinError>,
+        done: Result<String, (Box<MutationRecord>, StoreError)>,
     ) -> Result<(), StoreError> {
         match done {
-            Ok(Ok(key)) => {
+            Ok(key) => {
                 finishing.keys.remove(&key);
                 Ok(())
             }
-            Ok(Err((_, e @ StoreError::LeaseLost { .. }))) => Err(e),
-            Ok(Err((item, e))) => {
+            Err((_, e @ StoreError::LeaseLost { .. })) => Err(e),
+            Err((item, e)) => {
                 tracing::warn!(key = %item.key, "recording the answer failed ({e}); again");
                 self.record_now(lease, &item, Progress::Finish).await?;
                 finishing.keys.remove(&item.key);
                 Ok(())
             }
-            // The drain ends and starts afresh (its skip list with it).
-            Err(e) => Err(StoreError::Task(e.to_string())),
         }
     }
 

@@ -373,6 +373,16 @@ pub trait Queue: Send + Sync + 'static {
     /// Up to `limit` oldest pending items of `partition`, in order.
     async fn peek(&self, partition: &str, limit: usize) -> Result<Vec<MutationRecord>, StoreError>;
 
+    /// Up to `limit` oldest pending items of `partition` whose sequence number is above
+    /// `after`, in order: a drain reads on past the items it already sent (whose answers may
+    /// still be being recorded) instead of reading and decoding them again.
+    async fn peek_after(
+        &self,
+        partition: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<MutationRecord>, StoreError>;
+
     /// Whether writes can be recorded right now (false while the embedded store reopens after
     /// an I/O error). Replay sends nothing it could not record the answer of.
     fn writable(&self) -> bool;

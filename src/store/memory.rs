@@ -168,6 +168,15 @@ impl Queue for MemoryStore {
         Ok(self.lock()?.peek(partition, limit))
     }
 
+    async fn peek_after(
+        &self,
+        partition: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<MutationRecord>, StoreError> {
+        Ok(self.lock()?.peek_after(partition, after, limit))
+    }
+
     /// Always true: memory takes every write.
     fn writable(&self) -> bool {
         true

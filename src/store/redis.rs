@@ -457,7 +457,21 @@ impl Queue for RedisStore {
         within(
             "peek",
             Duration::ZERO,
-            self.shared.peek_inner(partition, limit),
+            self.shared.peek_inner(partition, None, limit),
+        )
+        .await
+    }
+
+    async fn peek_after(
+        &self,
+        partition: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<MutationRecord>, StoreError> {
+        within(
+            "peek",
+            Duration::ZERO,
+            self.shared.peek_inner(partition, Some(after), limit),
         )
         .await
     }

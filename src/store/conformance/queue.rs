@@ -125,6 +125,23 @@ async fn partitions_are_independent_fifos(store: &dyn Store) {
         x.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
         ["x0", "x1", "x2"]
     );
+    // Reading on past an item: only those with a higher sequence number, in order.
+    let after = store.peek_after("px", x[1].seq, 2).await.unwrap();
+    assert_eq!(
+        after.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+        ["x2", "x3"]
+    );
+    let rest = store.peek_after("px", x[0].seq, 100).await.unwrap();
+    assert_eq!(rest.len(), 4, "all after the first");
+    assert_eq!(store.peek_after("px", 0, 100).await.unwrap().len(), 5);
+    assert!(
+        store
+            .peek_after("px", u64::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.peek_after("nowhere", 0, 10).await.unwrap().is_empty());
     // An update keeps the item pending and in place.
     let lease = store.acquire("px").await.unwrap().expect("lease");
     let mut first = x[0].clone();

@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redb::{Database, ReadableDatabase, ReadableTable, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, Table, WriteTransaction};
 
 use super::writer::{Effect, Op};
 use super::{DEAD, EmbeddedStore, FINISHED, META, MUTATIONS, QUEUE, current};
@@ -103,13 +103,28 @@ impl Queue for EmbeddedStore {
     }
 
     async fn peek(&self, partition: &str, limit: usize) -> Result<Vec<MutationRecord>, StoreError> {
+        self.peek_after(partition, 0, limit).await
+    }
+
+    async fn peek_after(
+        &self,
+        partition: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<MutationRecord>, StoreError> {
         let partition = partition.to_string();
         self.read(move |db| {
+            let mut out = Vec::new();
+            let Some(first) = after.checked_add(1) else {
+                return Ok(out);
+            };
+            if limit == 0 {
+                return Ok(out);
+            }
             let read = db.begin_read()?;
             let queue = read.open_table(QUEUE)?;
             let mutations = read.open_table(MUTATIONS)?;
-            let mut out = Vec::new();
-            for item in queue.range((partition.as_str(), 0)..=(partition.as_str(), u64::MAX))? {
+            for item in queue.range((partition.as_str(), first)..=(partition.as_str(), u64::MAX))? {
                 let (_, key) = item?;
                 if let Some(v) = mutations.get(key.value())? {
                     out.push(decode(v.value())?);
@@ -236,36 +251,80 @@ impl Queue for EmbeddedStore {
     }
 }
 
-fn next_seq(txn: &WriteTransaction) -> Result<u64, StoreError> {
-    let mut meta = txn.open_table(META)?;
-    let seq = meta.get("seq")?.map(|v| v.value()).unwrap_or(0) + 1;
-    meta.insert("seq", seq)?;
-    Ok(seq)
+/// The store-wide sequence counter (`meta.seq`) as the writer keeps it: read from the table
+/// once, then counted in memory and written back once per commit ([`Seq::save`]) instead of
+/// read and written by every enqueue. Forgotten when a commit fails, so that it is read again
+/// from what is stored.
+#[derive(Debug, Default)]
+pub(super) struct Seq {
+    /// The last number given out (`None`: read it from the table).
+    last: Option<u64>,
+    /// Given out since the last save.
+    dirty: bool,
+}
+
+impl Seq {
+    /// The next sequence number.
+    pub(super) fn next(&mut self, txn: &WriteTransaction) -> Result<u64, StoreError> {
+        let last = match self.last {
+            Some(last) => last,
+            None => txn
+                .open_table(META)?
+                .get("seq")?
+                .map(|v| v.value())
+                .unwrap_or(0),
+        };
+        let seq = last + 1;
+        self.last = Some(seq);
+        self.dirty = true;
+        Ok(seq)
+    }
+
+    /// Write the counter into `txn` (before it commits), if numbers were given out.
+    pub(super) fn save(&mut self, txn: &WriteTransaction) -> Result<(), redb::Error> {
+        if let (true, Some(last)) = (self.dirty, self.last) {
+            txn.open_table(META)?.insert("seq", last)?;
+        }
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Read the counter from the table next time (its last save may not have been committed).
+    pub(super) fn forget(&mut self) {
+        *self = Self::default();
+    }
 }
 
 fn put_record(txn: &WriteTransaction, record: &MutationRecord) -> Result<(), StoreError> {
+    put_record_in(&mut txn.open_table(MUTATIONS)?, record)
+}
+
+/// [`put_record`] into the `mutations` table already open.
+fn put_record_in(
+    mutations: &mut Table<&str, &[u8]>,
+    record: &MutationRecord,
+) -> Result<(), StoreError> {
     let bytes = encode(record)?;
-    txn.open_table(MUTATIONS)?
-        .insert(record.key.as_str(), bytes.as_slice())?;
+    mutations.insert(record.key.as_str(), bytes.as_slice())?;
     Ok(())
 }
 
 pub(super) fn enqueue(
     txn: &WriteTransaction,
+    seqs: &mut Seq,
     mut record: MutationRecord,
 ) -> Result<(Effect, Enqueued), StoreError> {
-    {
-        let mutations = txn.open_table(MUTATIONS)?;
-        if let Some(existing) = mutations.get(record.key.as_str())? {
-            return Ok((
-                Effect::None,
-                Enqueued::Existing(Box::new(decode(existing.value())?)),
-            ));
-        }
+    let mut mutations = txn.open_table(MUTATIONS)?;
+    if let Some(existing) = mutations.get(record.key.as_str())? {
+        return Ok((
+            Effect::None,
+            Enqueued::Existing(Box::new(decode(existing.value())?)),
+        ));
     }
-    let seq = next_seq(txn)?;
+    let seq = seqs.next(txn)?;
     record.seq = seq;
-    put_record(txn, &record)?;
+    put_record_in(&mut mutations, &record)?;
+    drop(mutations);
     txn.open_table(QUEUE)?
         .insert((record.partition.as_str(), seq), record.key.as_str())?;
     Ok((
@@ -353,18 +412,25 @@ pub(super) fn finish(
         // Already finished (e.g. by an operator); keep what is stored.
         return Ok(Effect::None);
     }
+    let mut mutations = txn.open_table(MUTATIONS)?;
     // The queued bytes go down by the body that was queued (the caller's copy may have
     // forgotten it already).
-    let bytes = get_for_update(txn, &record.key)?.map_or(0, |r| body_len(&r));
-    let mut stored = record.clone();
+    let bytes = mutations
+        .get(record.key.as_str())?
+        .map(|v| decode(v.value()))
+        .transpose()?
+        .map_or(0, |r| body_len(&r));
     if record.goes_to_dead_letters() {
-        put_record(txn, &stored)?;
+        put_record_in(&mut mutations, record)?;
+        drop(mutations);
         txn.open_table(DEAD)?
             .insert(record.seq, record.key.as_str())?;
         return Ok(Effect::DeadLettered(record.partition.clone(), bytes));
     }
+    let mut stored = record.clone();
     stored.forget_request();
-    put_record(txn, &stored)?;
+    put_record_in(&mut mutations, &stored)?;
+    drop(mutations);
     let at = record.finished_at_ms.unwrap_or_else(now_ms);
     txn.open_table(FINISHED)?
         .insert((at, record.key.as_str()), ())?;
@@ -379,6 +445,7 @@ pub(super) fn body_len(record: &MutationRecord) -> u64 {
 /// Back to the tail of its partition; with `headers`, an operator's edit of its headers.
 pub(super) fn retry_dead_letter(
     txn: &WriteTransaction,
+    seqs: &mut Seq,
     key: &str,
     headers: Option<Vec<(String, Bytes)>>,
 ) -> Result<Option<Effect>, StoreError> {
@@ -396,7 +463,7 @@ pub(super) fn retry_dead_letter(
         return Ok(None);
     }
     txn.open_table(DEAD)?.remove(record.seq)?;
-    let seq = next_seq(txn)?;
+    let seq = seqs.next(txn)?;
     record.seq = seq;
     record.status = MutationStatus::Queued;
     record.attempts = 0;

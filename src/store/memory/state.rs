@@ -273,12 +273,22 @@ impl State {
     }
 
     pub(super) fn peek(&self, partition: &str, limit: usize) -> Vec<MutationRecord> {
-        let Some(queue) = self.queues.get(partition) else {
+        self.peek_after(partition, 0, limit)
+    }
+
+    /// [`Self::peek`] of the items with a sequence number above `after`.
+    pub(super) fn peek_after(
+        &self,
+        partition: &str,
+        after: u64,
+        limit: usize,
+    ) -> Vec<MutationRecord> {
+        let (Some(queue), Some(first)) = (self.queues.get(partition), after.checked_add(1)) else {
             return Vec::new();
         };
         queue
-            .values()
-            .filter_map(|key| self.records.get(key).cloned())
+            .range(first..)
+            .filter_map(|(_, key)| self.records.get(key).cloned())
             .take(limit)
             .collect()
     }

@@ -50,6 +50,7 @@ impl Shared {
     pub(super) async fn peek_inner(
         &self,
         partition: &str,
+        after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<MutationRecord>, StoreError> {
         if limit == 0 {
@@ -57,12 +58,28 @@ impl Shared {
         }
         let mut conn = self.conn.clone();
         let pk = self.keys.partition(partition);
-        let keys: Vec<String> = redis::cmd("ZRANGE")
-            .arg(pk.queue())
-            .arg(0)
-            .arg(limit as i64 - 1)
-            .query_async(&mut conn)
-            .await?;
+        let keys: Vec<String> = match after {
+            // Scores are the sequence numbers: read on past `after` (exclusive).
+            Some(after) => {
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(pk.queue())
+                    .arg(format!("({after}"))
+                    .arg("+inf")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit)
+                    .query_async(&mut conn)
+                    .await?
+            }
+            None => {
+                redis::cmd("ZRANGE")
+                    .arg(pk.queue())
+                    .arg(0)
+                    .arg(limit as i64 - 1)
+                    .query_async(&mut conn)
+                    .await?
+            }
+        };
         if keys.is_empty() {
             return Ok(Vec::new());
         }
