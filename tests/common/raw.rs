@@ -67,7 +67,10 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> RawResponse {
 
 /// Whether the peer has closed `stream` (EOF or reset), reading and dropping whatever else
 /// arrives; gives up after `within`.
-pub async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+pub async fn closed_within(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    within: Duration,
+) -> bool {
     let mut chunk = [0u8; 1024];
     let read_to_end = async {
         loop {
