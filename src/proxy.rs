@@ -711,22 +711,8 @@ impl Proxy {
         ctx.source = Source::Upstream;
         let (mut parts, incoming) = resp.into_parts();
         upstream::strip_hop_by_hop(&mut parts.headers);
-        let terms = if ctx.method != Method::HEAD {
-            cache::storable(
-                &request_headers,
-                parts.status,
-                &parts.headers,
-                ctx.route.public,
-                ctx.route.cache_ttl,
-            )
-        } else {
-            None
-        };
-        let too_big = incoming
-            .size_hint()
-            .exact()
-            .is_some_and(|n| n > self.cache.max_entry_bytes());
-        let Some(terms) = terms.filter(|_| !too_big) else {
+        let size = incoming.size_hint().exact();
+        let Some(terms) = self.storage_terms(ctx, &request_headers, &parts, size) else {
             parts
                 .headers
                 .insert(CACHE_STATUS.clone(), HeaderValue::from_static(status::MISS));
@@ -754,6 +740,27 @@ impl Proxy {
         Response::from_parts(parts, body)
     }
 
+    /// Whether an upstream answer to a read may be stored, and its terms: not for HEAD, not
+    /// over the cache's entry limit (`size`, when known), else by the caching rules.
+    fn storage_terms(
+        &self,
+        ctx: &RequestContext,
+        request_headers: &HeaderMap,
+        parts: &http::response::Parts,
+        size: Option<u64>,
+    ) -> Option<cache::Storable> {
+        if ctx.method == Method::HEAD || size.is_some_and(|n| n > self.cache.max_entry_bytes()) {
+            return None;
+        }
+        cache::storable(
+            request_headers,
+            parts.status,
+            &parts.headers,
+            ctx.route.public,
+            ctx.route.cache_ttl,
+        )
+    }
+
     /// [`Self::store_while_streaming`] for an answer already taken whole: stored at once,
     /// without a copy of its headers or a body wrapper.
     fn store_whole(
@@ -766,18 +773,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         ctx.source = Source::Upstream;
         upstream::strip_hop_by_hop(&mut parts.headers);
-        let terms = (ctx.method != Method::HEAD)
-            .then(|| {
-                cache::storable(
-                    request_headers,
-                    parts.status,
-                    &parts.headers,
-                    ctx.route.public,
-                    ctx.route.cache_ttl,
-                )
-            })
-            .flatten()
-            .filter(|_| bytes.len() as u64 <= self.cache.max_entry_bytes());
+        let terms = self.storage_terms(ctx, request_headers, &parts, Some(bytes.len() as u64));
         let cache_status = match terms {
             Some(terms) => {
                 self.cache.put(
