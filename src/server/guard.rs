@@ -587,10 +587,10 @@ pub struct Guard<T> {
     deadline: Pin<Box<Sleep>>,
     /// When the current wait for a head times out.
     due: Instant,
-    /// The count of heads when the deadline was set (a new wait sets it anew).
-    armed_for: Option<u64>,
-    /// Where the framing is lost: the count of answers when the deadline was set.
-    lost_armed_for: Option<u64>,
+    /// The wait the deadline was set for: whether the framing was lost, and the count that
+    /// marks the wait (heads handed to hyper, or answers where the framing is lost); a new
+    /// wait sets it anew.
+    armed_for: Option<(bool, u64)>,
     /// hyper wrote since its last successful flush.
     unflushed: bool,
     answer: Option<Answer>,
@@ -610,8 +610,7 @@ impl<T> Guard<T> {
                 accepted + options.header_read_timeout,
             )),
             due: accepted + options.header_read_timeout,
-            armed_for: Some(0),
-            lost_armed_for: None,
+            armed_for: Some((false, 0)),
             unflushed: false,
             answer: None,
         }
@@ -699,6 +698,18 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Guard<T> {
         }
     }
 
+    /// A wait for a head, marked by `wait`: the first time it is seen, the deadline and the
+    /// idle time start.
+    fn wait_for_head(&mut self, wait: (bool, u64)) {
+        if self.armed_for != Some(wait) {
+            self.armed_for = Some(wait);
+            self.due = Instant::now() + self.timeout;
+            self.shared
+                .idle_since_ms
+                .store(self.limits.now_ms(), Ordering::Release);
+        }
+    }
+
     /// The header-read deadline where the framing is lost (hyper's own header timer is off:
     /// the guard times every head, see `server.rs`): with every request hyper handed on
     /// answered, the next one must come within the timeout of the last answer. Bytes trickling
@@ -707,17 +718,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Guard<T> {
         let waiting = self.shared.answered_all() && !self.unflushed;
         self.shared.idle.store(waiting, Ordering::Release);
         if !waiting {
-            self.lost_armed_for = None;
+            self.armed_for = None;
             return false;
         }
         let answered = self.shared.done.load(Ordering::Acquire);
-        if self.lost_armed_for != Some(answered) {
-            self.lost_armed_for = Some(answered);
-            self.due = Instant::now() + self.timeout;
-            self.shared
-                .idle_since_ms
-                .store(self.limits.now_ms(), Ordering::Release);
-        }
+        self.wait_for_head((true, answered));
         self.due_passed(cx)
     }
 
@@ -734,13 +739,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Guard<T> {
             return false;
         }
         let heads = self.shared.heads.load(Ordering::Acquire);
-        if self.armed_for != Some(heads) {
-            self.armed_for = Some(heads);
-            self.due = Instant::now() + self.timeout;
-            self.shared
-                .idle_since_ms
-                .store(self.limits.now_ms(), Ordering::Release);
-        }
+        self.wait_for_head((false, heads));
         self.due_passed(cx)
     }
 }
