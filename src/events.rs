@@ -7,8 +7,8 @@
 //!   for consumers that only count or log it (metrics, the log), so that an event costs no
 //!   wake-up of another task (on the write path that wake-up was a tenth of the CPU per
 //!   acknowledged write);
-//! - the **broadcast** ([`Events::subscribe`]) is for in-process consumers (the log, metrics,
-//!   the demo): with no subscriber the event is dropped, and a slow subscriber loses the oldest
+//! - the **broadcast** ([`Events::subscribe`]) is for in-process consumers that run as tasks
+//!   of their own (the admin's event stream, the demo): with no subscriber the event is dropped, and a slow subscriber loses the oldest
 //!   events (it sees `RecvError::Lagged`);
 //! - the **journal** ([`Events::since`], [`Events::watch`]) keeps the last `admin.events_buffer`
 //!   events, each [`Stamped`] with an id that only grows, so that a reconnecting client
