@@ -6,7 +6,8 @@
 #
 # For each mode: nginx (1 worker) as the upstream, outpost under callgrind with instrumentation
 # off, 200 warm-up requests, instrumentation on, N requests (N=3000) sent one at a time over four
-# keep-alive connections, instrumentation off. Prints instructions per request. Under valgrind
+# keep-alive connections, instrumentation off. Prints instructions per request.
+# KEEP=DIR keeps each mode's callgrind files in DIR/MODE (for callgrind_annotate). Under valgrind
 # the cache keys' SHA-256 runs in its portable form (about 7 k instructions per key; natively the
 # CPU's SHA instructions do it for a fraction of that). OUTPOST_BIN skips the release build.
 set -euo pipefail
@@ -86,4 +87,5 @@ for mode in $MODES; do
     t=$({ grep -m1 '^totals:' "$f" || true; } | awk '{print $2}'); total=$((total + ${t:-0}))
   done
   echo "| $mode | $((total / N)) |"
+  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP/$mode"; cp "$WORK"/cg.out* "$KEEP/$mode/"; fi
 done

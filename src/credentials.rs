@@ -172,7 +172,10 @@ fn jwt_sub(headers: &HeaderMap) -> Option<String> {
         .decode(payload.trim_end_matches('='))
         .ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&json).ok()?;
-    claims.get("sub")?.as_str().map(str::to_string)
+    // An empty (or blank) sub names nobody, and `*` is the legacy "anybody": neither may
+    // stand for a principal, or two callers with such tokens would release each other's writes.
+    let sub = claims.get("sub")?.as_str()?;
+    (!sub.trim().is_empty() && sub != "*").then(|| sub.to_string())
 }
 
 #[cfg(test)]
@@ -197,6 +200,23 @@ mod tests {
             None,
             "unknown, not everybody"
         );
+    }
+
+    #[test]
+    fn an_empty_blank_or_wildcard_sub_is_no_principal() {
+        let c = Credentials::new("jwt-sub");
+        for sub in [r#""""#, r#"" ""#, r#""*""#] {
+            let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(format!(r#"{{"sub":{sub}}}"#));
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer x.{payload}.sig")).expect("value"),
+            );
+            assert_eq!(c.principal_of(&h), None, "sub {sub}");
+            c.mark_waiting("k");
+            assert!(c.offer(&h).is_none(), "sub {sub}: kept for nobody");
+        }
     }
 
     #[test]

@@ -499,20 +499,21 @@ impl Outbox {
             key: answer_key(&record.key),
             ..record.clone()
         });
-        let store = self.store.clone();
-        let activity = self.activity.clone();
-        tokio::spawn(async move {
-            if let Some(answer) = answer_for_copy {
-                if let Err(e) = store.record_forwarded(answer).await {
-                    tracing::warn!("could not keep the answer for the queued copy: {e}");
-                }
-                activity.wake();
+        // Kept (durably) before the app hears the answer: an app that retries with the key
+        // after a crash, or through another instance sharing the store, finds the answer
+        // instead of sending the write again. This runs in the forward's own task, which goes
+        // on when the app hangs up. Until it is kept the key is in progress (a retry meanwhile
+        // gets 409).
+        if let Some(answer) = answer_for_copy {
+            if let Err(e) = self.store.record_forwarded(answer).await {
+                tracing::warn!("could not keep the answer for the queued copy: {e}");
             }
-            if let Err(e) = store.record_forwarded(record).await {
-                tracing::warn!("could not keep the answer for idempotent replies: {e}");
-            }
-            drop(guard);
-        });
+            self.activity.wake();
+        }
+        if let Err(e) = self.store.record_forwarded(record).await {
+            tracing::warn!("could not keep the answer for idempotent replies: {e}");
+        }
+        drop(guard);
         parts.headers.remove(header::CONTENT_LENGTH);
         Response::from_parts(parts, body)
     }

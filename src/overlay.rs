@@ -11,7 +11,7 @@
 //! Pending writes are applied in acceptance order over whatever the read path produced (the
 //! upstream's answer or the cached copy). Once the upstream has applied a write it is no
 //! longer pending, and the upstream's own answer is served unchanged. Only the caller's own
-//! writes count (the identity hash recorded with each mutation), unless the route is `public`.
+//! writes count (the identity hash recorded with each mutation), on `public` routes too.
 //! Pending includes a forward answered `202` by the route's `write_timeout` that has not
 //! settled yet (held by [`Activity`], not yet by the store).
 //! Bodies that are not JSON, or shapes that do not match, pass unchanged.
@@ -357,7 +357,7 @@ impl PendingWrites {
         Self { store, activity }
     }
 
-    /// The pending writes, oldest first, of `identity` (anyone's on a public route, `None`)
+    /// The pending writes, oldest first, of `identity` (`None`: anyone's)
     /// that `shape` overlays on reads of `collection`.
     pub async fn for_read(
         &self,

@@ -380,11 +380,13 @@ impl Proxy {
         let shape = ctx.route.overlay.as_ref()?;
         let target = shape.target(&ctx.path_and_query)?;
         let collection = shape.collection_path(&ctx.path_and_query, &target);
-        // Mutations belong to the identity of `cache.identity_headers` (see `outbox`).
-        let owner = (!ctx.route.public).then(|| self.docs.owner(headers));
+        // Mutations belong to the identity of `cache.identity_headers` (see `outbox`); only the
+        // caller's own are overlaid, on public routes too (the resource is shared, a caller's
+        // unsent writes are not: the upstream may still refuse them).
+        let owner = self.docs.owner(headers);
         match self
             .pending
-            .for_read(shape, &collection, owner.as_ref())
+            .for_read(shape, &collection, Some(&owner))
             .await
         {
             Ok(writes) => {

@@ -754,7 +754,9 @@ impl Replayer {
         finishing: &mut Finishing,
     ) -> Result<bool, StoreError> {
         if progress == Progress::Finish && !self.config.replay.progress_sync.is_zero() {
-            let (store, task_lease, item) = (self.store.clone(), lease.clone(), item.clone());
+            // What the store keeps of it is all the task needs (not every header's copy).
+            let (store, task_lease, item) =
+                (self.store.clone(), lease.clone(), item.finished_copy());
             finishing.keys.insert(item.key.clone());
             finishing.tasks.push(Box::pin(async move {
                 match store.finish(&task_lease, &item).await {

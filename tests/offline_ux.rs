@@ -1234,3 +1234,39 @@ async fn reads_with_a_body_keep_the_body_limits() {
     assert_eq!(search.status, 504, "{search:?}");
     assert_eq!(s.queue_depth().await, 0, "nothing queued");
 }
+
+/// On a `public` route the cached resource is shared, but a caller's pending writes are not:
+/// only the caller who made them sees them overlaid (the upstream may still refuse them).
+/// Found by a hostile probe: everybody used to see them.
+#[tokio::test]
+async fn on_a_public_route_pending_writes_are_overlaid_for_their_caller_only() {
+    let s = Setup::start("public = true").await;
+    for who in ["alice", "bob"] {
+        assert_eq!(s.get(who, "/orders").await.status, 200);
+        assert_eq!(s.get(who, "/orders/2").await.status, 200);
+    }
+    s.go_offline("alice", "/orders/2").await;
+    let patch = s
+        .send(
+            "alice",
+            Method::PATCH,
+            "/orders/2",
+            Some(json!({"qty": 99, "secret": "alice-was-here"})),
+        )
+        .await;
+    assert_eq!(patch.status, 202, "{patch:?}");
+    let mine = s.get("alice", "/orders/2").await;
+    assert_eq!(mine.body["qty"], 99, "{mine:?}");
+    assert_eq!(mine.pending.as_deref(), Some("1"), "{mine:?}");
+    for path in ["/orders/2", "/orders"] {
+        let theirs = s.get("bob", path).await;
+        assert_eq!(theirs.status, 200, "{theirs:?}");
+        assert_eq!(theirs.pending, None, "bob's read of {path}: {theirs:?}");
+        assert!(
+            !theirs.body.to_string().contains("alice-was-here"),
+            "bob's read of {path} shows alice's pending write: {theirs:?}"
+        );
+    }
+    let theirs = s.get("bob", "/orders/2").await;
+    assert_eq!(theirs.body["qty"], 2, "{theirs:?}");
+}

@@ -792,3 +792,49 @@ async fn fresh_credentials_offered_to_another_instance_release_a_mutation_waitin
         "refused once with the old token, then replayed once with the new one"
     );
 }
+
+/// A write forwarded through instance A (upstream online) and retried with its key through B
+/// the moment A's answer arrives: B gets the stored answer (or 409 while A is storing it),
+/// and the upstream, which ignores `Idempotency-Key`, applies it once. Found by a hostile
+/// probe: the answer used to reach Redis after the app had it, and B sent the write again in
+/// about half the tries.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forwarded_write_retried_through_another_instance_right_after_its_answer_is_applied_once()
+{
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let a = Instance::start("a", &redis, &upstream, "").await;
+    let b = Instance::start("b", &redis, &upstream, "").await;
+    let http = client();
+    for n in 0..20 {
+        let key = format!("fwd-ab-{n}");
+        let body = json!({"n": n});
+        let (status, _, text) = read(a.post(&http, &key, &body).await).await;
+        assert_eq!(status, 201, "{key} forwarded via A: {text}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (status, headers, text) = loop {
+            let (status, headers, text) = read(b.post(&http, &key, &body).await).await;
+            if status != 409 || Instant::now() > deadline {
+                break (status, headers, text);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let sent = upstream
+            .requests()
+            .iter()
+            .filter(|r| r.header("idempotency-key") == Some(key.as_str()))
+            .count();
+        assert_eq!(
+            sent, 1,
+            "{key}: the retry via B was sent again ({status} {text})"
+        );
+        assert_eq!(status, 201, "{key}: the stored answer via B: {text}");
+        assert_eq!(
+            headers
+                .get("idempotent-replayed")
+                .and_then(|v| v.to_str().ok()),
+            Some("true"),
+            "{key}: {headers:?}"
+        );
+    }
+}

@@ -4,19 +4,20 @@
 //! in *groups*: it takes every operation waiting in its channel (up to
 //! `MAX_BATCH`), applies them in one write transaction and commits once.
 //! Each op has a durability class:
-//! - *now*: enqueues (coalescing ones included) and operator actions (retry, edit, drop). A group holding one commits with
+//! - *now*: enqueues (coalescing ones included), answers of forwarded mutations (kept before
+//!   the app hears them, so that its retry with the key finds them even after a crash) and
+//!   operator actions (retry, edit, drop). A group holding one commits with
 //!   `Durability::Immediate` (redb fsyncs before `commit` returns); only then are its callers
 //!   answered, so a 202 is sent only after the commit that holds its mutation returned. Many
 //!   concurrent writers share one fsync, which is what makes durable acknowledgement cheap.
-//! - *progress*: replay progress (`update`, `finish`) and answers of forwarded mutations. With
-//!   `replay.progress_sync = 0` (the default) these are *now* too: the replayer waits for the
-//!   fsync before it sends the partition's next item, so after a crash at most the item in
-//!   flight of each partition is sent again; concurrent partitions share fsyncs. With a window
-//!   (`"10ms"`), replay progress (`update`, `finish`) waits in a write transaction the writer
-//!   leaves open, and is committed durably, with whatever came meanwhile, one window after the
-//!   first of it at the latest (sooner with an op of class *now*): one commit per window, not
-//!   one per item. While such a transaction is open the writer takes its ops every 200 µs
-//!   instead of being woken by each. Answers of forwarded mutations commit at once without fsync. Either way the
+//! - *progress*: replay progress (`update`, `finish`). With `replay.progress_sync = 0` (the
+//!   default) these are *now* too: the replayer waits for the fsync before it sends the
+//!   partition's next item, so after a crash at most the item in flight of each partition is
+//!   sent again; concurrent partitions share fsyncs. With a window (`"10ms"`), replay progress
+//!   waits in a write transaction the writer leaves open, and is committed durably, with
+//!   whatever came meanwhile, one window after the first of it at the latest (sooner with an
+//!   op of class *now*): one commit per window, not one per item. While such a transaction is
+//!   open the writer takes its ops every 200 µs instead of being woken by each. Either way the
 //!   callers are answered only once a durable commit covers them: a crash re-delivers at most
 //!   one window's answers. Readers see replay progress up to one window late.
 //! - *lazy*: cache blobs and LRU touches, not answered; made durable by the next durable commit

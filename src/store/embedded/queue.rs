@@ -8,7 +8,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, Table, WriteTransaction};
 
 use super::writer::{Effect, Op};
 use super::{DEAD, EmbeddedStore, FINISHED, META, MUTATIONS, QUEUE, current};
-use crate::store::codec::{decode, encode};
+use crate::store::codec::{self, decode, encode};
 use crate::store::{
     Coalesced, DeadLetterEdit, Enqueued, Lease, MutationRecord, MutationStatus, Queue, QueueStats,
     QueueTotals, StoreError, now_ms,
@@ -147,7 +147,8 @@ impl Queue for EmbeddedStore {
     }
 
     async fn finish(&self, _lease: &Lease, record: &MutationRecord) -> Result<(), StoreError> {
-        self.call(|r| Op::Finish(Box::new(record.clone()), r)).await
+        self.call(|r| Op::Finish(Box::new(record.finished_copy()), r))
+            .await
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<MutationRecord>, StoreError> {
@@ -402,7 +403,7 @@ pub(super) fn record_forwarded(
 
 pub(super) fn finish(
     txn: &WriteTransaction,
-    record: &MutationRecord,
+    mut record: MutationRecord,
 ) -> Result<Effect, StoreError> {
     let removed = txn
         .open_table(QUEUE)?
@@ -417,24 +418,23 @@ pub(super) fn finish(
     // forgotten it already).
     let bytes = mutations
         .get(record.key.as_str())?
-        .map(|v| decode(v.value()))
+        .map(|v| codec::body_len(v.value()))
         .transpose()?
-        .map_or(0, |r| body_len(&r));
+        .unwrap_or(0);
     if record.goes_to_dead_letters() {
-        put_record_in(&mut mutations, record)?;
+        put_record_in(&mut mutations, &record)?;
         drop(mutations);
         txn.open_table(DEAD)?
             .insert(record.seq, record.key.as_str())?;
-        return Ok(Effect::DeadLettered(record.partition.clone(), bytes));
+        return Ok(Effect::DeadLettered(record.partition, bytes));
     }
-    let mut stored = record.clone();
-    stored.forget_request();
-    put_record_in(&mut mutations, &stored)?;
+    record.forget_request();
+    put_record_in(&mut mutations, &record)?;
     drop(mutations);
     let at = record.finished_at_ms.unwrap_or_else(now_ms);
     txn.open_table(FINISHED)?
         .insert((at, record.key.as_str()), ())?;
-    Ok(Effect::Unqueued(record.partition.clone(), bytes))
+    Ok(Effect::Unqueued(record.partition, bytes))
 }
 
 /// The body bytes a pending record counts for in the queue's totals.

@@ -94,13 +94,16 @@ enum Class {
 impl Op {
     fn class(&self, progress_sync: Duration) -> Class {
         match self {
+            // A forwarded write's answer is kept before the app hears it (its retry must find
+            // it, even after a crash): not replay progress, whatever the window.
             Op::Enqueue(..)
             | Op::Coalesce(..)
+            | Op::RecordForwarded(..)
             | Op::RetryDeadLetter(..)
             | Op::RetryPending(..)
             | Op::Drop(..)
             | Op::EditDeadLetter(..) => Class::Now,
-            Op::RecordForwarded(..) | Op::Update(..) | Op::Finish(..) => {
+            Op::Update(..) | Op::Finish(..) => {
                 if progress_sync.is_zero() {
                     Class::Now
                 } else {
@@ -112,9 +115,7 @@ impl Op {
     }
 
     /// Replay progress under a window (`update`, `finish`): such ops may wait in a transaction
-    /// left open until their window ends (see [`Writer::commit_batch`]). The answers of
-    /// forwarded mutations are committed at once, so that the app's retry with the key finds
-    /// them.
+    /// left open until their window ends (see [`Writer::commit_batch`]).
     fn may_wait_open(&self, progress_sync: Duration) -> bool {
         matches!(self, Op::Update(..) | Op::Finish(..)) && !progress_sync.is_zero()
     }
@@ -663,7 +664,7 @@ impl Writer {
                 let r = update(txn, &record);
                 (Effect::None, answer(reply, r))
             }
-            Op::Finish(record, reply) => match finish(txn, &record) {
+            Op::Finish(record, reply) => match finish(txn, *record) {
                 Ok(effect) => (effect, answer(reply, Ok(()))),
                 Err(e) => (Effect::None, answer(reply, Err(e))),
             },
