@@ -25,7 +25,7 @@
 //! Status documents are [`crate::mutations`]'; fresh credentials after a 401 go to
 //! [`crate::credentials`]; queued wake-ups to [`crate::activity`].
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -73,7 +73,7 @@ pub struct Outbox {
     /// The read cache: where `capture_version` finds the version of the copy served.
     cache: Arc<Cache>,
     limits: Arc<QueueLimits>,
-    in_progress: Arc<Mutex<HashSet<String>>>,
+    in_progress: Arc<Mutex<InProgressKeys>>,
     /// `queue.max_buffered_bytes`, in KiB: what the mutation bodies held at once may take.
     buffered: Arc<Semaphore>,
 }
@@ -213,8 +213,15 @@ impl Outbox {
         };
         let fingerprint = fingerprint(&parts.method, &ctx.path_and_query, &body_bytes);
 
-        let Some(guard) = InProgress::take(&self.in_progress, &key) else {
-            return Err(ProxyError::KeyInProgress(key));
+        let guard = match InProgress::take(&self.in_progress, &key, (identity.0, fingerprint)) {
+            Ok(guard) => guard,
+            // A duplicate of the same caller's request: 409 until the first is stored.
+            Err(holder) if holder == (identity.0, fingerprint) => {
+                return Err(ProxyError::KeyInProgress(key));
+            }
+            // Another caller's key, or another request: the same 422 as once it is stored,
+            // revealing nothing of the first.
+            Err(_) => return Err(ProxyError::KeyReused(key)),
         };
         // (The enqueue itself still refuses to store a key twice.)
         if !generated && let Some(existing) = self.store.mutation(&key).await? {
@@ -868,22 +875,38 @@ const COALESCE_ATTEMPTS: usize = 3;
 /// the same URI and caller succeeded (the version then moved by outpost's own write).
 pub const CAPTURED_VERSION: &str = "outpost-captured-version";
 
-/// A key reserved while its first request is being stored or forwarded (409 for others).
+/// Keys being stored or forwarded now, each with its caller's identity and its request's
+/// fingerprint.
+type InProgressKeys = HashMap<String, ([u8; 32], [u8; 32])>;
+
+/// A key reserved while its first request is being stored or forwarded (409 for the same
+/// caller's duplicates, 422 for anyone else).
 pub struct InProgress {
-    set: Arc<Mutex<HashSet<String>>>,
+    set: Arc<Mutex<InProgressKeys>>,
     key: String,
     /// A forward that may outlive `write_timeout`: it has settled when the guard goes.
     settling: Option<Arc<Activity>>,
 }
 
 impl InProgress {
-    fn take(set: &Arc<Mutex<HashSet<String>>>, key: &str) -> Option<Self> {
-        let mut guard = set.lock().ok()?;
-        guard.insert(key.to_string()).then(|| InProgress {
-            set: set.clone(),
-            key: key.to_string(),
-            settling: None,
-        })
+    /// The key for this caller and request, or who holds it now (identity, fingerprint).
+    fn take(
+        set: &Arc<Mutex<InProgressKeys>>,
+        key: &str,
+        owner: ([u8; 32], [u8; 32]),
+    ) -> Result<Self, ([u8; 32], [u8; 32])> {
+        let mut keys = set.lock().unwrap_or_else(|e| e.into_inner());
+        match keys.entry(key.to_string()) {
+            std::collections::hash_map::Entry::Occupied(held) => Err(*held.get()),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(owner);
+                Ok(InProgress {
+                    set: set.clone(),
+                    key: key.to_string(),
+                    settling: None,
+                })
+            }
+        }
     }
 
     /// Tell `activity` that the forward has settled when this guard goes (its answer recorded,
@@ -932,8 +955,10 @@ pub fn partition_of(by: PartitionBy, path_and_query: &str) -> String {
     match by {
         PartitionBy::Upstream => "upstream".into(),
         PartitionBy::Path => {
+            // Every spelling of a path is one resource: `/items/%70%31` queues behind
+            // `/items/p1`, not beside it.
             let path = path_and_query.split('?').next().unwrap_or("/");
-            format!("path:{path}")
+            format!("path:{}", crate::proxy::path::equivalence_form(path))
         }
     }
 }
@@ -999,6 +1024,10 @@ mod tests {
         assert_eq!(partition_of(PartitionBy::Upstream, "/a?b"), "upstream");
         assert_eq!(
             partition_of(PartitionBy::Path, "/orders/1?x=1"),
+            "path:/orders/1"
+        );
+        assert_eq!(
+            partition_of(PartitionBy::Path, "/orders/%31?x=1"),
             "path:/orders/1"
         );
     }

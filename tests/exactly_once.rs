@@ -1473,3 +1473,42 @@ async fn sigkill_right_after_a_forwarded_writes_answer_then_a_retry_with_its_key
         }
     }
 }
+
+/// While a key is being forwarded, the same caller's duplicate gets 409 (in progress), but
+/// another caller, or the same caller with another request, gets the 422 of a reused key:
+/// nothing tells them the key is in use. The upstream sees the key once.
+#[tokio::test]
+async fn a_key_in_progress_is_409_only_for_its_callers_same_request() {
+    let s = Setup::online(&config(&[], "")).await;
+    s.upstream.script(
+        "/apply/held/",
+        vec![ScriptedResponse::passthrough().delay(Duration::from_millis(1500))],
+    );
+    let send = |who: &'static str, body: &'static str| {
+        let http = s.http.clone();
+        let url = s.url("/apply/held/1");
+        async move {
+            http.post(url)
+                .header("Idempotency-Key", "held-1")
+                .header("Authorization", format!("Bearer {who}"))
+                .header("Content-Type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .expect("POST through outpost")
+        }
+    };
+    let first = tokio::spawn(send("alice", r#"{"n":1}"#));
+    s.upstream
+        .wait_requests("/apply/held/", 1, REPLAY_TIMEOUT)
+        .await;
+    let dup = send("alice", r#"{"n":1}"#).await;
+    assert_eq!(dup.status(), 409, "the same caller's duplicate");
+    let other_body = send("alice", r#"{"n":2}"#).await;
+    assert_eq!(other_body.status(), 422, "the same key with another body");
+    let other_caller = send("bob", r#"{"n":1}"#).await;
+    assert_eq!(other_caller.status(), 422, "another caller's key");
+    let first = first.await.expect("first request");
+    assert_eq!(first.status(), 201);
+    assert_eq!(deliveries_of(&s.upstream, "held-1"), 1);
+}

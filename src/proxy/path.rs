@@ -104,6 +104,42 @@ fn remove_dot_segments(path: &str) -> Result<String, PathError> {
     Ok(format!("/{}", out.join("/")))
 }
 
+/// The path in the form RFC 3986 §6.2.2 calls equivalent for every spelling of it: percent-
+/// encoded unreserved characters (`A-Z a-z 0-9 - . _ ~`) decoded, other percent-encodings with
+/// upper-case hex digits. `/items/%70%31` and `/items/p1` are one resource (one partition, one
+/// FIFO), while `%2F` stays encoded (not a separator). Borrowed when nothing changes.
+pub fn equivalence_form(path: &str) -> Cow<'_, str> {
+    if !path.contains('%') {
+        return Cow::Borrowed(path);
+    }
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            let c = char::from(u8::try_from(hi * 16 + lo).unwrap_or(0));
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~') {
+                out.push(c);
+            } else {
+                out.push('%');
+                out.push((bytes[i + 1] as char).to_ascii_uppercase());
+                out.push((bytes[i + 2] as char).to_ascii_uppercase());
+            }
+            i += 3;
+            continue;
+        }
+        // Copy up to the next '%' (a char boundary: '%' is ASCII).
+        let next = path[i + 1..].find('%').map_or(path.len(), |n| i + 1 + n);
+        out.push_str(&path[i..next]);
+        i = next;
+    }
+    Cow::Owned(out)
+}
+
 /// Whether fully decoding the path (and reading `\` as `/`) shows a `..` segment.
 fn hides_dot_segment(path: &str) -> bool {
     if !path.contains(['%', '\\']) {
@@ -125,6 +161,19 @@ fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn equivalent_spellings_have_one_form() {
+        assert_eq!(equivalence_form("/items/p1"), "/items/p1");
+        assert_eq!(equivalence_form("/items/%70%31"), "/items/p1");
+        assert_eq!(equivalence_form("/items/%7e%2D%2e_"), "/items/~-._");
+        assert_eq!(equivalence_form("/a%2fb%c3%a9"), "/a%2Fb%C3%A9");
+        assert_eq!(equivalence_form("/a%2Fb"), "/a%2Fb");
+        // Not an escape: kept as it is.
+        assert_eq!(equivalence_form("/50%"), "/50%");
+        assert_eq!(equivalence_form("/50%z1/é%41"), "/50%z1/éA");
+        assert_eq!(equivalence_form("/%4"), "/%4");
+    }
 
     fn ok(path: &str) -> String {
         normalize(path)

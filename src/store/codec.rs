@@ -270,7 +270,10 @@ mod tests {
         .expect("encode v0");
         assert_eq!(body_len(&v0).expect("v0"), 1000);
         record.request.body = Bytes::new();
-        assert_eq!(body_len(&encode(&record).expect("encode")).expect("empty body"), 0);
+        assert_eq!(
+            body_len(&encode(&record).expect("encode")).expect("empty body"),
+            0
+        );
         // A newer version is refused, as by decode.
         let mut newer = v1.clone();
         newer[1] = RECORD_VERSION + 1;
