@@ -11,9 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-2000}; SYNC=${SYNC:-10ms}
-command -v valgrind >/dev/null || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
-command -v nginx >/dev/null || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
-if [ -n "${OUTPOST_BIN:-}" ]; then OUTPOST=$OUTPOST_BIN; else cargo build --release --quiet; OUTPOST=target/release/outpost; fi
+. bench/lib.sh
+need valgrind valgrind
+need nginx nginx-light
+OUTPOST=$(outpost_bin)
 W=$(mktemp -d /tmp/outpost-drain-instr.XXXXXX)
 OPID=""
 cleanup() {
@@ -22,7 +23,6 @@ cleanup() {
   sleep 0.3; rm -rf "$W"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 UP=$(free_port); PORT=$(free_port); ADMIN=$(free_port)
 cat > "$W/up.conf" <<CONF
 worker_processes 1; pid $W/up.pid; error_log $W/up.err warn;
@@ -81,9 +81,5 @@ callgrind_control -i off "$OPID" >/dev/null
 callgrind_control -d "$OPID" >/dev/null
 sleep 0.5
 kill "$OPID"; wait "$OPID" 2>/dev/null || true; OPID=""
-total=0
-for f in "$W"/cg.out*; do
-  t=$({ grep -m1 '^totals:' "$f" || true; } | awk '{print $2}'); total=$((total + ${t:-0}))
-done
-echo "drained $queued items (16 partitions, progress_sync = $SYNC): $((total / queued)) instructions per item"
+echo "drained $queued items (16 partitions, progress_sync = $SYNC): $(( $(callgrind_total "$W") / queued )) instructions per item"
 if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP"; cp "$W"/cg.out* "$KEEP/"; fi

@@ -14,9 +14,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-3000}
 MODES=${*:-network-first network-only stale}
-command -v valgrind >/dev/null || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
-command -v nginx >/dev/null || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
-if [ -n "${OUTPOST_BIN:-}" ]; then OUTPOST=$OUTPOST_BIN; else cargo build --release --quiet; OUTPOST=target/release/outpost; fi
+. bench/lib.sh
+need valgrind valgrind
+need nginx nginx-light
+OUTPOST=$(outpost_bin)
 WORK=$(mktemp -d /tmp/outpost-instr.XXXXXX)
 OPID=""
 cleanup() {
@@ -25,7 +26,6 @@ cleanup() {
   sleep 0.3; rm -rf "$WORK"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 client() {  # port path count: sequential GETs over 4 keep-alive connections, each read whole
   python3 - "$@" <<'PY'
 import socket, sys
@@ -82,10 +82,6 @@ for mode in $MODES; do
   sleep 0.5
   kill "$OPID"; wait "$OPID" 2>/dev/null || true; OPID=""
   nginx -p "$WORK" -c "$WORK/up.conf" -s stop 2>/dev/null || true; sleep 0.3
-  total=0
-  for f in "$WORK"/cg.out*; do
-    t=$({ grep -m1 '^totals:' "$f" || true; } | awk '{print $2}'); total=$((total + ${t:-0}))
-  done
-  echo "| $mode | $((total / N)) |"
+  echo "| $mode | $(( $(callgrind_total "$WORK") / N )) |"
   if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP/$mode"; cp "$WORK"/cg.out* "$KEEP/$mode/"; fi
 done

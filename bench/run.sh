@@ -50,20 +50,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-need() {
-  local bin=$1 pkg=$2
-  if ! command -v "$bin" >/dev/null 2>&1; then
-    echo "installing $pkg" >&2
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null
-  fi
-}
+. bench/lib.sh
 need wrk wrk
 need nginx nginx-light
 need curl curl
 case "$WHAT" in stale|all) need varnishd varnish ;; esac
 case "$WHAT" in redis) need redis-server redis-server ;; esac
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 py() { python3 -c "$1"; }
 
