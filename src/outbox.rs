@@ -409,6 +409,11 @@ impl Outbox {
             };
             return (Err(err), Source::Outpost);
         }
+        if detached && !matches!(e, ForwardError::Connect(_)) {
+            self.settle_ambiguous(record, &e).await;
+            drop(guard);
+            return (Err(ProxyError::GatewayTimeout), Source::Queued);
+        }
         let mut record = record;
         match &e {
             // Not sent: it goes as soon as the upstream is seen online.
@@ -523,6 +528,36 @@ impl Outbox {
         drop(guard);
         parts.headers.remove(header::CONTENT_LENGTH);
         Response::from_parts(parts, body)
+    }
+
+    /// A forward the app holds a `202` for (`write_timeout`) failed after it may have been
+    /// applied (no answer within `upstream.request_timeout`, or the connection broke after the
+    /// request was sent). Its queued copy is not sent: an upstream that ignores
+    /// `Idempotency-Key` would apply it twice, and a `write_timeout` write is never sent twice.
+    /// The copy goes to the dead letters instead, saying why, for an operator (or the app) to
+    /// retry once it is known that the upstream did not apply it, or to drop. What replay finds
+    /// under [`answer_key`] settles the copy, on every instance sharing the store.
+    async fn settle_ambiguous(&self, mut record: MutationRecord, e: &ForwardError) {
+        let why = format!(
+            "maybe applied: its forward after the 202 got no answer ({}); not sent again \
+             (write_timeout: never sent twice): retry it if the upstream did not apply it",
+            report(e)
+        );
+        tracing::warn!(key = %record.key, "{why}");
+        record.key = answer_key(&record.key);
+        record.status = MutationStatus::Rejected;
+        record.outcome = Some(why);
+        record.attempts = 1;
+        record.finished_at_ms = Some(now_ms());
+        record.response = None;
+        record.forget_request();
+        if let Err(e) = self.store.record_forwarded(record).await {
+            tracing::error!(
+                "could not record that a forward after its 202 may have been applied ({e}); \
+                 its queued copy will be sent"
+            );
+        }
+        self.activity.wake();
     }
 
     /// Store a mutation durably and answer 202 (or answer the key that already exists); with

@@ -1192,6 +1192,70 @@ async fn a_mutation_whose_exchange_is_reset_after_the_upstream_recorded_it_is_qu
     watch.assert_never_offline("one reset exchange").await;
 }
 
+/// A `write_timeout` write is never sent twice (contract: "settles in the background, never
+/// sent twice"). Its forward after the 202 gets no answer within `upstream.request_timeout`:
+/// the upstream applied it and answers too late (or breaks the connection after reading it).
+/// Its queued copy is not replayed: it goes to the dead letters saying why, and only an
+/// operator's retry sends it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_timeout_forward_that_may_have_been_applied_is_dead_lettered_not_sent_again() {
+    let routes =
+        "[[route]]\npath = \"/apply/slow/\"\nwrite_timeout = \"200ms\"\npartition = \"path\"\n";
+    let s = Setup::online(&config(&[("upstream.request_timeout", r#""1s""#)], routes)).await;
+    // Applied at once, answered after 3 s: outpost gave up on it at 1 s. The second one is
+    // applied and its connection closed without an answer.
+    s.upstream.script(
+        "/apply/slow/1",
+        vec![ScriptedResponse::passthrough().delay(Duration::from_secs(3))],
+    );
+    s.upstream.script(
+        "/apply/slow/2",
+        vec![
+            ScriptedResponse::hang_up().delay(Duration::from_millis(500)),
+            ScriptedResponse::passthrough(),
+        ],
+    );
+    for (path, key) in [("/apply/slow/1", "slow-1"), ("/apply/slow/2", "slow-2")] {
+        let resp = s.post(path, key, r#"{"n":1}"#).await;
+        assert_eq!(expect_queued(resp).await, key, "202 after write_timeout");
+    }
+    for key in ["slow-1", "slow-2"] {
+        let doc = s.wait_mutation(key, "rejected", REPLAY_TIMEOUT).await;
+        let outcome = doc["outcome"].as_str().unwrap_or_default();
+        assert!(
+            outcome.contains("maybe applied") && outcome.contains("not sent again"),
+            "the outcome says why: {doc}"
+        );
+    }
+    // Well past the copies' due time and several backoffs: still one delivery each.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(deliveries_of(&s.upstream, "slow-1"), 1, "slow-1 sent once");
+    assert_eq!(deliveries_of(&s.upstream, "slow-2"), 1, "slow-2 sent once");
+    let (code, listed) = s.admin(reqwest::Method::GET, "/dead-letters").await;
+    assert_eq!(code, 200, "{listed}");
+    let mut listed_keys: Vec<&str> = listed["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|d| d["idempotency_key"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    listed_keys.sort_unstable();
+    assert_eq!(listed_keys, ["slow-1", "slow-2"], "{listed}");
+    assert_eq!(s.admin_status().await["queue_depth"], 0);
+
+    // The operator knows better and sends it: that is the one way it goes again.
+    let (code, body) = s
+        .admin(reqwest::Method::POST, "/dead-letters/slow-2/retry")
+        .await;
+    assert_eq!(code, 200, "{body}");
+    s.wait_mutation("slow-2", "succeeded", REPLAY_TIMEOUT).await;
+    assert_eq!(deliveries_of(&s.upstream, "slow-2"), 2);
+    assert_eq!(deliveries_of(&s.upstream, "slow-1"), 1);
+}
+
 /// #13.6: single-exchange resets are an outage once `upstream.reset_threshold` of them happen
 /// within `upstream.reset_window`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
