@@ -262,7 +262,7 @@ pub async fn serve(
     };
     let connections = state.admin_connections.clone();
     let state = Arc::new(state);
-    server::accept_loop(
+    let _grace_end = server::accept_loop(
         listener,
         None,
         Arc::new(builder),
@@ -277,7 +277,7 @@ pub async fn serve(
             })
         },
     )
-    .await
+    .await;
 }
 
 async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {

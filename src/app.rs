@@ -208,6 +208,19 @@ impl App {
                 .run_probe(upstream, config.upstream.clone(), shutdown.clone()),
         );
         tasks.spawn(replayer.run());
+        for route in &config.routes {
+            if let Some(limit) = route.write_timeout
+                && limit >= config.upstream.request_timeout
+            {
+                tracing::warn!(
+                    route = route.name.as_deref().unwrap_or(&route.path),
+                    "route write_timeout ({limit:?}) is not below upstream.request_timeout \
+                     ({:?}): a slow forward times out before its 202 and is queued and \
+                     retried like any ambiguous failure, not settled in the background",
+                    config.upstream.request_timeout
+                );
+            }
+        }
         tracing::info!(
             proxy = %proxy_addr,
             admin = %admin_addr,

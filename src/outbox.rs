@@ -76,6 +76,9 @@ pub struct Outbox {
     in_progress: Arc<Mutex<InProgressKeys>>,
     /// `queue.max_buffered_bytes`, in KiB: what the mutation bodies held at once may take.
     buffered: Arc<Semaphore>,
+    /// Forwards running in tasks of their own (they go on when the app hangs up or holds a
+    /// `write_timeout` 202): a graceful shutdown lets them settle (see [`Self::settle`]).
+    forwards: tokio_util::task::TaskTracker,
 }
 
 impl Outbox {
@@ -97,6 +100,31 @@ impl Outbox {
             buffered: Arc::new(Semaphore::new(
                 kib(parts.config.queue.max_buffered_bytes) as usize
             )),
+            forwards: tokio_util::task::TaskTracker::new(),
+        }
+    }
+
+    /// On shutdown, once the app connections are done: wait until `deadline` at most for the
+    /// forwards still running to settle (their answers recorded under their keys). A forward
+    /// cut short by the process ending would be sent again on the next start (its queued
+    /// copy) or on the app's retry: a second delivery a graceful stop need not cause.
+    pub async fn settle(&self, deadline: tokio::time::Instant) {
+        self.forwards.close();
+        if self.forwards.is_empty() {
+            return;
+        }
+        tracing::info!(
+            forwards = self.forwards.len(),
+            "waiting for forwards under way to settle"
+        );
+        if tokio::time::timeout_at(deadline, self.forwards.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                forwards = self.forwards.len(),
+                "shutdown grace elapsed with forwards still under way"
+            );
         }
     }
 
@@ -294,7 +322,7 @@ impl Outbox {
         } else {
             (guard, None)
         };
-        let mut forward = tokio::spawn(async move {
+        let mut forward = self.forwards.spawn(async move {
             this.forward_and_record(record, queued_headers, fingerprint, mode, route, guard)
                 .await
         });
@@ -538,11 +566,10 @@ impl Outbox {
     /// retry once it is known that the upstream did not apply it, or to drop. What replay finds
     /// under [`answer_key`] settles the copy, on every instance sharing the store.
     async fn settle_ambiguous(&self, mut record: MutationRecord, e: &ForwardError) {
-        let why = format!(
-            "maybe applied: its forward after the 202 got no answer ({}); not sent again \
-             (write_timeout: never sent twice): retry it if the upstream did not apply it",
+        let why = maybe_applied(&format!(
+            "its forward after the 202 got no answer ({})",
             report(e)
-        );
+        ));
         tracing::warn!(key = %record.key, "{why}");
         record.key = answer_key(&record.key);
         record.status = MutationStatus::Rejected;
@@ -781,6 +808,9 @@ impl Outbox {
         let mut copy = record.clone();
         copy.attempts = 1;
         copy.outcome = Some(AWAITING_FORWARD.to_owned());
+        copy.request
+            .headers
+            .push((FORWARDED_BEFORE_202.to_owned(), Bytes::from_static(b"1")));
         copy.next_attempt_at_ms = now_ms()
             .saturating_add(
                 u64::try_from(self.config.upstream.request_timeout.as_millis()).unwrap_or(u64::MAX),
@@ -878,6 +908,22 @@ impl Outbox {
 /// finishes it with the forward's answer (kept under [`answer_key`]) instead of sending it,
 /// and sends it only when no answer was ever recorded (the forward failed, or outpost stopped).
 pub const AWAITING_FORWARD: &str = "in flight: forwarded before its 202 (write_timeout)";
+
+/// The request header that marks a copy queued before a `write_timeout` 202 (replay drops it
+/// before sending). Such a write is never sent twice: outpost sends it again only when it
+/// surely was not applied (a transient answer such as `503`, a refused connection), and once
+/// after a crash cut its forward short; when a send may have been applied without an answer,
+/// it is dead-lettered ([`maybe_applied`]) instead of being tried again.
+pub const FORWARDED_BEFORE_202: &str = "outpost-forwarded-before-202";
+
+/// The outcome of a `write_timeout` write dead-lettered because a send of it may have been
+/// applied without an answer (`what` happened).
+pub fn maybe_applied(what: &str) -> String {
+    format!(
+        "maybe applied: {what}; not sent again (write_timeout: never sent twice): retry it if \
+         the upstream did not apply it"
+    )
+}
 
 /// The outcome prefix of a forward's answer that came after the app's `202`.
 pub const FORWARDED_AFTER_202: &str = "forwarded after its 202";

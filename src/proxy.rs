@@ -62,6 +62,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// The outbox this proxy writes through (shared by every proxy thread).
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
     /// A proxy over `parts` with its own `upstream` client (one connection pool per proxy
     /// thread), the shared `cache` and `outbox`.
     pub fn new(parts: &Parts, upstream: Upstream, cache: Arc<Cache>, outbox: Arc<Outbox>) -> Self {

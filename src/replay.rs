@@ -45,7 +45,7 @@ use crate::credentials::Credentials;
 use crate::error::report;
 use crate::events::{Event, Events};
 use crate::health::Health;
-use crate::outbox::{AWAITING_FORWARD, CAPTURED_VERSION, answer_key};
+use crate::outbox::{AWAITING_FORWARD, CAPTURED_VERSION, FORWARDED_BEFORE_202, answer_key};
 use crate::parts::Parts;
 use crate::route::RouteTable;
 use crate::shutdown::Shutdown;
@@ -481,11 +481,28 @@ impl Replayer {
                 } else {
                     self.health.report_reset(&reason, Some(&item.key));
                 }
+                let never_again = never_twice(&item.request);
                 self.events.emit(Event::Classified {
                     key: item.key.clone(),
-                    class: "retryable".into(),
+                    class: if never_again {
+                        "validation"
+                    } else {
+                        "retryable"
+                    }
+                    .into(),
                     status: None,
                 });
+                if never_again {
+                    // Forwarded before its `write_timeout` 202: never sent twice.
+                    item.status = MutationStatus::Rejected;
+                    item.outcome = Some(crate::outbox::maybe_applied(&format!(
+                        "its replay got no answer ({reason})"
+                    )));
+                    item.response = None;
+                    item.finished_at_ms = Some(now);
+                    self.dead_letter(lease, item, finishing).await?;
+                    return Ok(Step::Next);
+                }
                 let reason = format!("retryable: maybe applied: {reason}");
                 return self
                     .retry_later(lease, item, reason, None, None, true, finishing)
@@ -894,11 +911,13 @@ impl Replayer {
             extra.push((IDEMPOTENCY_KEY.clone(), key));
         }
         let stamped;
-        let request = if route.accepted_at_field.is_empty() && !has_marker(&item.request) {
+        let request = if route.accepted_at_field.is_empty()
+            && !item.request.headers.iter().any(|(n, _)| is_internal(n))
+        {
             &item.request
         } else {
             let mut request = stamp_body(&item.request, &route.accepted_at_field, &accepted_at);
-            request.headers.retain(|(n, _)| n != CAPTURED_VERSION);
+            request.headers.retain(|(n, _)| !is_internal(n));
             stamped = request;
             &stamped
         };
@@ -987,6 +1006,19 @@ impl Replayer {
 
 // Request headers that make a write conditional (dropped by `conflict = "client-wins"`).
 use crate::coalesce::PRECONDITIONS;
+
+/// Whether a stored request header is outpost's own marker, never sent upstream.
+fn is_internal(name: &str) -> bool {
+    name == CAPTURED_VERSION || name == FORWARDED_BEFORE_202
+}
+
+/// Whether the write was forwarded before its `write_timeout` 202 (never sent twice).
+fn never_twice(request: &StoredRequest) -> bool {
+    request
+        .headers
+        .iter()
+        .any(|(n, _)| n == FORWARDED_BEFORE_202)
+}
 
 /// Whether outpost added the request's precondition (`capture_version`).
 fn has_marker(request: &StoredRequest) -> bool {

@@ -177,7 +177,8 @@ pub async fn serve(
     };
     let proto = if tls.is_some() { "https" } else { "http" };
     let (max_head, max_body) = (config.max_header_bytes, config.max_body_bytes);
-    accept_loop(
+    let outbox = proxy.outbox().clone();
+    let deadline = accept_loop(
         listener,
         tls,
         Arc::new(builder),
@@ -194,7 +195,10 @@ pub async fn serve(
             ))
         },
     )
-    .await
+    .await;
+    // Every shard waits for all the forwards (the tracker is shared), so that none of their
+    // runtimes stops while one still runs on it.
+    outbox.settle(deadline).await;
 }
 
 /// How the connections of a listener are served.
@@ -211,7 +215,9 @@ const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: appli
 content-length: 32\r\nretry-after: 1\r\nconnection: close\r\n\r\n{\"error\":\"too_many_connections\"}";
 
 /// Serve every connection `listener` accepts with the service `make_service` makes for its
-/// peer, within the `connections` budget, until shutdown (see the module docs).
+/// peer, within the `connections` budget, until shutdown (see the module docs). Returns when
+/// the shutdown grace ends (the deadline that applies to what else must end with it).
+#[must_use = "the end of the shutdown grace"]
 pub async fn accept_loop<F, S, B>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
@@ -220,7 +226,8 @@ pub async fn accept_loop<F, S, B>(
     options: ConnectionOptions,
     shutdown: Shutdown,
     make_service: F,
-) where
+) -> tokio::time::Instant
+where
     F: Fn(SocketAddr) -> S,
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
     S::Future: Send + 'static,
@@ -292,12 +299,14 @@ pub async fn accept_loop<F, S, B>(
     }
     drop(listener);
     tracker.close();
-    if tokio::time::timeout(options.shutdown_grace, tracker.wait())
+    let deadline = tokio::time::Instant::now() + options.shutdown_grace;
+    if tokio::time::timeout_at(deadline, tracker.wait())
         .await
         .is_err()
     {
         tracing::warn!("shutdown grace elapsed with connections still open; closing them");
     }
+    deadline
 }
 
 /// Exponential backoff after accept errors (from 5 ms to 1 s), warning at most every 5 s.

@@ -263,6 +263,7 @@ impl Upstream {
                 self.authority.host(),
                 self.port(),
                 self.connect_timeout,
+                self.request_timeout,
                 self.pool_idle_timeout,
                 self.pool_max_idle,
             ))
@@ -360,8 +361,11 @@ impl Upstream {
         }))
     }
 
-    /// Send a prepared request; the response head must arrive within the request timeout.
-    /// The answer's version is the app connection's business, not the upstream's: it comes
+    /// Send a prepared request; the response head must arrive within the request timeout,
+    /// counted once a connection is ready (a connect that stalls is a connect failure: the
+    /// request certainly never left, and is not taken for one that may have been applied).
+    /// hyper-util's client (TLS, HTTP/2) connects inside its request, so there the bound is
+    /// the connect timeout and the request timeout together. The answer's version is the app connection's business, not the upstream's: it comes
     /// back as HTTP/1.1, so that an HTTP/1.0 upstream does not make hyper answer the app in
     /// HTTP/1.0 and close its keep-alive connection (an HTTP/1.0 app still gets HTTP/1.0).
     pub async fn send(
@@ -369,20 +373,18 @@ impl Upstream {
         req: Request<ProxyBody>,
     ) -> Result<Response<UpstreamBody>, ForwardError> {
         let answer = match &self.h1 {
-            Some(pool) => {
-                let req = self.origin_form(req);
-                tokio::time::timeout(self.request_timeout, pool.send(req)).await
+            Some(pool) => pool.send(self.origin_form(req)).await,
+            None => {
+                let bound = self.connect_timeout.saturating_add(self.request_timeout);
+                tokio::time::timeout(bound, self.send_legacy(req))
+                    .await
+                    .unwrap_or(Err(ForwardError::Timeout(self.request_timeout)))
             }
-            None => tokio::time::timeout(self.request_timeout, self.send_legacy(req)).await,
         };
-        match answer {
-            Err(_) => Err(ForwardError::Timeout(self.request_timeout)),
-            Ok(Ok(mut resp)) => {
-                *resp.version_mut() = Version::HTTP_11;
-                Ok(resp)
-            }
-            Ok(Err(e)) => Err(e),
-        }
+        answer.map(|mut resp| {
+            *resp.version_mut() = Version::HTTP_11;
+            resp
+        })
     }
 
     /// Send with hyper-util's pooled client (TLS, HTTP/2).
@@ -654,6 +656,58 @@ mod tests {
             headers,
             body: bytes::Bytes::from_static(b"{}"),
         }
+    }
+
+    /// The request timeout starts once the connection is ready: a connect that stalls past it
+    /// (SYNs dropped: the listener's accept queue is full) is a connect failure after the
+    /// connect timeout, never a request that may have been applied.
+    #[tokio::test]
+    async fn a_stalled_connect_is_a_connect_error_not_a_request_timeout() {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .expect("socket");
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        socket.bind(&any.into()).expect("bind");
+        socket.listen(0).expect("listen");
+        let listener: std::net::TcpListener = socket.into();
+        let port = listener.local_addr().expect("addr").port();
+        // Fill the accept queue (nothing accepts): later SYNs are dropped.
+        let fillers: Vec<_> = (0..4)
+            .map(|_| {
+                tokio::spawn(tokio::time::timeout(
+                    Duration::from_secs(5),
+                    tokio::net::TcpStream::connect(("127.0.0.1", port)),
+                ))
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let upstream = Upstream::new(&UpstreamConfig {
+            url: format!("http://127.0.0.1:{port}"),
+            connect_timeout: Duration::from_millis(600),
+            request_timeout: Duration::from_millis(100),
+            ..UpstreamConfig::default()
+        })
+        .expect("upstream");
+        let req = upstream
+            .request_from_stored(&stored("POST", "/orders", vec![]), &[])
+            .expect("request");
+        let started = std::time::Instant::now();
+        let err = upstream.send(req).await.expect_err("never connected");
+        assert!(
+            matches!(err, ForwardError::Connect(_)),
+            "a stalled connect is a connect failure: {err:?}"
+        );
+        assert!(!err.may_have_been_sent());
+        assert!(
+            started.elapsed() >= Duration::from_millis(500),
+            "it waited for the connect timeout: {:?}",
+            started.elapsed()
+        );
+        drop(listener);
+        fillers.iter().for_each(|f| f.abort());
     }
 
     #[test]

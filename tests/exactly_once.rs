@@ -1256,6 +1256,113 @@ async fn a_write_timeout_forward_that_may_have_been_applied_is_dead_lettered_not
     assert_eq!(deliveries_of(&s.upstream, "slow-1"), 1);
 }
 
+/// A `write_timeout` write that outpost does send again, because its first send surely was
+/// not applied (answered `503` after the 202) or was cut short by a crash (the contract's one
+/// re-delivery), is not sent a third time when that send in turn may have been applied
+/// without an answer: it is dead-lettered `maybe applied` like the forward itself would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_timeout_write_sent_again_is_dead_lettered_when_that_send_may_have_been_applied() {
+    let routes =
+        "[[route]]\npath = \"/apply/slow/\"\nwrite_timeout = \"200ms\"\npartition = \"path\"\n";
+    let mut s = Setup::online(&config(&[("upstream.request_timeout", r#""1s""#)], routes)).await;
+    let late = || ScriptedResponse::passthrough().delay(Duration::from_secs(3));
+    // 503 after the 202 (not applied), then its replay is applied and answered too late.
+    s.upstream.script(
+        "/apply/slow/3",
+        vec![
+            ScriptedResponse::new(503).delay(Duration::from_millis(500)),
+            late(),
+            ScriptedResponse::passthrough(),
+        ],
+    );
+    let resp = s.post("/apply/slow/3", "slow-3", r#"{"n":3}"#).await;
+    assert_eq!(expect_queued(resp).await, "slow-3");
+    let doc = s.wait_mutation("slow-3", "rejected", REPLAY_TIMEOUT).await;
+    assert!(
+        doc["outcome"]
+            .as_str()
+            .is_some_and(|o| o.contains("maybe applied")),
+        "{doc}"
+    );
+
+    // outpost killed while the forward is under way: its copy is sent once after the restart
+    // (allowed), that send is applied and answered too late: no third send. (The timeout just
+    // now marked the upstream offline: wait until it is seen back, so that this one is
+    // forwarded, not queued.)
+    s.wait_online().await;
+    s.upstream.script(
+        "/apply/slow/4",
+        vec![late(), late(), ScriptedResponse::passthrough()],
+    );
+    let resp = s.post("/apply/slow/4", "slow-4", r#"{"n":4}"#).await;
+    assert_eq!(expect_queued(resp).await, "slow-4");
+    assert_eq!(
+        deliveries_of(&s.upstream, "slow-4"),
+        1,
+        "forwarded before its 202"
+    );
+    s.outpost.kill9().await;
+    s.outpost.restart().await;
+    let doc = s.wait_mutation("slow-4", "rejected", REPLAY_TIMEOUT).await;
+    assert!(
+        doc["outcome"]
+            .as_str()
+            .is_some_and(|o| o.contains("maybe applied")),
+        "{doc}"
+    );
+    // Past several backoffs: no further sends.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        deliveries_of(&s.upstream, "slow-3"),
+        2,
+        "the 503, then one send"
+    );
+    assert_eq!(
+        deliveries_of(&s.upstream, "slow-4"),
+        2,
+        "the forward cut by the crash, then one send"
+    );
+    // The marker outpost keeps on the stored copy never reaches the upstream.
+    for r in s.upstream.requests_to("/apply/slow/") {
+        assert_eq!(r.header("outpost-forwarded-before-202"), None, "{r:?}");
+    }
+}
+
+/// A graceful stop (SIGTERM) lets a forward under way settle within `proxy.shutdown_grace`:
+/// a `write_timeout` write whose forward is still running when outpost is told to stop gets
+/// its answer recorded, and is not sent again after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_settling_forward_finish_and_it_is_not_sent_again_after_the_restart() {
+    let routes = "[[route]]\npath = \"/apply/slow/\"\nwrite_timeout = \"200ms\"\n";
+    let mut s = Setup::online(&config(&[("proxy.shutdown_grace", r#""10s""#)], routes)).await;
+    s.upstream.script(
+        "/apply/slow/",
+        vec![
+            ScriptedResponse::passthrough().delay(Duration::from_millis(1500)),
+            ScriptedResponse::passthrough(),
+        ],
+    );
+    let resp = s.post("/apply/slow/5", "slow-5", r#"{"n":5}"#).await;
+    assert_eq!(expect_queued(resp).await, "slow-5");
+    s.outpost.terminate();
+    let exit = s
+        .outpost
+        .wait_exit_timeout(Duration::from_secs(15))
+        .await
+        .expect("outpost stops within the grace");
+    assert!(exit.success(), "{exit:?}");
+    s.outpost.restart().await;
+    let doc = s.wait_mutation("slow-5", "succeeded", REPLAY_TIMEOUT).await;
+    assert_eq!(
+        doc["upstream_status"], 201,
+        "the forward's own answer: {doc}"
+    );
+    // Its queued copy was settled by the answer: nothing left to send.
+    assert_eq!(s.admin_status().await["queue_depth"], 0);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(deliveries_of(&s.upstream, "slow-5"), 1);
+}
+
 /// #13.6: single-exchange resets are an outage once `upstream.reset_threshold` of them happen
 /// within `upstream.reset_window`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,7 @@ pub(super) struct Pool {
     host: String,
     port: u16,
     connect_timeout: Duration,
+    request_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
 }
@@ -51,6 +52,7 @@ impl Pool {
         host: &str,
         port: u16,
         connect_timeout: Duration,
+        request_timeout: Duration,
         idle_timeout: Duration,
         max_idle: usize,
     ) -> Self {
@@ -62,6 +64,7 @@ impl Pool {
                 .to_string(),
             port,
             connect_timeout,
+            request_timeout,
             idle_timeout,
             max_idle,
         }
@@ -127,7 +130,10 @@ impl Pool {
         Ok(sender)
     }
 
-    /// Send `req` (origin-form URI, `Host` set) on a pooled or new connection.
+    /// Send `req` (origin-form URI, `Host` set) on a pooled or new connection. The response
+    /// head must come within the request timeout, counted from the moment the connection is
+    /// ready: a connect that stalls is a [`ForwardError::Connect`] (after the connect
+    /// timeout), never a [`ForwardError::Timeout`] of a request that may have been applied.
     pub(super) async fn send(
         self: &Arc<Self>,
         mut req: Request<ProxyBody>,
@@ -145,7 +151,12 @@ impl Pool {
                 }
                 continue;
             }
-            match sender.try_send_request(req).await {
+            let sent =
+                tokio::time::timeout(self.request_timeout, sender.try_send_request(req)).await;
+            let Ok(sent) = sent else {
+                return Err(ForwardError::Timeout(self.request_timeout));
+            };
+            match sent {
                 Ok(resp) => {
                     let reusable = resp.status() != http::StatusCode::SWITCHING_PROTOCOLS;
                     let pooled = reusable.then(|| (sender, self.clone()));
@@ -296,6 +307,7 @@ mod tests {
             "127.0.0.1",
             port,
             Duration::from_secs(1),
+            Duration::from_secs(10),
             Duration::from_secs(60),
             8,
         ));
@@ -313,6 +325,7 @@ mod tests {
             "127.0.0.1",
             port,
             Duration::from_secs(1),
+            Duration::from_secs(10),
             Duration::ZERO,
             8,
         ));
@@ -325,6 +338,7 @@ mod tests {
             "127.0.0.1",
             port,
             Duration::from_secs(1),
+            Duration::from_secs(10),
             Duration::from_secs(60),
             0,
         ));
@@ -344,6 +358,7 @@ mod tests {
             "127.0.0.1",
             port,
             Duration::from_secs(1),
+            Duration::from_secs(10),
             Duration::from_secs(60),
             8,
         ));
@@ -369,6 +384,7 @@ mod tests {
             "127.0.0.1",
             port,
             Duration::from_secs(1),
+            Duration::from_secs(10),
             Duration::from_secs(60),
             8,
         ));
