@@ -17,6 +17,7 @@ use crate::body::ProxyBody;
 use crate::context::Identity;
 use crate::error::{ProxyError, json_response};
 use crate::events::Event;
+use crate::outbox::as_settled;
 use crate::store::{MutationRecord, MutationStatus, Store, rfc3339_ms};
 
 const KEY_IN_PATH: &AsciiSet = &NON_ALPHANUMERIC
@@ -91,6 +92,7 @@ impl MutationDocs {
         let caller = self.owner(headers);
         let found = match self.store.mutation(&key).await {
             Ok(None) => Ok(self.activity.settling_record(&key)),
+            Ok(Some(record)) => Ok(Some(as_settled(&*self.store, &self.activity, record).await)),
             other => other,
         };
         match found {
@@ -129,6 +131,7 @@ impl MutationDocs {
             match self.store.peek(&partition, LIST_LIMIT).await {
                 Ok(found) => {
                     for r in found {
+                        let r = as_settled(&*self.store, &self.activity, r).await;
                         let listed = records[..settling].iter().any(|s| s.key == r.key);
                         if r.status.is_pending() && r.identity == Some(caller.0) && !listed {
                             records.push(r);

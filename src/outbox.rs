@@ -942,6 +942,28 @@ fn generated_key() -> String {
     key.hyphenated().encode_lower(&mut buf).to_owned()
 }
 
+/// `record` as the app should see it: a copy queued before a `write_timeout` 202 whose
+/// forward has settled, but which replay has not finished yet (replay may wait for the
+/// upstream to be seen online), is shown with its forward's outcome (the answer, or a dead
+/// letter as `maybe applied`), which replay will finish it with, rather than as a queued
+/// write (status document, pending lists, overlays).
+pub async fn as_settled(
+    store: &dyn Store,
+    activity: &Activity,
+    mut record: MutationRecord,
+) -> MutationRecord {
+    if record.outcome.as_deref() != Some(AWAITING_FORWARD) || activity.is_in_flight(&record.key) {
+        return record;
+    }
+    if let Ok(Some(answer)) = store.mutation(&answer_key(&record.key)).await {
+        record.status = answer.status;
+        record.outcome = answer.outcome;
+        record.response = answer.response;
+        record.finished_at_ms = answer.finished_at_ms;
+    }
+    record
+}
+
 /// Where the answer of a forward whose copy may be queued is kept: a key no app can send
 /// (`Idempotency-Key` values are visible ASCII).
 pub fn answer_key(key: &str) -> String {

@@ -23,6 +23,7 @@ use serde_json::{Map, Value};
 
 use crate::activity::Activity;
 use crate::context::Identity;
+use crate::outbox::as_settled;
 use crate::store::{MutationRecord, Store, StoreError};
 
 /// Header on answers changed by pending writes: how many were applied.
@@ -373,6 +374,7 @@ impl PendingWrites {
         let settling = records.len();
         for partition in self.store.pending_partitions().await? {
             for record in self.store.peek(&partition, PEEK_LIMIT).await? {
+                let record = as_settled(&*self.store, &self.activity, record).await;
                 if !record.status.is_pending() {
                     continue;
                 }

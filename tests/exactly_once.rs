@@ -1219,6 +1219,22 @@ async fn a_write_timeout_forward_that_may_have_been_applied_is_dead_lettered_not
         let resp = s.post(path, key, r#"{"n":1}"#).await;
         assert_eq!(expect_queued(resp).await, key, "202 after write_timeout");
     }
+    // Its status document goes from in flight to the forward's outcome, never back to
+    // `queued` (its copy waits for replay, which waits for the upstream to be seen online).
+    let deadline = Instant::now() + REPLAY_TIMEOUT;
+    let mut seen = Vec::new();
+    loop {
+        let (_, doc) = s.mutation("slow-1").await;
+        let status = doc["status"].as_str().unwrap_or_default().to_owned();
+        if seen.last() != Some(&status) {
+            seen.push(status.clone());
+        }
+        if status == "rejected" || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen, ["in_flight", "rejected"], "slow-1's statuses");
     for key in ["slow-1", "slow-2"] {
         let doc = s.wait_mutation(key, "rejected", REPLAY_TIMEOUT).await;
         let outcome = doc["outcome"].as_str().unwrap_or_default();
