@@ -213,6 +213,21 @@ impl Setup {
         self.admin(reqwest::Method::GET, "/status").await.1
     }
 
+    /// The keys the admin API lists as dead letters, in its order.
+    async fn dead_letter_keys(&self) -> Vec<String> {
+        let (code, listed) = self.admin(reqwest::Method::GET, "/dead-letters").await;
+        assert_eq!(code, 200, "{listed}");
+        listed["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|d| d["idempotency_key"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Waits until the upstream is seen online by outpost.
     async fn wait_online(&self) {
         eventually(REPLAY_TIMEOUT, "admin /status online", || async {
@@ -780,18 +795,7 @@ async fn an_item_the_upstream_applies_then_hangs_up_on_backs_off_and_is_dead_let
         outcome.contains("attempt") || outcome.contains(&MAX_ATTEMPTS.to_string()),
         "the outcome says why it was given up (attempts / reason): {doc}"
     );
-    let (code, listed) = s.admin(reqwest::Method::GET, "/dead-letters").await;
-    assert_eq!(code, 200, "{listed}");
-    let listed_keys: Vec<&str> = listed["items"]
-        .as_array()
-        .map(|items| {
-            items
-                .iter()
-                .filter_map(|d| d["idempotency_key"].as_str())
-                .collect()
-        })
-        .unwrap_or_default();
-    assert_eq!(listed_keys, ["poison-x"], "{listed}");
+    assert_eq!(s.dead_letter_keys().await, ["poison-x"]);
 
     // The partition goes on: Y and Z once each, after X's last delivery.
     s.wait_mutation("after-y", "succeeded", REPLAY_TIMEOUT)
@@ -1247,19 +1251,9 @@ async fn a_write_timeout_forward_that_may_have_been_applied_is_dead_lettered_not
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(deliveries_of(&s.upstream, "slow-1"), 1, "slow-1 sent once");
     assert_eq!(deliveries_of(&s.upstream, "slow-2"), 1, "slow-2 sent once");
-    let (code, listed) = s.admin(reqwest::Method::GET, "/dead-letters").await;
-    assert_eq!(code, 200, "{listed}");
-    let mut listed_keys: Vec<&str> = listed["items"]
-        .as_array()
-        .map(|items| {
-            items
-                .iter()
-                .filter_map(|d| d["idempotency_key"].as_str())
-                .collect()
-        })
-        .unwrap_or_default();
-    listed_keys.sort_unstable();
-    assert_eq!(listed_keys, ["slow-1", "slow-2"], "{listed}");
+    let mut listed = s.dead_letter_keys().await;
+    listed.sort_unstable();
+    assert_eq!(listed, ["slow-1", "slow-2"]);
     assert_eq!(s.admin_status().await["queue_depth"], 0);
 
     // The operator knows better and sends it: that is the one way it goes again.
