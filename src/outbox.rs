@@ -109,17 +109,21 @@ impl Outbox {
     /// cut short by the process ending would be sent again on the next start (its queued
     /// copy) or on the app's retry: a second delivery a graceful stop need not cause.
     pub async fn settle(&self, deadline: tokio::time::Instant) {
-        self.forwards.close();
+        // Every proxy thread comes here; the first one says so.
+        let first = self.forwards.close();
         if self.forwards.is_empty() {
             return;
         }
-        tracing::info!(
-            forwards = self.forwards.len(),
-            "waiting for forwards under way to settle"
-        );
+        if first {
+            tracing::info!(
+                forwards = self.forwards.len(),
+                "waiting for forwards under way to settle"
+            );
+        }
         if tokio::time::timeout_at(deadline, self.forwards.wait())
             .await
             .is_err()
+            && first
         {
             tracing::warn!(
                 forwards = self.forwards.len(),
