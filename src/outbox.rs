@@ -788,7 +788,11 @@ impl Outbox {
         *source = Source::IdempotentReplay;
         let mut resp = match &existing.response {
             Some(stored) => stored_response(stored),
-            None => json_response(StatusCode::OK, &self.docs.document(existing)),
+            // Finished without an answer of the upstream's to give (dead-lettered as maybe
+            // applied or after its attempts, dropped, expired): its status document, under a
+            // status that is no success, so that an app retrying until it gets a 2xx stops
+            // there. 409: the key's state is final; an operator's retry can change it.
+            None => json_response(StatusCode::CONFLICT, &self.docs.document(existing)),
         };
         let headers = resp.headers_mut();
         if let Ok(v) = HeaderValue::from_str(&existing.key) {

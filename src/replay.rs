@@ -231,9 +231,28 @@ impl Replayer {
                 _ = tick.tick() => {}
             }
         }
-        // Drains see the shutdown too; let them finish the item in hand.
-        while let Some(done) = drains.tasks.join_next_with_id().await {
-            self.drain_ended(&mut drains, done).await;
+        // Drains see the shutdown too; let them finish the item in hand, within
+        // `proxy.shutdown_grace` (an upstream that keeps an item's answer back would otherwise
+        // hold the stop for up to `upstream.request_timeout`). An item still in flight then is
+        // cut like one at a crash: sent again after the restart, the contract's one re-delivery.
+        let grace = tokio::time::sleep(self.config.proxy.shutdown_grace);
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                done = drains.tasks.join_next_with_id() => match done {
+                    Some(done) => self.drain_ended(&mut drains, done).await,
+                    None => break,
+                },
+                () = &mut grace => {
+                    tracing::warn!(
+                        drains = drains.tasks.len(),
+                        "shutdown grace elapsed with replays in flight; they are cut (each \
+                         item is sent again after the restart)"
+                    );
+                    drains.tasks.abort_all();
+                    break;
+                }
+            }
         }
     }
 

@@ -1254,6 +1254,17 @@ async fn a_write_timeout_forward_that_may_have_been_applied_is_dead_lettered_not
     let mut listed = s.dead_letter_keys().await;
     listed.sort_unstable();
     assert_eq!(listed, ["slow-1", "slow-2"]);
+    // The app's retry with the key: no success it could take for an answer (no upstream
+    // answer came), its status document instead, and nothing sent.
+    let retry = s.post("/apply/slow/1", "slow-1", r#"{"n":1}"#).await;
+    assert_eq!(retry.status(), 409, "not a 2xx");
+    assert_eq!(
+        header(&retry, "idempotent-replayed").as_deref(),
+        Some("true")
+    );
+    let doc: Value = retry.json().await.expect("status document");
+    assert_eq!(doc["status"], "rejected", "{doc}");
+    assert_eq!(deliveries_of(&s.upstream, "slow-1"), 1);
     assert_eq!(s.admin_status().await["queue_depth"], 0);
 
     // The operator knows better and sends it: that is the one way it goes again.
@@ -1371,6 +1382,56 @@ async fn sigterm_lets_a_settling_forward_finish_and_it_is_not_sent_again_after_t
     assert_eq!(s.admin_status().await["queue_depth"], 0);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(deliveries_of(&s.upstream, "slow-5"), 1);
+}
+
+/// A graceful stop ends within `proxy.shutdown_grace` even while a replayed item waits for an
+/// answer the upstream keeps back (it waited for `upstream.request_timeout`, however long).
+/// The item is cut like one in flight at a crash: sent once more after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_replay_the_upstream_holds_ends_within_the_grace() {
+    let routes = "[[route]]\npath = \"/apply/wb/\"\nwrite = \"write-behind\"\n";
+    let mut s = Setup::online(&config(
+        &[
+            ("proxy.shutdown_grace", r#""1s""#),
+            ("upstream.request_timeout", r#""30s""#),
+        ],
+        routes,
+    ))
+    .await;
+    s.upstream.script(
+        "/apply/wb/",
+        vec![
+            ScriptedResponse::passthrough().delay(Duration::from_secs(60)),
+            ScriptedResponse::passthrough(),
+        ],
+    );
+    s.post_queued("/apply/wb/1", "held-1", "{}").await;
+    eventually(
+        REPLAY_TIMEOUT,
+        "the replay reached the upstream",
+        || async { deliveries_of(&s.upstream, "held-1") == 1 },
+    )
+    .await;
+    let asked = Instant::now();
+    s.outpost.terminate();
+    let exit = s
+        .outpost
+        .wait_exit_timeout(Duration::from_secs(20))
+        .await
+        .expect("outpost stops");
+    let took = asked.elapsed();
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "stopped within the 1 s grace (and its slack), not after request_timeout: {took:?}"
+    );
+    s.outpost.restart().await;
+    s.wait_mutation("held-1", "succeeded", REPLAY_TIMEOUT).await;
+    assert_eq!(
+        deliveries_of(&s.upstream, "held-1"),
+        2,
+        "the cut replay, then one send"
+    );
 }
 
 /// #13.6: single-exchange resets are an outage once `upstream.reset_threshold` of them happen
