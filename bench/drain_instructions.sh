@@ -30,21 +30,7 @@ events { worker_connections 1024; }
 http { access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:$UP; location / { default_type application/json; return 201 '{"id":1,"ok":true}'; } } }
 CONF
-cat > "$W/drain.toml" <<CONF
-[upstream]
-url = "http://127.0.0.1:$UP"
-[replay]
-rate_limit = 0
-progress_sync = "$SYNC"
-[queue]
-max_depth = 0
-max_bytes = 0
-[cache]
-enabled = false
-[[route]]
-path = "/p/"
-partition = "path"
-CONF
+drain_config "$W/drain.toml" "$UP" "$SYNC"
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$W/cg.out" "$OUTPOST" serve \
   --listen 127.0.0.1:"$PORT" --admin-listen 127.0.0.1:"$ADMIN" --config "$W/drain.toml" \
   --data-dir "$W/data" > "$W/o.log" 2>&1 &
@@ -52,22 +38,16 @@ OPID=$!
 depth() { curl -s "http://127.0.0.1:$ADMIN/status" | grep -o '"queue_depth":[0-9]*' | cut -d: -f2; }
 for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$ADMIN/status" && break; sleep 0.3; done
 # 16 clients, one per partition, one write at a time each.
-python3 - "$PORT" "$N" <<'PY'
+PYTHONPATH=bench python3 - "$PORT" "$N" <<'PY'
 import socket, sys, concurrent.futures
+from http1 import exchange
 port, n = int(sys.argv[1]), int(sys.argv[2])
 def run(part):
     s = socket.create_connection(("127.0.0.1", port))
     body = b'{"qty":1}'
     for _ in range(part, n, 16):
-        s.sendall(b"POST /p/%d HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n%s" % (part, len(body), body))
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            buf += s.recv(4096)
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length"))
-        while len(rest) < length:
-            rest += s.recv(4096)
+        head = exchange(s, b"POST /p/%d HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (part, len(body), body))
         if not head.startswith(b"HTTP/1.1 202"):
             sys.exit(f"expected a 202: {head[:40]!r}")
 with concurrent.futures.ThreadPoolExecutor(16) as ex:

@@ -27,21 +27,14 @@ cleanup() {
 }
 trap cleanup EXIT
 client() {  # port path count: sequential GETs over 4 keep-alive connections, each read whole
-  python3 - "$@" <<'PY'
+  PYTHONPATH=bench python3 - "$@" <<'PY'
 import socket, sys
+from http1 import exchange
 port, path, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
 req = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: wrk\r\n\r\n".encode()
 for i in range(n):
-    s = conns[i % 4]
-    s.sendall(req)
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        buf += s.recv(4096)
-    head, _, body = buf.partition(b"\r\n\r\n")
-    length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length"))
-    while len(body) < length:
-        body += s.recv(4096)
+    head = exchange(conns[i % 4], req)
     if not head.startswith(b"HTTP/1.1 200"):
         sys.exit(f"unexpected answer: {head[:40]!r}")
 PY

@@ -25,3 +25,23 @@ callgrind_total() {
   done
   echo "$total"
 }
+
+# `drain_config FILE UPSTREAM_PORT PROGRESS_SYNC`: the drain benches' outpost config: replay
+# unthrottled, queue limits off, no cache, one partition per `/p/N` path.
+drain_config() {
+  cat > "$1" <<CONF
+[upstream]
+url = "http://127.0.0.1:$2"
+[replay]
+rate_limit = 0
+progress_sync = "$3"
+[queue]
+max_depth = 0
+max_bytes = 0
+[cache]
+enabled = false
+[[route]]
+path = "/p/"
+partition = "path"
+CONF
+}

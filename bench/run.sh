@@ -369,21 +369,7 @@ bench_writes() {
 drain_once() {  # label, progress_sync, partitions → DRAINED (items/s)
   local label=$1 sync=$2 parts=$3 n=${DRAIN_ITEMS:-20000}
   local dead; dead=$(free_port)
-  cat > "$WORK/drain.toml" <<CONF
-[upstream]
-url = "http://127.0.0.1:$dead"
-[replay]
-rate_limit = 0
-progress_sync = "$sync"
-[queue]
-max_depth = 0
-max_bytes = 0
-[cache]
-enabled = false
-[[route]]
-path = "/p/"
-partition = "path"
-CONF
+  drain_config "$WORK/drain.toml" "$dead" "$sync"
   cat > "$WORK/drain.lua" <<LUA
 local i = 0
 request = function()
