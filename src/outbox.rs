@@ -570,17 +570,18 @@ impl Outbox {
     /// retry once it is known that the upstream did not apply it, or to drop. What replay finds
     /// under [`answer_key`] settles the copy, on every instance sharing the store.
     async fn settle_ambiguous(&self, mut record: MutationRecord, e: &ForwardError) {
-        let why = maybe_applied(&format!(
-            "its forward after the 202 got no answer ({})",
-            report(e)
-        ));
-        tracing::warn!(key = %record.key, "{why}");
+        mark_maybe_applied(
+            &mut record,
+            &format!("its forward after the 202 got no answer ({})", report(e)),
+            now_ms(),
+        );
+        tracing::warn!(
+            key = %record.key,
+            "{}",
+            record.outcome.as_deref().unwrap_or_default()
+        );
         record.key = answer_key(&record.key);
-        record.status = MutationStatus::Rejected;
-        record.outcome = Some(why);
         record.attempts = 1;
-        record.finished_at_ms = Some(now_ms());
-        record.response = None;
         record.forget_request();
         if let Err(e) = self.store.record_forwarded(record).await {
             tracing::error!(
@@ -924,13 +925,17 @@ pub const AWAITING_FORWARD: &str = "in flight: forwarded before its 202 (write_t
 /// it is dead-lettered ([`maybe_applied`]) instead of being tried again.
 pub const FORWARDED_BEFORE_202: &str = "outpost-forwarded-before-202";
 
-/// The outcome of a `write_timeout` write dead-lettered because a send of it may have been
-/// applied without an answer (`what` happened).
-pub fn maybe_applied(what: &str) -> String {
-    format!(
+/// Finish a `write_timeout` write as a dead letter at `now` (ms) because a send of it may have
+/// been applied without an answer (`what` happened): it is not sent again unless an operator
+/// retries it.
+pub fn mark_maybe_applied(record: &mut MutationRecord, what: &str, now: u64) {
+    record.status = MutationStatus::Rejected;
+    record.outcome = Some(format!(
         "maybe applied: {what}; not sent again (write_timeout: never sent twice): retry it if \
          the upstream did not apply it"
-    )
+    ));
+    record.response = None;
+    record.finished_at_ms = Some(now);
 }
 
 /// The outcome prefix of a forward's answer that came after the app's `202`.

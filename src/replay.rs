@@ -45,7 +45,9 @@ use crate::credentials::Credentials;
 use crate::error::report;
 use crate::events::{Event, Events};
 use crate::health::Health;
-use crate::outbox::{AWAITING_FORWARD, CAPTURED_VERSION, FORWARDED_BEFORE_202, answer_key};
+use crate::outbox::{
+    AWAITING_FORWARD, CAPTURED_VERSION, FORWARDED_BEFORE_202, answer_key, mark_maybe_applied,
+};
 use crate::parts::Parts;
 use crate::route::RouteTable;
 use crate::shutdown::Shutdown;
@@ -500,7 +502,7 @@ impl Replayer {
                 } else {
                     self.health.report_reset(&reason, Some(&item.key));
                 }
-                let never_again = never_twice(&item.request);
+                let never_again = has_header(&item.request, FORWARDED_BEFORE_202);
                 self.events.emit(Event::Classified {
                     key: item.key.clone(),
                     class: if never_again {
@@ -513,12 +515,7 @@ impl Replayer {
                 });
                 if never_again {
                     // Forwarded before its `write_timeout` 202: never sent twice.
-                    item.status = MutationStatus::Rejected;
-                    item.outcome = Some(crate::outbox::maybe_applied(&format!(
-                        "its replay got no answer ({reason})"
-                    )));
-                    item.response = None;
-                    item.finished_at_ms = Some(now);
+                    mark_maybe_applied(item, &format!("its replay got no answer ({reason})"), now);
                     self.dead_letter(lease, item, finishing).await?;
                     return Ok(Step::Next);
                 }
@@ -1031,22 +1028,15 @@ fn is_internal(name: &str) -> bool {
     name == CAPTURED_VERSION || name == FORWARDED_BEFORE_202
 }
 
-/// Whether the write was forwarded before its `write_timeout` 202 (never sent twice).
-fn never_twice(request: &StoredRequest) -> bool {
-    request
-        .headers
-        .iter()
-        .any(|(n, _)| n == FORWARDED_BEFORE_202)
-}
-
-/// Whether outpost added the request's precondition (`capture_version`).
-fn has_marker(request: &StoredRequest) -> bool {
-    request.headers.iter().any(|(n, _)| n == CAPTURED_VERSION)
+/// Whether the stored request has the header `name` (one of outpost's markers: a copy
+/// forwarded before its `write_timeout` 202, a precondition from `capture_version`).
+fn has_header(request: &StoredRequest, name: &str) -> bool {
+    request.headers.iter().any(|(n, _)| n == name)
 }
 
 /// Drop the precondition outpost added to the request (`capture_version`), if it did.
 fn drop_captured_version(request: &mut StoredRequest) {
-    if has_marker(request) {
+    if has_header(request, CAPTURED_VERSION) {
         request
             .headers
             .retain(|(n, _)| n != CAPTURED_VERSION && !PRECONDITIONS.contains(&n.as_str()));

@@ -365,7 +365,9 @@ impl Upstream {
     /// counted once a connection is ready (a connect that stalls is a connect failure: the
     /// request certainly never left, and is not taken for one that may have been applied).
     /// hyper-util's client (TLS, HTTP/2) connects inside its request, so there the bound is
-    /// the connect timeout and the request timeout together. The answer's version is the app connection's business, not the upstream's: it comes
+    /// the connect timeout and the request timeout together.
+    ///
+    /// The answer's version is the app connection's business, not the upstream's: it comes
     /// back as HTTP/1.1, so that an HTTP/1.0 upstream does not make hyper answer the app in
     /// HTTP/1.0 and close its keep-alive connection (an HTTP/1.0 app still gets HTTP/1.0).
     pub async fn send(
