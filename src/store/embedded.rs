@@ -68,6 +68,7 @@
 mod cache;
 mod files;
 mod queue;
+mod tables;
 mod writer;
 
 use std::collections::HashMap;

@@ -4,8 +4,9 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redb::{Database, ReadableDatabase, ReadableTable, Table, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, WriteTransaction};
 
+use super::tables::Tables;
 use super::writer::{Effect, Op};
 use super::{DEAD, EmbeddedStore, FINISHED, META, MUTATIONS, QUEUE, current};
 use crate::store::codec::{self, decode, encode};
@@ -266,14 +267,10 @@ pub(super) struct Seq {
 
 impl Seq {
     /// The next sequence number.
-    pub(super) fn next(&mut self, txn: &WriteTransaction) -> Result<u64, StoreError> {
+    pub(super) fn next(&mut self, t: &mut Tables<'_>) -> Result<u64, StoreError> {
         let last = match self.last {
             Some(last) => last,
-            None => txn
-                .open_table(META)?
-                .get("seq")?
-                .map(|v| v.value())
-                .unwrap_or(0),
+            None => t.meta()?.get("seq")?.map(|v| v.value()).unwrap_or(0),
         };
         let seq = last + 1;
         self.last = Some(seq);
@@ -296,37 +293,29 @@ impl Seq {
     }
 }
 
-fn put_record(txn: &WriteTransaction, record: &MutationRecord) -> Result<(), StoreError> {
-    put_record_in(&mut txn.open_table(MUTATIONS)?, record)
-}
-
-/// [`put_record`] into the `mutations` table already open.
-fn put_record_in(
-    mutations: &mut Table<&str, &[u8]>,
-    record: &MutationRecord,
-) -> Result<(), StoreError> {
+/// Store `record` under its key.
+fn put_record(t: &mut Tables<'_>, record: &MutationRecord) -> Result<(), StoreError> {
     let bytes = encode(record)?;
-    mutations.insert(record.key.as_str(), bytes.as_slice())?;
+    t.mutations()?
+        .insert(record.key.as_str(), bytes.as_slice())?;
     Ok(())
 }
 
 pub(super) fn enqueue(
-    txn: &WriteTransaction,
+    t: &mut Tables<'_>,
     seqs: &mut Seq,
     mut record: MutationRecord,
 ) -> Result<(Effect, Enqueued), StoreError> {
-    let mut mutations = txn.open_table(MUTATIONS)?;
-    if let Some(existing) = mutations.get(record.key.as_str())? {
+    if let Some(existing) = t.mutations()?.get(record.key.as_str())? {
         return Ok((
             Effect::None,
             Enqueued::Existing(Box::new(decode(existing.value())?)),
         ));
     }
-    let seq = seqs.next(txn)?;
+    let seq = seqs.next(t)?;
     record.seq = seq;
-    put_record_in(&mut mutations, &record)?;
-    drop(mutations);
-    txn.open_table(QUEUE)?
+    put_record(t, &record)?;
+    t.queue()?
         .insert((record.partition.as_str(), seq), record.key.as_str())?;
     Ok((
         Effect::Queued(record.partition.clone(), body_len(&record)),
@@ -337,103 +326,90 @@ pub(super) fn enqueue(
 /// [`Queue::enqueue_coalesced`] as one transaction (the lease check is the caller's: see
 /// [`EmbeddedStore`]'s `drains`).
 pub(super) fn enqueue_coalesced(
-    txn: &WriteTransaction,
+    t: &mut Tables<'_>,
     mut record: MutationRecord,
     folded: &MutationRecord,
     tail_seq: u64,
 ) -> Result<Coalesced, StoreError> {
-    if let Some(existing) = get_for_update(txn, &record.key)? {
+    if let Some(existing) = get_for_update(t, &record.key)? {
         return Ok(Coalesced::Existing(Box::new(existing)));
     }
-    let tail = txn
-        .open_table(QUEUE)?
+    let tail = t
+        .queue()?
         .range((folded.partition.as_str(), 0)..=(folded.partition.as_str(), u64::MAX))?
         .next_back()
         .transpose()?
         .map(|(k, _)| k.value().1);
     if tail != Some(tail_seq)
-        || get_for_update(txn, &folded.key)?.as_ref() != Some(folded)
-        || !is_queued(txn, folded)?
+        || get_for_update(t, &folded.key)?.as_ref() != Some(folded)
+        || !is_queued(t, folded)?
     {
         return Ok(Coalesced::Stale);
     }
     let now = now_ms();
     let mut old = folded.clone();
     old.mark_coalesced(now, &record.key);
-    put_record(txn, &old)?;
-    txn.open_table(FINISHED)?
-        .insert((now, old.key.as_str()), ())?;
+    put_record(t, &old)?;
+    t.finished()?.insert((now, old.key.as_str()), ())?;
     record.seq = folded.seq;
     record.partition = folded.partition.clone();
-    put_record(txn, &record)?;
+    put_record(t, &record)?;
     // The same (partition, seq) slot now names the new key.
-    txn.open_table(QUEUE)?
+    t.queue()?
         .insert((record.partition.as_str(), record.seq), record.key.as_str())?;
     Ok(Coalesced::Folded { seq: record.seq })
 }
 
 /// Save a pending item's new state, only while it is still on its queue under the same
 /// sequence number: an item an operator dropped (or that was finished) is never written back.
-pub(super) fn update(txn: &WriteTransaction, record: &MutationRecord) -> Result<(), StoreError> {
-    if !is_queued(txn, record)? {
+pub(super) fn update(t: &mut Tables<'_>, record: &MutationRecord) -> Result<(), StoreError> {
+    if !is_queued(t, record)? {
         return Err(StoreError::NotQueued {
             key: record.key.clone(),
         });
     }
-    put_record(txn, record)
+    put_record(t, record)
 }
 
 pub(super) fn record_forwarded(
-    txn: &WriteTransaction,
+    t: &mut Tables<'_>,
     record: &MutationRecord,
 ) -> Result<(), StoreError> {
-    let exists = txn
-        .open_table(MUTATIONS)?
-        .get(record.key.as_str())?
-        .is_some();
-    if exists {
+    if t.mutations()?.get(record.key.as_str())?.is_some() {
         return Ok(());
     }
-    put_record(txn, record)?;
+    put_record(t, record)?;
     let at = record.finished_at_ms.unwrap_or_else(now_ms);
-    txn.open_table(FINISHED)?
-        .insert((at, record.key.as_str()), ())?;
+    t.finished()?.insert((at, record.key.as_str()), ())?;
     Ok(())
 }
 
-pub(super) fn finish(
-    txn: &WriteTransaction,
-    mut record: MutationRecord,
-) -> Result<Effect, StoreError> {
-    let removed = txn
-        .open_table(QUEUE)?
+pub(super) fn finish(t: &mut Tables<'_>, mut record: MutationRecord) -> Result<Effect, StoreError> {
+    let removed = t
+        .queue()?
         .remove((record.partition.as_str(), record.seq))?
         .is_some();
     if !removed {
         // Already finished (e.g. by an operator); keep what is stored.
         return Ok(Effect::None);
     }
-    let mut mutations = txn.open_table(MUTATIONS)?;
     // The queued bytes go down by the body that was queued (the caller's copy may have
     // forgotten it already).
-    let bytes = mutations
+    let bytes = t
+        .mutations()?
         .get(record.key.as_str())?
         .map(|v| codec::body_len(v.value()))
         .transpose()?
         .unwrap_or(0);
     if record.goes_to_dead_letters() {
-        put_record_in(&mut mutations, &record)?;
-        drop(mutations);
-        txn.open_table(DEAD)?
-            .insert(record.seq, record.key.as_str())?;
+        put_record(t, &record)?;
+        t.dead()?.insert(record.seq, record.key.as_str())?;
         return Ok(Effect::DeadLettered(record.partition, bytes));
     }
     record.forget_request();
-    put_record_in(&mut mutations, &record)?;
-    drop(mutations);
+    put_record(t, &record)?;
     let at = record.finished_at_ms.unwrap_or_else(now_ms);
-    txn.open_table(FINISHED)?
-        .insert((at, record.key.as_str()), ())?;
+    t.finished()?.insert((at, record.key.as_str()), ())?;
     Ok(Effect::Unqueued(record.partition, bytes))
 }
 
@@ -444,26 +420,21 @@ pub(super) fn body_len(record: &MutationRecord) -> u64 {
 
 /// Back to the tail of its partition; with `headers`, an operator's edit of its headers.
 pub(super) fn retry_dead_letter(
-    txn: &WriteTransaction,
+    t: &mut Tables<'_>,
     seqs: &mut Seq,
     key: &str,
     headers: Option<Vec<(String, Bytes)>>,
 ) -> Result<Option<Effect>, StoreError> {
-    let Some(mut record) = txn
-        .open_table(MUTATIONS)?
-        .get(key)?
-        .map(|v| decode(v.value()))
-        .transpose()?
-    else {
+    let Some(mut record) = get_for_update(t, key)? else {
         return Ok(None);
     };
     // Only what is on the dead-letter list (a forwarded mutation the upstream rejected has a
     // dead-letter status but was answered to the app directly: nothing to retry).
-    if !is_dead_letter(txn, &record)? {
+    if !is_dead_letter(t, &record)? {
         return Ok(None);
     }
-    txn.open_table(DEAD)?.remove(record.seq)?;
-    let seq = seqs.next(txn)?;
+    t.dead()?.remove(record.seq)?;
+    let seq = seqs.next(t)?;
     record.seq = seq;
     record.status = MutationStatus::Queued;
     record.attempts = 0;
@@ -472,63 +443,59 @@ pub(super) fn retry_dead_letter(
     if let Some(headers) = headers {
         record.request.headers = headers;
     }
-    put_record(txn, &record)?;
-    txn.open_table(QUEUE)?
-        .insert((record.partition.as_str(), seq), key)?;
+    put_record(t, &record)?;
+    t.queue()?.insert((record.partition.as_str(), seq), key)?;
     let bytes = body_len(&record);
     Ok(Some(Effect::DeadRevived(record.partition, bytes)))
 }
 
-fn is_dead_letter(txn: &WriteTransaction, record: &MutationRecord) -> Result<bool, StoreError> {
-    Ok(txn
-        .open_table(DEAD)?
+fn is_dead_letter(t: &mut Tables<'_>, record: &MutationRecord) -> Result<bool, StoreError> {
+    Ok(t.dead()?
         .get(record.seq)?
         .is_some_and(|k| k.value() == record.key))
 }
 
-fn is_queued(txn: &WriteTransaction, record: &MutationRecord) -> Result<bool, StoreError> {
-    Ok(txn
-        .open_table(QUEUE)?
+fn is_queued(t: &mut Tables<'_>, record: &MutationRecord) -> Result<bool, StoreError> {
+    Ok(t.queue()?
         .get((record.partition.as_str(), record.seq))?
         .is_some_and(|k| k.value() == record.key))
 }
 
-fn get_for_update(txn: &WriteTransaction, key: &str) -> Result<Option<MutationRecord>, StoreError> {
-    txn.open_table(MUTATIONS)?
+fn get_for_update(t: &mut Tables<'_>, key: &str) -> Result<Option<MutationRecord>, StoreError> {
+    t.mutations()?
         .get(key)?
         .map(|v| decode(v.value()))
         .transpose()
 }
 
-pub(super) fn retry_pending(txn: &WriteTransaction, key: &str) -> Result<bool, StoreError> {
-    let Some(mut record) = get_for_update(txn, key)? else {
+pub(super) fn retry_pending(t: &mut Tables<'_>, key: &str) -> Result<bool, StoreError> {
+    let Some(mut record) = get_for_update(t, key)? else {
         return Ok(false);
     };
-    if !record.status.is_pending() || !is_queued(txn, &record)? {
+    if !record.status.is_pending() || !is_queued(t, &record)? {
         return Ok(false);
     }
     record.status = MutationStatus::Queued;
     record.next_attempt_at_ms = 0;
-    put_record(txn, &record)?;
+    put_record(t, &record)?;
     Ok(true)
 }
 
 /// An operator's drop of a pending item or dead letter; with `superseded_by`, only of a dead
 /// letter, retried under that new key.
 pub(super) fn drop_mutation(
-    txn: &WriteTransaction,
+    t: &mut Tables<'_>,
     key: &str,
     superseded_by: Option<&str>,
 ) -> Result<Option<Effect>, StoreError> {
-    let Some(mut record) = get_for_update(txn, key)? else {
+    let Some(mut record) = get_for_update(t, key)? else {
         return Ok(None);
     };
-    let effect = if superseded_by.is_none() && is_queued(txn, &record)? {
-        txn.open_table(QUEUE)?
-            .remove((record.partition.as_str(), record.seq))?;
+    let effect = if superseded_by.is_none() && is_queued(t, &record)? {
+        t.queue()?.remove((record.partition.as_str(), record.seq))?;
         Effect::Unqueued(record.partition.clone(), body_len(&record))
-    } else if is_dead_letter(txn, &record)? {
-        txn.open_table(DEAD)?.remove(record.seq)?;
+    } else if is_dead_letter(t, &record)? {
+        t.dead()?.remove(record.seq)?;
         Effect::DeadDropped
     } else {
         return Ok(None);
@@ -538,12 +505,14 @@ pub(super) fn drop_mutation(
         Some(new_key) => record.mark_superseded(now, new_key),
         None => record.mark_dropped(now),
     }
-    put_record(txn, &record)?;
-    txn.open_table(FINISHED)?.insert((now, key), ())?;
+    put_record(t, &record)?;
+    t.finished()?.insert((now, key), ())?;
     Ok(Some(effect))
 }
 
-pub(super) fn purge(txn: &WriteTransaction, before_ms: u64) -> Result<u64, StoreError> {
+pub(super) fn purge(t: &mut Tables<'_>, before_ms: u64) -> Result<u64, StoreError> {
+    // Both tables at once: opened here, on the transaction.
+    let txn = t.txn();
     let mut finished = txn.open_table(FINISHED)?;
     let mut mutations = txn.open_table(MUTATIONS)?;
     let mut purged = 0;

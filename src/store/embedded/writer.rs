@@ -19,6 +19,7 @@ use super::queue::{
     Seq, drop_mutation, enqueue, enqueue_coalesced, finish, purge, record_forwarded,
     retry_dead_letter, retry_pending, update,
 };
+use super::tables::Tables;
 use super::{CACHE, CACHE_LRU, DEAD, FINISHED, META, MUTATIONS, QUEUE};
 use crate::store::{Coalesced, DeadLetterEdit, Enqueued, MutationRecord, StoreError, codec};
 
@@ -505,12 +506,14 @@ impl Writer {
             }
         };
         let started = Instant::now();
+        let mut tables = Tables::new(&open.txn);
         for op in batch {
             let class = op.class(self.progress_sync);
-            let (effect, reply) = self.apply(&open.txn, op);
+            let (effect, reply) = self.apply(&mut tables, op);
             open.effects.push(effect);
             open.replies.push((class, reply));
         }
+        drop(tables);
         if may_wait && open.replies.len() < MAX_BATCH {
             let by = Instant::now() + self.progress_sync;
             self.flush_by = Some(self.flush_by.map_or(by, |b| b.min(by)));
@@ -642,7 +645,7 @@ impl Writer {
 
     /// Apply one op inside the open transaction. The returned closure answers the caller once
     /// the commit's fate is known (an error then overrides the op's own result).
-    fn apply(&mut self, txn: &WriteTransaction, op: Op) -> (Effect, Answer) {
+    fn apply(&mut self, t: &mut Tables<'_>, op: Op) -> (Effect, Answer) {
         fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Answer {
             Box::new(move |not_written| {
                 let out = match not_written {
@@ -654,7 +657,7 @@ impl Writer {
         }
         let noop = || -> Answer { Box::new(|_| {}) };
         match op {
-            Op::Enqueue(record, reply) => match enqueue(txn, &mut self.seqs, *record) {
+            Op::Enqueue(record, reply) => match enqueue(t, &mut self.seqs, *record) {
                 Ok((effect, result)) => (effect, answer(reply, Ok(result))),
                 Err(e) => (Effect::None, answer(reply, Err(e))),
             },
@@ -664,7 +667,7 @@ impl Writer {
                     super::queue::body_len(&record),
                     super::queue::body_len(&folded),
                 );
-                match enqueue_coalesced(txn, record, &folded, tail_seq) {
+                match enqueue_coalesced(t, record, &folded, tail_seq) {
                     Ok(r @ Coalesced::Folded { .. }) => {
                         (Effect::Replaced { old, new }, answer(reply, Ok(r)))
                     }
@@ -672,29 +675,29 @@ impl Writer {
                 }
             }
             Op::RecordForwarded(record, reply) => {
-                let r = record_forwarded(txn, &record);
+                let r = record_forwarded(t, &record);
                 (Effect::None, answer(reply, r))
             }
             Op::Update(record, reply) => {
-                let r = update(txn, &record);
+                let r = update(t, &record);
                 (Effect::None, answer(reply, r))
             }
-            Op::Finish(record, reply) => match finish(txn, *record) {
+            Op::Finish(record, reply) => match finish(t, *record) {
                 Ok(effect) => (effect, answer(reply, Ok(()))),
                 Err(e) => (Effect::None, answer(reply, Err(e))),
             },
             Op::RetryDeadLetter(key, reply) => {
-                match retry_dead_letter(txn, &mut self.seqs, &key, None) {
+                match retry_dead_letter(t, &mut self.seqs, &key, None) {
                     Ok(Some(effect)) => (effect, answer(reply, Ok(true))),
                     Ok(None) => (Effect::None, answer(reply, Ok(false))),
                     Err(e) => (Effect::None, answer(reply, Err(e))),
                 }
             }
             Op::RetryPending(key, reply) => {
-                let r = retry_pending(txn, &key);
+                let r = retry_pending(t, &key);
                 (Effect::None, answer(reply, r))
             }
-            Op::Drop(key, reply) => match drop_mutation(txn, &key, None) {
+            Op::Drop(key, reply) => match drop_mutation(t, &key, None) {
                 Ok(Some(effect)) => (effect, answer(reply, Ok(true))),
                 Ok(None) => (Effect::None, answer(reply, Ok(false))),
                 Err(e) => (Effect::None, answer(reply, Err(e))),
@@ -702,9 +705,9 @@ impl Writer {
             Op::EditDeadLetter(key, edit, reply) => {
                 let r = match edit {
                     DeadLetterEdit::Headers(h) => {
-                        retry_dead_letter(txn, &mut self.seqs, &key, Some(h))
+                        retry_dead_letter(t, &mut self.seqs, &key, Some(h))
                     }
-                    DeadLetterEdit::Superseded(new) => drop_mutation(txn, &key, Some(&new)),
+                    DeadLetterEdit::Superseded(new) => drop_mutation(t, &key, Some(&new)),
                 };
                 match r {
                     Ok(Some(effect)) => (effect, answer(reply, Ok(true))),
@@ -713,11 +716,11 @@ impl Writer {
                 }
             }
             Op::Purge(before, reply) => {
-                let r = purge(txn, before);
+                let r = purge(t, before);
                 (Effect::None, answer(reply, r))
             }
             Op::CachePut(key, value, expires) => {
-                match cache_put(txn, &key, &value, expires, self.cache_budget) {
+                match cache_put(t.txn(), &key, &value, expires, self.cache_budget) {
                     Ok(effect) => (effect, noop()),
                     Err(e) => {
                         tracing::warn!("cache write failed: {e}");
@@ -726,7 +729,7 @@ impl Writer {
                 }
             }
             Op::CacheTouch(key) => {
-                if let Err(e) = cache_touch(txn, &key) {
+                if let Err(e) = cache_touch(t.txn(), &key) {
                     tracing::debug!("cache touch failed: {e}");
                 }
                 (Effect::None, noop())
