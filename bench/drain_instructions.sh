@@ -7,7 +7,9 @@
 # N items (2000) are queued over 16 `partition = "path"` partitions with the upstream down
 # (instrumentation off), then nginx (1 worker) starts as the upstream and instrumentation is on
 # until the queue is empty. Environment: N, SYNC (`replay.progress_sync`, default 10ms),
-# OUTPOST_BIN (skip the release build), KEEP=DIR (keep the callgrind files).
+# OUTPOST_BIN (skip the release build), KEEP=DIR (keep the callgrind files). WRITES=1 counts the
+# queueing instead (instructions per durable write: instrumentation on from the first write to
+# the last, 16 connections one write at a time each) and stops there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-2000}; SYNC=${SYNC:-10ms}
@@ -37,6 +39,7 @@ valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$W/cg.out" "$
 OPID=$!
 depth() { curl -s "http://127.0.0.1:$ADMIN/status" | grep -o '"queue_depth":[0-9]*' | cut -d: -f2; }
 for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$ADMIN/status" && break; sleep 0.3; done
+[ -n "${WRITES:-}" ] && callgrind_control -i on "$OPID" >/dev/null
 # 16 clients, one per partition, one write at a time each.
 PYTHONPATH=bench python3 - "$PORT" "$N" <<'PY'
 import socket, sys, concurrent.futures
@@ -54,12 +57,18 @@ with concurrent.futures.ThreadPoolExecutor(16) as ex:
     list(ex.map(run, range(16)))
 PY
 queued=$(depth)
-callgrind_control -i on "$OPID" >/dev/null
-nginx -p "$W" -c "$W/up.conf"
-while [ "$(depth)" -gt 0 ]; do sleep 0.2; done
+if [ -z "${WRITES:-}" ]; then
+  callgrind_control -i on "$OPID" >/dev/null
+  nginx -p "$W" -c "$W/up.conf"
+  while [ "$(depth)" -gt 0 ]; do sleep 0.2; done
+fi
 callgrind_control -i off "$OPID" >/dev/null
 callgrind_control -d "$OPID" >/dev/null
 sleep 0.5
 kill "$OPID"; wait "$OPID" 2>/dev/null || true; OPID=""
-echo "drained $queued items (16 partitions, progress_sync = $SYNC): $(( $(callgrind_total "$W") / queued )) instructions per item"
+if [ -n "${WRITES:-}" ]; then
+  echo "queued $queued durable writes (16 connections): $(( $(callgrind_total "$W") / queued )) instructions per write"
+else
+  echo "drained $queued items (16 partitions, progress_sync = $SYNC): $(( $(callgrind_total "$W") / queued )) instructions per item"
+fi
 if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP"; cp "$W"/cg.out* "$KEEP/"; fi

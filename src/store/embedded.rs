@@ -361,6 +361,88 @@ mod tests {
         );
     }
 
+    /// Queue ops share the batch's open tables (`tables.rs`), and the ops that open tables on
+    /// the raw transaction (cache, purge) close them first: every kind, mixed in one batch,
+    /// applies without redb refusing a table opened twice.
+    #[tokio::test]
+    async fn queue_cache_and_purge_ops_mixed_in_one_batch_all_apply() {
+        use crate::store::{Enqueued, MutationStatus, ResponseStore};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = {
+            let store = EmbeddedStore::open(dir.path(), 1 << 20).expect("open");
+            for key in ["k1", "k2"] {
+                let r = super::super::conformance::record(key, "p");
+                store.enqueue(r).await.expect("enqueue");
+            }
+            let first = store.peek("p", 1).await.expect("peek").remove(0);
+            store.close();
+            first
+        };
+        // A writer fed the whole batch before it starts: its first receive takes all of it.
+        let path = dir.path().join("outpost.redb");
+        let (db, counters) = open_database(&path, 1 << 20).expect("open database");
+        let writer = Writer::new(
+            Arc::new(RwLock::new(DbHandle::Open(Arc::new(db)))),
+            path,
+            1 << 20,
+            Arc::new(Mutex::new(counters)),
+            1 << 20,
+            Duration::ZERO,
+        );
+        let (tx, rx) = mpsc::channel();
+        let (enq3, enq3_rx) = oneshot::channel();
+        let (fin, fin_rx) = oneshot::channel();
+        let (purge, purge_rx) = oneshot::channel();
+        let (enq4, enq4_rx) = oneshot::channel();
+        let (retry, retry_rx) = oneshot::channel();
+        let mut finished = first;
+        finished.status = MutationStatus::Succeeded;
+        finished.finished_at_ms = Some(crate::store::now_ms());
+        let ops = vec![
+            Op::Enqueue(Box::new(super::super::conformance::record("k3", "p")), enq3),
+            Op::CachePut(b"c1".to_vec(), Bytes::from_static(b"blob"), u64::MAX),
+            Op::Finish(Box::new(finished), fin),
+            Op::CacheTouch(b"c1".to_vec()),
+            Op::Purge(0, purge),
+            Op::Enqueue(Box::new(super::super::conformance::record("k4", "q")), enq4),
+            Op::RetryPending("k2".into(), retry),
+        ];
+        for op in ops {
+            tx.send(op).expect("send");
+        }
+        drop(tx);
+        tokio::task::spawn_blocking(move || writer.run(rx))
+            .await
+            .expect("writer ran");
+        for (what, rx) in [("k3", enq3_rx), ("k4", enq4_rx)] {
+            let done = rx.await.expect("answered").expect("enqueued");
+            assert!(
+                matches!(done, Enqueued::Accepted { .. }),
+                "{what}: {done:?}"
+            );
+        }
+        fin_rx.await.expect("answered").expect("finished");
+        assert_eq!(purge_rx.await.expect("answered").expect("purged"), 0);
+        assert!(retry_rx.await.expect("answered").expect("retried"));
+
+        let store = EmbeddedStore::open(dir.path(), 1 << 20).expect("reopen");
+        let pending: Vec<String> = store
+            .peek("p", 10)
+            .await
+            .expect("peek")
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
+        assert_eq!(pending, ["k2", "k3"], "k1 finished, k3 queued behind k2");
+        assert_eq!(store.peek("q", 10).await.expect("peek").len(), 1, "k4");
+        let k1 = store.mutation("k1").await.expect("read").expect("k1 kept");
+        assert_eq!(k1.status, MutationStatus::Succeeded);
+        assert_eq!(
+            store.cache_get(b"c1").await.expect("cache read").as_deref(),
+            Some(&b"blob"[..])
+        );
+    }
+
     #[tokio::test]
     async fn pending_items_survive_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
