@@ -10,8 +10,9 @@
 # 1048576), OUTPOST_BIN (skip the release build and use this binary).
 #
 # proxy:  pass-through req/s, p50/p99 and CPU per request (wrk -t2 -c64, small JSON answer, fast
-#         nginx upstream): direct, nginx reverse proxy, outpost network-first (caching on),
-#         outpost network-only.
+#         nginx upstream): direct, nginx reverse proxy, a bare hyper proxy (examples/bare_proxy.rs:
+#         the floor of the stack outpost is built on; BARE_BIN skips its build), outpost
+#         network-first (caching on), outpost network-only.
 # stale:  upstream down, an expired (stale) copy cached: nginx `proxy_cache_use_stale`, Varnish
 #         grace, outpost (offline answers from its cache); req/s, p99, CPU per request; and the
 #         ceiling: a static nginx answer (2 workers, no proxy, no lookup), the most this load
@@ -66,6 +67,11 @@ else
   cargo build --release --quiet
   OUTPOST="$ROOT/target/release/outpost"
 fi
+# The stack's floor for the pass-through rows (examples/bare_proxy.rs); BARE_BIN skips the build.
+bare_bin() {
+  if [ -n "${BARE_BIN:-}" ]; then echo "$BARE_BIN"; return; fi
+  cargo build --release --quiet --example bare_proxy && echo "$ROOT/target/release/examples/bare_proxy"
+}
 TICKS=$(getconf CLK_TCK)
 
 # Summary rows: target | figure | target value | ratio / met.
@@ -231,6 +237,14 @@ bench_proxy() {
   read -r ngx_rps _p50 ngx_p99 _ _ ngx_cpu < <(CPU_PIDS=$NGINX_PID measure "http://127.0.0.1:$NGX/products")
   row "nginx reverse proxy (keepalive pool)" "$ngx_rps" "$_p50" "$ngx_p99" "$ngx_cpu"
   stop_nginx_proxy
+  local bare bare_port bare_pid
+  bare=$(bare_bin); bare_port=$(free_port)
+  "$bare" 127.0.0.1:"$bare_port" 127.0.0.1:"$UP" 2 > "$WORK/bare.log" 2>&1 &
+  bare_pid=$!; PIDS+=("$bare_pid")
+  wait_port "$bare_port"
+  read -r bare_rps _p50 bare_p99 _ _ bare_cpu < <(CPU_PIDS=$bare_pid measure "http://127.0.0.1:$bare_port/products")
+  row "bare hyper proxy (examples/bare_proxy.rs)" "$bare_rps" "$_p50" "$bare_p99" "$bare_cpu"
+  kill "$bare_pid" 2>/dev/null || true; wait "$bare_pid" 2>/dev/null || true
   printf '[replay]\nrate_limit = 0\n' > "$WORK/proxy.toml"
   start_outpost --config "$WORK/proxy.toml" --upstream "http://127.0.0.1:$UP" --data-dir "$WORK/data-proxy"
   read -r nf_rps _p50 nf_p99 _ _ nf_cpu < <(CPU_PIDS=$OUTPOST_PID measure "http://127.0.0.1:$OUTPOST_PORT/products")
@@ -252,6 +266,7 @@ bench_proxy() {
   summary "network-first p99 vs nginx" "$nf_p99 vs $ngx_p99" "<= nginx" "$(verdict "$nf_p99ms <= $ngx_p99ms")"
   summary "network-only req/s vs nginx, vs network-first" "$no_rps ($(ratio "$no_rps" "$ngx_rps") nginx, $(ratio "$no_rps" "$nf_rps") network-first), p99 $no_p99" "above network-first" "$(verdict "$no_rps > $nf_rps")"
   summary "CPU per request, pass-through (µs)" "nginx $ngx_cpu, network-first $nf_cpu ($(ratio "$nf_cpu" "$ngx_cpu")), network-only $no_cpu ($(ratio "$no_cpu" "$ngx_cpu"))" "reported" "-"
+  summary "the stack's floor: a bare hyper proxy vs nginx" "$bare_rps req/s ($(ratio "$bare_rps" "$ngx_rps")), CPU $bare_cpu µs/req ($(ratio "$bare_cpu" "$ngx_cpu")); network-first is $(ratio "$nf_rps" "$bare_rps") of it" "reported" "-"
 }
 
 # ---------------------------------------------------------------------------------------------
