@@ -18,14 +18,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// for it).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// mimalloc v3's default purge delay, in ms: checked before the option is set, so that a
-/// different option order (another mimalloc) or an operator's `MIMALLOC_PURGE_DELAY` is left
-/// alone.
+/// different option order (another mimalloc) or an operator's `MIMALLOC_PURGE_DELAY` (any
+/// value but this one) is left alone.
 const MI_DEFAULT_PURGE_DELAY: std::ffi::c_long = 1000;
 
 /// Hand memory the process frees back to the OS within ~10 ms (mimalloc v2's default) instead
 /// of mimalloc v3's 1 s (10 s for its arenas). Under a burst of large bodies the retained
 /// memory came on top of what the configured limits bound: the 10× burst bench peaked at
-/// 262–297 MB against its 279 MB bound, and at 213–233 MB with 10 ms, with the same write and
+/// 250–297 MB against its 279 MB bound, and at 212–248 MB with 10 ms, with the same write and
 /// pass-through throughput (README, "Benchmarks").
 #[allow(unsafe_code)]
 fn return_freed_memory_promptly() {

@@ -677,6 +677,12 @@ mod tests {
         let left: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
         assert_eq!(left, ["content-type"]);
 
+        // The match finds every listed name at its place in the list, and nothing else.
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
+        }
+        assert_eq!(hop_by_hop_index(&header::CONTENT_TYPE), None);
+
         // Nothing hop-by-hop: untouched.
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
