@@ -446,6 +446,15 @@ impl std::hash::Hasher for DigestHasher {
     }
 }
 
+/// An entry [`Cache::find`] found, and the key it is stored under.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// The cached response.
+    pub entry: Arc<CachedResponse>,
+    /// Its key: the request's primary key with the values of the entry's `Vary` names.
+    pub key: CacheKey,
+}
+
 /// The two-tier cache.
 pub struct Cache {
     memory: moka::sync::Cache<CacheKey, Arc<CachedResponse>, DigestHash>,
@@ -496,13 +505,20 @@ impl Cache {
         primary: &PrimaryKey,
         request: &HeaderMap,
     ) -> Option<Arc<CachedResponse>> {
+        self.find(primary, request).await.map(|found| found.entry)
+    }
+
+    /// [`Self::get`], with the key the entry was found under (for [`Self::put`] after the
+    /// upstream answered the same request).
+    pub async fn find(&self, primary: &PrimaryKey, request: &HeaderMap) -> Option<Found> {
         if !self.config.enabled {
             return None;
         }
-        if let Some(known) = self.primaries.get(primary)
-            && let Some(hit) = self.memory.get(&primary.with_vary(&known.vary, request))
-        {
-            return Some(hit);
+        if let Some(known) = self.primaries.get(primary) {
+            let key = primary.with_vary(&known.vary, request);
+            if let Some(entry) = self.memory.get(&key) {
+                return Some(Found { entry, key });
+            }
         }
         let slot = self
             .durable_get(&durable_slot_key(primary))
@@ -516,7 +532,7 @@ impl Cache {
                 if key == holder {
                     let entry = Arc::new(slot.entry);
                     self.memory.insert(key, entry.clone());
-                    return Some(entry);
+                    return Some(Found { entry, key });
                 }
                 key
             }
@@ -532,7 +548,7 @@ impl Cache {
         let entry: CachedResponse = codec::decode_cached(&blob).ok()?;
         let entry = Arc::new(entry);
         self.memory.insert(key, entry.clone());
-        Some(entry)
+        Some(Found { entry, key })
     }
 
     /// Note what the durable tier says about `primary`, unless this process knows already
@@ -609,7 +625,10 @@ impl Cache {
 
     /// Store a complete response (called when its body has streamed through). Memory is
     /// updated at once; the durable tier in the background, and only when the content changed
-    /// or was last written more than a few seconds ago.
+    /// or was last written more than a few seconds ago. `found`: the copy [`Self::find`] gave
+    /// for this same request, if any; when the answer varies by the same header names, the
+    /// copy is the entry under the answer's key, compared without hashing the key and looking
+    /// it up again.
     // The parts of one response and its storage terms; a struct for them would only be unpacked.
     #[allow(clippy::too_many_arguments)]
     pub fn put(
@@ -621,11 +640,18 @@ impl Cache {
         body_bytes: Bytes,
         terms: Storable,
         max_stale: Duration,
+        found: Option<&Found>,
     ) {
         let now = now_ms();
-        let key = primary.with_vary(&terms.vary, request);
+        let (key, old) = match found {
+            Some(found) if found.entry.vary == terms.vary => (found.key, Some(found.entry.clone())),
+            _ => {
+                let key = primary.with_vary(&terms.vary, request);
+                (key, self.memory.get(&key))
+            }
+        };
         let fresh_until = now.saturating_add(terms.fresh_for.as_millis() as u64);
-        if let Some(old) = self.memory.get(&key)
+        if let Some(old) = old
             && old.same_content(status, headers, &body_bytes)
         {
             // The upstream confirmed the copy: refresh its times in place (no new entry).
@@ -785,6 +811,18 @@ mod tests {
     }
 
     fn put(cache: &Arc<Cache>, path: &str, request: &HeaderMap, vary: bool, body: &str) {
+        put_over(cache, path, request, vary, body, None);
+    }
+
+    /// [`put`] after the upstream answered a request whose copy `find` gave.
+    fn put_over(
+        cache: &Arc<Cache>,
+        path: &str,
+        request: &HeaderMap,
+        vary: bool,
+        body: &str,
+        found: Option<&Found>,
+    ) {
         let mut headers = HeaderMap::new();
         headers.insert(
             header::CACHE_CONTROL,
@@ -804,6 +842,7 @@ mod tests {
             Bytes::from(body.to_string()),
             terms,
             Duration::from_secs(60),
+            found,
         );
     }
 
@@ -872,6 +911,45 @@ mod tests {
                 Some(body)
             );
         }
+    }
+
+    /// A put given the copy `find` found for the same request: the same content refreshes
+    /// that entry in place, new content replaces it, and an answer that now varies by a header
+    /// is stored under its own key (the found copy's key is used only for the same Vary names).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_put_over_a_found_copy_refreshes_replaces_or_rekeys() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (cache, _store) = cache_in(dir.path()).await;
+        let primary = PrimaryKey::new(&Method::GET, "h", "/p", &Identity([0; 32]));
+        let none = HeaderMap::new();
+        put(&cache, "/p", &none, false, "one");
+        let found = cache.find(&primary, &none).await.expect("found");
+        assert_eq!(found.key, primary.with_vary(&[], &none));
+        found.entry.stored_at_ms.store(1, Ordering::Relaxed);
+
+        put_over(&cache, "/p", &none, false, "one", Some(&found));
+        let again = cache.find(&primary, &none).await.expect("found");
+        assert!(
+            Arc::ptr_eq(&again.entry, &found.entry),
+            "refreshed in place"
+        );
+        assert!(found.entry.stored_at_ms.load(Ordering::Relaxed) > 1);
+
+        put_over(&cache, "/p", &none, false, "two", Some(&found));
+        assert_eq!(body_of(&cache, "/p", &none).await.as_deref(), Some("two"));
+
+        // The answer now varies by Accept-Language: stored under the "en" key, not the
+        // found copy's (which has no Vary), so a "de" request does not get it.
+        let found = cache.find(&primary, &lang("en")).await.expect("found");
+        put_over(&cache, "/p", &lang("en"), true, "en", Some(&found));
+        assert_eq!(
+            body_of(&cache, "/p", &lang("en")).await.as_deref(),
+            Some("en")
+        );
+        assert_ne!(
+            body_of(&cache, "/p", &lang("de")).await.as_deref(),
+            Some("en")
+        );
     }
 
     /// Entries stored by earlier releases (Vary names in an index blob) are still found.

@@ -569,9 +569,9 @@ impl Proxy {
         let request_headers = req.headers().clone();
         let copy = self
             .cache
-            .get(&primary, &request_headers)
+            .find(&primary, &request_headers)
             .await
-            .filter(|hit| within_max_stale(hit, ctx));
+            .filter(|found| within_max_stale(&found.entry, ctx));
         match self.fetch(ctx, req, &request_headers).await {
             Ok(resp) => match copy {
                 Some(copy) => {
@@ -603,7 +603,7 @@ impl Proxy {
         primary: PrimaryKey,
         request_headers: HeaderMap,
         resp: Response<UpstreamBody>,
-        copy: Arc<cache::CachedResponse>,
+        copy: cache::Found,
     ) -> Response<ProxyBody> {
         let head_only = ctx.method == Method::HEAD;
         let outcome =
@@ -611,7 +611,7 @@ impl Proxy {
         if matches!(outcome, classify::Outcome::Retryable { .. }) {
             tracing::debug!(path = %ctx.path_and_query, status = resp.status().as_u16(), "upstream answered a read with a retryable status; serving the cached copy");
             ctx.source = Source::Stale;
-            return copy.to_response(head_only, status::HIT_OFFLINE);
+            return copy.entry.to_response(head_only, status::HIT_OFFLINE);
         }
         let (parts, incoming) = resp.into_parts();
         let (limit, deadline) = (
@@ -620,14 +620,14 @@ impl Proxy {
         );
         let body = match body::collect_within(incoming, limit, deadline).await {
             Ok(Collected::Whole(bytes)) => {
-                return self.store_whole(ctx, primary, &request_headers, parts, bytes);
+                return self.store_whole(ctx, primary, &request_headers, parts, bytes, &copy);
             }
             Ok(Collected::TooLarge { prefix, rest }) => body::chain(prefix, rest),
             Err(e) => {
                 tracing::debug!(path = %ctx.path_and_query, "a read's body broke off ({e}); serving the cached copy");
                 self.health.report_body_failure(&e, None);
                 ctx.source = Source::Stale;
-                return copy.to_response(head_only, status::HIT_OFFLINE);
+                return copy.entry.to_response(head_only, status::HIT_OFFLINE);
             }
         };
         self.store_while_streaming(
@@ -738,6 +738,7 @@ impl Proxy {
                 bytes,
                 terms,
                 max_stale,
+                None,
             );
         });
         parts.headers.insert(
@@ -777,6 +778,7 @@ impl Proxy {
         request_headers: &HeaderMap,
         mut parts: http::response::Parts,
         bytes: bytes::Bytes,
+        found: &cache::Found,
     ) -> Response<ProxyBody> {
         ctx.source = Source::Upstream;
         upstream::strip_hop_by_hop(&mut parts.headers);
@@ -791,6 +793,7 @@ impl Proxy {
                     bytes.clone(),
                     terms,
                     ctx.route.max_stale,
+                    Some(found),
                 );
                 status::STORED
             }
@@ -848,6 +851,7 @@ impl Proxy {
                                 bytes.clone(),
                                 terms,
                                 max_stale,
+                                None,
                             );
                             (body::full(bytes), status::STORED)
                         }
