@@ -628,7 +628,9 @@ impl Cache {
     /// or was last written more than a few seconds ago. `found`: the copy [`Self::find`] gave
     /// for this same request, if any; when the answer varies by the same header names, the
     /// copy is the entry under the answer's key, compared without hashing the key and looking
-    /// it up again.
+    /// it up again. (Should another read have replaced that entry meanwhile, or memory evicted
+    /// it, an unchanged answer refreshes the found copy only: the next read finds what memory,
+    /// or else the durable tier, holds, as before.)
     // The parts of one response and its storage terms; a struct for them would only be unpacked.
     #[allow(clippy::too_many_arguments)]
     pub fn put(
