@@ -13,7 +13,8 @@
 //!   replay `Set-Cookie`. Freshness: `s-maxage`/`max-age`/`Expires`, else the route's TTL;
 //!   `no-cache` makes a copy stale at once (it is still served while offline).
 //! - **Tiers**: a moka cache in memory, weighted by bytes, over the store's durable tier (redb
-//!   or Redis), so cached reads survive a restart during an outage. Writes go to memory at once
+//!   or Redis), so cached reads survive a restart during an outage. Memory holds an answer
+//!   without `Vary` (most) under its primary key, so reading it is one lookup and one hash. Writes go to memory at once
 //!   and to the durable tier in the background; a copy identical to the one stored moments ago is
 //!   not rewritten to disk, which keeps the online hot path off the disk.
 //! - **Durable layout**: every blob is one response, so the store's entry count (admin
@@ -446,13 +447,24 @@ impl std::hash::Hasher for DigestHasher {
     }
 }
 
-/// An entry [`Cache::find`] found, and the key it is stored under.
+/// An entry [`Cache::find`] found, and the key memory holds it under.
 #[derive(Debug, Clone)]
 pub struct Found {
     /// The cached response.
     pub entry: Arc<CachedResponse>,
-    /// Its key: the request's primary key with the values of the entry's `Vary` names.
-    pub key: CacheKey,
+    /// Its memory key ([`memory_key`]).
+    key: CacheKey,
+}
+
+/// The key memory holds a response under: for an answer without `Vary` (most), the primary
+/// key itself, so that a read of it is one lookup and no second hash; for one with `Vary`, its
+/// full key. (The durable tier keys every response by its full key, as earlier releases did.)
+fn memory_key(primary: &PrimaryKey, vary: &[String], request: &HeaderMap) -> CacheKey {
+    if vary.is_empty() {
+        CacheKey(primary.0)
+    } else {
+        primary.with_vary(vary, request)
+    }
 }
 
 /// The two-tier cache.
@@ -514,7 +526,14 @@ impl Cache {
         if !self.config.enabled {
             return None;
         }
-        if let Some(known) = self.primaries.get(primary) {
+        // An answer without Vary: memory holds it under the primary key.
+        let plain = CacheKey(primary.0);
+        if let Some(entry) = self.memory.get(&plain) {
+            return Some(Found { entry, key: plain });
+        }
+        if let Some(known) = self.primaries.get(primary)
+            && !known.vary.is_empty()
+        {
             let key = primary.with_vary(&known.vary, request);
             if let Some(entry) = self.memory.get(&key) {
                 return Some(Found { entry, key });
@@ -530,9 +549,7 @@ impl Cache {
                 let holder = CacheKey(slot.key);
                 self.learn(*primary, &slot.entry.vary, Some(holder));
                 if key == holder {
-                    let entry = Arc::new(slot.entry);
-                    self.memory.insert(key, entry.clone());
-                    return Some(Found { entry, key });
+                    return Some(self.remember(primary, request, slot.entry));
                 }
                 key
             }
@@ -546,9 +563,15 @@ impl Cache {
         };
         let blob = self.durable_get(&durable_entry_key(&key)).await?;
         let entry: CachedResponse = codec::decode_cached(&blob).ok()?;
+        Some(self.remember(primary, request, entry))
+    }
+
+    /// Keep an entry read from the durable tier in memory.
+    fn remember(&self, primary: &PrimaryKey, request: &HeaderMap, entry: CachedResponse) -> Found {
+        let key = memory_key(primary, &entry.vary, request);
         let entry = Arc::new(entry);
         self.memory.insert(key, entry.clone());
-        Some(Found { entry, key })
+        Found { entry, key }
     }
 
     /// Note what the durable tier says about `primary`, unless this process knows already
@@ -648,8 +671,16 @@ impl Cache {
         let (key, old) = match found {
             Some(found) if found.entry.vary == terms.vary => (found.key, Some(found.entry.clone())),
             _ => {
-                let key = primary.with_vary(&terms.vary, request);
+                let key = memory_key(&primary, &terms.vary, request);
                 (key, self.memory.get(&key))
+            }
+        };
+        // The key the durable tier knows the response by.
+        let durable_key = || {
+            if terms.vary.is_empty() {
+                primary.with_vary(&[], request)
+            } else {
+                key
             }
         };
         let fresh_until = now.saturating_add(terms.fresh_for.as_millis() as u64);
@@ -665,6 +696,7 @@ impl Cache {
                 return;
             }
             old.persisted_at_ms.store(now, Ordering::Relaxed);
+            let key = durable_key();
             let place = self.place(primary, key, &terms.vary);
             self.persist(primary, key, old, terms, max_stale, place);
             return;
@@ -688,6 +720,11 @@ impl Cache {
             prepared: Default::default(),
         });
         self.memory.insert(key, entry.clone());
+        if !terms.vary.is_empty() {
+            // The answers vary now: a copy kept from before they did must not answer reads.
+            self.memory.invalidate(&CacheKey(primary.0));
+        }
+        let key = durable_key();
         let place = self.place(primary, key, &terms.vary);
         self.persist(primary, key, entry, terms, max_stale, place);
     }
@@ -926,7 +963,11 @@ mod tests {
         let none = HeaderMap::new();
         put(&cache, "/p", &none, false, "one");
         let found = cache.find(&primary, &none).await.expect("found");
-        assert_eq!(found.key, primary.with_vary(&[], &none));
+        assert_eq!(
+            found.key,
+            CacheKey(primary.0),
+            "memory keys it by its primary key"
+        );
         found.entry.stored_at_ms.store(1, Ordering::Relaxed);
 
         put_over(&cache, "/p", &none, false, "one", Some(&found));
@@ -944,6 +985,10 @@ mod tests {
         // found copy's (which has no Vary), so a "de" request does not get it.
         let found = cache.find(&primary, &lang("en")).await.expect("found");
         put_over(&cache, "/p", &lang("en"), true, "en", Some(&found));
+        assert!(
+            cache.memory.get(&CacheKey(primary.0)).is_none(),
+            "the copy from before the answers varied no longer answers from memory"
+        );
         assert_eq!(
             body_of(&cache, "/p", &lang("en")).await.as_deref(),
             Some("en")
