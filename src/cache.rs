@@ -251,15 +251,43 @@ pub struct Storable {
     pub initial_age_s: u64,
 }
 
+/// Whom a stored copy answers: what decides whether `private` answers and answers that set
+/// cookies may be stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// Every caller (a `public` route): neither is stored; `s-maxage` applies.
+    Everyone,
+    /// Callers that send no identity headers, on a route that is not public: they share one
+    /// copy, so a `private` answer (meant for one user, whom outpost cannot tell apart) is not
+    /// stored.
+    Anonymous,
+    /// One identity: both are stored (never replaying `Set-Cookie`).
+    Caller,
+}
+
+impl Audience {
+    /// The audience of a request on a route (`public` or not) from the caller `identity`.
+    pub fn of(public_route: bool, identity: &Identity) -> Self {
+        if public_route {
+            Audience::Everyone
+        } else if identity.is_anonymous() {
+            Audience::Anonymous
+        } else {
+            Audience::Caller
+        }
+    }
+}
+
 /// Decide whether an answer to a GET (or to a read with a body) may be stored (see the module
 /// docs).
 pub fn storable(
     request: &HeaderMap,
     status: StatusCode,
     headers: &HeaderMap,
-    public_route: bool,
+    audience: Audience,
     default_ttl: Duration,
 ) -> Option<Storable> {
+    let public_route = audience == Audience::Everyone;
     const CACHEABLE: [u16; 8] = [200, 203, 204, 300, 301, 308, 404, 410];
     if !CACHEABLE.contains(&status.as_u16()) {
         return None;
@@ -270,6 +298,9 @@ pub fn storable(
         return None;
     }
     if public_route && (cc.private || headers.contains_key(header::SET_COOKIE)) {
+        return None;
+    }
+    if audience == Audience::Anonymous && cc.private {
         return None;
     }
     let mut vary = Vec::new();
@@ -531,7 +562,8 @@ impl Cache {
         if let Some(entry) = self.memory.get(&plain) {
             return Some(Found { entry, key: plain });
         }
-        if let Some(known) = self.primaries.get(primary)
+        let known = self.primaries.get(primary);
+        if let Some(known) = &known
             && !known.vary.is_empty()
         {
             let key = primary.with_vary(&known.vary, request);
@@ -543,8 +575,14 @@ impl Cache {
             .durable_get(&durable_slot_key(primary))
             .await
             .and_then(|blob| codec::decode_cached::<SlotBlob>(&blob).ok());
-        let key = match slot {
-            Some(slot) => {
+        let key = match (slot, known) {
+            // This process stored answers under other Vary names since the slot was written
+            // (its write is still on the way, or failed): the slot's copy is older than what
+            // this process knows, and only a variant of the current names may answer.
+            (Some(slot), Some(known)) if known.vary != slot.entry.vary => {
+                primary.with_vary(&known.vary, request)
+            }
+            (Some(slot), _) => {
                 let key = primary.with_vary(&slot.entry.vary, request);
                 let holder = CacheKey(slot.key);
                 self.learn(*primary, &slot.entry.vary, Some(holder));
@@ -553,7 +591,7 @@ impl Cache {
                 }
                 key
             }
-            None => {
+            (None, _) => {
                 // Stored by an earlier release: the Vary names in an index blob of their own.
                 let blob = self.durable_get(&legacy_vary_key(primary)).await?;
                 let names: Vec<String> = codec::decode_cached(&blob).ok()?;
@@ -671,6 +709,11 @@ impl Cache {
         let (key, old) = match found {
             Some(found) if found.entry.vary == terms.vary => (found.key, Some(found.entry.clone())),
             _ => {
+                if !terms.vary.is_empty() {
+                    // The answers vary (again): a copy kept from when they did not must not
+                    // answer reads (memory looks under the primary key first).
+                    self.memory.invalidate(&CacheKey(primary.0));
+                }
                 let key = memory_key(&primary, &terms.vary, request);
                 (key, self.memory.get(&key))
             }
@@ -691,7 +734,9 @@ impl Cache {
             old.stored_at_ms.store(now, Ordering::Relaxed);
             old.fresh_until_ms.store(fresh_until, Ordering::Relaxed);
             let persisted = old.persisted_at_ms.load(Ordering::Relaxed);
-            if now.saturating_sub(persisted) < DISK_REFRESH_MS {
+            if now.saturating_sub(persisted) < DISK_REFRESH_MS
+                && self.slot_layout_is(&primary, &terms.vary)
+            {
                 // The same content reached the durable tier moments ago: spare the disk.
                 return;
             }
@@ -720,13 +765,23 @@ impl Cache {
             prepared: Default::default(),
         });
         self.memory.insert(key, entry.clone());
-        if !terms.vary.is_empty() {
-            // The answers vary now: a copy kept from before they did must not answer reads.
-            self.memory.invalidate(&CacheKey(primary.0));
-        }
         let key = durable_key();
         let place = self.place(primary, key, &terms.vary);
         self.persist(primary, key, entry, terms, max_stale, place);
+    }
+
+    /// Whether the durable slot of `primary` was last written for answers varying by `vary`,
+    /// as far as this process knows, so that an unchanged copy written moments ago need not be
+    /// written again. Without Vary it was: a copy found under the primary key is dropped from
+    /// memory as soon as an answer that varies is stored. With Vary, the answers may have
+    /// stopped varying and started again meanwhile (the slot then holds the copy without
+    /// Vary, and must be written again).
+    fn slot_layout_is(&self, primary: &PrimaryKey, vary: &[String]) -> bool {
+        vary.is_empty()
+            || self
+                .primaries
+                .get(primary)
+                .is_some_and(|known| known.vary == vary)
     }
 
     /// Write an entry to the durable tier in the background, at `place`.
@@ -870,8 +925,14 @@ mod tests {
         if vary {
             headers.insert(header::VARY, HeaderValue::from_static("Accept-Language"));
         }
-        let terms =
-            storable(request, StatusCode::OK, &headers, false, Duration::ZERO).expect("storable");
+        let terms = storable(
+            request,
+            StatusCode::OK,
+            &headers,
+            Audience::Caller,
+            Duration::ZERO,
+        )
+        .expect("storable");
         let primary = PrimaryKey::new(&Method::GET, "h", path, &Identity([0; 32]));
         cache.put(
             primary,
@@ -999,6 +1060,70 @@ mod tests {
         );
     }
 
+    /// Answers that vary, stop varying, and vary again with the same content, each step
+    /// right after the last (within the durable tier's refresh interval): every language gets
+    /// its own copy again, from memory and after a restart, and an unknown one none (the copy
+    /// from when the answers did not vary answers neither).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answers_that_vary_again_are_not_hidden_by_the_copy_from_between() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let primary = PrimaryKey::new(&Method::GET, "h", "/v", &Identity([0; 32]));
+        // As the proxy does: the copy found for the request, then the upstream's answer.
+        let fetch = |cache: Arc<Cache>, language: &'static str, vary: bool, body: &'static str| async move {
+            let found = cache.find(&primary, &lang(language)).await;
+            put_over(&cache, "/v", &lang(language), vary, body, found.as_ref());
+        };
+        let store = {
+            let (cache, store) = cache_in(dir.path()).await;
+            fetch(cache.clone(), "en", true, "en").await;
+            fetch(cache.clone(), "de", true, "de").await;
+            fetch(cache.clone(), "en", false, "plain").await;
+            wait_durable(&store, "/v", &lang("fr"), "plain").await;
+            fetch(cache.clone(), "en", true, "en").await;
+            fetch(cache.clone(), "de", true, "de").await;
+            for (language, body) in [("en", Some("en")), ("de", Some("de")), ("fr", None)] {
+                assert_eq!(
+                    body_of(&cache, "/v", &lang(language)).await.as_deref(),
+                    body,
+                    "{language} from memory"
+                );
+            }
+            wait_durable(&store, "/v", &lang("en"), "en").await;
+            store
+        };
+        drop(store);
+        let (cache, _store) = cache_in(dir.path()).await;
+        for (language, body) in [("en", Some("en")), ("de", Some("de")), ("fr", None)] {
+            assert_eq!(
+                body_of(&cache, "/v", &lang(language)).await.as_deref(),
+                body,
+                "{language} after a restart"
+            );
+        }
+    }
+
+    /// A durable slot older than what this process stored since (the write of a varying answer
+    /// still on its way, or failed) does not answer a read, nor come back into memory.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slot_behind_what_this_process_stored_does_not_answer() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (cache, store) = cache_in(dir.path()).await;
+        let primary = PrimaryKey::new(&Method::GET, "h", "/s", &Identity([0; 32]));
+        put(&cache, "/s", &lang("en"), false, "plain");
+        wait_durable(&store, "/s", &lang("fr"), "plain").await;
+        // What storing an answer that varies leaves in memory before its write lands.
+        cache.memory.invalidate(&CacheKey(primary.0));
+        cache.primaries.insert(
+            primary,
+            Arc::new(Primary {
+                vary: vec!["accept-language".to_string()],
+                slot: None,
+            }),
+        );
+        assert_eq!(body_of(&cache, "/s", &lang("fr")).await, None);
+        assert!(cache.memory.get(&CacheKey(primary.0)).is_none());
+    }
+
     /// Entries stored by earlier releases (Vary names in an index blob) are still found.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn entries_of_earlier_releases_are_still_found() {
@@ -1054,8 +1179,14 @@ mod tests {
                 header::AGE,
                 HeaderValue::from_static("18446744073709551615"),
             );
-            let terms = storable(&HeaderMap::new(), StatusCode::OK, &h, true, Duration::ZERO)
-                .expect("storable");
+            let terms = storable(
+                &HeaderMap::new(),
+                StatusCode::OK,
+                &h,
+                Audience::Everyone,
+                Duration::ZERO,
+            )
+            .expect("storable");
             assert!(
                 terms.fresh_for <= Duration::from_secs(DELTA_SECONDS_MAX),
                 "{v}"
@@ -1073,7 +1204,12 @@ mod tests {
         public: bool,
         ttl: Duration,
     ) -> Option<Storable> {
-        storable(request, r.status(), r.headers(), public, ttl)
+        let audience = if public {
+            Audience::Everyone
+        } else {
+            Audience::Caller
+        };
+        storable(request, r.status(), r.headers(), audience, ttl)
     }
 
     fn resp(headers: &[(&str, &str)]) -> Response<()> {
@@ -1111,6 +1247,38 @@ mod tests {
         assert!(check(&req, &r, true, Duration::ZERO).is_none());
         let terms = check(&req, &r, false, Duration::ZERO).expect("per identity");
         assert_eq!(terms.fresh_for, Duration::from_secs(60));
+        // A caller without identity headers shares the anonymous copy: not stored for them.
+        assert!(
+            storable(
+                &req,
+                r.status(),
+                r.headers(),
+                Audience::Anonymous,
+                Duration::ZERO
+            )
+            .is_none()
+        );
+        let mut authorized = HeaderMap::new();
+        authorized.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer a"));
+        for (headers, public, audience) in [
+            (&req, false, Audience::Anonymous),
+            (&authorized, false, Audience::Caller),
+            (&authorized, true, Audience::Everyone),
+        ] {
+            assert_eq!(Audience::of(public, &Identity::of(headers)), audience);
+        }
+        // Answers that set cookies are stored for the anonymous caller (without the cookie).
+        let cookie = resp(&[("set-cookie", "lb=1"), ("cache-control", "max-age=60")]);
+        assert!(
+            storable(
+                &req,
+                cookie.status(),
+                cookie.headers(),
+                Audience::Anonymous,
+                Duration::ZERO
+            )
+            .is_some()
+        );
     }
 
     #[test]

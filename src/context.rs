@@ -67,9 +67,7 @@ impl Identity {
     /// another header is another identity.
     pub fn from_headers(headers: &HeaderMap, names: &[HeaderName]) -> Self {
         if !names.iter().any(|name| headers.contains_key(name)) {
-            // The common anonymous caller: the hash of no values, computed once.
-            static ANONYMOUS: std::sync::OnceLock<Identity> = std::sync::OnceLock::new();
-            return *ANONYMOUS.get_or_init(|| Identity(Sha256::digest(b"identity\0").into()));
+            return Self::anonymous();
         }
         let mut h = Sha256::new();
         h.update(b"identity\0");
@@ -82,6 +80,18 @@ impl Identity {
             }
         }
         Identity(h.finalize().into())
+    }
+
+    /// The identity of a caller that sends none of the identity headers.
+    pub fn anonymous() -> Self {
+        // The common anonymous caller: the hash of no values, computed once.
+        static ANONYMOUS: std::sync::OnceLock<Identity> = std::sync::OnceLock::new();
+        *ANONYMOUS.get_or_init(|| Identity(Sha256::digest(b"identity\0").into()))
+    }
+
+    /// Whether this is [`Self::anonymous`].
+    pub fn is_anonymous(&self) -> bool {
+        *self == Self::anonymous()
     }
 
     /// The identity used for public routes: the same for everyone.

@@ -429,17 +429,21 @@ fn cache_and_replay_header_values_never_panic_and_stay_bounded() {
         header_map(),
         header_map(),
         prop::sample::select(vec![200u16, 203, 204, 301, 404, 410, 500]),
-        any::<bool>(),
+        prop::sample::select(vec![
+            crate::cache::Audience::Everyone,
+            crate::cache::Audience::Anonymous,
+            crate::cache::Audience::Caller,
+        ]),
         0u64..u64::MAX,
     );
     fuzz(
         "cache_headers",
         cases,
-        |(request, response, status, public, default_ttl)| {
+        |(request, response, status, audience, default_ttl)| {
             let status = StatusCode::from_u16(status).expect("a listed status");
             let default_ttl = std::time::Duration::from_secs(default_ttl % (1 << 40));
             if let Some(s) =
-                crate::cache::storable(&request, status, &response, public, default_ttl)
+                crate::cache::storable(&request, status, &response, audience, default_ttl)
             {
                 // Lifetimes are capped (2^31 s), so time arithmetic never overflows.
                 assert!(s.fresh_for <= default_ttl.max(std::time::Duration::from_secs(1 << 31)));

@@ -764,7 +764,7 @@ impl Proxy {
             request_headers,
             parts.status,
             &parts.headers,
-            ctx.route.public,
+            cache::Audience::of(ctx.route.public, &ctx.identity),
             ctx.route.cache_ttl,
         )
     }
@@ -822,7 +822,7 @@ impl Proxy {
         let upstream = self.upstream.clone();
         let health = self.health.clone();
         let cache = self.cache.clone();
-        let public = ctx.route.public;
+        let audience = cache::Audience::of(ctx.route.public, &ctx.identity);
         let ttl = ctx.route.cache_ttl;
         let max_stale = ctx.route.max_stale;
         tokio::spawn(async move {
@@ -837,8 +837,13 @@ impl Proxy {
             };
             let (mut parts, incoming) = resp.into_parts();
             upstream::strip_hop_by_hop(&mut parts.headers);
-            let terms =
-                cache::storable(&request_headers, parts.status, &parts.headers, public, ttl);
+            let terms = cache::storable(
+                &request_headers,
+                parts.status,
+                &parts.headers,
+                audience,
+                ttl,
+            );
             let (body, cache_status) =
                 match body::collect_limited(incoming, cache.max_entry_bytes()).await {
                     Ok(body::Collected::Whole(bytes)) => match terms {
