@@ -8,15 +8,16 @@
 //!   named by the stored response's `Vary`.
 //! - **Policy**: only answers to GET (and to reads with a body) with a cacheable status are
 //!   stored; `no-store` (request or response) never is; `Vary: *` never is; `private`
-//!   answers only under an identity key; on public routes answers that set cookies are not
-//!   stored, and stored copies never
-//!   replay `Set-Cookie`. Freshness: `s-maxage`/`max-age`/`Expires`, else the route's TTL;
-//!   `no-cache` makes a copy stale at once (it is still served while offline).
+//!   answers only for a caller who sent identity headers ([`Audience`]); on public routes
+//!   answers that set cookies are not stored, and stored copies never replay `Set-Cookie`.
+//!   Freshness: `s-maxage`/`max-age`/`Expires`, else the route's TTL; `no-cache` makes a copy
+//!   stale at once (it is still served while offline).
 //! - **Tiers**: a moka cache in memory, weighted by bytes, over the store's durable tier (redb
 //!   or Redis), so cached reads survive a restart during an outage. Memory holds an answer
-//!   without `Vary` (most) under its primary key, so reading it is one lookup and one hash. Writes go to memory at once
-//!   and to the durable tier in the background; a copy identical to the one stored moments ago is
-//!   not rewritten to disk, which keeps the online hot path off the disk.
+//!   without `Vary` (most) under its primary key, so reading it is one lookup and one hash.
+//!   Writes go to memory at once and to the durable tier in the background; a copy identical to
+//!   the one stored moments ago is not rewritten to disk, which keeps the online hot path off
+//!   the disk.
 //! - **Durable layout**: every blob is one response, so the store's entry count (admin
 //!   `/status` `cache_entries`) counts responses. The primary key's slot (`r:` + primary key)
 //!   holds one response with its full key, and is read first: for answers without `Vary` (most)
