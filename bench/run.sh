@@ -7,12 +7,14 @@
 #
 # Environment: DURATION (each wrk row, default 10s), DRAIN_ITEMS (20000), PROBE_OUTAGES (seconds,
 # "6 12"), RSS_DEPTHS ("100000 250000 500000 1000000"), WRITES_C ("1 16 64"), BURST_BODY (bytes,
-# 1048576), OUTPOST_BIN (skip the release build and use this binary).
+# 1048576), PROXY_ROUNDS (interleaved rounds of the pass-through comparison, 3), OUTPOST_BIN (skip
+# the release build and use this binary).
 #
 # proxy:  pass-through req/s, p50/p99 and CPU per request (wrk -t2 -c64, small JSON answer, fast
 #         nginx upstream): direct, nginx reverse proxy, a bare hyper proxy (examples/bare_proxy.rs:
 #         the floor of the stack outpost is built on; BARE_BIN skips its build), outpost
-#         network-first (caching on), outpost network-only.
+#         network-first (caching on), outpost network-only. The four proxies run side by side and
+#         are loaded in turn, PROXY_ROUNDS times; each row is the median of its rounds.
 # stale:  upstream down, an expired (stale) copy cached: nginx `proxy_cache_use_stale`, Varnish
 #         grace, outpost (offline answers from its cache); req/s, p99, CPU per request; and the
 #         ceiling: a static nginx answer (2 workers, no proxy, no lookup), the most this load
@@ -227,42 +229,77 @@ header() { row "setup" "$1" "p50" "p99" "CPU µs/req"; row "---" "---" "---" "--
 # ---------------------------------------------------------------------------------------------
 # Pass-through
 
+# One setup's rounds (measure's output, a line each) → "rps p50 p99 cpu per-round-rps": the median
+# of each column (p50 and p99 in ms), and each round's req/s.
+median_of() {
+  ROWS=$1 python3 -c "
+import os, statistics as st
+rows = [r.split() for r in os.environ['ROWS'].strip().splitlines()]
+def ms(v):
+    for u, f in (('us', 1e-3), ('ms', 1), ('s', 1e3)):
+        if v.endswith(u): return float(v[:-len(u)]) * f
+    return float('nan')
+rps = [float(r[0]) for r in rows]
+cpu = [float(r[5]) for r in rows if r[5] != '-']
+print(f'{st.median(rps):.2f}', f'{st.median([ms(r[1]) for r in rows]):.2f}ms',
+      f'{st.median([ms(r[2]) for r in rows]):.2f}ms',
+      f'{st.median(cpu):.1f}' if cpu else '-', ','.join(f'{x:.0f}' for x in rps))"
+}
+
 bench_proxy() {
-  echo "## Pass-through (wrk -t2 -c64 -d$DURATION, small JSON answer, nginx upstream with 1 worker)"
+  local rounds=${PROXY_ROUNDS:-3}
+  echo "## Pass-through (wrk -t2 -c64 -d$DURATION, small JSON answer, nginx upstream with 1 worker; medians of $rounds interleaved rounds)"
   header "req/s"
   start_upstream
   CPU_PIDS="" read -r rps p50 p99 _ < <(CPU_PIDS="" measure "http://127.0.0.1:$UP/products")
   row "direct to upstream (nginx, 1 worker)" "$rps" "$p50" "$p99" "-"
+  # Every proxy runs for the whole comparison and each round loads them in turn, so that the
+  # machine's drift (this shared box moves by 20 % within minutes) reaches all of them alike.
   start_nginx_proxy
-  read -r ngx_rps _p50 ngx_p99 _ _ ngx_cpu < <(CPU_PIDS=$NGINX_PID measure "http://127.0.0.1:$NGX/products")
-  row "nginx reverse proxy (keepalive pool)" "$ngx_rps" "$_p50" "$ngx_p99" "$ngx_cpu"
-  stop_nginx_proxy
   local bare bare_port bare_pid
   bare=$(bare_bin); bare_port=$(free_port)
   "$bare" 127.0.0.1:"$bare_port" 127.0.0.1:"$UP" 2 > "$WORK/bare.log" 2>&1 &
   bare_pid=$!; PIDS+=("$bare_pid")
   wait_port "$bare_port"
-  read -r bare_rps _p50 bare_p99 _ _ bare_cpu < <(CPU_PIDS=$bare_pid measure "http://127.0.0.1:$bare_port/products")
-  row "bare hyper proxy (examples/bare_proxy.rs)" "$bare_rps" "$_p50" "$bare_p99" "$bare_cpu"
-  kill "$bare_pid" 2>/dev/null || true; wait "$bare_pid" 2>/dev/null || true
   printf '[replay]\nrate_limit = 0\n' > "$WORK/proxy.toml"
   start_outpost --config "$WORK/proxy.toml" --upstream "http://127.0.0.1:$UP" --data-dir "$WORK/data-proxy"
-  read -r nf_rps _p50 nf_p99 _ _ nf_cpu < <(CPU_PIDS=$OUTPOST_PID measure "http://127.0.0.1:$OUTPOST_PORT/products")
-  row "outpost network-first (forward + store)" "$nf_rps" "$_p50" "$nf_p99" "$nf_cpu"
-  stop_outpost
+  local nf_pid=$OUTPOST_PID nf_port=$OUTPOST_PORT
   printf '[replay]\nrate_limit = 0\n[[route]]\npath = "/"\nread = "network-only"\n' > "$WORK/proxy-no.toml"
   start_outpost --config "$WORK/proxy-no.toml" --upstream "http://127.0.0.1:$UP" --data-dir "$WORK/data-proxy-no"
-  read -r no_rps _p50 no_p99 _ _ no_cpu < <(CPU_PIDS=$OUTPOST_PID measure "http://127.0.0.1:$OUTPOST_PORT/products")
-  row "outpost network-only" "$no_rps" "$_p50" "$no_p99" "$no_cpu"
-  stop_outpost
+  local no_pid=$OUTPOST_PID no_port=$OUTPOST_PORT
+  local ngx_rows="" bare_rows="" nf_rows="" no_rows="" r
+  for r in $(seq "$rounds"); do
+    ngx_rows+="$(CPU_PIDS=$NGINX_PID measure "http://127.0.0.1:$NGX/products")"$'\n'
+    bare_rows+="$(CPU_PIDS=$bare_pid measure "http://127.0.0.1:$bare_port/products")"$'\n'
+    nf_rows+="$(CPU_PIDS=$nf_pid measure "http://127.0.0.1:$nf_port/products")"$'\n'
+    no_rows+="$(CPU_PIDS=$no_pid measure "http://127.0.0.1:$no_port/products")"$'\n'
+  done
+  kill "$bare_pid" "$nf_pid" "$no_pid" 2>/dev/null || true
+  wait "$bare_pid" "$nf_pid" "$no_pid" 2>/dev/null || true
+  stop_nginx_proxy
   stop_upstream
+  local ngx_rps ngx_p50 ngx_p99 ngx_cpu ngx_all bare_rps bare_p50 bare_p99 bare_cpu bare_all
+  local nf_rps nf_p50 nf_p99 nf_cpu nf_all no_rps no_p50 no_p99 no_cpu no_all
+  read -r ngx_rps ngx_p50 ngx_p99 ngx_cpu ngx_all < <(median_of "$ngx_rows")
+  read -r bare_rps bare_p50 bare_p99 bare_cpu bare_all < <(median_of "$bare_rows")
+  read -r nf_rps nf_p50 nf_p99 nf_cpu nf_all < <(median_of "$nf_rows")
+  read -r no_rps no_p50 no_p99 no_cpu no_all < <(median_of "$no_rows")
+  row "nginx reverse proxy (keepalive pool)" "$ngx_rps" "$ngx_p50" "$ngx_p99" "$ngx_cpu"
+  row "bare hyper proxy (examples/bare_proxy.rs)" "$bare_rps" "$bare_p50" "$bare_p99" "$bare_cpu"
+  row "outpost network-first (forward + store)" "$nf_rps" "$nf_p50" "$nf_p99" "$nf_cpu"
+  row "outpost network-only" "$no_rps" "$no_p50" "$no_p99" "$no_cpu"
   echo
-  echo "network-first / nginx: $(ratio "$nf_rps" "$ngx_rps") req/s, p99 $nf_p99 vs $ngx_p99, CPU/req $(ratio "$nf_cpu" "$ngx_cpu");" \
+  echo "req/s in each round: nginx $ngx_all; bare $bare_all; network-first $nf_all; network-only $no_all"
+  local per_round
+  per_round=$(py "
+a = [float(x) for x in '$nf_all'.split(',')]; b = [float(x) for x in '$ngx_all'.split(',')]
+print(', '.join(f'{x / y:.2f}x' for x, y in zip(a, b)))")
+  echo "network-first / nginx: $(ratio "$nf_rps" "$ngx_rps") req/s (each round: $per_round), p99 $nf_p99 vs $ngx_p99, CPU/req $(ratio "$nf_cpu" "$ngx_cpu");" \
     "network-only / nginx: $(ratio "$no_rps" "$ngx_rps") req/s, CPU/req $(ratio "$no_cpu" "$ngx_cpu")"
   echo
-  local nf_p99ms ngx_p99ms no_p99ms
-  nf_p99ms=$(ms "$nf_p99"); ngx_p99ms=$(ms "$ngx_p99"); no_p99ms=$(ms "$no_p99")
-  summary "network-first req/s vs nginx reverse proxy" "$nf_rps vs $ngx_rps ($(ratio "$nf_rps" "$ngx_rps"))" ">= 1.0x (aim 1.3x)" "$(verdict "$nf_rps >= $ngx_rps")"
+  local nf_p99ms ngx_p99ms
+  nf_p99ms=$(ms "$nf_p99"); ngx_p99ms=$(ms "$ngx_p99")
+  summary "network-first req/s vs nginx reverse proxy (medians of $rounds rounds)" "$nf_rps vs $ngx_rps ($(ratio "$nf_rps" "$ngx_rps"); rounds: $per_round)" ">= 1.0x (aim 1.3x)" "$(verdict "$nf_rps >= $ngx_rps")"
   summary "network-first p99 vs nginx" "$nf_p99 vs $ngx_p99" "<= nginx" "$(verdict "$nf_p99ms <= $ngx_p99ms")"
   summary "network-only req/s vs nginx, vs network-first" "$no_rps ($(ratio "$no_rps" "$ngx_rps") nginx, $(ratio "$no_rps" "$nf_rps") network-first), p99 $no_p99" "above network-first" "$(verdict "$no_rps > $nf_rps")"
   summary "CPU per request, pass-through (µs)" "nginx $ngx_cpu, network-first $nf_cpu ($(ratio "$nf_cpu" "$ngx_cpu")), network-only $no_cpu ($(ratio "$no_cpu" "$ngx_cpu"))" "reported" "-"
