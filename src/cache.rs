@@ -288,7 +288,6 @@ pub fn storable(
     audience: Audience,
     default_ttl: Duration,
 ) -> Option<Storable> {
-    let public_route = audience == Audience::Everyone;
     const CACHEABLE: [u16; 8] = [200, 203, 204, 300, 301, 308, 404, 410];
     if !CACHEABLE.contains(&status.as_u16()) {
         return None;
@@ -298,10 +297,10 @@ pub fn storable(
     if req_cc.no_store || cc.no_store {
         return None;
     }
-    if public_route && (cc.private || headers.contains_key(header::SET_COOKIE)) {
-        return None;
-    }
-    if audience == Audience::Anonymous && cc.private {
+    // A private answer is one caller's; one that sets cookies is not stored for everyone.
+    if (cc.private && audience != Audience::Caller)
+        || (audience == Audience::Everyone && headers.contains_key(header::SET_COOKIE))
+    {
         return None;
     }
     let mut vary = Vec::new();
@@ -320,7 +319,7 @@ pub fn storable(
     }
     let fresh_for = if cc.no_cache {
         Duration::ZERO
-    } else if let Some(s) = cc.s_maxage.filter(|_| public_route) {
+    } else if let Some(s) = cc.s_maxage.filter(|_| audience == Audience::Everyone) {
         Duration::from_secs(s)
     } else if let Some(s) = cc.max_age {
         Duration::from_secs(s)
