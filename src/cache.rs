@@ -15,9 +15,9 @@
 //! - **Tiers**: a moka cache in memory, weighted by bytes, over the store's durable tier (redb
 //!   or Redis), so cached reads survive a restart during an outage. Memory holds an answer
 //!   without `Vary` (most) under its primary key, so reading it is one lookup and one hash.
-//!   Writes go to memory at once and to the durable tier in the background; a copy identical to
-//!   the one stored moments ago is not rewritten to disk, which keeps the online hot path off
-//!   the disk.
+//!   Writes go to memory at once and to the durable tier in the background, one resource's
+//!   in the order they were made; a copy identical to the one stored moments ago is not
+//!   rewritten to disk, which keeps the online hot path off the disk.
 //! - **Durable layout**: every blob is one response, so the store's entry count (admin
 //!   `/status` `cache_entries`) counts responses. The primary key's slot (`r:` + primary key)
 //!   holds one response with its full key, and is read first: for answers without `Vary` (most)
@@ -25,8 +25,9 @@
 //!   (`e:` + full key), found through the Vary names the slot's response carries. Earlier
 //!   releases kept the names in an index blob (`v:`), still read when there is no slot.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -504,6 +505,17 @@ pub struct Cache {
     primaries: moka::sync::Cache<PrimaryKey, Arc<Primary>, DigestHash>,
     store: Arc<dyn Store>,
     config: CacheConfig,
+    /// Durable writes not yet made, per resource whose writes are under way (see
+    /// [`Cache::persist`]).
+    persisting: Mutex<HashMap<PrimaryKey, VecDeque<Persist>, DigestHash>>,
+}
+
+/// A durable write waiting for the one before it, of the same resource.
+struct Persist {
+    key: CacheKey,
+    entry: Arc<CachedResponse>,
+    ttl: Duration,
+    place: Place,
 }
 
 impl Cache {
@@ -524,6 +536,7 @@ impl Cache {
             primaries,
             store,
             config: config.clone(),
+            persisting: Mutex::new(HashMap::with_hasher(DigestHash)),
         }
     }
 
@@ -784,7 +797,12 @@ impl Cache {
                 .is_some_and(|known| known.vary == vary)
     }
 
-    /// Write an entry to the durable tier in the background, at `place`.
+    /// Write an entry to the durable tier in the background, at `place`. The writes of one
+    /// resource reach the store in the order they were made, one at a time: a write that had
+    /// to read the durable slot first (after a restart) landed after a later one, so that the
+    /// slot kept an older answer than memory (found as a flaky test under load). A write
+    /// waiting behind another replaces the waiting one of the same variant, so what waits is
+    /// at most one write per variant.
     fn persist(
         self: &Arc<Self>,
         primary: PrimaryKey,
@@ -794,38 +812,100 @@ impl Cache {
         max_stale: Duration,
         place: Place,
     ) {
-        let ttl = terms.fresh_for.saturating_add(max_stale);
+        let job = Persist {
+            key,
+            entry,
+            ttl: terms.fresh_for.saturating_add(max_stale),
+            place,
+        };
+        {
+            let mut persisting = self.persisting.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(waiting) = persisting.get_mut(&primary) {
+                waiting.retain(|w| w.key != key);
+                waiting.push_back(job);
+                return;
+            }
+            persisting.insert(primary, VecDeque::new());
+        }
         let this = self.clone();
         tokio::spawn(async move {
-            let place = match place {
-                Place::Ask => this.ask_slot(primary, key, &entry.vary).await,
-                place => place,
+            // Should this task end early (its runtime stopping), later writes of the resource
+            // must not wait behind it for ever.
+            let mut done = Persisting {
+                cache: &this,
+                primary,
+                finished: false,
             };
-            let (durable_key, blob) = match place {
-                Place::Slot => (
-                    durable_slot_key(&primary),
-                    codec::encode_cached(&SlotRef {
-                        key: key.0,
-                        entry: &entry,
-                    }),
-                ),
-                Place::Variant | Place::Ask => {
-                    (durable_entry_key(&key), codec::encode_cached(&*entry))
-                }
-            };
-            match blob {
-                Ok(blob) => {
-                    if let Err(e) = this
-                        .store
-                        .cache_put(&durable_key, Bytes::from(blob), ttl)
-                        .await
-                    {
-                        tracing::warn!("durable cache write failed: {e}");
+            let mut job = job;
+            loop {
+                this.write_durable(primary, job).await;
+                let mut persisting = this.persisting.lock().unwrap_or_else(|e| e.into_inner());
+                match persisting.get_mut(&primary).and_then(VecDeque::pop_front) {
+                    Some(next) => job = next,
+                    None => {
+                        persisting.remove(&primary);
+                        done.finished = true;
+                        return;
                     }
                 }
-                Err(e) => tracing::warn!("cache encode failed: {e}"),
             }
         });
+    }
+
+    /// One durable write (see [`Cache::persist`]).
+    async fn write_durable(&self, primary: PrimaryKey, job: Persist) {
+        let Persist {
+            key,
+            entry,
+            ttl,
+            place,
+        } = job;
+        let place = match place {
+            Place::Ask => self.ask_slot(primary, key, &entry.vary).await,
+            place => place,
+        };
+        let (durable_key, blob) = match place {
+            Place::Slot => (
+                durable_slot_key(&primary),
+                codec::encode_cached(&SlotRef {
+                    key: key.0,
+                    entry: &entry,
+                }),
+            ),
+            Place::Variant | Place::Ask => (durable_entry_key(&key), codec::encode_cached(&*entry)),
+        };
+        match blob {
+            Ok(blob) => {
+                if let Err(e) = self
+                    .store
+                    .cache_put(&durable_key, Bytes::from(blob), ttl)
+                    .await
+                {
+                    tracing::warn!("durable cache write failed: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("cache encode failed: {e}"),
+        }
+    }
+}
+
+/// Clears a resource's waiting writes when the task writing them ends without finishing.
+struct Persisting<'a> {
+    cache: &'a Cache,
+    primary: PrimaryKey,
+    finished: bool,
+}
+
+impl Drop for Persisting<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut persisting = self
+                .cache
+                .persisting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            persisting.remove(&self.primary);
+        }
     }
 }
 
@@ -950,6 +1030,41 @@ mod tests {
         let primary = PrimaryKey::new(&Method::GET, "h", path, &Identity([0; 32]));
         let hit = cache.get(&primary, request).await?;
         Some(String::from_utf8_lossy(&hit.body).into_owned())
+    }
+
+    /// The first durable write of a resource after a start reads the durable slot before it
+    /// writes (slowly here, as over a network); a later write of the same resource needs no
+    /// read, and must still land after it: the slot then holds the newest answer, not the
+    /// older one that finished its read last.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn durable_writes_of_a_resource_land_in_the_order_they_were_made() {
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::memory::MemoryStore::new(1 << 20, Duration::from_secs(30))
+                .with_cache_read_delay(Duration::from_millis(300)),
+        );
+        let cache = Arc::new(Cache::new(&CacheConfig::default(), store.clone()));
+        let primary = PrimaryKey::new(&Method::GET, "h", "/v", &Identity([0; 32]));
+        put(&cache, "/v", &lang("en"), true, "en");
+        let found = cache.find(&primary, &lang("en")).await;
+        put_over(&cache, "/v", &lang("en"), false, "plain", found.as_ref());
+        // Both writes are done well within this (each durable read takes 0.3 s).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let fresh = Cache::new(&CacheConfig::default(), store.clone());
+        for language in ["fr", "en"] {
+            assert_eq!(
+                body_of(&fresh, "/v", &lang(language)).await.as_deref(),
+                Some("plain"),
+                "{language}: the durable slot holds the newest answer"
+            );
+        }
+        assert!(
+            cache
+                .persisting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty(),
+            "nothing is left waiting"
+        );
     }
 
     /// Issue #15 point 7: the durable tier holds one blob per response (no index blobs), so

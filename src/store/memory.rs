@@ -54,6 +54,8 @@ pub struct MemoryStore {
     instance: u64,
     /// How long a lease lasts unless renewed.
     lease: Duration,
+    /// How long each cache read takes (a slow network store, for tests of ordering).
+    cache_read_delay: Duration,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -81,7 +83,14 @@ impl MemoryStore {
             state: Arc::new(Mutex::new(state)),
             instance: 1,
             lease,
+            cache_read_delay: Duration::ZERO,
         }
+    }
+
+    /// The same store, whose cache reads each take `delay` first (as over a slow network).
+    pub fn with_cache_read_delay(mut self, delay: Duration) -> Self {
+        self.cache_read_delay = delay;
+        self
     }
 
     /// Another instance on the same state, as a second outpost sharing one Redis: it sees the
@@ -93,6 +102,7 @@ impl MemoryStore {
             state: self.state.clone(),
             instance: state.instances,
             lease: self.lease,
+            cache_read_delay: self.cache_read_delay,
         })
     }
 
@@ -251,6 +261,9 @@ impl Queue for MemoryStore {
 #[async_trait]
 impl ResponseStore for MemoryStore {
     async fn cache_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
+        if !self.cache_read_delay.is_zero() {
+            tokio::time::sleep(self.cache_read_delay).await;
+        }
         Ok(self.lock()?.cache.get(key))
     }
 
