@@ -38,6 +38,7 @@ pub mod events;
 #[cfg(test)]
 mod fuzz;
 pub mod graphql;
+pub mod handoff;
 pub mod health;
 pub mod loadtest;
 pub mod metrics;

@@ -4,8 +4,9 @@
 //! single-threaded tokio runtime, its own listener socket on the shared address
 //! (`SO_REUSEPORT`: the kernel spreads connections) and its own upstream connection pool. A
 //! request is read, forwarded and answered on one thread, with no hand-off between threads;
-//! shared state (cache, store, health, events) is thread-safe. Background work (probe,
-//! replay, admin) runs on the main runtime.
+//! shared state (cache, store, health, events) is thread-safe. The store's writer answers the
+//! requests of a thread through its mailbox (`handoff`): one wake-up per commit group.
+//! Background work (probe, replay, admin) runs on the main runtime.
 //!
 //! [`accept_loop`] serves one listener, the proxy's or the admin's, each connection with
 //! hyper-util's auto builder (HTTP/1.1 with upgrades, and h2c by preface; with TLS, h2 or
@@ -130,6 +131,8 @@ pub fn spawn_shards(
             .name(format!("outpost-proxy-{i}"))
             .spawn(move || {
                 runtime.block_on(async move {
+                    // The store's answers to this thread's requests come through its mailbox.
+                    let _answers = crate::handoff::serve_here();
                     match TcpListener::from_std(listener) {
                         Ok(listener) => {
                             serve(listener, tls, proxy, connections, config, shutdown).await

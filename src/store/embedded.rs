@@ -77,10 +77,10 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use crate::handoff;
 use async_trait::async_trait;
 use bytes::Bytes;
 use redb::{Database, TableDefinition};
-use tokio::sync::oneshot;
 
 use self::files::{private_dir, private_file};
 use self::writer::{Counters, DbHandle, Op, Reply, SharedDb, Writer, current, open_database};
@@ -176,7 +176,7 @@ impl EmbeddedStore {
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
-        let (reply, rx) = oneshot::channel();
+        let (reply, rx) = handoff::channel();
         self.send(make(reply))?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
@@ -390,11 +390,11 @@ mod tests {
             Duration::ZERO,
         );
         let (tx, rx) = mpsc::channel();
-        let (enq3, enq3_rx) = oneshot::channel();
-        let (fin, fin_rx) = oneshot::channel();
-        let (purge, purge_rx) = oneshot::channel();
-        let (enq4, enq4_rx) = oneshot::channel();
-        let (retry, retry_rx) = oneshot::channel();
+        let (enq3, enq3_rx) = handoff::channel();
+        let (fin, fin_rx) = handoff::channel();
+        let (purge, purge_rx) = handoff::channel();
+        let (enq4, enq4_rx) = handoff::channel();
+        let (retry, retry_rx) = handoff::channel();
         let mut finished = first;
         finished.status = MutationStatus::Succeeded;
         finished.finished_at_ms = Some(crate::store::now_ms());

@@ -12,7 +12,6 @@ use bytes::Bytes;
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction,
 };
-use tokio::sync::oneshot;
 
 use super::cache::{cache_put, cache_touch};
 use super::queue::{
@@ -21,6 +20,7 @@ use super::queue::{
 };
 use super::tables::Tables;
 use super::{CACHE, CACHE_LRU, DEAD, FINISHED, META, MUTATIONS, QUEUE};
+use crate::handoff;
 use crate::store::{Coalesced, DeadLetterEdit, Enqueued, MutationRecord, StoreError, codec};
 
 /// Most operations applied in one commit.
@@ -37,7 +37,9 @@ const LINGER: Duration = Duration::from_micros(200);
 const REOPEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+/// How the writer answers a caller: the proxy threads' answers of one commit group wake each
+/// of their runtimes once (see [`crate::handoff`]).
+pub(super) type Reply<T> = handoff::Sender<Result<T, StoreError>>;
 /// Answers one caller once the fate of the commit holding its op is known (`Some(why)` when the
 /// op was not written).
 type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
@@ -136,22 +138,22 @@ impl Op {
         }
         match self {
             Op::Enqueue(_, reply) => {
-                let _ = reply.send(refused(why));
+                reply.send(refused(why));
             }
             Op::Coalesce(_, _, reply) => {
-                let _ = reply.send(refused(why));
+                reply.send(refused(why));
             }
             Op::RecordForwarded(_, reply) | Op::Update(_, reply) | Op::Finish(_, reply) => {
-                let _ = reply.send(refused(why));
+                reply.send(refused(why));
             }
             Op::RetryDeadLetter(_, reply)
             | Op::RetryPending(_, reply)
             | Op::Drop(_, reply)
             | Op::EditDeadLetter(_, _, reply) => {
-                let _ = reply.send(refused(why));
+                reply.send(refused(why));
             }
             Op::Purge(_, reply) => {
-                let _ = reply.send(refused(why));
+                reply.send(refused(why));
             }
             Op::CachePut(..) | Op::CacheTouch(..) => {}
         }
@@ -340,13 +342,17 @@ impl Writer {
                         }
                     }
                     self.gather(&rx, &mut batch);
+                    // The group's answers go out when the batch ends (before any wait).
+                    let answers = handoff::Batch::begin();
                     self.commit_batch(batch);
+                    drop(answers);
                     self.linger();
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
             if self.flush_by.is_some_and(|by| Instant::now() >= by) {
+                let _answers = handoff::Batch::begin();
                 self.flush();
             }
         }
@@ -652,7 +658,7 @@ impl Writer {
                     Some(why) => Err(StoreError::Embedded(why.to_owned())),
                     None => result,
                 };
-                let _ = reply.send(out);
+                reply.send(out);
             })
         }
         let noop = || -> Answer { Box::new(|_| {}) };
