@@ -88,20 +88,19 @@ impl<T: Send + 'static> Sender<T> {
         let Some(home) = home else {
             return deliver();
         };
-        BATCH.with(|batch| {
-            let mut batch = batch.borrow_mut();
-            let Some(touched) = batch.as_mut() else {
-                return deliver();
-            };
-            match home.post(Box::new(deliver)) {
-                Ok(()) => {
-                    if !touched.iter().any(|m| Arc::ptr_eq(m, &home)) {
-                        touched.push(home);
-                    }
+        if BATCH.with(|batch| batch.borrow().is_none()) {
+            return deliver();
+        }
+        match home.post(Box::new(deliver)) {
+            Ok(()) => BATCH.with(|batch| {
+                if let Some(touched) = batch.borrow_mut().as_mut()
+                    && !touched.iter().any(|m| Arc::ptr_eq(m, &home))
+                {
+                    touched.push(home);
                 }
-                Err(delivery) => delivery(),
-            }
-        })
+            }),
+            Err(delivery) => delivery(),
+        }
     }
 }
 
