@@ -216,11 +216,14 @@ measure() {
   cpu=$(py "print(f'{($c1 - $c0) / $TICKS / max($n, 1) * 1e6:.1f}' if '${CPU_PIDS:-}' else '-')")
   echo "$rps $p50 $p99 ${non2xx:-0} $n $cpu"
 }
-ms() { py "
-v='$1'
-for u, f in (('us', 1e-3), ('ms', 1), ('s', 1e3)):
-    if v.endswith(u): print(float(v[:-len(u)]) * f); break
-else: print('nan')"; }
+# Python for the scripts below: ms(v) turns wrk's "306.00us", "1.02ms" or "1.20s" into ms.
+PY_MS="
+def ms(v):
+    for u, f in (('us', 1e-3), ('ms', 1), ('s', 1e3)):
+        if v.endswith(u): return float(v[:-len(u)]) * f
+    return float('nan')"
+ms() { py "$PY_MS
+print(ms('$1'))"; }
 ratio() { py "print(f'{$1 / $2:.2f}x')"; }
 
 row() { printf '| %-46s | %10s | %8s | %8s | %10s |\n' "$@"; }
@@ -232,13 +235,9 @@ header() { row "setup" "$1" "p50" "p99" "CPU µs/req"; row "---" "---" "---" "--
 # One setup's rounds (measure's output, a line each) → "rps p50 p99 cpu per-round-rps": the median
 # of each column (p50 and p99 in ms), and each round's req/s.
 median_of() {
-  ROWS=$1 python3 -c "
+  ROWS=$1 py "$PY_MS
 import os, statistics as st
 rows = [r.split() for r in os.environ['ROWS'].strip().splitlines()]
-def ms(v):
-    for u, f in (('us', 1e-3), ('ms', 1), ('s', 1e3)):
-        if v.endswith(u): return float(v[:-len(u)]) * f
-    return float('nan')
 rps = [float(r[0]) for r in rows]
 cpu = [float(r[5]) for r in rows if r[5] != '-']
 print(f'{st.median(rps):.2f}', f'{st.median([ms(r[1]) for r in rows]):.2f}ms',

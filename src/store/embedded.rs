@@ -77,10 +77,11 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use crate::handoff;
 use async_trait::async_trait;
 use bytes::Bytes;
 use redb::{Database, TableDefinition};
+
+use crate::handoff;
 
 use self::files::{private_dir, private_file};
 use self::writer::{Counters, DbHandle, Op, Reply, SharedDb, Writer, current, open_database};
