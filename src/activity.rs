@@ -130,6 +130,15 @@ impl Activity {
         records
     }
 
+    /// Whether a forward of `key` that may outlive its route's `write_timeout` is under way in
+    /// this process, acknowledged with a `202` or not yet.
+    pub fn is_forwarding(&self, key: &str) -> bool {
+        self.settling
+            .lock()
+            .map(|map| map.contains_key(key))
+            .unwrap_or(false)
+    }
+
     /// The acknowledged forward of `key`, if it is still settling.
     pub fn settling_record(&self, key: &str) -> Option<MutationRecord> {
         let map = self.settling.lock().ok()?;

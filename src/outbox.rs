@@ -27,6 +27,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -406,23 +407,17 @@ impl Outbox {
         let detached = self.activity.claim(&record.key);
         let e = match result {
             Ok(resp) if detached && classify::is_transient(&rules, resp.status()) => {
-                // Passing it on would lose the write: it is replayed like a queued one.
-                let mut record = record;
+                // Passing it on would lose the write: its queued copy is replayed after a
+                // backoff.
                 let delay = crate::replay::backoff::delay(&self.config.replay, 1, None);
-                record.attempts = 1;
-                record.next_attempt_at_ms =
-                    now_ms().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
-                record.outcome = Some(format!(
+                let outcome = format!(
                     "retryable: answered {} after its 202",
                     resp.status().as_u16()
-                ));
-                tracing::info!(key = %record.key, status = resp.status().as_u16(), "a settling forward got a transient answer; queued");
-                let mut source = Source::Queued;
-                let result = self
-                    .enqueue_record(record, &fingerprint, &mut source, false)
-                    .await;
+                );
+                tracing::info!(key = %record.key, status = resp.status().as_u16(), "a settling forward got a transient answer; its queued copy will be sent");
+                self.settle_unsent(&record, outcome, delay).await;
                 drop(guard);
-                return (result, source);
+                return (Ok(self.accepted_response(&record.key)), Source::Queued);
             }
             Ok(resp) => {
                 return (
@@ -441,8 +436,15 @@ impl Outbox {
             };
             return (Err(err), Source::Outpost);
         }
-        if detached && !matches!(e, ForwardError::Connect(_)) {
-            self.settle_ambiguous(record, &e).await;
+        if detached {
+            if matches!(e, ForwardError::Connect(_)) {
+                // Never sent: its queued copy goes as soon as the upstream is seen online.
+                tracing::info!(key = %record.key, "a settling forward was not sent ({}); its queued copy will be", report(&e));
+                let outcome = format!("retryable: not sent: {}", report(&e));
+                self.settle_unsent(&record, outcome, Duration::ZERO).await;
+            } else {
+                self.settle_ambiguous(record, &e).await;
+            }
             drop(guard);
             return (Err(ProxyError::GatewayTimeout), Source::Queued);
         }
@@ -562,6 +564,34 @@ impl Outbox {
         Response::from_parts(parts, body)
     }
 
+    /// A forward the app holds a `202` for (`write_timeout`) ended without effect: it was
+    /// never sent, or the upstream answered transiently (`outcome`). Replay finds this under
+    /// [`answer_key`], still pending, and sends the queued copy `after` from now, like any
+    /// queued write; without it, a copy whose forward left nothing is taken to have been cut
+    /// by a stop of outpost after it may have been applied, and is dead-lettered.
+    async fn settle_unsent(&self, record: &MutationRecord, outcome: String, after: Duration) {
+        let mut unsent = MutationRecord {
+            key: answer_key(&record.key),
+            status: MutationStatus::Queued,
+            outcome: Some(outcome),
+            attempts: 1,
+            next_attempt_at_ms: now_ms()
+                .saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX)),
+            finished_at_ms: Some(now_ms()),
+            response: None,
+            ..record.clone()
+        };
+        unsent.forget_request();
+        if let Err(e) = self.store.record_forwarded(unsent).await {
+            tracing::error!(
+                key = %record.key,
+                "could not record that a forward after its 202 was not applied ({e}); its \
+                 queued copy will be dead-lettered as maybe applied"
+            );
+        }
+        self.activity.wake();
+    }
+
     /// A forward the app holds a `202` for (`write_timeout`) failed after it may have been
     /// applied (no answer within `upstream.request_timeout`, or the connection broke after the
     /// request was sent). Its queued copy is not sent: an upstream that ignores
@@ -586,7 +616,8 @@ impl Outbox {
         if let Err(e) = self.store.record_forwarded(record).await {
             tracing::error!(
                 "could not record that a forward after its 202 may have been applied ({e}); \
-                 its queued copy will be sent"
+                 its queued copy will be dead-lettered as maybe applied once the forward is \
+                 surely over"
             );
         }
         self.activity.wake();
@@ -914,15 +945,18 @@ impl Outbox {
 }
 
 /// The outcome of a copy queued before a `write_timeout` 202 while its forward goes on: replay
-/// finishes it with the forward's answer (kept under [`answer_key`]) instead of sending it,
-/// and sends it only when no answer was ever recorded (the forward failed, or outpost stopped).
+/// finishes it with the forward's answer (kept under [`answer_key`]) instead of sending it, and
+/// sends it only when the forward recorded there that it had no effect (never sent, or a
+/// transient answer). A forward that recorded nothing was cut by a stop of outpost: its copy
+/// is dead-lettered as `maybe applied`, not sent.
 pub const AWAITING_FORWARD: &str = "in flight: forwarded before its 202 (write_timeout)";
 
 /// The request header that marks a copy queued before a `write_timeout` 202 (replay drops it
 /// before sending). Such a write is never sent twice: outpost sends it again only when it
-/// surely was not applied (a transient answer such as `503`, a refused connection), and once
-/// after a crash cut its forward short; when a send may have been applied without an answer,
-/// it is dead-lettered ([`maybe_applied`]) instead of being tried again.
+/// surely was not applied (a transient answer such as `503`, a refused connection); when a
+/// send may have been applied without an answer (no answer in time, a broken connection, or a
+/// stop of outpost while the forward was under way), it is dead-lettered
+/// ([`mark_maybe_applied`]) instead of being tried again.
 pub const FORWARDED_BEFORE_202: &str = "outpost-forwarded-before-202";
 
 /// Finish a `write_timeout` write as a dead letter at `now` (ms) because a send of it may have

@@ -151,6 +151,9 @@ pub struct Replayer {
     accepted_at_header: Option<HeaderName>,
     paused: AtomicBool,
     shutdown: Shutdown,
+    /// When this replayer was made (ms): what an exclusive store holds from before then was
+    /// left by an earlier process (see [`Self::settle_awaiting`]).
+    started_at_ms: u64,
 }
 
 impl Replayer {
@@ -183,6 +186,7 @@ impl Replayer {
             .ok(),
             paused: AtomicBool::new(false),
             shutdown,
+            started_at_ms: now_ms(),
         }
     }
 
@@ -425,18 +429,10 @@ impl Replayer {
             tracing::warn!(key = %item.key, "mutation expired (queue.max_age)");
             return Ok(Step::Next);
         }
-        if item.outcome.as_deref() == Some(AWAITING_FORWARD) {
-            // Queued for a `write_timeout` 202 while its forward went on: that forward's answer
-            // settles it; it is sent only when none was ever recorded (then it is the item in
-            // flight when the forward failed or outpost stopped).
-            if self.activity.settling_record(&item.key).is_some() {
-                return Ok(Step::Wait(now.saturating_add(100)));
-            }
-            if let Some(answer) = self.store.mutation(&answer_key(&item.key)).await? {
-                self.finish_from_forward(lease, item, answer, finishing)
-                    .await?;
-                return Ok(Step::Next);
-            }
+        if item.outcome.as_deref() == Some(AWAITING_FORWARD)
+            && let Some(step) = self.settle_awaiting(lease, item, now, finishing).await?
+        {
+            return Ok(step);
         }
         if item.status == MutationStatus::AuthRequired {
             let Some(creds) = self.fresh_credentials(item).await else {
@@ -721,7 +717,66 @@ impl Replayer {
         Ok(Step::Wait(item.next_attempt_at_ms))
     }
 
-    /// Finish an item as a dead letter, and say so.
+    /// A copy queued for a `write_timeout` 202 while its forward went on: what that forward
+    /// left under [`answer_key`] settles it. `None`: the forward ended without effect (a refused
+    /// connection, a transient answer) and the copy goes like any queued write, from what the
+    /// forward recorded. A forward still under way (here, or on another instance sharing the
+    /// store, until `upstream.request_timeout` and a second after the copy was stored) is
+    /// waited for. One that left nothing once it is surely over was cut short by a stop of the
+    /// outpost that ran it (`kill -9`, power loss, or a forward still running at the end of
+    /// `proxy.shutdown_grace`): its request may have reached the upstream, and a `write_timeout`
+    /// write is never sent twice, so it is dead-lettered as `maybe applied` instead of sent
+    /// (at once when an earlier process left it in a store that is this process's alone).
+    async fn settle_awaiting(
+        &self,
+        lease: &Lease,
+        item: &mut MutationRecord,
+        now: u64,
+        finishing: &mut Finishing,
+    ) -> Result<Option<Step>, StoreError> {
+        if self.activity.is_forwarding(&item.key) {
+            return Ok(Some(Step::Wait(now.saturating_add(100))));
+        }
+        match self.store.mutation(&answer_key(&item.key)).await? {
+            Some(unsent) if unsent.status.is_pending() => {
+                item.outcome = unsent.outcome;
+                item.next_attempt_at_ms = unsent.next_attempt_at_ms;
+                Ok(None)
+            }
+            Some(answer) => {
+                self.finish_from_forward(lease, item, answer, finishing)
+                    .await?;
+                Ok(Some(Step::Next))
+            }
+            None if item.next_attempt_at_ms > now && !self.left_by_an_earlier_process(item) => {
+                Ok(Some(Step::Wait(item.next_attempt_at_ms)))
+            }
+            None => {
+                self.events.emit(Event::Classified {
+                    key: item.key.clone(),
+                    class: "validation".into(),
+                    status: None,
+                });
+                mark_maybe_applied(
+                    item,
+                    "outpost stopped while its forward after the 202 was under way, before an \
+                     answer came",
+                    now,
+                );
+                self.dead_letter(lease, item, finishing).await?;
+                Ok(Some(Step::Next))
+            }
+        }
+    }
+
+    /// Whether `item`'s forward surely ran in a process before this one: it was accepted
+    /// before this replayer was made, and the store is this process's alone (with a shared
+    /// store, another instance may have accepted it and still be forwarding it). Its copy then
+    /// need not wait for the forward's time to run out.
+    fn left_by_an_earlier_process(&self, item: &MutationRecord) -> bool {
+        self.store.exclusive() && item.accepted_at_ms < self.started_at_ms
+    }
+
     /// Finish a copy queued for a `write_timeout` 202 with the answer its forward got.
     async fn finish_from_forward(
         &self,
@@ -755,6 +810,7 @@ impl Replayer {
         }
     }
 
+    /// Finish an item as a dead letter, and say so.
     async fn dead_letter(
         &self,
         lease: &Lease,

@@ -523,6 +523,13 @@ pub trait Coordination: Send + Sync + 'static {
     /// Whether another instance announced a mutation waiting for credentials.
     async fn anyone_waiting(&self) -> Result<bool, StoreError>;
 
+    /// Whether this process is the only one that uses the store (an embedded data directory,
+    /// which redb locks, or memory): then no other process works on anything in it, and what a
+    /// process before this one left in progress ended with that process.
+    fn exclusive(&self) -> bool {
+        false
+    }
+
     /// What `/status` shows of the backend's servers (for Redis: the primary in use and the
     /// failovers followed); `None` when there is nothing to say.
     fn servers(&self) -> Option<serde_json::Value> {

@@ -1278,9 +1278,10 @@ async fn a_write_timeout_forward_that_may_have_been_applied_is_dead_lettered_not
 }
 
 /// A `write_timeout` write that outpost does send again, because its first send surely was
-/// not applied (answered `503` after the 202) or was cut short by a crash (the contract's one
-/// re-delivery), is not sent a third time when that send in turn may have been applied
-/// without an answer: it is dead-lettered `maybe applied` like the forward itself would be.
+/// not applied (answered `503` after the 202), is not sent a third time when that send in turn
+/// may have been applied without an answer: it is dead-lettered `maybe applied` like the
+/// forward itself would be. One whose forward was cut short by a crash is not sent again at
+/// all: the forward may have reached the upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_timeout_write_sent_again_is_dead_lettered_when_that_send_may_have_been_applied() {
     let routes =
@@ -1306,14 +1307,14 @@ async fn a_write_timeout_write_sent_again_is_dead_lettered_when_that_send_may_ha
         "{doc}"
     );
 
-    // outpost killed while the forward is under way: its copy is sent once after the restart
-    // (allowed), that send is applied and answered too late: no third send. (The timeout just
-    // now marked the upstream offline: wait until it is seen back, so that this one is
+    // outpost killed while the forward is under way (the upstream has applied it and holds
+    // the answer back): after the restart its copy is dead-lettered, not sent. (The timeout
+    // just now marked the upstream offline: wait until it is seen back, so that this one is
     // forwarded, not queued.)
     s.wait_online().await;
     s.upstream.script(
         "/apply/slow/4",
-        vec![late(), late(), ScriptedResponse::passthrough()],
+        vec![late(), ScriptedResponse::passthrough()],
     );
     let resp = s.post("/apply/slow/4", "slow-4", r#"{"n":4}"#).await;
     assert_eq!(expect_queued(resp).await, "slow-4");
@@ -1325,10 +1326,9 @@ async fn a_write_timeout_write_sent_again_is_dead_lettered_when_that_send_may_ha
     s.outpost.kill9().await;
     s.outpost.restart().await;
     let doc = s.wait_mutation("slow-4", "rejected", REPLAY_TIMEOUT).await;
+    let outcome = doc["outcome"].as_str().unwrap_or_default();
     assert!(
-        doc["outcome"]
-            .as_str()
-            .is_some_and(|o| o.contains("maybe applied")),
+        outcome.contains("maybe applied") && outcome.contains("outpost stopped"),
         "{doc}"
     );
     // Past several backoffs: no further sends.
@@ -1340,13 +1340,81 @@ async fn a_write_timeout_write_sent_again_is_dead_lettered_when_that_send_may_ha
     );
     assert_eq!(
         deliveries_of(&s.upstream, "slow-4"),
-        2,
-        "the forward cut by the crash, then one send"
+        1,
+        "the forward cut by the crash, and no other send"
     );
     // The marker outpost keeps on the stored copy never reaches the upstream.
     for r in s.upstream.requests_to("/apply/slow/") {
         assert_eq!(r.header("outpost-forwarded-before-202"), None, "{r:?}");
     }
+}
+
+/// Several `write_timeout` forwards under way at once in one partition when outpost is
+/// killed: each may have been applied (here every one was, its answer held back), and none
+/// is sent again after the restart. Each is dead-lettered `maybe applied` at once (the data
+/// directory is this process's alone, so the forwards ended with the process that ran them),
+/// and the partition goes on with the writes behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_timeout_forwards_in_flight_at_a_crash_are_never_sent_again() {
+    const N: usize = 8;
+    let routes = "[[route]]\npath = \"/apply/slow/\"\nwrite_timeout = \"200ms\"\n";
+    let mut s = Setup::online(&config(&[("upstream.request_timeout", r#""30s""#)], routes)).await;
+    for i in 0..N {
+        s.upstream.script(
+            &format!("/apply/slow/{i}"),
+            vec![
+                ScriptedResponse::passthrough().delay(Duration::from_secs(20)),
+                ScriptedResponse::passthrough(),
+            ],
+        );
+    }
+    let posts = (0..N).map(|i| {
+        let s = &s;
+        async move {
+            let key = format!("cut-{i}");
+            let resp = s
+                .post(
+                    &format!("/apply/slow/{i}"),
+                    &key,
+                    &format!(r#"{{"n":{i}}}"#),
+                )
+                .await;
+            assert_eq!(expect_queued(resp).await, key, "202 after write_timeout");
+        }
+    });
+    futures_util::future::join_all(posts).await;
+    for i in 0..N {
+        assert_eq!(deliveries_of(&s.upstream, &format!("cut-{i}")), 1);
+    }
+    s.outpost.kill9().await;
+    s.outpost.restart().await;
+    let started = Instant::now();
+    for i in 0..N {
+        let doc = s
+            .wait_mutation(&format!("cut-{i}"), "rejected", REPLAY_TIMEOUT)
+            .await;
+        let outcome = doc["outcome"].as_str().unwrap_or_default();
+        assert!(outcome.contains("maybe applied"), "{doc}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "settled without waiting for the forwards' 30 s request_timeout"
+    );
+    // The partition is not held up: a write after them is forwarded and applied.
+    let resp = s.post("/apply/next", "after-cut", r#"{"n":99}"#).await;
+    assert!(resp.status().is_success(), "{}", resp.status());
+    s.wait_mutation("after-cut", "succeeded", REPLAY_TIMEOUT)
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..N {
+        assert_eq!(
+            deliveries_of(&s.upstream, &format!("cut-{i}")),
+            1,
+            "cut-{i}: the forward cut by the crash, and no other send"
+        );
+    }
+    assert_eq!(s.dead_letter_keys().await.len(), N);
+    assert_eq!(s.admin_status().await["queue_depth"], 0);
 }
 
 /// A graceful stop (SIGTERM) lets a forward under way settle within `proxy.shutdown_grace`:

@@ -1108,8 +1108,11 @@ async fn a_write_still_settling_after_its_202_is_pending_for_its_caller() {
 }
 
 /// A `write_timeout` 202 is a promise like any other 202: a copy of the write is stored before
-/// it, so outpost killed while the forward is still under way loses nothing. The copy is
-/// replayed once the forward has surely ended (`upstream.request_timeout`, 10 s here), once.
+/// it, so outpost killed while the forward is still under way loses nothing. But the forward may
+/// have reached the upstream, and a `write_timeout` write is never sent twice: after the
+/// restart the copy is dead-lettered as `maybe applied` (at once: the forward ended with the
+/// process that ran it, in a data directory no other process uses), and sent again only when
+/// an operator retries it.
 #[tokio::test]
 async fn a_write_timeout_202_survives_a_crash_while_its_forward_is_under_way() {
     let mut s = Setup::start("write_timeout = \"300ms\"\n").await;
@@ -1136,20 +1139,49 @@ async fn a_write_timeout_202_survives_a_crash_while_its_forward_is_under_way() {
     s.outpost.kill9().await;
     s.api.hold_writes.send_replace(false);
     s.outpost.restart().await;
-    let doc = s.get("alice", "/_outpost/mutations/crash-1").await;
-    assert_eq!(doc.status, 200, "the key survived the crash: {doc:?}");
-    eventually(Duration::from_secs(30), "the write replayed", || async {
-        s.get("alice", "/_outpost/mutations/crash-1").await.body["status"] == "succeeded"
+    // Well before `upstream.request_timeout` (10 s here) would have ended the forward.
+    eventually(Duration::from_secs(5), "the copy settled", || async {
+        s.get("alice", "/_outpost/mutations/crash-1").await.body["status"] == "rejected"
     })
+    .await;
+    let doc = s.get("alice", "/_outpost/mutations/crash-1").await;
+    let outcome = doc.body["outcome"].as_str().unwrap_or_default();
+    assert!(outcome.contains("maybe applied"), "{doc:?}");
+    assert_eq!(s.queue_depth().await, 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        s.api.writes_received(),
+        1,
+        "the forward cut by the crash, and no second send"
+    );
+    assert_eq!(
+        s.api.applied.load(Ordering::SeqCst),
+        0,
+        "cut before it applied"
+    );
+
+    // The operator knows the upstream did not apply it, and retries it: sent once more.
+    let retried = s
+        .http
+        .post(format!(
+            "{}/dead-letters/crash-1/retry",
+            s.outpost.admin_url()
+        ))
+        .send()
+        .await
+        .expect("admin retry");
+    assert_eq!(retried.status(), 200);
+    eventually(
+        Duration::from_secs(15),
+        "the retried write replayed",
+        || async {
+            s.get("alice", "/_outpost/mutations/crash-1").await.body["status"] == "succeeded"
+        },
+    )
     .await;
     assert_eq!(s.api.applied.load(Ordering::SeqCst), 1);
     assert_eq!(s.api.order("1").expect("1")["qty"], 7);
-    assert_eq!(s.queue_depth().await, 0);
-    assert_eq!(
-        s.api.writes_received(),
-        2,
-        "the forward cut by the crash, and its replay"
-    );
+    assert_eq!(s.api.writes_received(), 2);
 }
 
 /// A GraphQL query on a stale-while-revalidate route is refreshed in the background with its

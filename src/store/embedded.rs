@@ -267,6 +267,11 @@ impl Coordination for EmbeddedStore {
     async fn anyone_waiting(&self) -> Result<bool, StoreError> {
         Ok(false)
     }
+
+    /// True: redb locks the file, so this process is the only one using it.
+    fn exclusive(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
