@@ -577,7 +577,13 @@ impl Outbox {
             attempts: 1,
             next_attempt_at_ms: now_ms()
                 .saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX)),
-            finished_at_ms: Some(now_ms()),
+            // The retention sweep goes by this time: the marker is kept as long as its copy may
+            // wait to be sent (`queue.max_age`, after which the copy expires), not just
+            // `queue.idempotency_retention`, or a long outage would leave the copy looking
+            // like a forward cut by a stop.
+            finished_at_ms: Some(now_ms().saturating_add(
+                u64::try_from(self.config.queue.max_age.as_millis()).unwrap_or(u64::MAX),
+            )),
             response: None,
             ..record.clone()
         };
