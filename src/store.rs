@@ -524,8 +524,9 @@ pub trait Coordination: Send + Sync + 'static {
     async fn anyone_waiting(&self) -> Result<bool, StoreError>;
 
     /// Whether this process is the only one that uses the store (an embedded data directory,
-    /// which redb locks, or memory): then no other process works on anything in it, and what a
-    /// process before this one left in progress ended with that process.
+    /// which redb locks): then no other process works on anything in it, and what a process
+    /// before this one left in progress ended with that process. False for a store others may
+    /// share (Redis; the memory store, which tests share between instances).
     fn exclusive(&self) -> bool {
         false
     }
