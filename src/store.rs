@@ -526,7 +526,7 @@ pub trait Coordination: Send + Sync + 'static {
     /// Whether this process is the only one that uses the store (an embedded data directory,
     /// which redb locks): then no other process works on anything in it, and what a process
     /// before this one left in progress ended with that process. False for a store others may
-    /// share (Redis; the memory store, which tests share between instances).
+    /// share (Redis; the memory store, which tests hand from one replayer to another).
     fn exclusive(&self) -> bool {
         false
     }
