@@ -421,3 +421,66 @@ fn the_acceptance_time_is_set_in_json_object_bodies_only() {
     r.body = Bytes::from_static(br#"{"a":[1]}"#);
     assert_eq!(stamp_body(&r, "/a/at", "t").body, r.body);
 }
+
+/// A copy queued for a `write_timeout` 202, as the write path stores it before the 202.
+fn awaiting_copy(key: &str, due_in: Duration) -> MutationRecord {
+    let mut r = record(key, "p");
+    r.attempts = 1;
+    r.outcome = Some(AWAITING_FORWARD.to_owned());
+    r.request
+        .headers
+        .push((FORWARDED_BEFORE_202.to_owned(), Bytes::from_static(b"1")));
+    r.next_attempt_at_ms = now_ms() + due_in.as_millis() as u64;
+    r
+}
+
+/// With a store other processes may share (here the memory store), a `write_timeout` copy
+/// whose forward left nothing is waited for until it is due (another instance may still be
+/// running the forward), and then dead-lettered `maybe applied`, never sent: the forward may
+/// have reached the upstream. A copy whose forward recorded that it had no effect is sent.
+#[tokio::test(start_paused = true)]
+async fn a_write_timeout_copy_is_sent_only_when_its_forward_recorded_no_effect() {
+    let fake = Fake::new(vec![Answer::Status(201, vec![])]);
+    let store = Arc::new(MemoryStore::new(1 << 20, Duration::from_secs(30)));
+    // Accepted before this replayer was made, as after a restart.
+    store
+        .enqueue(awaiting_copy("cut", Duration::from_secs(5)))
+        .await
+        .expect("enqueue");
+    store
+        .enqueue(awaiting_copy("unsent", Duration::from_secs(5)))
+        .await
+        .expect("enqueue");
+    let mut marker = record(&answer_key("unsent"), "p");
+    marker.status = MutationStatus::Queued;
+    marker.outcome = Some("retryable: not sent: refused".into());
+    marker.next_attempt_at_ms = now_ms();
+    marker.finished_at_ms = Some(now_ms());
+    store.record_forwarded(marker).await.expect("marker");
+    // A moment passes between the records being stored and the replayer being made.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let rig = Rig::start("", &fake, Some(store));
+    rig.parts.activity.wake();
+    rig.run_for(Duration::from_secs(3)).await;
+    assert!(
+        fake.calls().is_empty(),
+        "nothing sent before the copy is due"
+    );
+    assert!(rig.mutation("cut").await.status.is_pending());
+    rig.run_for(Duration::from_secs(5)).await;
+    let cut = rig.mutation("cut").await;
+    assert_eq!(cut.status, MutationStatus::Rejected, "{cut:?}");
+    let outcome = cut.outcome.as_deref().unwrap_or_default();
+    assert!(
+        outcome.contains("maybe applied") && outcome.contains("outpost stopped"),
+        "{outcome}"
+    );
+    let unsent = rig.mutation("unsent").await;
+    assert_eq!(unsent.status, MutationStatus::Succeeded, "{unsent:?}");
+    assert_eq!(
+        fake.calls().len(),
+        1,
+        "only the copy whose forward had no effect"
+    );
+    rig.stop().await;
+}
