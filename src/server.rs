@@ -435,8 +435,15 @@ async fn serve_connection<I, S, B>(
         }
         _ = shutdown.wait() => {
             conn.as_mut().graceful_shutdown();
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, "connection ended during shutdown: {e}");
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, "connection ended during shutdown: {e}");
+                    }
+                }
+                () = shared.between_requests() => {
+                    tracing::debug!(%peer, "closed at shutdown while waiting for a request head");
+                }
             }
         }
     }

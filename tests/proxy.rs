@@ -1350,6 +1350,75 @@ async fn a_chunked_mutation_over_the_limit_is_413_and_not_held_against_the_upstr
     assert!(upstream.requests_to("/echo/chunked").is_empty());
 }
 
+/// A graceful stop waits for requests in flight (HTTP/1 and h2c), not for clients that have not
+/// sent a whole request head: a connection with half a head (here with `header_read_timeout`
+/// at 30 s and the grace at 10 s, the defaults) or none is closed at once, unanswered, and the
+/// stop ends when the requests in flight are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_does_not_wait_for_a_client_that_has_not_sent_a_whole_request_head() {
+    let upstream = Upstream::start().await;
+    let dirs = Dirs::new();
+    let mut outpost = start_outpost(&upstream, &dirs, "").await;
+    let mut half = tokio::net::TcpStream::connect(outpost.addr())
+        .await
+        .expect("connect");
+    half.write_all(b"GET /half HTTP/1.1\r\nHost: outpost\r\nAccept: */")
+        .await
+        .expect("half a head");
+    let mut silent = tokio::net::TcpStream::connect(outpost.addr())
+        .await
+        .expect("connect");
+    let h2 = client_builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("h2c client");
+    let slow = |http: reqwest::Client, url: String| {
+        tokio::spawn(async move {
+            let resp = http.get(url).send().await?;
+            Ok::<_, reqwest::Error>((resp.version(), resp.status(), resp.text().await?))
+        })
+    };
+    let h1_slow = slow(client(), format!("{}/slow?ms=1500", outpost.url()));
+    let h2_slow = slow(h2, format!("{}/slow?ms=1500", outpost.url()));
+    upstream
+        .wait_requests("/slow", 2, Duration::from_secs(5))
+        .await;
+
+    let started = Instant::now();
+    outpost.terminate();
+    // Closed at once, without an answer: nothing of a request was in flight.
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), half.read_to_end(&mut got)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))) && got.is_empty(),
+        "half a head: {read:?} {got:?}"
+    );
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut got)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "silent: {read:?}");
+    for (what, task, version) in [
+        ("HTTP/1.1", h1_slow, reqwest::Version::HTTP_11),
+        ("h2c", h2_slow, reqwest::Version::HTTP_2),
+    ] {
+        let (got_version, status, body) = task
+            .await
+            .expect("join")
+            .unwrap_or_else(|e| panic!("{what}: the request in flight was answered: {e}"));
+        assert_eq!((got_version, status), (version, StatusCode::OK), "{what}");
+        assert!(body.contains("slept_ms"), "{what}: {body}");
+    }
+    let exit = outpost
+        .wait_exit_timeout(Duration::from_secs(15))
+        .await
+        .expect("outpost exits after SIGTERM");
+    assert!(exit.success(), "exit status {exit}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}: waited for the half-sent head (the grace is 10 s)",
+        started.elapsed()
+    );
+    assert!(upstream.requests_to("/half").is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_the_request_in_flight_and_exits_0_promptly() {
     let upstream = Upstream::start().await;

@@ -23,7 +23,9 @@
 //!   still closes a connection that sends no new request within the timeout of its last
 //!   answer.
 //! - **Idleness** is published in [`ConnShared`] so that the connection limit can close the
-//!   longest-idle connection to make room (`server::limits`).
+//!   longest-idle connection to make room (`server::limits`), and so is waiting for an HTTP/1
+//!   head with nothing in flight, so that a graceful shutdown closes such a connection at once
+//!   instead of waiting for a head that a slow client may still be sending.
 //!
 //! An answer of the guard's own is written only when hyper has nothing in flight on the
 //! connection (every request head it was given has been answered and its writes flushed), so it
@@ -67,6 +69,9 @@ pub struct ConnShared {
     needs_flush: AtomicBool,
     /// Waiting for a request head, none of its bytes received, nothing in flight.
     idle: AtomicBool,
+    /// Waiting for an HTTP/1 request head (some of its bytes may have come), nothing in
+    /// flight: closing the connection cuts no request (see [`ConnShared::between_requests`]).
+    awaiting_head: AtomicBool,
     /// When the current idle period began (ms since the limit's epoch).
     idle_since_ms: AtomicU64,
     /// Claimed for closing by the connection limit.
@@ -88,6 +93,7 @@ impl ConnShared {
             done: AtomicU64::new(0),
             needs_flush: AtomicBool::new(false),
             idle: AtomicBool::new(true),
+            awaiting_head: AtomicBool::new(true),
             idle_since_ms: AtomicU64::new(now_ms),
             closing: AtomicBool::new(false),
             upgraded: AtomicBool::new(false),
@@ -135,6 +141,21 @@ impl ConnShared {
             && self.settled()
             && !self.closing.load(Ordering::Acquire))
         .then(|| self.idle_since_ms.load(Ordering::Acquire))
+    }
+
+    /// Resolves once the connection is between HTTP/1 requests: waiting for a head (none of
+    /// it, or only part of it, received) with every request answered and flushed. A graceful
+    /// shutdown closes such a connection instead of waiting for a head that may take up to
+    /// `proxy.header_read_timeout` to come (a slow or stalled client would otherwise hold the
+    /// stop for the whole `proxy.shutdown_grace`). Checked every 50 ms: it runs only while
+    /// outpost stops. Never resolves for HTTP/2 or an upgraded connection.
+    pub(super) async fn between_requests(&self) {
+        loop {
+            if self.awaiting_head.load(Ordering::Acquire) && self.settled() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// A response switched the connection to another protocol.
@@ -734,6 +755,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Guard<T> {
         self.shared
             .idle
             .store(waiting && partial == 0, Ordering::Release);
+        self.shared.awaiting_head.store(waiting, Ordering::Release);
         if !waiting {
             self.armed_for = None;
             return false;
@@ -772,6 +794,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<T> {
             }
         }
         if matches!(this.framing.phase, Phase::Opaque | Phase::Upgrade) {
+            this.shared.awaiting_head.store(false, Ordering::Release);
             if this
                 .framing
                 .lost(this.shared.upgraded.load(Ordering::Acquire))
@@ -816,6 +839,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<T> {
         let verdict = this
             .framing
             .feed(&buf.filled()[before..], &this.shared.heads);
+        if !this.framing.awaiting_head() {
+            // A body, HTTP/2 or an upgrade began in these bytes: no longer between requests.
+            this.shared.awaiting_head.store(false, Ordering::Release);
+        }
         if buf.filled().len() > before {
             // Busy until the guard sees it waiting again with nothing received.
             this.shared.idle.store(false, Ordering::Release);
