@@ -466,8 +466,7 @@ fn cache_and_replay_header_values_never_panic_and_stay_bounded() {
                     Some(after),
                 );
                 let _ = crate::store::rfc3339_ms(
-                    crate::store::now_ms()
-                        .saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX)),
+                    crate::store::now_ms().saturating_add(crate::store::millis(after)),
                 );
             }
         },

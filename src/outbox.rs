@@ -54,7 +54,7 @@ use crate::replay::classify;
 use crate::route::Route;
 use crate::store::{
     Coalesced, Enqueued, MutationRecord, MutationStatus, Store, StoreError, StoredRequest,
-    StoredResponse, now_ms,
+    StoredResponse, millis, now_ms,
 };
 use crate::upstream::{
     ForwardError, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Upstream, UpstreamBody, header_pairs,
@@ -462,8 +462,7 @@ impl Outbox {
             ForwardError::Timeout(_) | ForwardError::Transport(_) => {
                 let delay = crate::replay::backoff::delay(&self.config.replay, 1, None);
                 record.attempts = 1;
-                record.next_attempt_at_ms =
-                    now_ms().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+                record.next_attempt_at_ms = now_ms().saturating_add(millis(delay));
                 record.outcome = Some(format!("retryable: maybe applied: {}", report(&e)));
             }
         }
@@ -575,15 +574,12 @@ impl Outbox {
             status: MutationStatus::Queued,
             outcome: Some(outcome),
             attempts: 1,
-            next_attempt_at_ms: now_ms()
-                .saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX)),
+            next_attempt_at_ms: now_ms().saturating_add(millis(after)),
             // The retention sweep goes by this time: the marker is kept as long as its copy may
             // wait to be sent (`queue.max_age`, after which the copy expires), not just
             // `queue.idempotency_retention`, or a long outage would leave the copy looking
             // like a forward cut by a stop.
-            finished_at_ms: Some(now_ms().saturating_add(
-                u64::try_from(self.config.queue.max_age.as_millis()).unwrap_or(u64::MAX),
-            )),
+            finished_at_ms: Some(now_ms().saturating_add(millis(self.config.queue.max_age))),
             response: None,
             ..record.clone()
         };
@@ -858,9 +854,7 @@ impl Outbox {
             .headers
             .push((FORWARDED_BEFORE_202.to_owned(), Bytes::from_static(b"1")));
         copy.next_attempt_at_ms = now_ms()
-            .saturating_add(
-                u64::try_from(self.config.upstream.request_timeout.as_millis()).unwrap_or(u64::MAX),
-            )
+            .saturating_add(millis(self.config.upstream.request_timeout))
             .saturating_add(1000);
         copy
     }
@@ -987,7 +981,7 @@ fn generated_key() -> String {
     use rand::RngCore as _;
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        .map_or(0, millis);
     let mut random = [0u8; 10];
     rand::rng().fill_bytes(&mut random);
     let key = uuid::Builder::from_unix_timestamp_millis(ms, &random).into_uuid();

@@ -53,7 +53,7 @@ use crate::route::RouteTable;
 use crate::shutdown::Shutdown;
 use crate::store::{
     Lease, MutationRecord, MutationStatus, SERVER_WINS, Store, StoreError, StoredRequest,
-    StoredResponse, now_ms, rfc3339_ms,
+    StoredResponse, millis, now_ms, rfc3339_ms,
 };
 use crate::upstream::{
     ForwardError, IDEMPOTENCY_KEY, UnsendableRequest, Upstream, UpstreamService, header_pairs,
@@ -1122,11 +1122,6 @@ fn stamp_body(request: &StoredRequest, pointer: &str, value: &str) -> StoredRequ
         stamped.body = Bytes::from(body);
     }
     stamped
-}
-
-/// Milliseconds of `d`, saturating (upstream-controlled delays can be huge).
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Partitions being drained, and those resting after a failed drain.

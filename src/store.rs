@@ -563,6 +563,11 @@ pub trait Store: Queue + ResponseStore + Coordination {
 
 impl<T: Queue + ResponseStore + Coordination + ?Sized> Store for T {}
 
+/// Milliseconds of `d`, saturating (upstream-controlled delays can be huge).
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Milliseconds since the Unix epoch, on the runtime's clock: the wall clock read once, then
 /// advanced by tokio's monotonic clock. In production that is the wall time (and never goes
 /// backwards when the system clock is stepped); under tokio's paused test clock it moves with
@@ -580,7 +585,7 @@ pub fn now_ms() -> u64 {
     let elapsed = tokio::time::Instant::now()
         .into_std()
         .saturating_duration_since(at);
-    wall.saturating_add(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+    wall.saturating_add(millis(elapsed))
 }
 
 /// RFC 3339 with milliseconds, UTC.

@@ -1350,6 +1350,21 @@ async fn a_chunked_mutation_over_the_limit_is_413_and_not_held_against_the_upstr
     assert!(upstream.requests_to("/echo/chunked").is_empty());
 }
 
+/// Wait at most `timeout` for outpost to exit after its SIGTERM, assert it exited 0, and say
+/// how long it took since `since`.
+async fn exits_cleanly(
+    outpost: &mut OutpostProcess,
+    timeout: Duration,
+    since: Instant,
+) -> Duration {
+    let exit = outpost
+        .wait_exit_timeout(timeout)
+        .await
+        .expect("outpost exits after SIGTERM");
+    assert!(exit.success(), "exit status {exit}");
+    since.elapsed()
+}
+
 /// A graceful stop waits for requests in flight (HTTP/1 and h2c), not for clients that have not
 /// sent a whole request head: a connection with half a head (here with `header_read_timeout`
 /// at 30 s and the grace at 10 s, the defaults) or none is closed at once, unanswered, and the
@@ -1406,15 +1421,10 @@ async fn sigterm_does_not_wait_for_a_client_that_has_not_sent_a_whole_request_he
         assert_eq!((got_version, status), (version, StatusCode::OK), "{what}");
         assert!(body.contains("slept_ms"), "{what}: {body}");
     }
-    let exit = outpost
-        .wait_exit_timeout(Duration::from_secs(15))
-        .await
-        .expect("outpost exits after SIGTERM");
-    assert!(exit.success(), "exit status {exit}");
+    let took = exits_cleanly(&mut outpost, Duration::from_secs(15), started).await;
     assert!(
-        started.elapsed() < Duration::from_secs(8),
-        "took {:?}: waited for the half-sent head (the grace is 10 s)",
-        started.elapsed()
+        took < Duration::from_secs(8),
+        "took {took:?}: waited for the half-sent head (the grace is 10 s)"
     );
     assert!(upstream.requests_to("/half").is_empty());
 }
@@ -1442,16 +1452,8 @@ async fn sigterm_finishes_the_request_in_flight_and_exits_0_promptly() {
 
     let started = Instant::now();
     outpost.terminate();
-    let exit = outpost
-        .wait_exit_timeout(Duration::from_secs(10))
-        .await
-        .expect("outpost exits after SIGTERM");
-    assert!(exit.success(), "exit status {exit}");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "took {:?} to exit",
-        started.elapsed()
-    );
+    let took = exits_cleanly(&mut outpost, Duration::from_secs(10), started).await;
+    assert!(took < Duration::from_secs(5), "took {took:?} to exit");
 
     let (status, body) = slow
         .await

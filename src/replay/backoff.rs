@@ -28,7 +28,7 @@ pub fn ceiling(config: &ReplayConfig, attempt: u32) -> Duration {
 /// The delay before retry number `attempt`: full jitter under the ceiling, at least `floor`.
 pub fn delay(config: &ReplayConfig, attempt: u32, floor: Option<Duration>) -> Duration {
     let ceiling = ceiling(config, attempt);
-    let ceiling_ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+    let ceiling_ms = crate::store::millis(ceiling);
     let jittered = Duration::from_millis(rand::rng().random_range(0..=ceiling_ms));
     match floor {
         Some(f) => jittered.max(f),

@@ -268,8 +268,7 @@ impl ResponseStore for MemoryStore {
     }
 
     async fn cache_put(&self, key: &[u8], value: Bytes, ttl: Duration) -> Result<(), StoreError> {
-        let expires_ms =
-            now_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let expires_ms = now_ms().saturating_add(super::millis(ttl));
         self.lock()?.cache.put(key, value, expires_ms);
         Ok(())
     }
